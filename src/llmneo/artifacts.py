@@ -1,0 +1,97 @@
+"""What a run leaves in its directory: resolved config, final weights, model card; and merging an adapter run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+ADAPTER_DIR = "adapter"  # PEFT adapter of lora/neo runs
+MODEL_DIR = "model"  # full weights of sft/kd runs
+CARD_FILE = "README.md"
+
+
+def save_resolved_config(run_dir: Path, config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(json.loads(json.dumps(config.to_dict(), default=str)), sort_keys=False)
+    (run_dir / CONFIG_FILE).write_text(text, encoding="utf-8")
+
+
+def load_run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: {CONFIG_FILE} is missing")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def save_final_weights(model, tokenizer, run_dir: Path, uses_adapter: bool) -> Path:
+    """Adapter (PEFT safetensors) or full weights (safetensors) with the tokenizer, in the run directory."""
+    target = run_dir / (ADAPTER_DIR if uses_adapter else MODEL_DIR)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_model_card(run_dir: Path, config, steps: int, data_report, final_metrics: dict) -> Path:
+    method, distill, adapter = config.distill.method, config.distill, config.adapter
+    rows = [
+        ("method", method),
+        ("teacher", config.model.teacher_model or "(none: CE only)"),
+        ("student", config.model.student_model),
+        ("data", f"{config.data.dataset} ({data_report.data_format}, {data_report.rows_used} rows used, "
+                 f"{len(data_report.skipped)} skipped, {data_report.answer_tokens} answer tokens)"),
+        ("alpha (CE weight)", distill.alpha),
+        ("temperature", distill.temperature),
+        ("LoRA rank / alpha", f"{adapter.lora_r} / {adapter.lora_alpha}" if method in ("lora", "neo") else "full fine-tune"),
+        ("learning rate", config.training.learning_rate),
+        ("optimizer steps", steps),
+    ]
+    rows += [(f"final {key}", value) for key, value in final_metrics.items()]
+    lines = [f"# llm-neo run: {method}", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows]
+    lines += ["", f"Weights: `{ADAPTER_DIR if method in ('lora', 'neo') else MODEL_DIR}/` (safetensors). "
+                  f"Config: `{CONFIG_FILE}`. Metrics: `{METRICS_FILE}`.", ""]
+    path = run_dir / CARD_FILE
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def merge_run(run_dir: str | Path, output: str | Path) -> Path:
+    """Write a standalone model (base + adapter merged) that `AutoModelForCausalLM.from_pretrained` loads."""
+    from peft import PeftModel
+
+    from .config import ModelArguments
+    from .models import load_student, load_tokenizer
+
+    run_dir, output = Path(run_dir), Path(output)
+    config = load_run_config(run_dir)
+    adapter_dir, model_dir = run_dir / ADAPTER_DIR, run_dir / MODEL_DIR
+    model_args = ModelArguments(**config["model"])
+    if adapter_dir.is_dir():
+        base = load_student(model_args)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        tokenizer = load_tokenizer(str(adapter_dir))
+    elif model_dir.is_dir():
+        model_args.student_model = str(model_dir)
+        merged, tokenizer = load_student(model_args), load_tokenizer(str(model_dir))
+    else:
+        raise ConfigError(f"{run_dir} holds neither {ADAPTER_DIR}/ nor {MODEL_DIR}/: did the run finish?")
+    merged.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    logger.info("merged model written to %s", output)
+    return output

@@ -1,0 +1,72 @@
+"""`llm-neo` command line: every command is one call of the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import NeoError
+
+COMMANDS = {
+    "distill": "Distil a teacher into a student (methods sft, lora, kd, neo). `llm-neo distill --help` lists every option.",
+    "merge": "Merge a run's adapter into its base student and save a standalone model.",
+    "demo": "Offline end-to-end demo on tiny models built from shipped text (2 CPU cores, < 5 minutes).",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: llm-neo COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def cmd_distill(argv: list[str]) -> int:
+    from .config import parse_config
+    from .pipeline import distill
+
+    summary = distill(parse_config(argv))
+    print(f"run written to {summary.run_dir} ({summary.steps} steps); weights in {summary.weights_dir}")
+    return 0
+
+
+def cmd_merge(argv: list[str]) -> int:
+    from .artifacts import merge_run
+
+    parser = argparse.ArgumentParser(prog="llm-neo merge", description=COMMANDS["merge"])
+    parser.add_argument("run_dir", help="Run directory written by `llm-neo distill` (holds config.yaml and adapter/).")
+    parser.add_argument("--output", required=True, help="Directory for the merged model (safetensors + tokenizer).")
+    args = parser.parse_args(argv)
+    print(f"merged model written to {merge_run(args.run_dir, args.output)}")
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    from .demo.run import run_demo
+
+    parser = argparse.ArgumentParser(prog="llm-neo demo", description=COMMANDS["demo"])
+    parser.add_argument("--output_dir", default="runs/demo", help="Where the demo writes its models and the neo run.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the data split, the models and training.")
+    args = parser.parse_args(argv)
+    run_demo(args.output_dir, seed=args.seed)
+    return 0
+
+
+HANDLERS = {"distill": cmd_distill, "merge": cmd_merge, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in HANDLERS:
+        print(f"llm-neo: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return HANDLERS[command](rest)
+    except NeoError as error:
+        print(f"llm-neo {command}: error: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,196 @@
+"""Run settings: dataclasses with a one-line help per field, read from YAML and overridden by CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from .errors import ConfigError
+from .methods import METHODS
+
+
+def _help(text: str, default=None, **kwargs):
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelArguments:
+    student_model: str | None = _help("Path or hub id of the student model (the model that learns).")
+    teacher_model: str | None = _help("Path or hub id of the frozen teacher; required by the kd and neo methods.")
+    dtype: str | None = _help("Weights dtype for both models: bfloat16, float16 or float32; default bf16 on GPU, fp32 on CPU.")
+    teacher_dtype: str | None = _help("Teacher weights dtype if it differs from --dtype (the teacher keeps its own dtype).")
+    attn_implementation: str = _help("Attention implementation: sdpa, eager, flash_attention_2, ...", "sdpa")
+    trust_remote_code: bool = _help("Allow model repositories to run their own Python code (off: only trust what you read).", False)
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = _help("Local json/jsonl/parquet/csv file(s) (comma-separated, globs allowed) or a hub dataset id.")
+    dataset_config: str | None = _help("Subset (config) name of a hub dataset.")
+    dataset_split: str = _help("Split to train on.", "train")
+    data_format: Literal["auto", "sharegpt", "openai", "prompt_completion", "text"] = _help(
+        "Row format; auto detects it from the columns (conversations, messages, prompt+completion, text).", "auto"
+    )
+    max_samples: int | None = _help("Train on a random subset of this many rows (drawn with --seed).")
+    max_length: int = _help("Truncate every tokenized row to this many tokens.", 512)
+    skip_bad_rows: bool = _help("Skip and count unusable rows instead of stopping at the first one.", False)
+
+
+@dataclass
+class AdapterArguments:
+    lora_r: int = _help("LoRA rank r (paper: 128; larger ranks want lower learning rates).", 128)
+    lora_alpha: float | None = _help("LoRA scaling numerator; default 2 * lora_r as in the paper.")
+    lora_dropout: float = _help("Dropout on the LoRA branch input.", 0.0)
+    target_modules: str = _help(
+        "Linear layers that get adapters: all-linear (every linear except lm_head), attention (q,k,v,o), "
+        "qkv, or a comma-separated list of module names.",
+        "all-linear",
+    )
+
+
+@dataclass
+class DistillArguments:
+    method: Literal["sft", "lora", "kd", "neo"] = _help(
+        "sft: full fine-tune, CE; lora: adapter, CE; kd: full fine-tune, CE+KD; neo: adapter, CE+KD.", "neo"
+    )
+    alpha: float = _help("Mixing weight: loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student).", 0.5)
+    temperature: float = _help("Distillation temperature T applied to both models' logits.", 1.0)
+    kd_chunk_size: int = _help("Answer tokens per chunk when computing the loss (bounds the fp32 logits memory).", 1024)
+    min_lr_ratio: float = _help("Floor of the cosine schedule as a fraction of the peak learning rate (0: decay to 0).", 0.0)
+
+
+@dataclass
+class NeoTrainingArguments(TrainingArguments):
+    output_dir: str | None = _help("Run directory: config, metrics.jsonl, adapter or weights, model card, checkpoints.", "runs/neo")
+    learning_rate: float | None = _help("Peak learning rate; default 2e-4 for adapter methods, 2e-5 for full fine-tuning.")
+    lr_scheduler_type: str = _help("Learning-rate schedule (cosine with warmup as in the paper).", "cosine")
+    warmup_steps: float = _help("Warmup steps; a float in [0, 1) is a fraction of all steps.", 0.1)
+    logging_steps: float = _help("Log (and write metrics.jsonl) every this many optimizer steps.", 10)
+    save_strategy: str = _help("When to save checkpoints: no, steps or epoch.", "no")
+    remove_unused_columns: bool = _help("Kept off: the data pipeline already yields only model inputs.", False)
+
+
+CONFIG_CLASSES = (ModelArguments, DataArguments, AdapterArguments, DistillArguments, NeoTrainingArguments)
+
+
+@dataclass
+class RunConfig:
+    model: ModelArguments
+    data: DataArguments
+    adapter: AdapterArguments
+    distill: DistillArguments
+    training: NeoTrainingArguments
+
+    def to_dict(self) -> dict:
+        return {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "adapter": dataclasses.asdict(self.adapter),
+            "distill": dataclasses.asdict(self.distill),
+            "training": _training_to_dict(self.training),
+        }
+
+
+def _training_to_dict(args: TrainingArguments) -> dict:
+    names = {f.name for f in dataclasses.fields(args) if f.init}
+    return {k: v for k, v in args.to_dict().items() if k in names and not k.startswith("_")}
+
+
+def build_parser(prog: str = "llm-neo distill") -> HfArgumentParser:
+    parser = HfArgumentParser(CONFIG_CLASSES, prog=prog)
+    parser.add_argument("--config", default=None, help="YAML file with any of these options; flags override it.")
+    return parser
+
+
+def option_names() -> set[str]:
+    return {f.name for cls in CONFIG_CLASSES for f in dataclasses.fields(cls) if f.init}
+
+
+def _flatten_yaml(data: dict, source: str) -> dict:
+    """Accept flat keys or the sections written in a run's config.yaml (model/data/adapter/distill/training)."""
+    flat = {}
+    for key, value in data.items():
+        if key in {"model", "data", "adapter", "distill", "training"} and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    unknown = sorted(set(flat) - option_names())
+    if unknown:
+        raise ConfigError(_unknown_message(unknown, source))
+    return flat
+
+
+def _unknown_message(unknown: list[str], source: str) -> str:
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(option_names()), n=1)
+        parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return f"{source}: unknown option {', '.join(parts)}"
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    return _flatten_yaml(data, str(path))
+
+
+def parse_config(argv: list[str] | None = None, overrides: dict | None = None) -> RunConfig:
+    """Parse `--config file.yaml` plus flags (flags win), then fill method-dependent defaults and validate."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    config_path = parser.parse_known_args(argv)[0].config
+    defaults = load_yaml(config_path) if config_path else {}
+    if overrides:
+        defaults.update(_flatten_yaml(overrides, "overrides"))
+    parser.set_defaults(**defaults)
+    *parsed, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    dataclass_values = parsed[: len(CONFIG_CLASSES)]  # the rest is the namespace holding --config
+    leftovers = [a for a in remaining if a.startswith("--")]
+    if leftovers:
+        raise ConfigError(_unknown_message([a[2:].split("=")[0] for a in leftovers], "command line"))
+    config = RunConfig(*dataclass_values)
+    resolve_defaults(config)
+    validate(config)
+    return config
+
+
+def resolve_defaults(config: RunConfig) -> None:
+    preset = METHODS[config.distill.method]
+    if config.training.learning_rate is None:
+        config.training.learning_rate = 2e-4 if preset.uses_adapter else 2e-5
+    if config.adapter.lora_alpha is None:
+        config.adapter.lora_alpha = 2.0 * config.adapter.lora_r
+    if config.distill.min_lr_ratio > 0 and config.training.lr_scheduler_type in ("cosine", "cosine_with_min_lr"):
+        config.training.lr_scheduler_type = "cosine_with_min_lr"
+        config.training.lr_scheduler_kwargs = {"min_lr_rate": config.distill.min_lr_ratio}
+    if config.model.teacher_dtype is None:
+        config.model.teacher_dtype = config.model.dtype
+
+
+def validate(config: RunConfig) -> None:
+    checks = [
+        (config.model.student_model is not None, "student_model is required"),
+        (config.data.dataset is not None, "dataset is required"),
+        (0.0 <= config.distill.alpha <= 1.0, f"alpha must be in [0, 1], got {config.distill.alpha}"),
+        (config.distill.temperature > 0, f"temperature must be > 0, got {config.distill.temperature}"),
+        (config.adapter.lora_r > 0, f"lora_r must be > 0, got {config.adapter.lora_r}"),
+        (config.data.max_length > 1, f"max_length must be > 1, got {config.data.max_length}"),
+        (config.distill.kd_chunk_size > 0, f"kd_chunk_size must be > 0, got {config.distill.kd_chunk_size}"),
+        (0.0 <= config.distill.min_lr_ratio < 1.0, f"min_lr_ratio must be in [0, 1), got {config.distill.min_lr_ratio}"),
+    ]
+    if METHODS[config.distill.method].uses_teacher:
+        checks.append((config.model.teacher_model is not None, f"method {config.distill.method} needs teacher_model"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

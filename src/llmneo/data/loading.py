@@ -1,0 +1,177 @@
+"""Load training rows through `datasets` (local json/jsonl/parquet/csv or a hub id) and tokenize them.
+
+Every row keeps where it came from (``_source`` file and 1-based ``_row`` number within it), so an unusable row
+is reported by file, row and field. Rows are checked and tokenized in one `datasets.map`; with ``skip_bad_rows``
+unusable rows are dropped and counted, otherwise the first one stops the run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import datasets
+
+from ..errors import DataError
+from .formats import detect_format, required_columns, row_to_messages, row_to_text
+from .tokenize import count_answer_tokens, encode_messages, encode_text
+
+logger = logging.getLogger(__name__)
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+JSON_MARKER = "_json_values"  # set on rows whose values are JSON text (files Arrow could not type)
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows: counted for the run's log and model card."""
+
+    data_format: str
+    rows_read: int
+    rows_used: int
+    answer_tokens: int
+    skipped: list[str] = field(default_factory=list)  # one "file, row, field: reason" line per skipped row
+
+
+def local_files(spec: str) -> list[str] | None:
+    """The local files named by a comma-separated list of paths/globs, or None if ``spec`` is a hub id."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    files = []
+    for part in parts:
+        matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else ([part] if os.path.exists(part) else [])
+        if not matches:
+            if len(parts) == 1 and not os.path.splitext(part)[1] and part.count("/") <= 1:
+                return None  # looks like a hub id such as "BAAI/Infinity-Instruct"
+            raise DataError(f"data file {part} does not exist")
+        files.extend(matches)
+    return files
+
+
+def _load_local(path: str) -> datasets.Dataset:
+    builder = BUILDERS.get(os.path.splitext(path)[1].lower())
+    if builder is None:
+        raise DataError(f"unsupported file type; expected one of {sorted(BUILDERS)}", source=path)
+    try:
+        data = datasets.load_dataset(builder, data_files=path, split="train")
+    except Exception as error:  # Arrow could not read the file: find the offending row for a precise message
+        if builder != "json":
+            raise DataError(f"cannot read the file: {error}", source=path) from error
+        data = _load_json_rows(path, error)
+    return data.add_column("_source", [path] * len(data)).add_column("_row", list(range(1, len(data) + 1)))
+
+
+def _load_json_rows(path: str, arrow_error: Exception) -> datasets.Dataset:
+    """Read a JSON/JSONL file row by row to name the row that Arrow could not read."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 (byte {error.start}, line {line})", source=path) from error
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"malformed JSON at line {error.lineno}: {error.msg}", source=path) from error
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"malformed JSON line: {error.msg}", source=path, row=number) from error
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"expected an object, got {type(row).__name__}", source=path, row=number)
+    logger.info("%s: Arrow could not read it (%s); reading it row by row", path, arrow_error)
+    # Mixed types across rows are what Arrow refuses: keep every value as JSON text, decoded again per row.
+    columns = sorted({key for row in rows for key in row})
+    encoded = {key: [json.dumps(row.get(key)) for row in rows] for key in columns}
+    encoded[JSON_MARKER] = [True] * len(rows)
+    return datasets.Dataset.from_dict(encoded)
+
+
+def load_rows(data_args, seed: int) -> tuple[datasets.Dataset, str]:
+    """All rows (optionally a seeded subset of ``max_samples``) with their source file and row number."""
+    files = local_files(data_args.dataset)
+    if files is None:
+        data = _load_hub(data_args)
+    else:
+        data = _concatenate([_load_local(path) for path in files])
+    fmt = data_args.data_format
+    if fmt == "auto":
+        fmt = detect_format(data.column_names, data_args.dataset)
+    missing = [c for c in required_columns(fmt) if c not in data.column_names]
+    if missing:
+        raise DataError(f"format {fmt} needs column(s) {missing}", source=data_args.dataset, field=missing[0])
+    if data_args.max_samples is not None and data_args.max_samples < len(data):
+        data = data.shuffle(seed=seed).select(range(data_args.max_samples))
+    return data, fmt
+
+
+def _load_hub(data_args) -> datasets.Dataset:
+    try:
+        data = datasets.load_dataset(data_args.dataset, data_args.dataset_config, split=data_args.dataset_split)
+    except Exception as error:
+        raise DataError(f"cannot load dataset: {error}", source=data_args.dataset) from error
+    return data.add_column("_source", [data_args.dataset] * len(data)).add_column("_row", list(range(1, len(data) + 1)))
+
+
+def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
+    if len(parts) == 1:
+        return parts[0]
+    shared = set.intersection(*(set(p.column_names) for p in parts))
+    parts = [p.select_columns([c for c in p.column_names if c in shared]) for p in parts]
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as error:
+        raise DataError(f"the data files have different column types: {error}") from error
+
+
+def _encoder(tokenizer, fmt: str, max_length: int):
+    main_field = required_columns(fmt)[-1]
+
+    def encode(row: dict) -> dict:
+        if row.get(JSON_MARKER):
+            row = {key: json.loads(value) if key not in ("_source", "_row") else value for key, value in row.items()}
+        try:
+            if fmt == "text":
+                input_ids, labels = encode_text(tokenizer, row_to_text(row), max_length)
+            else:
+                input_ids, labels = encode_messages(tokenizer, row_to_messages(row, fmt), max_length)
+        except DataError as error:
+            where = error.field or main_field
+            return {"input_ids": [], "labels": [], "_error": f"file {row['_source']}, row {row['_row']}, field '{where}': {error.reason}"}
+        return {"input_ids": input_ids, "labels": labels, "_error": ""}
+
+    return encode
+
+
+def build_dataset(data_args, tokenizer, seed: int) -> tuple[datasets.Dataset, DataReport]:
+    """Tokenized rows (``input_ids``, ``labels``) ready for the collator, and a report of what was dropped."""
+    rows, fmt = load_rows(data_args, seed)
+    encoded = rows.map(
+        _encoder(tokenizer, fmt, data_args.max_length),
+        remove_columns=[c for c in rows.column_names if c not in ("_source", "_row")],
+        load_from_cache_file=False,
+        desc="Tokenizing",
+    )
+    errors = [e for e in encoded["_error"] if e]
+    if errors and not data_args.skip_bad_rows:
+        raise DataError(errors[0] + " (use --skip_bad_rows to skip such rows)")
+    if errors:
+        logger.warning("skipped %d unusable row(s); first: %s", len(errors), errors[0])
+        encoded = encoded.filter(lambda error: not error, input_columns="_error")
+    encoded = encoded.remove_columns(["_error", "_source", "_row"])
+    if len(encoded) == 0:
+        raise DataError("no usable rows left", source=data_args.dataset)
+    answer_tokens = sum(count_answer_tokens(labels) for labels in encoded["labels"])
+    report = DataReport(fmt, len(rows), len(encoded), answer_tokens, errors)
+    return encoded, report

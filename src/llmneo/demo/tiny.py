@@ -1,0 +1,83 @@
+"""Tiny models and tokenizers built locally from shipped text: the offline demo and the tests use them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from importlib import resources
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def corpus_rows() -> list[dict]:
+    """The shipped demo conversations (ShareGPT format)."""
+    text = resources.files("llmneo.demo").joinpath("corpus.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def corpus_texts() -> list[str]:
+    return [turn["value"] for row in corpus_rows() for turn in row["conversations"]]
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 400, chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts``, with ChatML markers and (optionally) a ChatML template."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(list(texts) + ["<|im_start|>user\n<|im_end|>"], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", additional_special_tokens=SPECIAL_TOKENS[3:])
+    if chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llama(tokenizer, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
+                     vocab_size: int | None = None, seed: int = 0, tie_word_embeddings: bool = False) -> LlamaForCausalLM:
+    """A random-initialised Llama; ``vocab_size`` larger than the tokenizer pads the embedding like real models."""
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float()
+
+
+def prune_layers(model: LlamaForCausalLM, keep: list[int]) -> LlamaForCausalLM:
+    """A depth-pruned copy of ``model`` keeping the decoder layers ``keep`` (in order)."""
+    config = LlamaConfig(**{**model.config.to_dict(), "num_hidden_layers": len(keep)})
+    config.layer_types = None  # recomputed for the new depth
+    pruned = LlamaForCausalLM(config).to(model.dtype)
+    state = model.state_dict()
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("model.layers."):
+            index, rest = key[len("model.layers."):].split(".", 1)
+            if int(index) not in keep:
+                continue
+            key = f"model.layers.{keep.index(int(index))}.{rest}"
+        renamed[key] = value
+    pruned.load_state_dict(renamed, strict=True)
+    return pruned

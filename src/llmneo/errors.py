@@ -1,0 +1,30 @@
+"""Error types that name what went wrong in the user's own terms (file, row, field, option)."""
+
+
+class NeoError(Exception):
+    """Base class for errors the user can fix; the CLI prints them without a traceback."""
+
+
+class ConfigError(NeoError):
+    """A configuration value or option is unknown or impossible."""
+
+
+class DataError(NeoError):
+    """A data row cannot be used. Carries the file, the 1-based row number and the field."""
+
+    def __init__(self, message: str, *, source: str | None = None, row: int | None = None, field: str | None = None):
+        self.source, self.row, self.field, self.reason = source, row, field, message
+        where = ", ".join(
+            part
+            for part in (
+                f"file {source}" if source else "",
+                f"row {row}" if row is not None else "",
+                f"field '{field}'" if field else "",
+            )
+            if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class VocabularyError(NeoError):
+    """Teacher and student cannot be distilled because their vocabularies differ."""

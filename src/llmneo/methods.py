@@ -1,0 +1,26 @@
+"""The four training methods of the paper's Table I: what is trainable and which loss terms are on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    name: str
+    uses_adapter: bool  # True: frozen base + LoRA branch; False: every student weight trains
+    uses_teacher: bool  # True: CE + KD; False: CE only (the teacher is never loaded)
+    description: str
+
+
+METHODS = {
+    "sft": MethodPreset("sft", uses_adapter=False, uses_teacher=False, description="full fine-tune, CE"),
+    "lora": MethodPreset("lora", uses_adapter=True, uses_teacher=False, description="LoRA adapter, CE"),
+    "kd": MethodPreset("kd", uses_adapter=False, uses_teacher=True, description="full fine-tune, CE + KD"),
+    "neo": MethodPreset("neo", uses_adapter=True, uses_teacher=True, description="LoRA adapter, CE + KD"),
+}
+
+
+def effective_alpha(method: str, alpha: float) -> float:
+    """CE-only methods ignore the configured mixing weight: their loss is all CE."""
+    return alpha if METHODS[method].uses_teacher else 1.0

@@ -1,0 +1,105 @@
+"""Load the teacher and the student, and check that they share a vocabulary."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .errors import ConfigError, VocabularyError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str | None) -> torch.dtype:
+    """bf16 on GPU and fp32 on CPU unless a dtype is named."""
+    if name is None or name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype '{name}'; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _check_path(path: str, role: str) -> None:
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1  # hub ids are "org/name"
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(f"{role} model path {path} does not exist")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    _check_path(path, "tokenizer")
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(path: str, role: str, dtype: str | None, attn_implementation: str, trust_remote_code: bool):
+    _check_path(path, role)
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=resolve_dtype(dtype),
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
+    """Frozen, eval mode, no KV cache: the teacher only ever runs forward passes for the KD term."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    teacher.config.use_cache = False
+    return teacher
+
+
+def load_teacher(model_args):
+    teacher = load_causal_lm(model_args.teacher_model, "teacher", model_args.teacher_dtype,
+                             model_args.attn_implementation, model_args.trust_remote_code)
+    return freeze_teacher(teacher)
+
+
+def load_student(model_args):
+    student = load_causal_lm(model_args.student_model, "student", model_args.dtype,
+                             model_args.attn_implementation, model_args.trust_remote_code)
+    student.config.use_cache = False
+    return student
+
+
+def output_vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_vocabularies(student_tokenizer, teacher_tokenizer, student, teacher) -> int:
+    """The vocabulary size the KD term compares over.
+
+    The tokenizers must map the same ids to the same tokens on their shared range. Output layers padded to
+    different sizes are aligned by slicing both models' logits to the smaller size, which must still cover every
+    id the tokenizer can produce.
+    """
+    student_vocab = student_tokenizer.convert_ids_to_tokens(range(len(student_tokenizer)))
+    teacher_vocab = teacher_tokenizer.convert_ids_to_tokens(range(len(teacher_tokenizer)))
+    shared = min(len(student_vocab), len(teacher_vocab))
+    differing = [i for i in range(shared) if student_vocab[i] != teacher_vocab[i]]
+    if differing:
+        first = differing[0]
+        raise VocabularyError(
+            f"teacher and student tokenizers differ on {len(differing)} of {shared} shared ids (first: id {first} "
+            f"is {teacher_vocab[first]!r} for the teacher, {student_vocab[first]!r} for the student); "
+            "distillation needs one tokenizer"
+        )
+    student_size, teacher_size = output_vocab_size(student), output_vocab_size(teacher)
+    kd_vocab = min(student_size, teacher_size)
+    needed = len(student_tokenizer)
+    if kd_vocab < needed:
+        raise VocabularyError(
+            f"the output layers cover {student_size} (student) and {teacher_size} (teacher) ids, but the tokenizer "
+            f"produces ids up to {needed - 1}"
+        )
+    if student_size != teacher_size:
+        logger.warning(
+            "vocabulary sizes differ only by padding (student %d, teacher %d): KD compares the first %d logits",
+            student_size, teacher_size, kd_vocab,
+        )
+    return kd_vocab

@@ -1,0 +1,97 @@
+"""One distillation run end to end: config -> data -> models -> NeoTrainer -> artifacts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import DataCollatorForSeq2Seq, set_seed
+
+from .adapters.lora import add_lora
+from .artifacts import METRICS_FILE, save_final_weights, save_resolved_config, write_model_card
+from .data.loading import DataReport, build_dataset
+from .data.tokenize import IGNORE_INDEX, ensure_chat_template
+from .methods import METHODS, effective_alpha
+from .models import check_vocabularies, load_student, load_teacher, load_tokenizer
+from .trainer import MetricsJsonlCallback, NeoTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    weights_dir: Path
+    steps: int
+    final_metrics: dict
+    data_report: DataReport
+
+
+def load_student_tokenizer(model_args):
+    tokenizer = load_tokenizer(model_args.student_model, model_args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if ensure_chat_template(tokenizer):
+        logger.warning("the student tokenizer has no chat template: using llm-neo's fallback template")
+    return tokenizer
+
+
+def make_collator(tokenizer):
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+
+
+def load_models(config, tokenizer):
+    """Student (with adapter for lora/neo), teacher or None, and the vocabulary size the KD term uses."""
+    preset = METHODS[config.distill.method]
+    student = load_student(config.model)
+    teacher, kd_vocab_size = None, None
+    if preset.uses_teacher:
+        teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code)
+        teacher = load_teacher(config.model)
+        kd_vocab_size = check_vocabularies(tokenizer, teacher_tokenizer, student, teacher)
+    if preset.uses_adapter:
+        student = add_lora(student, config.adapter)
+    return student, teacher, kd_vocab_size
+
+
+def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks=()) -> NeoTrainer:
+    run_dir = Path(config.training.output_dir)
+    return NeoTrainer(
+        model=student,
+        args=config.training,
+        train_dataset=dataset,
+        data_collator=make_collator(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[MetricsJsonlCallback(str(run_dir / METRICS_FILE)), *callbacks],
+        teacher=teacher,
+        alpha=effective_alpha(config.distill.method, config.distill.alpha),
+        temperature=config.distill.temperature,
+        kd_chunk_size=config.distill.kd_chunk_size,
+        kd_vocab_size=kd_vocab_size,
+    )
+
+
+def distill(config, callbacks=()) -> RunSummary:
+    """Train one method as configured and write the run directory."""
+    run_dir = Path(config.training.output_dir)
+    set_seed(config.training.seed)
+    tokenizer = load_student_tokenizer(config.model)
+    dataset, report = build_dataset(config.data, tokenizer, config.training.seed)
+    logger.info("data: %d rows used, %d skipped, %d answer tokens", report.rows_used, len(report.skipped),
+                report.answer_tokens)
+    student, teacher, kd_vocab_size = load_models(config, tokenizer)
+    save_resolved_config(run_dir, config)
+    if not config.training.resume_from_checkpoint:
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks)
+    result = trainer.train(resume_from_checkpoint=config.training.resume_from_checkpoint)
+    final_metrics = {"train_loss": round(result.training_loss, 6)}
+    if report.skipped:
+        final_metrics["skipped_rows"] = len(report.skipped)
+    weights_dir = run_dir
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        weights_dir = save_final_weights(model, tokenizer, run_dir, METHODS[config.distill.method].uses_adapter)
+        write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics)
+    return RunSummary(run_dir, weights_dir, trainer.state.global_step, final_metrics, report)

@@ -1,0 +1,80 @@
+"""NeoTrainer: transformers.Trainer whose loss joins CE on the labels and KD to a frozen teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .losses.chunked import distillation_loss
+from .teacher.online import teacher_logits
+
+
+class NeoTrainer(Trainer):
+    """Trainer for the four methods. With ``teacher=None`` the loss is CE only and no teacher is ever called.
+
+    The loss of a micro-batch is its sum over answer tokens divided by the answer tokens of the whole optimizer
+    step (``num_items_in_batch``, counted by the Trainer over ``labels[:, 1:]`` and across ranks), so it is
+    already scaled for gradient accumulation.
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, teacher=None, alpha=0.5, temperature=1.0, kd_chunk_size=1024, kd_vocab_size=None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device) if teacher is not None else None
+        self.alpha, self.temperature = alpha, temperature
+        self.kd_chunk_size, self.kd_vocab_size = kd_chunk_size, kd_vocab_size
+        # Our compute_loss uses num_items_in_batch whatever the model's forward signature says.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self._term_sums = {"ce_loss": 0.0, "kd_loss": 0.0}
+        self._term_last_step = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        target = teacher_logits(self.teacher, input_ids, attention_mask) if self.teacher is not None else None
+        parts = distillation_loss(
+            outputs.logits, inputs["labels"], target, alpha=self.alpha, temperature=self.temperature,
+            num_items=num_items_in_batch, chunk_size=self.kd_chunk_size, kd_vocab_size=self.kd_vocab_size,
+        )
+        scale = self._rank_scale(num_items_in_batch)
+        if model.training:
+            self._term_sums["ce_loss"] += float(parts.ce) * scale
+            self._term_sums["kd_loss"] += float(parts.kd) * scale
+        loss = parts.loss * scale
+        return (loss, outputs) if return_outputs else loss
+
+    def _rank_scale(self, num_items_in_batch) -> int:
+        # DDP averages gradients over ranks while num_items counts every rank's tokens: undo the average.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return self.accelerator.num_processes
+        return 1
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self.model.training:
+            steps = max(self.state.global_step - self._term_last_step, 1)
+            for key, total in self._term_sums.items():
+                value = torch.tensor(total / steps, device=self.args.device)
+                logs[key] = round(self.accelerator.gather(value).mean().item(), 6)
+                self._term_sums[key] = 0.0
+            self._term_last_step = self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Appends every log event (step, loss, ce_loss, kd_loss, learning_rate, ...) to ``metrics.jsonl``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
