@@ -26,6 +26,7 @@ class RunSummary:
     steps: int
     final_metrics: dict
     data_report: DataReport
+    config: object  # the RunConfig the run used
 
 
 def load_student_tokenizer(model_args):
@@ -94,4 +95,4 @@ def distill(config, callbacks=()) -> RunSummary:
         model = trainer.accelerator.unwrap_model(trainer.model)
         weights_dir = save_final_weights(model, tokenizer, run_dir, METHODS[config.distill.method].uses_adapter)
         write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics)
-    return RunSummary(run_dir, weights_dir, trainer.state.global_step, final_metrics, report)
+    return RunSummary(run_dir, weights_dir, trainer.state.global_step, final_metrics, report, config)

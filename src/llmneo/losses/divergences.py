@@ -10,5 +10,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     """KL(softmax(z_t / T) || softmax(z_s / T)) per row, in fp32. Shapes (N, V) -> (N,)."""
     student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    # log_target keeps tokens with zero teacher probability exact (0 * log 0 = 0).
-    return F.kl_div(student_logp, teacher_logp, reduction="none", log_target=True).sum(-1)
+    teacher_p = teacher_logp.exp()
+    # Tokens the teacher rules out (-inf logits, e.g. masked padding ids) contribute 0, not 0 * inf = nan.
+    terms = torch.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0)
+    return terms.sum(-1)

@@ -1,0 +1,79 @@
+"""One optimizer step gives the same loss and gradients whether it is 1x8, 2x4 or 8x1 micro-batches."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_flags
+from llmneo.config import parse_config
+from llmneo.data.loading import build_dataset
+from llmneo.pipeline import build_trainer, load_models, load_student_tokenizer, make_collator
+
+SPLITS = [(8, 1), (4, 2), (1, 8)]  # (micro-batch size, accumulation steps)
+
+
+def make_trainer(models_dir, train_file, out, method="neo", batch=8, accumulation=1, **extra):
+    flags = run_flags(models_dir, train_file, out, method=method, per_device_train_batch_size=batch,
+                      gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", warmup_steps=0,
+                      lr_scheduler_type="constant", learning_rate=0.5, **extra)
+    config = parse_config(flags)
+    tokenizer = load_student_tokenizer(config.model)
+    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed)
+    dataset = dataset.select(range(8))
+    torch.manual_seed(0)
+    student, teacher, kd_vocab = load_models(config, tokenizer)
+    return build_trainer(config, student, teacher, kd_vocab, dataset, tokenizer), dataset, tokenizer
+
+
+def trainable(model):
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_padding_differs_between_micro_batches(models_dir, train_file, tmp_path):
+    _, dataset, _ = make_trainer(models_dir, train_file, tmp_path)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    assert len(set(lengths)) > 1  # otherwise the splits below would not exercise per-micro-batch padding
+
+
+@pytest.mark.parametrize("method", ["neo", "sft"])
+def test_compute_loss_gradients_independent_of_split(models_dir, train_file, tmp_path, method):
+    trainer, dataset, tokenizer = make_trainer(models_dir, train_file, tmp_path, method=method)
+    model, collator = trainer.model, make_collator(tokenizer)
+    model.train()
+    total = sum(sum(label != -100 for label in labels[1:]) for labels in dataset["labels"])
+    results = []
+    for size, _ in SPLITS:
+        model.zero_grad()
+        loss = 0.0
+        for start in range(0, 8, size):
+            batch = collator([dataset[i] for i in range(start, start + size)])
+            micro = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(total))
+            micro.backward()
+            loss += micro.item()
+        results.append((loss, {n: p.grad.clone() for n, p in trainable(model).items()}))
+    (loss_ref, grads_ref) = results[0]
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(loss_ref, rel=1e-5, abs=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, grads_ref[name], atol=1e-5, rtol=1e-4)
+
+
+def test_trainer_step_independent_of_split(models_dir, train_file, tmp_path):
+    """Through the real Trainer loop (num_items_in_batch counted by the Trainer, SGD so the update is the
+    gradient): the same logged loss and the same adapter weights after the step."""
+    outcomes = []
+    for size, accumulation in SPLITS:
+        out = tmp_path / f"run-{size}x{accumulation}"
+        trainer, _, _ = make_trainer(models_dir, train_file, out, batch=size, accumulation=accumulation)
+        trainer.train()
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        step_log = next(entry for entry in logged if "ce_loss" in entry)
+        weights = {n: p.detach().clone() for n, p in trainable(trainer.model).items()}
+        outcomes.append((step_log, weights))
+    reference_log, reference_weights = outcomes[0]
+    for step_log, weights in outcomes[1:]:
+        for key in ("loss", "ce_loss", "kd_loss"):
+            assert step_log[key] == pytest.approx(reference_log[key], rel=1e-4)
+        for name, value in weights.items():
+            torch.testing.assert_close(value, reference_weights[name], atol=1e-5, rtol=1e-4)

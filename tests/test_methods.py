@@ -1,0 +1,132 @@
+"""The four methods through `distill`: what trains, what stays frozen, what is written, and merging."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+import llmneo.pipeline as pipeline
+from conftest import run_flags
+from llmneo.artifacts import merge_run
+from llmneo.config import parse_config
+from llmneo.pipeline import distill
+
+
+class CaptureModel(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+def saved_weights(model_dir) -> dict:
+    return load_file(f"{model_dir}/model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(models_dir, train_file, tmp_path_factory):
+    """One short run per method, recording the trained model and every teacher forward call."""
+    results = {}
+    original_load_teacher = pipeline.load_teacher
+    for method in ("sft", "lora", "kd", "neo"):
+        calls, loaded = [], []
+
+        def load_teacher(model_args):
+            teacher = original_load_teacher(model_args)
+            teacher.register_forward_hook(lambda *args: calls.append(1))
+            loaded.append(teacher)
+            return teacher
+
+        pipeline.load_teacher = load_teacher
+        try:
+            out = tmp_path_factory.mktemp(method)
+            capture = CaptureModel()
+            summary = distill(parse_config(run_flags(models_dir, train_file, out, method=method)), callbacks=[capture])
+        finally:
+            pipeline.load_teacher = original_load_teacher
+        results[method] = {"summary": summary, "model": capture.model, "teacher": loaded, "calls": calls, "out": out}
+    return results
+
+
+@pytest.mark.parametrize("method", ["lora", "neo"])
+def test_adapter_methods_freeze_base_and_train_adapter(runs, models_dir, method):
+    model = runs[method]["model"]
+    base = saved_weights(models_dir["student"])
+    trained = {k: v for k, v in model.named_parameters()}
+    compared = 0
+    for name, value in trained.items():
+        if "lora_" in name:
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(value.detach(), base[key]), f"base weight {key} changed"
+        compared += 1
+    assert compared == len(base)
+    lora_b = [v for k, v in trained.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: non-zero means it trained
+
+
+@pytest.mark.parametrize("method", ["sft", "kd"])
+def test_full_methods_train_the_student(runs, models_dir, method):
+    model = runs[method]["model"]
+    base = saved_weights(models_dir["student"])
+    changed = [name for name, value in model.named_parameters() if not torch.equal(value.detach(), base[name])]
+    assert len(changed) == len(base)
+
+
+@pytest.mark.parametrize("method", ["kd", "neo"])
+def test_teacher_is_called_and_stays_bit_identical(runs, models_dir, method):
+    (teacher,) = runs[method]["teacher"]
+    assert runs[method]["calls"], "the teacher was never called"
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    reference = saved_weights(models_dir["teacher"])
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+
+
+@pytest.mark.parametrize("method", ["sft", "lora"])
+def test_ce_methods_never_load_or_call_the_teacher(runs, method):
+    assert runs[method]["teacher"] == [] and runs[method]["calls"] == []
+    logged = [json.loads(line) for line in (runs[method]["out"] / "metrics.jsonl").read_text().splitlines()]
+    assert all(entry["kd_loss"] == 0 for entry in logged if "kd_loss" in entry)
+
+
+@pytest.mark.parametrize("method", ["sft", "lora", "kd", "neo"])
+def test_run_directory_artifacts(runs, method):
+    out = runs[method]["out"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry for entry in logged if "ce_loss" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2, 3]
+    for entry in steps:
+        assert {"step", "loss", "ce_loss", "kd_loss", "learning_rate"} <= set(entry)
+        if method in ("kd", "neo"):
+            assert entry["kd_loss"] > 0
+            assert entry["loss"] == pytest.approx(0.5 * entry["ce_loss"] + 0.5 * entry["kd_loss"], rel=1e-3)
+        else:
+            assert entry["loss"] == pytest.approx(entry["ce_loss"], rel=1e-3)
+    weights = out / ("adapter/adapter_model.safetensors" if method in ("lora", "neo") else "model/model.safetensors")
+    assert weights.is_file()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")) and not list(out.rglob("*.pth"))
+    card = (out / "README.md").read_text()
+    for needle in (f"llm-neo run: {method}", "alpha (CE weight) | 0.5", "temperature | 1.0", "optimizer steps | 3"):
+        assert needle in card
+
+
+def test_resolved_config_round_trips(runs):
+    out = runs["neo"]["out"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["distill"]["method"] == "neo" and saved["adapter"]["lora_alpha"] == 8.0
+    reloaded = parse_config(["--config", str(out / "config.yaml")])
+    assert reloaded.to_dict() == runs["neo"]["summary"].config.to_dict()
+
+
+def test_merge_gives_the_same_logits_as_base_plus_adapter(runs, tmp_path):
+    model = runs["neo"]["model"].eval()
+    merged_dir = merge_run(runs["neo"]["out"], tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    ids = torch.randint(5, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        actual = merged(input_ids=ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    assert not hasattr(merged, "peft_config")
