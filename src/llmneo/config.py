@@ -104,7 +104,7 @@ def _training_to_dict(args: TrainingArguments) -> dict:
 
 
 def build_parser(prog: str = "llm-neo distill") -> HfArgumentParser:
-    parser = HfArgumentParser(CONFIG_CLASSES, prog=prog)
+    parser = HfArgumentParser(CONFIG_CLASSES, prog=prog, allow_abbrev=False)  # a typo must not pick an option
     parser.add_argument("--config", default=None, help="YAML file with any of these options; flags override it.")
     return parser
 

@@ -31,8 +31,8 @@ def _check_path(path: str, role: str) -> None:
         raise ConfigError(f"{role} model path {path} does not exist")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    _check_path(path, "tokenizer")
+def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "student"):
+    _check_path(path, role)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 

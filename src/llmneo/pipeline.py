@@ -48,7 +48,7 @@ def load_models(config, tokenizer):
     student = load_student(config.model)
     teacher, kd_vocab_size = None, None
     if preset.uses_teacher:
-        teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code)
+        teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
         teacher = load_teacher(config.model)
         kd_vocab_size = check_vocabularies(tokenizer, teacher_tokenizer, student, teacher)
     if preset.uses_adapter:

@@ -20,7 +20,7 @@ OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 
 
 def detect_format(columns: Iterable[str], source: str) -> str:
-    columns = set(columns)
+    columns = {c for c in columns if not c.startswith("_")}  # _source/_row/_json_values are ours
     if "conversations" in columns:
         return "sharegpt"
     if "messages" in columns:

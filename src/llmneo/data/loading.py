@@ -7,6 +7,7 @@ unusable rows are dropped and counted, otherwise the first one stops the run.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import logging
@@ -54,6 +55,8 @@ def _load_local(path: str) -> datasets.Dataset:
     builder = BUILDERS.get(os.path.splitext(path)[1].lower())
     if builder is None:
         raise DataError(f"unsupported file type; expected one of {sorted(BUILDERS)}", source=path)
+    if builder in ("json", "csv"):
+        _check_utf8(path)  # Arrow would read invalid bytes and fail later, far from the file
     try:
         data = datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as error:  # Arrow could not read the file: find the offending row for a precise message
@@ -63,15 +66,26 @@ def _load_local(path: str) -> datasets.Dataset:
     return data.add_column("_source", [path] * len(data)).add_column("_row", list(range(1, len(data) + 1)))
 
 
+def _check_utf8(path: str, block: int = 1 << 24) -> None:
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                line = lines + chunk[: error.start].count(b"\n")
+                raise DataError(f"not valid UTF-8 (byte {offset + error.start}, line {line})", source=path) from None
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"not valid UTF-8 (truncated character at byte {offset})", source=path) from None
+
+
 def _load_json_rows(path: str, arrow_error: Exception) -> datasets.Dataset:
     """Read a JSON/JSONL file row by row to name the row that Arrow could not read."""
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 (byte {error.start}, line {line})", source=path) from error
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

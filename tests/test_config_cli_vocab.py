@@ -1,0 +1,123 @@
+"""Config from YAML + flags, the CLI surface, and the vocabulary check before the first step."""
+
+import dataclasses
+import logging
+import re
+
+import pytest
+import yaml
+
+from conftest import run_flags
+from llmneo import cli
+from llmneo.config import CONFIG_CLASSES, option_names, parse_config
+from llmneo.errors import ConfigError, VocabularyError
+from llmneo.models import check_vocabularies, load_student, load_teacher, load_tokenizer
+from llmneo.pipeline import distill
+from llmneo.trainer import NeoTrainer
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_flags_override_yaml_and_method_defaults(tmp_path):
+    config_file = write_yaml(tmp_path / "run.yaml", {
+        "student_model": "s", "teacher_model": "t", "dataset": "d.jsonl", "alpha": 0.2, "lora_r": 16,
+        "training": {"num_train_epochs": 2},
+    })
+    config = parse_config(["--config", config_file, "--alpha", "0.7"])
+    assert config.distill.alpha == 0.7 and config.adapter.lora_r == 16 and config.training.num_train_epochs == 2
+    assert config.adapter.lora_alpha == 32.0  # 2 * r
+    assert config.training.learning_rate == 2e-4 and config.training.lr_scheduler_type == "cosine"
+    assert config.training.warmup_steps == 0.1 and config.training.max_grad_norm == 1.0
+    full = parse_config(["--config", config_file, "--method", "kd"])
+    assert full.training.learning_rate == 2e-5
+    floor = parse_config(["--config", config_file, "--min_lr_ratio", "0.1"])
+    assert floor.training.lr_scheduler_type == "cosine_with_min_lr"
+    assert floor.training.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "1.5"], r"alpha must be in \[0, 1\], got 1.5"),
+    (["--temperature", "0"], r"temperature must be > 0, got 0.0"),
+    (["--lora_r", "0"], r"lora_r must be > 0, got 0"),
+    (["--method", "neo", "--teacher_model", ""], None),
+])
+def test_impossible_values_are_rejected(tmp_path, flags, message):
+    base = ["--student_model", "s", "--teacher_model", "t", "--dataset", "d.jsonl"]
+    if message is None:
+        config = parse_config(base + flags)  # an empty string is a value; only a missing teacher is an error
+        assert config.model.teacher_model == ""
+        with pytest.raises(ConfigError, match="method neo needs teacher_model"):
+            parse_config(["--student_model", "s", "--dataset", "d.jsonl"])
+        return
+    with pytest.raises(ConfigError, match=message):
+        parse_config(base + flags)
+
+
+def test_unknown_yaml_key_and_flag_suggest_the_right_name(tmp_path):
+    config_file = write_yaml(tmp_path / "run.yaml", {"student_model": "s", "dataset": "d", "temprature": 2})
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown option 'temprature' \(did you mean 'temperature'\?\)"):
+        parse_config(["--config", config_file])
+    with pytest.raises(ConfigError, match=r"command line: unknown option 'kd_chunk' \(did you mean 'kd_chunk_size'\?\)"):
+        parse_config(["--student_model", "s", "--dataset", "d", "--method", "lora", "--kd_chunk", "8"])
+
+
+def test_cli_prints_config_errors_without_traceback(tmp_path, capsys):
+    config_file = write_yaml(tmp_path / "run.yaml", {"student_model": "s", "dataset": "d", "alpah": 0.5})
+    assert cli.main(["distill", "--config", config_file]) == 1
+    assert "llm-neo distill: error:" in capsys.readouterr().err
+
+
+def test_distill_help_lists_every_option_with_its_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["distill", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in option_names():
+        assert f"--{name}" in text, name
+    for cls in CONFIG_CLASSES[:-1]:
+        for field in dataclasses.fields(cls):
+            help_text = " ".join(field.metadata["help"].split()).replace("%%", "%")
+            assert help_text in text, field.name
+
+
+def test_every_own_field_has_help():
+    for cls in CONFIG_CLASSES:
+        own = {f.name for f in dataclasses.fields(cls)}
+        if cls is CONFIG_CLASSES[-1]:
+            own = {f.name for f in dataclasses.fields(cls) if f.name in cls.__dataclass_fields__}
+        for name in own:
+            assert cls.__dataclass_fields__[name].metadata.get("help"), f"{cls.__name__}.{name} has no help"
+
+
+def test_padding_only_vocab_difference_is_aligned(models_dir, caplog):
+    tokenizer = load_tokenizer(models_dir["student"])
+    config = parse_config(["--student_model", models_dir["student"], "--teacher_model", models_dir["teacher_padded"],
+                           "--dataset", "d.jsonl"])
+    student, teacher = load_student(config.model), load_teacher(config.model)
+    with caplog.at_level(logging.WARNING):
+        size = check_vocabularies(tokenizer, load_tokenizer(models_dir["teacher_padded"]), student, teacher)
+    assert size == len(tokenizer) == teacher.config.vocab_size - 16
+    assert re.search(rf"differ only by padding \(student {size}, teacher {size + 16}\)", caplog.text)
+
+
+def test_padded_teacher_trains(models_dir, train_file, tmp_path):
+    summary = distill(parse_config(run_flags(models_dir, train_file, tmp_path, teacher=models_dir["teacher_padded"])))
+    assert summary.steps == 3
+
+
+def test_different_tokenizer_is_rejected_before_the_first_step(models_dir, train_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(NeoTrainer, "train", lambda *a, **k: pytest.fail("training started"))
+    flags = run_flags(models_dir, train_file, tmp_path, teacher=models_dir["teacher_other_tokenizer"])
+    with pytest.raises(VocabularyError, match=r"teacher and student tokenizers differ on \d+ of \d+ shared ids"):
+        distill(parse_config(flags))
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_missing_model_path_is_named(train_file, tmp_path):
+    flags = ["--method", "lora", "--student_model", str(tmp_path / "no-such-model"), "--dataset", train_file,
+             "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(ConfigError, match=r"student model path .*no-such-model does not exist"):
+        distill(parse_config(flags))
