@@ -121,3 +121,20 @@ def test_missing_model_path_is_named(train_file, tmp_path):
              "--output_dir", str(tmp_path / "run")]
     with pytest.raises(ConfigError, match=r"student model path .*no-such-model does not exist"):
         distill(parse_config(flags))
+
+
+def test_shipped_configs_parse(tmp_path):
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
+        config = parse_config(["--config", str(path), "--bf16", "false"])  # bf16 needs a GPU
+        assert config.model.student_model and config.data.dataset, path
+
+
+def test_readme_config_reference_lists_every_own_option():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for cls in CONFIG_CLASSES[:-1]:
+        for field in dataclasses.fields(cls):
+            assert f"| `{field.name}` |" in readme, field.name

@@ -154,7 +154,10 @@ def parse_config(argv: list[str] | None = None, overrides: dict | None = None) -
     if overrides:
         defaults.update(_flatten_yaml(overrides, "overrides"))
     parser.set_defaults(**defaults)
-    *parsed, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except ValueError as error:  # TrainingArguments validates itself (e.g. bf16 without a GPU)
+        raise ConfigError(str(error)) from error
     dataclass_values = parsed[: len(CONFIG_CLASSES)]  # the rest is the namespace holding --config
     leftovers = [a for a in remaining if a.startswith("--")]
     if leftovers:
