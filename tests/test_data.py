@@ -160,3 +160,16 @@ def test_max_samples_is_a_seeded_subset(tmp_path, tokenizer):
     again, _ = build_dataset(DataArguments(dataset=path, max_samples=5), tokenizer, seed=1)
     other, _ = build_dataset(DataArguments(dataset=path, max_samples=5), tokenizer, seed=2)
     assert len(first) == 5 and first["input_ids"] == again["input_ids"] and first["input_ids"] != other["input_ids"]
+
+
+def test_dataset_folder_loads_like_a_hub_dataset(tmp_path, tokenizer):
+    """A folder goes through `datasets.load_dataset(id, config, split=...)`, the path hub ids take."""
+    folder = tmp_path / "my_dataset"
+    (folder / "data").mkdir(parents=True)
+    write_jsonl(folder / "data" / "train-00000.jsonl", [GOOD, SHAREGPT])
+    write_jsonl(folder / "data" / "test-00000.jsonl", [GOOD])
+    train, _ = build_dataset(DataArguments(dataset=str(folder)), tokenizer, seed=0)
+    test, _ = build_dataset(DataArguments(dataset=str(folder), dataset_split="test"), tokenizer, seed=0)
+    assert len(train) == 2 and len(test) == 1
+    with pytest.raises(DataError, match=r"my_dataset: cannot load dataset: .*validation"):
+        build_dataset(DataArguments(dataset=str(folder), dataset_split="validation"), tokenizer, seed=0)

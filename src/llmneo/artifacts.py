@@ -7,8 +7,11 @@ import logging
 from pathlib import Path
 
 import yaml
+from peft import PeftModel
 
+from .config import ModelArguments
 from .errors import ConfigError
+from .models import load_student, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +76,6 @@ def write_model_card(run_dir: Path, config, steps: int, data_report, final_metri
 
 def merge_run(run_dir: str | Path, output: str | Path) -> Path:
     """Write a standalone model (base + adapter merged) that `AutoModelForCausalLM.from_pretrained` loads."""
-    from peft import PeftModel
-
-    from .config import ModelArguments
-    from .models import load_student, load_tokenizer
-
     run_dir, output = Path(run_dir), Path(output)
     config = load_run_config(run_dir)
     adapter_dir, model_dir = run_dir / ADAPTER_DIR, run_dir / MODEL_DIR
@@ -85,10 +83,10 @@ def merge_run(run_dir: str | Path, output: str | Path) -> Path:
     if adapter_dir.is_dir():
         base = load_student(model_args)
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-        tokenizer = load_tokenizer(str(adapter_dir))
+        tokenizer = load_tokenizer(str(adapter_dir), role="adapter")
     elif model_dir.is_dir():
         model_args.student_model = str(model_dir)
-        merged, tokenizer = load_student(model_args), load_tokenizer(str(model_dir))
+        merged, tokenizer = load_student(model_args), load_tokenizer(str(model_dir), role="run")
     else:
         raise ConfigError(f"{run_dir} holds neither {ADAPTER_DIR}/ nor {MODEL_DIR}/: did the run finish?")
     merged.save_pretrained(output)

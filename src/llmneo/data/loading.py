@@ -38,11 +38,14 @@ class DataReport:
 
 
 def local_files(spec: str) -> list[str] | None:
-    """The local files named by a comma-separated list of paths/globs, or None if ``spec`` is a hub id."""
+    """The local files named by a comma-separated list of paths/globs; None for a hub id or a dataset folder,
+    which `datasets.load_dataset` resolves itself."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if len(parts) == 1 and os.path.isdir(parts[0]):
+        return None
     files = []
     for part in parts:
-        matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else ([part] if os.path.exists(part) else [])
+        matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else ([part] if os.path.isfile(part) else [])
         if not matches:
             if len(parts) == 1 and not os.path.splitext(part)[1] and part.count("/") <= 1:
                 return None  # looks like a hub id such as "BAAI/Infinity-Instruct"
@@ -116,7 +119,7 @@ def load_rows(data_args, seed: int) -> tuple[datasets.Dataset, str]:
     """All rows (optionally a seeded subset of ``max_samples``) with their source file and row number."""
     files = local_files(data_args.dataset)
     if files is None:
-        data = _load_hub(data_args)
+        data = _load_named(data_args)
     else:
         data = _concatenate([_load_local(path) for path in files])
     fmt = data_args.data_format
@@ -130,7 +133,8 @@ def load_rows(data_args, seed: int) -> tuple[datasets.Dataset, str]:
     return data, fmt
 
 
-def _load_hub(data_args) -> datasets.Dataset:
+def _load_named(data_args) -> datasets.Dataset:
+    """A hub dataset id or a local dataset folder, with its subset and split."""
     try:
         data = datasets.load_dataset(data_args.dataset, data_args.dataset_config, split=data_args.dataset_split)
     except Exception as error:
