@@ -132,3 +132,17 @@ def test_merge_gives_the_same_logits_as_base_plus_adapter(runs, tmp_path):
         actual = merged(input_ids=ids).logits
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
     assert not hasattr(merged, "peft_config")
+
+
+def test_merge_of_a_full_weights_run_copies_the_trained_model(runs, tmp_path):
+    model = runs["sft"]["model"].eval()
+    merged = AutoModelForCausalLM.from_pretrained(merge_run(runs["sft"]["out"], tmp_path / "merged")).eval()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, merged.state_dict()[name]), name
+
+
+def test_merge_refuses_a_directory_that_is_not_a_run(tmp_path):
+    from llmneo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"is not a run directory: config.yaml is missing"):
+        merge_run(tmp_path, tmp_path / "out")

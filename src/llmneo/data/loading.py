@@ -103,7 +103,7 @@ def _load_json_rows(path: str, arrow_error: Exception) -> datasets.Dataset:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise DataError(f"malformed JSON line: {error.msg}", source=path, row=number) from error
+                raise DataError(f"malformed JSON (line {number}): {error.msg}", source=path, row=len(rows) + 1) from error
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise DataError(f"expected an object, got {type(row).__name__}", source=path, row=number)
