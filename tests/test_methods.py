@@ -109,7 +109,9 @@ def test_run_directory_artifacts(runs, method):
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")) and not list(out.rglob("*.pth"))
     card = (out / "README.md").read_text()
     last = steps[-1]
-    for needle in (f"llm-neo run: {method}", "alpha (CE weight) | 0.5", "temperature | 1.0", "optimizer steps | 3",
+    distils = method in ("kd", "neo")
+    for needle in (f"llm-neo run: {method}", f"alpha (CE weight) | {0.5 if distils else 'CE only'}",
+                   f"temperature | {1.0 if distils else 'CE only'}", "optimizer steps | 3",
                    f"final ce_loss | {last['ce_loss']}", f"final kd_loss | {last['kd_loss']}"):
         assert needle in card
 

@@ -11,6 +11,7 @@ from peft import PeftModel
 
 from .config import ModelArguments
 from .errors import ConfigError
+from .methods import METHODS
 from .models import load_student, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -52,22 +53,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def write_model_card(run_dir: Path, config, steps: int, data_report, final_metrics: dict) -> Path:
     method, distill, adapter = config.distill.method, config.distill, config.adapter
+    preset = METHODS[method]
     rows = [
         ("method", method),
         ("teacher", config.model.teacher_model or "(none: CE only)"),
         ("student", config.model.student_model),
         ("data", f"{config.data.dataset} ({data_report.data_format}, {data_report.rows_used} rows used, "
                  f"{len(data_report.skipped)} skipped, {data_report.answer_tokens} answer tokens)"),
-        ("alpha (CE weight)", distill.alpha),
-        ("temperature", distill.temperature),
-        ("LoRA rank / alpha", f"{adapter.lora_r} / {adapter.lora_alpha}" if method in ("lora", "neo") else "full fine-tune"),
+        ("alpha (CE weight)", distill.alpha if preset.uses_teacher else "CE only"),
+        ("temperature", distill.temperature if preset.uses_teacher else "CE only"),
+        ("LoRA rank / alpha", f"{adapter.lora_r} / {adapter.lora_alpha}" if preset.uses_adapter else "full fine-tune"),
         ("learning rate", config.training.learning_rate),
         ("optimizer steps", steps),
     ]
     rows += [(f"final {key}", value) for key, value in final_metrics.items()]
     lines = [f"# llm-neo run: {method}", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows]
-    lines += ["", f"Weights: `{ADAPTER_DIR if method in ('lora', 'neo') else MODEL_DIR}/` (safetensors). "
+    lines += ["", f"Weights: `{ADAPTER_DIR if preset.uses_adapter else MODEL_DIR}/` (safetensors). "
                   f"Config: `{CONFIG_FILE}`. Metrics: `{METRICS_FILE}`.", ""]
     path = run_dir / CARD_FILE
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -20,7 +20,3 @@ METHODS = {
     "neo": MethodPreset("neo", uses_adapter=True, uses_teacher=True, description="LoRA adapter, CE + KD"),
 }
 
-
-def effective_alpha(method: str, alpha: float) -> float:
-    """CE-only methods ignore the configured mixing weight: their loss is all CE."""
-    return alpha if METHODS[method].uses_teacher else 1.0

@@ -12,7 +12,7 @@ from .adapters.lora import add_lora
 from .artifacts import METRICS_FILE, read_metrics, save_final_weights, save_resolved_config, write_model_card
 from .data.loading import DataReport, build_dataset
 from .data.tokenize import IGNORE_INDEX, ensure_chat_template
-from .methods import METHODS, effective_alpha
+from .methods import METHODS
 from .models import check_vocabularies, load_student, load_teacher, load_tokenizer
 from .trainer import MetricsJsonlCallback, NeoTrainer
 
@@ -66,7 +66,7 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
         processing_class=tokenizer,
         callbacks=[MetricsJsonlCallback(str(run_dir / METRICS_FILE)), *callbacks],
         teacher=teacher,
-        alpha=effective_alpha(config.distill.method, config.distill.alpha),
+        alpha=config.distill.alpha,
         temperature=config.distill.temperature,
         kd_chunk_size=config.distill.kd_chunk_size,
         kd_vocab_size=kd_vocab_size,

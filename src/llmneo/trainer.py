@@ -43,9 +43,9 @@ class NeoTrainer(Trainer):
             num_items=num_items_in_batch, chunk_size=self.kd_chunk_size, kd_vocab_size=self.kd_vocab_size,
         )
         scale = self._rank_scale(num_items_in_batch)
-        if model.training:
-            self._term_sums["ce_loss"] += float(parts.ce) * scale
-            self._term_sums["kd_loss"] += float(parts.kd) * scale
+        if model.training:  # kept as tensors: no device sync until the next log
+            self._term_sums["ce_loss"] += parts.ce * scale
+            self._term_sums["kd_loss"] += parts.kd * scale
         loss = parts.loss * scale
         return (loss, outputs) if return_outputs else loss
 
@@ -59,7 +59,7 @@ class NeoTrainer(Trainer):
         if "loss" in logs and self.model.training:
             steps = max(self.state.global_step - self._term_last_step, 1)
             for key, total in self._term_sums.items():
-                value = torch.tensor(total / steps, device=self.args.device)
+                value = torch.as_tensor(total, dtype=torch.float32, device=self.args.device) / steps
                 logs[key] = round(self.accelerator.gather(value).mean().item(), 6)
                 self._term_sums[key] = 0.0
             self._term_last_step = self.state.global_step

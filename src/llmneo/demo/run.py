@@ -20,7 +20,7 @@ from peft import PeftModel
 from ..config import parse_config
 from ..data.loading import build_dataset
 from ..evaluation.metrics import evaluate_against_teacher
-from ..models import load_student, load_teacher
+from ..models import load_student, load_teacher, load_tokenizer
 from ..pipeline import distill, load_student_tokenizer, make_collator
 from .tiny import build_tiny_llama, build_tokenizer, corpus_rows, corpus_texts, prune_layers
 
@@ -58,12 +58,10 @@ def _train_teacher(out: Path, train: Path, seed: int) -> Path:
     return distill(config).weights_dir
 
 
-def _make_student(out: Path, teacher_dir: Path, model_args) -> Path:
-    student_dir = out / "student"
-    model_args.teacher_model = str(teacher_dir)
-    prune_layers(load_teacher(model_args), STUDENT_LAYERS).save_pretrained(student_dir)
-    load_student_tokenizer(model_args).save_pretrained(student_dir)
-    return student_dir
+def _make_student(model_args) -> None:
+    """Save the depth-pruned teacher (with its tokenizer) where the config expects the student."""
+    prune_layers(load_teacher(model_args), STUDENT_LAYERS).save_pretrained(model_args.student_model)
+    load_tokenizer(model_args.teacher_model, role="teacher").save_pretrained(model_args.student_model)
 
 
 def _evaluate(config, student, teacher, tokenizer, held_out: Path) -> dict:
@@ -77,14 +75,12 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0) -> dict[str, dict]:
     train, held_out = _split_corpus(out, seed)
     print(f"[demo] training a {TEACHER_SHAPE['num_layers']}-layer teacher from scratch on {train} ...")
     teacher_dir = _train_teacher(out, train, seed)
-    neo_flags = [
-        "--method", "neo", "--teacher_model", str(teacher_dir), "--dataset", str(train),
-        "--output_dir", str(out / "neo-run"), "--lora_r", "16", "--learning_rate", "2e-3",
+    config = parse_config([
+        "--method", "neo", "--teacher_model", str(teacher_dir), "--student_model", str(out / "student"),
+        "--dataset", str(train), "--output_dir", str(out / "neo-run"), "--lora_r", "16", "--learning_rate", "2e-3",
         "--num_train_epochs", "2", "--seed", str(seed), *COMMON_FLAGS,
-    ]
-    config = parse_config(neo_flags + ["--student_model", str(teacher_dir)])
-    student_dir = _make_student(out, teacher_dir, config.model)
-    config = parse_config(neo_flags + ["--student_model", str(student_dir)])
+    ])
+    _make_student(config.model)
     tokenizer = load_student_tokenizer(config.model)
     teacher = load_teacher(config.model)
     results = {
