@@ -90,6 +90,7 @@ BAD_ROWS = {
                       "conversations[1].value", "missing"),
     "wrong type": ({"conversations": [{"from": "human", "value": Q1}, {"from": "gpt", "value": 5}]},
                    "conversations[1].value", "expected a string, got int"),
+    "conversation not a list": ({"conversations": "hi"}, "conversations", "expected a list of turns, got str"),
     "unknown role": ({"conversations": [{"from": "human", "value": Q1}, {"from": "bot", "value": A1}]},
                      "conversations[1].from", "unknown role 'bot'"),
     "empty conversation": ({"conversations": []}, "conversations", "empty conversation"),
@@ -173,3 +174,24 @@ def test_dataset_folder_loads_like_a_hub_dataset(tmp_path, tokenizer):
     assert len(train) == 2 and len(test) == 1
     with pytest.raises(DataError, match=r"my_dataset: cannot load dataset: .*validation"):
         build_dataset(DataArguments(dataset=str(folder), dataset_split="validation"), tokenizer, seed=0)
+
+
+def test_rows_arrow_cannot_type_are_read_row_by_row(tmp_path, tokenizer, monkeypatch):
+    """Older `datasets` releases refuse mixed-type columns; the row-by-row reader must give the same rows."""
+    import datasets
+
+    reference, _, _ = encode_rows(tmp_path, tokenizer, [GOOD, SHAREGPT])
+    real_load = datasets.load_dataset
+
+    def refuse_json(builder, *args, **kwargs):
+        if builder == "json":
+            raise ValueError("JSON parse error: Column(/conversations) changed from array to string")
+        return real_load(builder, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse_json)
+    dataset, _, _ = encode_rows(tmp_path, tokenizer, [GOOD, SHAREGPT])
+    assert dataset["input_ids"] == reference["input_ids"] and dataset["labels"] == reference["labels"]
+    with pytest.raises(DataError, match=r"row 2, field 'conversations': expected a list of turns, got str"):
+        encode_rows(tmp_path, tokenizer, [GOOD, {"conversations": "hi"}, GOOD])
+    skipped, report, _ = encode_rows(tmp_path, tokenizer, [GOOD, {"conversations": "hi"}], skip_bad_rows=True)
+    assert len(skipped) == 1 and len(report.skipped) == 1

@@ -158,7 +158,7 @@ def _encoder(tokenizer, fmt: str, max_length: int):
 
     def encode(row: dict) -> dict:
         if row.get(JSON_MARKER):
-            row = {key: json.loads(value) if key not in ("_source", "_row") else value for key, value in row.items()}
+            row = {key: value if key.startswith("_") else json.loads(value) for key, value in row.items()}
         try:
             if fmt == "text":
                 input_ids, labels = encode_text(tokenizer, row_to_text(row), max_length)
