@@ -60,7 +60,7 @@ def encode_messages(tokenizer, messages: list[dict[str, str]], max_length: int) 
     input_ids = list(encoding["input_ids"])
     labels = [
         token if any(start < span_end and end > span_start for span_start, span_end in spans) else IGNORE_INDEX
-        for token, (start, end) in zip(input_ids, encoding["offset_mapping"])
+        for token, (start, end) in zip(input_ids, encoding["offset_mapping"], strict=True)
     ]
     return _truncate(input_ids, labels, max_length)
 
