@@ -138,3 +138,8 @@ def test_readme_config_reference_lists_every_own_option():
     for cls in CONFIG_CLASSES[:-1]:
         for field in dataclasses.fields(cls):
             assert f"| `{field.name}` |" in readme, field.name
+
+
+def test_stray_positional_argument_is_rejected():
+    with pytest.raises(ConfigError, match=r"unexpected argument\(s\) \['oops'\]"):
+        parse_config(["--student_model", "s", "--dataset", "d", "--method", "lora", "oops"])

@@ -148,3 +148,13 @@ def test_merge_refuses_a_directory_that_is_not_a_run(tmp_path):
 
     with pytest.raises(ConfigError, match=r"is not a run directory: config.yaml is missing"):
         merge_run(tmp_path, tmp_path / "out")
+
+
+def test_min_lr_ratio_floors_the_cosine_schedule(models_dir, train_file, tmp_path):
+    flags = run_flags(models_dir, train_file, tmp_path, method="lora", max_steps=6, warmup_steps=0,
+                      min_lr_ratio=0.5, learning_rate=0.01)
+    distill(parse_config(flags))
+    rates = [json.loads(line)["learning_rate"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if '"learning_rate"' in line]
+    assert rates[0] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(rates, rates[1:])) and 0.005 < rates[-1] < 0.006

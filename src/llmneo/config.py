@@ -145,23 +145,23 @@ def load_yaml(path: str | Path) -> dict:
     return _flatten_yaml(data, str(path))
 
 
-def parse_config(argv: list[str] | None = None, overrides: dict | None = None) -> RunConfig:
+def parse_config(argv: list[str] | None = None) -> RunConfig:
     """Parse `--config file.yaml` plus flags (flags win), then fill method-dependent defaults and validate."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     config_path = parser.parse_known_args(argv)[0].config
     defaults = load_yaml(config_path) if config_path else {}
-    if overrides:
-        defaults.update(_flatten_yaml(overrides, "overrides"))
     parser.set_defaults(**defaults)
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     except ValueError as error:  # TrainingArguments validates itself (e.g. bf16 without a GPU)
         raise ConfigError(str(error)) from error
     dataclass_values = parsed[: len(CONFIG_CLASSES)]  # the rest is the namespace holding --config
-    leftovers = [a for a in remaining if a.startswith("--")]
-    if leftovers:
-        raise ConfigError(_unknown_message([a[2:].split("=")[0] for a in leftovers], "command line"))
+    unknown = [a[2:].split("=")[0] for a in remaining if a.startswith("--")]
+    if unknown:
+        raise ConfigError(_unknown_message(unknown, "command line"))
+    if remaining:
+        raise ConfigError(f"command line: unexpected argument(s) {remaining}; options are written --name value")
     config = RunConfig(*dataclass_values)
     resolve_defaults(config)
     validate(config)
