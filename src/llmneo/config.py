@@ -60,8 +60,16 @@ class DistillArguments:
     method: Literal["sft", "lora", "kd", "neo"] = _help(
         "sft: full fine-tune, CE; lora: adapter, CE; kd: full fine-tune, CE+KD; neo: adapter, CE+KD.", "neo"
     )
-    alpha: float = _help("Mixing weight: loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student).", 0.5)
+    alpha: float = _help("Mixing weight: loss = alpha * CE + (1 - alpha) * T^2 * D, D = KL(teacher || student) by default.", 0.5)
     temperature: float = _help("Distillation temperature T applied to both models' logits.", 1.0)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "akl"] = _help(
+        "KD divergence: forward_kl (paper), reverse_kl, jsd (generalized, --jsd_beta), tvd, skew_forward_kl / "
+        "skew_reverse_kl (DistiLLM, --skew_lambda), akl (adaptive KL, --akl_mu).",
+        "forward_kl",
+    )
+    jsd_beta: float = _help("Generalized JSD weight beta: 0 is forward KL, 1 is reverse KL.", 0.5)
+    skew_lambda: float = _help("Skew KL mixing weight lambda: KL(p || lambda * p + (1 - lambda) * q).", 0.1)
+    akl_mu: float = _help("Adaptive KL head threshold mu: the head is the fewest top teacher tokens holding mass mu.", 0.5)
     kd_chunk_size: int = _help("Answer tokens per chunk when computing the loss (bounds the fp32 logits memory).", 1024)
     min_lr_ratio: float = _help("Floor of the cosine schedule as a fraction of the peak learning rate (0: decay to 0).", 0.0)
 
@@ -190,6 +198,9 @@ def validate(config: RunConfig) -> None:
         (config.adapter.lora_r > 0, f"lora_r must be > 0, got {config.adapter.lora_r}"),
         (config.data.max_length > 1, f"max_length must be > 1, got {config.data.max_length}"),
         (config.distill.kd_chunk_size > 0, f"kd_chunk_size must be > 0, got {config.distill.kd_chunk_size}"),
+        (0.0 <= config.distill.jsd_beta <= 1.0, f"jsd_beta must be in [0, 1], got {config.distill.jsd_beta}"),
+        (0.0 <= config.distill.skew_lambda < 1.0, f"skew_lambda must be in [0, 1), got {config.distill.skew_lambda}"),
+        (0.0 < config.distill.akl_mu < 1.0, f"akl_mu must be in (0, 1), got {config.distill.akl_mu}"),
         (0.0 <= config.distill.min_lr_ratio < 1.0, f"min_lr_ratio must be in [0, 1), got {config.distill.min_lr_ratio}"),
     ]
     if METHODS[config.distill.method].uses_teacher:

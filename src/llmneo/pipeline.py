@@ -12,6 +12,7 @@ from .adapters.lora import add_lora
 from .artifacts import METRICS_FILE, read_metrics, save_final_weights, save_resolved_config, write_model_card
 from .data.loading import DataReport, build_dataset
 from .data.tokenize import IGNORE_INDEX, ensure_chat_template
+from .losses.divergences import get_divergence
 from .methods import METHODS
 from .models import check_vocabularies, load_student, load_teacher, load_tokenizer
 from .trainer import MetricsJsonlCallback, NeoTrainer
@@ -70,6 +71,8 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
         temperature=config.distill.temperature,
         kd_chunk_size=config.distill.kd_chunk_size,
         kd_vocab_size=kd_vocab_size,
+        divergence=get_divergence(config.distill.divergence, config.distill.jsd_beta, config.distill.skew_lambda,
+                                  config.distill.akl_mu),
     )
 
 

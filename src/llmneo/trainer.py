@@ -9,6 +9,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .losses.chunked import distillation_loss
+from .losses.divergences import forward_kl
 from .teacher.online import teacher_logits
 
 
@@ -23,11 +24,11 @@ class NeoTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, teacher=None, alpha=0.5, temperature=1.0, kd_chunk_size=1024, kd_vocab_size=None,
-                 **kwargs):
+                 divergence=forward_kl, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
         self.alpha, self.temperature = alpha, temperature
-        self.kd_chunk_size, self.kd_vocab_size = kd_chunk_size, kd_vocab_size
+        self.kd_chunk_size, self.kd_vocab_size, self.divergence = kd_chunk_size, kd_vocab_size, divergence
         # Our compute_loss uses num_items_in_batch whatever the model's forward signature says.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
@@ -41,6 +42,7 @@ class NeoTrainer(Trainer):
         parts = distillation_loss(
             outputs.logits, inputs["labels"], target, alpha=self.alpha, temperature=self.temperature,
             num_items=num_items_in_batch, chunk_size=self.kd_chunk_size, kd_vocab_size=self.kd_vocab_size,
+            divergence=self.divergence,
         )
         scale = self._rank_scale(num_items_in_batch)
         if model.training:  # kept as tensors: no device sync until the next log

@@ -1,4 +1,6 @@
-"""The LLM-Neo loss from full logits: alpha * CE + (1 - alpha) * T^2 * KL over answer tokens, in chunks.
+"""The LLM-Neo loss from full logits: alpha * CE + (1 - alpha) * T^2 * D over answer tokens, in chunks.
+
+D is forward KL(teacher || student) by default, or any divergence of divergences.py.
 
 The shift happens here and only here: logits at position t predict the label at t + 1, and the KD term uses the
 same shifted answer mask as CE. Both sums are divided by ``num_items`` (answer tokens of the whole optimizer
@@ -40,7 +42,9 @@ def distillation_loss(
     num_items: int | torch.Tensor | None = None,
     chunk_size: int = 1024,
     kd_vocab_size: int | None = None,
+    divergence=forward_kl,
 ) -> LossParts:
+    """``divergence(student_rows, teacher_rows, temperature)`` gives one value per row (see divergences.py)."""
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     if num_items is None:
@@ -55,7 +59,7 @@ def distillation_loss(
         ce_sum = ce_sum + F.cross_entropy(rows, target_rows[start : start + chunk_size], reduction="sum")
         if teacher_rows is not None:
             chunk_teacher = teacher_rows[start : start + chunk_size, :vocab]
-            kd_sum = kd_sum + forward_kl(rows[:, :vocab], chunk_teacher, temperature).sum()
+            kd_sum = kd_sum + divergence(rows[:, :vocab], chunk_teacher, temperature).sum()
     ce = ce_sum / num_items
     kd = kd_sum * temperature**2 / num_items
     loss = alpha * ce + (1.0 - alpha) * kd if teacher_rows is not None else ce
