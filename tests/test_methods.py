@@ -157,4 +157,4 @@ def test_min_lr_ratio_floors_the_cosine_schedule(models_dir, train_file, tmp_pat
     rates = [json.loads(line)["learning_rate"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if '"learning_rate"' in line]
     assert rates[0] == pytest.approx(0.01)
-    assert all(a >= b for a, b in zip(rates, rates[1:])) and 0.005 < rates[-1] < 0.006
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False)) and 0.005 < rates[-1] < 0.006
