@@ -44,13 +44,6 @@ def save_final_weights(model, tokenizer, run_dir: Path, uses_adapter: bool) -> P
     return target
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def write_model_card(run_dir: Path, config, steps: int, data_report, final_metrics: dict) -> Path:
     method, distill, adapter = config.distill.method, config.distill, config.adapter
     preset = METHODS[method]

@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import DataCollatorForSeq2Seq, set_seed
 
 from .adapters.lora import add_lora
-from .artifacts import METRICS_FILE, read_metrics, save_final_weights, save_resolved_config, write_model_card
+from .artifacts import METRICS_FILE, save_final_weights, save_resolved_config, write_model_card
 from .data.loading import DataReport, build_dataset
 from .data.tokenize import IGNORE_INDEX, ensure_chat_template
 from .losses.divergences import get_divergence
@@ -76,9 +76,9 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
     )
 
 
-def last_logged_terms(run_dir: Path) -> dict:
+def last_logged_terms(log_history: list[dict]) -> dict:
     """CE and KD of the last logging step, for the model card."""
-    logged = [entry for entry in read_metrics(run_dir) if "ce_loss" in entry]
+    logged = [entry for entry in log_history if "ce_loss" in entry]
     return {key: logged[-1][key] for key in ("ce_loss", "kd_loss")} if logged else {}
 
 
@@ -96,7 +96,7 @@ def distill(config, callbacks=()) -> RunSummary:
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks)
     result = trainer.train(resume_from_checkpoint=config.training.resume_from_checkpoint)
-    final_metrics = {"train_loss": round(result.training_loss, 6), **last_logged_terms(run_dir)}
+    final_metrics = {"train_loss": round(result.training_loss, 6), **last_logged_terms(trainer.state.log_history)}
     if report.skipped:
         final_metrics["skipped_rows"] = len(report.skipped)
     weights_dir = run_dir
