@@ -70,6 +70,11 @@ class DistillArguments:
     jsd_beta: float = _help("Generalized JSD weight beta: 0 is forward KL, 1 is reverse KL.", 0.5)
     skew_lambda: float = _help("Skew KL mixing weight lambda: KL(p || lambda * p + (1 - lambda) * q).", 0.1)
     akl_mu: float = _help("Adaptive KL head threshold mu: the head is the fewest top teacher tokens holding mass mu.", 0.5)
+    loss_impl: Literal["fused", "naive", "liger"] = _help(
+        "Loss implementation: fused (chunked head, no B*T*V logits), naive (full logits from both models), "
+        "liger (Liger-Kernel's chunked JSD loss, if installed; forward_kl, reverse_kl, jsd).",
+        "fused",
+    )
     kd_chunk_size: int = _help("Answer tokens per chunk when computing the loss (bounds the fp32 logits memory).", 1024)
     min_lr_ratio: float = _help("Floor of the cosine schedule as a fraction of the peak learning rate (0: decay to 0).", 0.0)
 

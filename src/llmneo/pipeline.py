@@ -12,6 +12,7 @@ from .adapters.lora import add_lora
 from .artifacts import METRICS_FILE, save_final_weights, save_resolved_config, write_model_card
 from .data.loading import DataReport, build_dataset
 from .data.tokenize import IGNORE_INDEX, ensure_chat_template
+from .losses.backends import choose_loss_impl
 from .losses.divergences import get_divergence
 from .methods import METHODS
 from .models import check_vocabularies, load_student, load_teacher, load_tokenizer
@@ -59,6 +60,9 @@ def load_models(config, tokenizer):
 
 def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks=()) -> NeoTrainer:
     run_dir = Path(config.training.output_dir)
+    distill_args = config.distill
+    divergence = get_divergence(distill_args.divergence, distill_args.jsd_beta, distill_args.skew_lambda,
+                                distill_args.akl_mu)
     return NeoTrainer(
         model=student,
         args=config.training,
@@ -67,12 +71,12 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
         processing_class=tokenizer,
         callbacks=[MetricsJsonlCallback(str(run_dir / METRICS_FILE)), *callbacks],
         teacher=teacher,
-        alpha=config.distill.alpha,
-        temperature=config.distill.temperature,
-        kd_chunk_size=config.distill.kd_chunk_size,
+        alpha=distill_args.alpha,
+        temperature=distill_args.temperature,
+        kd_chunk_size=distill_args.kd_chunk_size,
         kd_vocab_size=kd_vocab_size,
-        divergence=get_divergence(config.distill.divergence, config.distill.jsd_beta, config.distill.skew_lambda,
-                                  config.distill.akl_mu),
+        divergence=divergence,
+        loss_impl=choose_loss_impl(distill_args.loss_impl, divergence, student, teacher, kd_vocab_size),
     )
 
 

@@ -8,9 +8,14 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .lm_head import capture_final_hidden, output_head
 from .losses.chunked import distillation_loss
 from .losses.divergences import forward_kl
-from .teacher.online import teacher_logits
+from .losses.fused import fused_distillation_loss
+from .losses.liger import liger_distillation_loss
+from .teacher.online import teacher_final_hidden, teacher_logits
+
+HEAD_LOSSES = {"fused": fused_distillation_loss, "liger": liger_distillation_loss}
 
 
 class NeoTrainer(Trainer):
@@ -19,16 +24,20 @@ class NeoTrainer(Trainer):
     The loss of a micro-batch is its sum over answer tokens divided by the answer tokens of the whole optimizer
     step (``num_items_in_batch``, counted by the Trainer over ``labels[:, 1:]`` and across ranks), so it is
     already scaled for gradient accumulation.
+
+    ``loss_impl`` (see losses/backends.py) picks how the loss is computed: ``fused`` and ``liger`` take both
+    models' final hidden states and never build their full logits; ``naive`` takes the logits.
     """
 
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, teacher=None, alpha=0.5, temperature=1.0, kd_chunk_size=1024, kd_vocab_size=None,
-                 divergence=forward_kl, **kwargs):
+                 divergence=forward_kl, loss_impl="fused", **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
         self.alpha, self.temperature = alpha, temperature
         self.kd_chunk_size, self.kd_vocab_size, self.divergence = kd_chunk_size, kd_vocab_size, divergence
+        self.loss_impl = loss_impl
         # Our compute_loss uses num_items_in_batch whatever the model's forward signature says.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
@@ -36,20 +45,41 @@ class NeoTrainer(Trainer):
         self._term_last_step = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        target = teacher_logits(self.teacher, input_ids, attention_mask) if self.teacher is not None else None
-        parts = distillation_loss(
-            outputs.logits, inputs["labels"], target, alpha=self.alpha, temperature=self.temperature,
-            num_items=num_items_in_batch, chunk_size=self.kd_chunk_size, kd_vocab_size=self.kd_vocab_size,
-            divergence=self.divergence,
-        )
+        # Evaluation that keeps the logits (prediction_loss_only off) needs the model's own outputs.
+        wants_logits = return_outputs and not self.args.prediction_loss_only
+        if self.loss_impl == "naive" or wants_logits:
+            parts, outputs = self._naive_loss(model, inputs, num_items_in_batch)
+        else:
+            parts, outputs = self._head_loss(model, inputs, num_items_in_batch)
         scale = self._rank_scale(num_items_in_batch)
         if model.training:  # kept as tensors: no device sync until the next log
             self._term_sums["ce_loss"] += parts.ce * scale
             self._term_sums["kd_loss"] += parts.kd * scale
         loss = parts.loss * scale
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_settings(self, num_items_in_batch) -> dict:
+        return {"alpha": self.alpha, "temperature": self.temperature, "num_items": num_items_in_batch,
+                "chunk_size": self.kd_chunk_size, "kd_vocab_size": self.kd_vocab_size, "divergence": self.divergence}
+
+    def _naive_loss(self, model, inputs, num_items_in_batch):
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        target = teacher_logits(self.teacher, input_ids, attention_mask) if self.teacher is not None else None
+        parts = distillation_loss(outputs.logits, inputs["labels"], target, **self._loss_settings(num_items_in_batch))
+        return parts, outputs
+
+    def _head_loss(self, model, inputs, num_items_in_batch):
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        with capture_final_hidden(model) as student:
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        teacher = {}
+        if self.teacher is not None:
+            teacher = {"teacher_hidden": teacher_final_hidden(self.teacher, input_ids, attention_mask),
+                       "teacher_weight": output_head(self.teacher).weight}
+        parts = HEAD_LOSSES[self.loss_impl](student.hidden, output_head(model).weight, inputs["labels"], **teacher,
+                                            **self._loss_settings(num_items_in_batch))
+        return parts, outputs
 
     def _rank_scale(self, num_items_in_batch) -> int:
         # DDP averages gradients over ranks while num_items counts every rank's tokens: undo the average.

@@ -18,7 +18,7 @@ def _log_probs(student_logits, teacher_logits, temperature):
             F.log_softmax(teacher_logits.float() / temperature, dim=-1))
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row from log-probabilities; tokens with p = 0 contribute 0 (not 0 * inf = nan)."""
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
@@ -37,13 +37,13 @@ def _log(x: float) -> float:
 def forward_kl(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_teacher || p_student): mode-covering, the LLM-Neo default."""
     student, teacher = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl(teacher, student)
+    return kl_from_log_probs(teacher, student)
 
 
 def reverse_kl(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_student || p_teacher): mode-seeking."""
     student, teacher = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl(student, teacher)
+    return kl_from_log_probs(student, teacher)
 
 
 def generalized_jsd(student_logits, teacher_logits, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
@@ -57,7 +57,7 @@ def generalized_jsd(student_logits, teacher_logits, temperature: float = 1.0, be
         return reverse_kl(student_logits, teacher_logits, temperature)
     student, teacher = _log_probs(student_logits, teacher_logits, temperature)
     mixture = _log_mix(beta, teacher, student)
-    return beta * _kl(teacher, mixture) + (1.0 - beta) * _kl(student, mixture)
+    return beta * kl_from_log_probs(teacher, mixture) + (1.0 - beta) * kl_from_log_probs(student, mixture)
 
 
 def total_variation(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
@@ -69,13 +69,13 @@ def total_variation(student_logits, teacher_logits, temperature: float = 1.0) ->
 def skew_forward_kl(student_logits, teacher_logits, temperature: float = 1.0, skew: float = 0.1) -> torch.Tensor:
     """KL(p_t || skew * p_t + (1 - skew) * p_s) (DistiLLM)."""
     student, teacher = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl(teacher, _log_mix(skew, teacher, student))
+    return kl_from_log_probs(teacher, _log_mix(skew, teacher, student))
 
 
 def skew_reverse_kl(student_logits, teacher_logits, temperature: float = 1.0, skew: float = 0.1) -> torch.Tensor:
     """KL(p_s || skew * p_s + (1 - skew) * p_t) (DistiLLM)."""
     student, teacher = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl(student, _log_mix(skew, student, teacher))
+    return kl_from_log_probs(student, _log_mix(skew, student, teacher))
 
 
 def adaptive_kl(student_logits, teacher_logits, temperature: float = 1.0, mu: float = 0.5) -> torch.Tensor:
@@ -94,7 +94,7 @@ def adaptive_kl(student_logits, teacher_logits, temperature: float = 1.0, mu: fl
         head_gap, tail_gap = (gap * in_head).sum(-1), (gap * ~in_head).sum(-1)
         total = head_gap + tail_gap
         g_head = torch.where(total > 0, head_gap / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5)
-    return g_head * _kl(teacher, student) + (1.0 - g_head) * _kl(student, teacher)
+    return g_head * kl_from_log_probs(teacher, student) + (1.0 - g_head) * kl_from_log_probs(student, teacher)
 
 
 DIVERGENCES = {

@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from ..lm_head import capture_final_hidden
+
 
 @torch.no_grad()
 def teacher_logits(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Full (B, T, V) logits, for the naive loss."""
     # no_grad rather than inference_mode: the KD backward saves these logits for the student's gradient.
     return teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@torch.no_grad()
+def teacher_final_hidden(teacher: torch.nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, H) final hidden states, for the fused loss: the teacher's logits are never built in full."""
+    with capture_final_hidden(teacher) as captured:
+        teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return captured.hidden

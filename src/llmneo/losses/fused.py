@@ -1,0 +1,208 @@
+"""The fused chunked head: final hidden states -> CE + divergence and their gradients, without B·T·V logits.
+
+The naive path lets the model build ``lm_head(hidden)`` for every position of the batch, for both models, and
+differentiates the loss through it. Here only the answer positions are gathered (the shift of chunked.py: position
+t predicts label t + 1), and they are walked ``chunk_size`` rows at a time: a chunk's logits are built for both
+models, its loss terms and the gradient w.r.t. those logits are computed at once, and the gradient is pushed
+through the head (to the hidden states, and to the head weight only when it is trainable) before the next chunk.
+The backward pass then only scales the stored gradients.
+
+The default divergence (forward KL) and CE alone have hand-derived gradients computed in place, so a chunk needs
+about two fp32 chunk x V buffers; the other divergences differentiate the same per-chunk expression the naive path
+uses with autograd (a few more buffers, still bounded by the chunk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .chunked import IGNORE_INDEX, LossParts, answer_rows
+from .divergences import forward_kl, kl_from_log_probs
+
+# Row reductions over a chunk run on eighth-chunk blocks so that their temporaries stay small.
+REDUCTION_BLOCKS = 8
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    alpha: float  # weight of CE; 1 - alpha weights T^2 * divergence
+    temperature: float
+    chunk_size: int  # answer rows per chunk
+    kd_vocab_size: int | None  # logits compared by the KD term (shared vocabulary); None = all
+    divergence: Callable  # f(student_rows, teacher_rows, temperature) -> (rows,)
+
+
+def _blocks(rows: int):
+    step = max(1, -(-rows // REDUCTION_BLOCKS))
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(x.shape[0])
+    for block in _blocks(x.shape[0]):
+        out[block] = torch.logsumexp(x[block], dim=-1)
+    return out
+
+
+def _target_logits(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return z.gather(1, targets[:, None]).squeeze(1)
+
+
+def _ce_only(z, targets):
+    """CE summed over rows, and z overwritten with dCE/dz = softmax(z) - onehot."""
+    lse = _logsumexp(z)
+    ce = (lse - _target_logits(z, targets)).sum()
+    z.sub_(lse[:, None]).exp_()
+    z[torch.arange(z.shape[0], device=z.device), targets] -= 1.0
+    return ce, torch.zeros_like(ce), z
+
+
+def _ce_forward_kl(z, teacher, targets, settings: HeadSettings):
+    """CE and forward KL summed over rows; z overwritten with d(alpha CE + (1-alpha) T^2 KL)/dz.
+
+    The gradient of T^2 KL(p_t || p_s) w.r.t. z is T (p_s - p_t); of CE it is softmax(z) - onehot. ``teacher``
+    (rows x kd_vocab, fp32, owned) is overwritten too: only these two buffers are alive.
+    """
+    alpha, temperature, vocab = settings.alpha, settings.temperature, teacher.shape[1]
+    lse = _logsumexp(z)
+    ce = (lse - _target_logits(z, targets)).sum()
+    teacher.div_(temperature)
+    teacher.sub_(_logsumexp(teacher)[:, None])  # log p_t
+    student = z[:, :vocab]
+    student.div_(temperature)
+    lse_t = _logsumexp(student)
+    student.sub_(lse_t[:, None])  # log p_s at temperature T
+    kd = torch.cat([kl_from_log_probs(teacher[block], student[block]) for block in _blocks(z.shape[0])]).sum()
+    teacher.exp_()
+    for block in _blocks(z.shape[0]):
+        teacher[block].sub_(student[block].exp())
+    teacher.mul_(-(1.0 - alpha) * temperature)  # (1 - alpha) T (p_s - p_t)
+    student.mul_(temperature).add_((temperature * lse_t - lse)[:, None])  # back to z - lse
+    z[:, vocab:].sub_(lse[:, None])
+    z.exp_().mul_(alpha)
+    student.add_(teacher)
+    z[torch.arange(z.shape[0], device=z.device), targets] -= alpha
+    return ce, kd, z
+
+
+def _ce_divergence_autograd(z, teacher, targets, settings: HeadSettings):
+    """Any divergence: the naive path's per-chunk expression, differentiated with autograd on the chunk only."""
+    z = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        ce = F.cross_entropy(z, targets, reduction="sum")
+        kd = settings.divergence(z[:, : teacher.shape[1]], teacher, settings.temperature).sum()
+        total = settings.alpha * ce + (1.0 - settings.alpha) * settings.temperature**2 * kd
+        (grad,) = torch.autograd.grad(total, z)
+    return ce.detach(), kd.detach(), grad
+
+
+def _chunk_terms(z, teacher, targets, settings: HeadSettings):
+    if teacher is None:
+        return _ce_only(z, targets)
+    if getattr(settings.divergence, "func", settings.divergence) is forward_kl:
+        return _ce_forward_kl(z, teacher, targets, settings)
+    return _ce_divergence_autograd(z, teacher, targets, settings)
+
+
+def _teacher_chunk(rows: slice, teacher_hidden, teacher_weight, teacher_logits, vocab: int):
+    """The chunk's teacher logits over the shared vocabulary, as an fp32 tensor the caller may overwrite."""
+    if teacher_hidden is not None:
+        return F.linear(teacher_hidden[rows], teacher_weight[:vocab]).float()
+    if teacher_logits is not None:
+        return teacher_logits[rows, :vocab].to(torch.float32, copy=True)
+    return None
+
+
+def _chunk_step(rows, hidden, weight, teacher_hidden, teacher_weight, teacher_logits, targets, settings, scale,
+                grad_hidden, grad_weight):
+    """One chunk: its loss sums, with its gradients written into grad_hidden[rows] and added to grad_weight.
+
+    A function of its own so that the chunk's buffers are freed before the next chunk allocates its own.
+    """
+    vocab = settings.kd_vocab_size or weight.shape[0]
+    z = F.linear(hidden[rows], weight).float()
+    teacher = _teacher_chunk(rows, teacher_hidden, teacher_weight, teacher_logits, vocab)
+    ce, kd, grad_z = _chunk_terms(z, teacher, targets[rows], settings)
+    del z, teacher
+    if grad_hidden is None:  # evaluation: values only
+        return ce, kd
+    grad_z = grad_z.mul_(scale).to(weight.dtype)
+    grad_hidden[rows] = grad_z @ weight
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_z.T, hidden[rows].to(weight.dtype))
+    return ce, kd
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Forward computes the loss and its gradients chunk by chunk; backward scales them by the incoming grad."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, teacher_logits, targets, num_items,
+                settings: HeadSettings):
+        scale = 1.0 / num_items
+        grad_hidden = torch.empty_like(hidden) if any(ctx.needs_input_grad[:2]) else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        ce_sum = hidden.new_zeros((), dtype=torch.float32)
+        kd_sum = torch.zeros_like(ce_sum)
+        for start in range(0, hidden.shape[0], settings.chunk_size):
+            rows = slice(start, start + settings.chunk_size)
+            ce, kd = _chunk_step(rows, hidden, weight, teacher_hidden, teacher_weight, teacher_logits, targets,
+                                 settings, scale, grad_hidden, grad_weight)
+            ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        has_teacher = teacher_hidden is not None or teacher_logits is not None
+        ce, kd = ce_sum * scale, kd_sum * settings.temperature**2 * scale
+        loss = settings.alpha * ce + (1.0 - settings.alpha) * kd if has_teacher else ce.clone()  # ce: no grad
+        ctx.mark_non_differentiable(ce, kd)
+        return loss, ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)  # only called when grads were computed
+        if grad_weight is not None:
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def fused_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    num_items: int | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    kd_vocab_size: int | None = None,
+    divergence: Callable = forward_kl,
+) -> LossParts:
+    """The loss of chunked.distillation_loss from (B, T, H) final hidden states and the lm_head weights.
+
+    The teacher side is its final hidden states with its head weight, or its logits (B, T, V), or None for CE only.
+    """
+    if teacher_hidden is not None and teacher_weight is None:
+        raise ValueError("teacher_hidden needs teacher_weight")
+    mask = labels[:, 1:] != IGNORE_INDEX
+    if num_items is None:
+        num_items = mask.sum()
+    num_items = torch.as_tensor(num_items, dtype=torch.float32, device=student_hidden.device)
+    settings = HeadSettings(alpha, temperature, chunk_size, kd_vocab_size, divergence)
+    loss, ce, kd = _FusedHeadLoss.apply(
+        answer_rows(student_hidden, mask),
+        student_weight,
+        answer_rows(teacher_hidden, mask) if teacher_hidden is not None else None,
+        teacher_weight,
+        answer_rows(teacher_logits, mask) if teacher_logits is not None else None,
+        labels[:, 1:][mask],
+        num_items,
+        settings,
+    )
+    return LossParts(loss=loss, ce=ce, kd=kd)
