@@ -28,12 +28,12 @@ def liger_beta(divergence) -> float | None:
 
 
 def liger_unavailable_reason(divergence, student_vocab: int, kd_vocab: int) -> str | None:
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "liger-kernel is not installed (pip install liger-kernel)"
     if liger_beta(divergence) is None:
         return "Liger's distillation loss covers forward_kl, reverse_kl and jsd only"
     if student_vocab != kd_vocab:
         return f"Liger needs the student's output vocabulary ({student_vocab}) to equal the shared one ({kd_vocab})"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
     return None
 
 
