@@ -8,8 +8,8 @@ through the head (to the hidden states, and to the head weight only when it is t
 The backward pass then only scales the stored gradients.
 
 The default divergence (forward KL) and CE alone have hand-derived gradients computed in place, so a chunk needs
-about two fp32 chunk x V buffers; the other divergences differentiate the same per-chunk expression the naive path
-uses with autograd (a few more buffers, still bounded by the chunk).
+about two fp32 chunk x V buffers; the other divergences differentiate the naive path's expression with autograd,
+an eighth of the chunk's rows at a time (about two more buffers).
 """
 
 from __future__ import annotations
@@ -70,10 +70,13 @@ def _ce_forward_kl(z, teacher, targets, settings: HeadSettings):
     alpha, temperature, vocab = settings.alpha, settings.temperature, teacher.shape[1]
     lse = _logsumexp(z)
     ce = (lse - _target_logits(z, targets)).sum()
-    teacher.div_(temperature)
+    scaled = temperature != 1.0  # T = 1 (the default) skips four passes over the chunk
+    if scaled:
+        teacher.div_(temperature)
     teacher.sub_(_logsumexp(teacher)[:, None])  # log p_t
     student = z[:, :vocab]
-    student.div_(temperature)
+    if scaled:
+        student.div_(temperature)
     lse_t = _logsumexp(student)
     student.sub_(lse_t[:, None])  # log p_s at temperature T
     kd = torch.cat([kl_from_log_probs(teacher[block], student[block]) for block in _blocks(z.shape[0])]).sum()
@@ -81,7 +84,9 @@ def _ce_forward_kl(z, teacher, targets, settings: HeadSettings):
     for block in _blocks(z.shape[0]):
         teacher[block].sub_(student[block].exp())
     teacher.mul_(-(1.0 - alpha) * temperature)  # (1 - alpha) T (p_s - p_t)
-    student.mul_(temperature).add_((temperature * lse_t - lse)[:, None])  # back to z - lse
+    if scaled:
+        student.mul_(temperature)
+    student.add_((temperature * lse_t - lse)[:, None])  # back to z - lse
     z[:, vocab:].sub_(lse[:, None])
     z.exp_().mul_(alpha)
     student.add_(teacher)
@@ -90,14 +95,19 @@ def _ce_forward_kl(z, teacher, targets, settings: HeadSettings):
 
 
 def _ce_divergence_autograd(z, teacher, targets, settings: HeadSettings):
-    """Any divergence: the naive path's per-chunk expression, differentiated with autograd on the chunk only."""
-    z = z.detach().requires_grad_(True)
-    with torch.enable_grad():
-        ce = F.cross_entropy(z, targets, reduction="sum")
-        kd = settings.divergence(z[:, : teacher.shape[1]], teacher, settings.temperature).sum()
-        total = settings.alpha * ce + (1.0 - settings.alpha) * settings.temperature**2 * kd
-        (grad,) = torch.autograd.grad(total, z)
-    return ce.detach(), kd.detach(), grad
+    """Any divergence: the naive path's expression differentiated with autograd, one row block at a time so its
+    temporaries stay a fraction of the chunk. z is overwritten with the gradient, block by block."""
+    alpha, temperature, vocab = settings.alpha, settings.temperature, teacher.shape[1]
+    ce_sum = kd_sum = z.new_zeros(())
+    for block in _blocks(z.shape[0]):
+        rows = z[block].detach().requires_grad_(True)
+        with torch.enable_grad():
+            ce = F.cross_entropy(rows, targets[block], reduction="sum")
+            kd = settings.divergence(rows[:, :vocab], teacher[block], temperature).sum()
+            (grad,) = torch.autograd.grad(alpha * ce + (1.0 - alpha) * temperature**2 * kd, rows)
+        z[block] = grad
+        ce_sum, kd_sum = ce_sum + ce.detach(), kd_sum + kd.detach()
+    return ce_sum, kd_sum, z
 
 
 def _chunk_terms(z, teacher, targets, settings: HeadSettings):
