@@ -196,6 +196,18 @@ def test_training_runs_equal_with_fused_and_naive(models_dir, train_file, tmp_pa
             assert fused_line[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
+def test_training_with_the_liger_backend_equals_naive(models_dir, train_file, tmp_path):
+    pytest.importorskip("liger_kernel.chunked_loss")
+    runs = {}
+    for impl in ("liger", "naive"):
+        out = tmp_path / impl
+        distill(parse_config(run_flags(models_dir, train_file, out, loss_impl=impl, divergence="jsd")))
+        runs[impl] = read_metrics(out)
+    for liger_line, naive_line in zip(runs["liger"], runs["naive"], strict=True):
+        for key, value in naive_line.items():
+            assert liger_line[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
 def test_tied_embeddings_train_through_the_fused_head(tokenizer, train_file, tmp_path, monkeypatch):
     """sft on a student whose lm_head is its input embedding: both uses of the weight get their gradient."""
     student = save_model(tmp_path / "tied", build_tiny_llama(tokenizer, seed=6, tie_word_embeddings=True), tokenizer)
