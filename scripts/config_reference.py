@@ -1,6 +1,11 @@
-"""Print the README's config reference (llm-neo's own options) as a Markdown table, from the dataclasses."""
+"""Print the README's config reference (llm-neo's own options) as a Markdown table, from the dataclasses.
+
+`python scripts/config_reference.py --write` replaces the table in README.md instead.
+"""
 
 import dataclasses
+import sys
+from pathlib import Path
 
 from llmneo.config import CONFIG_CLASSES, NeoTrainingArguments
 
@@ -15,11 +20,24 @@ def rows():
             yield cls.__name__, field.name, default, " ".join(field.metadata["help"].split())
 
 
+def table() -> str:
+    lines = ["| option | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{name}` | `{default}` | {text} |" for _, name, default, text in rows()]
+    return "\n".join(lines)
+
+
+def write_readme(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    start = text.index("| option | default | meaning |")
+    end = text.index("\n\n", start)
+    path.write_text(text[:start] + table() + text[end:], encoding="utf-8")
+
+
 def main():
-    print("| option | default | meaning |")
-    print("|---|---|---|")
-    for _, name, default, text in rows():
-        print(f"| `{name}` | `{default}` | {text} |")
+    if "--write" in sys.argv[1:]:
+        write_readme(Path(__file__).resolve().parent.parent / "README.md")
+    else:
+        print(table())
 
 
 if __name__ == "__main__":

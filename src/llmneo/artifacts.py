@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 import yaml
-from peft import PeftModel
 
+from .adapters.store import load_adapter, save_adapter
 from .config import ModelArguments
 from .errors import ConfigError
 from .methods import METHODS
@@ -36,10 +36,13 @@ def load_run_config(run_dir: Path) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def save_final_weights(model, tokenizer, run_dir: Path, uses_adapter: bool) -> Path:
-    """Adapter (PEFT safetensors) or full weights (safetensors) with the tokenizer, in the run directory."""
-    target = run_dir / (ADAPTER_DIR if uses_adapter else MODEL_DIR)
-    model.save_pretrained(target)
+def save_final_weights(model, tokenizer, run_dir: Path, config, initial_adapter: Path | None = None) -> Path:
+    """Adapter (PEFT safetensors, see adapters/store.py) or full weights (safetensors) with the tokenizer."""
+    if METHODS[config.distill.method].uses_adapter:
+        target = save_adapter(model, run_dir / ADAPTER_DIR, config.adapter, initial_adapter)
+    else:
+        target = run_dir / MODEL_DIR
+        model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
 
@@ -55,6 +58,7 @@ def write_model_card(run_dir: Path, config, steps: int, data_report, final_metri
                  f"{len(data_report.skipped)} skipped, {data_report.answer_tokens} answer tokens)"),
         ("alpha (CE weight)", distill.alpha if preset.uses_teacher else "CE only"),
         ("temperature", distill.temperature if preset.uses_teacher else "CE only"),
+        ("adapter", adapter.adapter if preset.uses_adapter else "none: full fine-tune"),
         ("LoRA rank / alpha", f"{adapter.lora_r} / {adapter.lora_alpha}" if preset.uses_adapter else "full fine-tune"),
         ("learning rate", config.training.learning_rate),
         ("optimizer steps", steps),
@@ -69,15 +73,20 @@ def write_model_card(run_dir: Path, config, steps: int, data_report, final_metri
     return path
 
 
+def run_adapter_dir(path: str | Path) -> Path:
+    """The adapter directory of a run directory, or ``path`` itself when it is an adapter directory."""
+    path = Path(path)
+    return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path
+
+
 def merge_run(run_dir: str | Path, output: str | Path) -> Path:
     """Write a standalone model (base + adapter merged) that `AutoModelForCausalLM.from_pretrained` loads."""
     run_dir, output = Path(run_dir), Path(output)
     config = load_run_config(run_dir)
     adapter_dir, model_dir = run_dir / ADAPTER_DIR, run_dir / MODEL_DIR
-    model_args = ModelArguments(**config["model"])
+    model_args = ModelArguments(**{**config["model"], "student_quantization": "none"})  # merge into full weights
     if adapter_dir.is_dir():
-        base = load_student(model_args)
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged = load_adapter(load_student(model_args), adapter_dir).merge_and_unload()
         tokenizer = load_tokenizer(str(adapter_dir), role="adapter")
     elif model_dir.is_dir():
         model_args.student_model = str(model_dir)

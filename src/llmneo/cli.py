@@ -11,13 +11,14 @@ from .errors import NeoError
 COMMANDS = {
     "distill": "Distil a teacher into a student (methods sft, lora, kd, neo). `llm-neo distill --help` lists every option.",
     "merge": "Merge a run's adapter into its base student and save a standalone model.",
+    "export-lora": "Write a run's adapter as a plain PEFT LoRA (MoSLoRA's mixer folded into B) for any LoRA loader.",
     "demo": "Offline end-to-end demo on tiny models built from shipped text (2 CPU cores, < 5 minutes).",
 }
 
 
 def _usage() -> str:
     lines = ["usage: llm-neo COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<12} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -41,18 +42,31 @@ def cmd_merge(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export_lora(argv: list[str]) -> int:
+    from .adapters.store import export_plain_lora
+    from .artifacts import run_adapter_dir
+
+    parser = argparse.ArgumentParser(prog="llm-neo export-lora", description=COMMANDS["export-lora"])
+    parser.add_argument("run_dir", help="Run directory written by `llm-neo distill`, or an adapter directory.")
+    parser.add_argument("--output", required=True, help="Directory for the plain LoRA adapter (safetensors).")
+    args = parser.parse_args(argv)
+    print(f"plain LoRA adapter written to {export_plain_lora(run_adapter_dir(args.run_dir), args.output)}")
+    return 0
+
+
 def cmd_demo(argv: list[str]) -> int:
     from .demo.run import run_demo
 
     parser = argparse.ArgumentParser(prog="llm-neo demo", description=COMMANDS["demo"])
     parser.add_argument("--output_dir", default="runs/demo", help="Where the demo writes its models and the neo run.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the data split, the models and training.")
+    parser.add_argument("--adapter", default="lora", help="Adapter kind of the neo run (lora, moslora, dora, ...).")
     args = parser.parse_args(argv)
-    run_demo(args.output_dir, seed=args.seed)
+    run_demo(args.output_dir, seed=args.seed, adapter=args.adapter)
     return 0
 
 
-HANDLERS = {"distill": cmd_distill, "merge": cmd_merge, "demo": cmd_demo}
+HANDLERS = {"distill": cmd_distill, "merge": cmd_merge, "export-lora": cmd_export_lora, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

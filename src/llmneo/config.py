@@ -28,6 +28,13 @@ class ModelArguments:
     teacher_dtype: str | None = _help("Teacher weights dtype if it differs from --dtype (the teacher keeps its own dtype).")
     attn_implementation: str = _help("Attention implementation: sdpa, eager, flash_attention_2, ...", "sdpa")
     trust_remote_code: bool = _help("Allow model repositories to run their own Python code (off: only trust what you read).", False)
+    student_quantization: Literal["none", "nf4", "int8"] = _help(
+        "Load the student quantized with bitsandbytes (QLoRA; lora/neo only; needs a CUDA GPU).", "none"
+    )
+    teacher_quantization: Literal["none", "nf4", "int8"] = _help(
+        "Load the teacher quantized with bitsandbytes (needs a CUDA GPU); its fidelity to the unquantized teacher is logged.",
+        "none",
+    )
 
 
 @dataclass
@@ -45,6 +52,15 @@ class DataArguments:
 
 @dataclass
 class AdapterArguments:
+    adapter: Literal["lora", "moslora", "dora", "rslora", "pissa", "olora"] = _help(
+        "Adapter kind: lora (paper), moslora (r x r mixer between A and B), dora, rslora (alpha / sqrt(r)), "
+        "pissa / olora (initialised from the base weights; saved as a plain LoRA of rank 2r for the original base).",
+        "lora",
+    )
+    mixer_init: Literal["kaiming", "orthogonal"] = _help("MoSLoRA mixer initialisation.", "kaiming")
+    peft_options: str | None = _help(
+        "Further peft.LoraConfig options as a JSON object (a mapping in YAML), e.g. {\"init_lora_weights\": \"pissa_niter_4\"}."
+    )
     lora_r: int = _help("LoRA rank r (paper: 128; larger ranks want lower learning rates).", 128)
     lora_alpha: float | None = _help("LoRA scaling numerator; default 2 * lora_r as in the paper.")
     lora_dropout: float = _help("Dropout on the LoRA branch input.", 0.0)
@@ -208,7 +224,11 @@ def validate(config: RunConfig) -> None:
         (0.0 < config.distill.akl_mu < 1.0, f"akl_mu must be in (0, 1), got {config.distill.akl_mu}"),
         (0.0 <= config.distill.min_lr_ratio < 1.0, f"min_lr_ratio must be in [0, 1), got {config.distill.min_lr_ratio}"),
     ]
-    if METHODS[config.distill.method].uses_teacher:
+    preset = METHODS[config.distill.method]
+    if config.model.student_quantization != "none" and not preset.uses_adapter:
+        checks.append((False, f"a quantized student (--student_quantization {config.model.student_quantization}) trains "
+                              f"only through an adapter: use method lora or neo, not {config.distill.method}"))
+    if preset.uses_teacher:
         checks.append((config.model.teacher_model is not None, f"method {config.distill.method} needs teacher_model"))
     for ok, message in checks:
         if not ok:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .errors import ConfigError, VocabularyError
 
@@ -36,13 +37,46 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "stud
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_causal_lm(path: str, role: str, dtype: str | None, attn_implementation: str, trust_remote_code: bool):
+def check_quantization(model_args) -> None:
+    """Quantized loading needs CUDA and bitsandbytes: say so before any data or model is loaded."""
+    requested = [f"--{role}_quantization {kind}" for role, kind in
+                 (("student", model_args.student_quantization), ("teacher", model_args.teacher_quantization))
+                 if kind != "none"]
+    if not requested:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{' and '.join(requested)} needs a CUDA GPU (bitsandbytes quantization); "
+                          "this machine has none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{' and '.join(requested)} needs bitsandbytes: pip install bitsandbytes")
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def is_quantized(model) -> bool:
+    return getattr(model, "hf_quantizer", None) is not None
+
+
+def load_causal_lm(path: str, role: str, dtype: str | None, attn_implementation: str, trust_remote_code: bool,
+                   quantization: str = "none"):
     _check_path(path, role)
+    torch_dtype = resolve_dtype(dtype)
+    quantized = quantization_config(quantization, torch_dtype)
+    placement = {"device_map": {"": torch.cuda.current_device()}} if quantized is not None else {}
     return AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=resolve_dtype(dtype),
+        dtype=torch_dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
+        quantization_config=quantized,
+        **placement,
     )
 
 
@@ -54,15 +88,18 @@ def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
-def load_teacher(model_args):
+def load_teacher(model_args, quantized: bool = True):
+    """The frozen teacher; ``quantized=False`` ignores --teacher_quantization (the fidelity check's reference)."""
     teacher = load_causal_lm(model_args.teacher_model, "teacher", model_args.teacher_dtype,
-                             model_args.attn_implementation, model_args.trust_remote_code)
+                             model_args.attn_implementation, model_args.trust_remote_code,
+                             model_args.teacher_quantization if quantized else "none")
     return freeze_teacher(teacher)
 
 
 def load_student(model_args):
     student = load_causal_lm(model_args.student_model, "student", model_args.dtype,
-                             model_args.attn_implementation, model_args.trust_remote_code)
+                             model_args.attn_implementation, model_args.trust_remote_code,
+                             model_args.student_quantization)
     student.config.use_cache = False
     return student
 

@@ -6,16 +6,20 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from peft import prepare_model_for_kbit_training
 from transformers import DataCollatorForSeq2Seq, set_seed
 
-from .adapters.lora import add_lora
+from .adapters.lora import add_lora, lora_config
+from .adapters.store import save_initial_adapter
 from .artifacts import METRICS_FILE, save_final_weights, save_resolved_config, write_model_card
 from .data.loading import DataReport, build_dataset
 from .data.tokenize import IGNORE_INDEX, ensure_chat_template
+from .evaluation.metrics import teacher_fidelity_kl
 from .losses.backends import choose_loss_impl
 from .losses.divergences import get_divergence
 from .methods import METHODS
-from .models import check_vocabularies, load_student, load_teacher, load_tokenizer
+from .models import check_quantization, check_vocabularies, is_quantized, load_student, load_teacher, load_tokenizer
 from .trainer import MetricsJsonlCallback, NeoTrainer
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,9 @@ def load_models(config, tokenizer):
         teacher = load_teacher(config.model)
         kd_vocab_size = check_vocabularies(tokenizer, teacher_tokenizer, student, teacher)
     if preset.uses_adapter:
+        if is_quantized(student):  # QLoRA: fp32 norms, input grads for checkpointing
+            student = prepare_model_for_kbit_training(
+                student, use_gradient_checkpointing=config.training.gradient_checkpointing)
         student = add_lora(student, config.adapter)
     return student, teacher, kd_vocab_size
 
@@ -80,6 +87,27 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
     )
 
 
+def log_teacher_fidelity(config, trainer, teacher, kd_vocab_size) -> float:
+    """Mean KL between the unquantized and the quantized teacher on the first batch, logged before training."""
+    reference = load_teacher(config.model, quantized=False).to(trainer.args.device)
+    loader = trainer.get_eval_dataloader() if trainer.eval_dataset is not None else trainer.get_train_dataloader()
+    batch = {key: value.to(trainer.args.device) for key, value in next(iter(loader)).items()}
+    kl = teacher_fidelity_kl(reference, teacher, batch, kd_vocab_size)
+    del reference
+    torch.cuda.empty_cache()
+    logger.info("teacher fidelity: mean KL(unquantized || %s) = %.5f per answer token on the first batch",
+                config.model.teacher_quantization, kl)
+    trainer.log({"teacher_fidelity_kl": kl})
+    return kl
+
+
+def check_before_loading(config) -> None:
+    """Settings that can only be judged against this machine or PEFT fail here, before data and models load."""
+    check_quantization(config.model)
+    if METHODS[config.distill.method].uses_adapter:
+        lora_config(config.adapter)
+
+
 def last_logged_terms(log_history: list[dict]) -> dict:
     """CE and KD of the last logging step, for the model card."""
     logged = [entry for entry in log_history if "ce_loss" in entry]
@@ -89,6 +117,7 @@ def last_logged_terms(log_history: list[dict]) -> dict:
 def distill(config, callbacks=()) -> RunSummary:
     """Train one method as configured and write the run directory."""
     run_dir = Path(config.training.output_dir)
+    check_before_loading(config)
     set_seed(config.training.seed)
     tokenizer = load_student_tokenizer(config.model)
     dataset, report = build_dataset(config.data, tokenizer, config.training.seed)
@@ -98,14 +127,19 @@ def distill(config, callbacks=()) -> RunSummary:
     save_resolved_config(run_dir, config)
     if not config.training.resume_from_checkpoint:
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    initial_adapter = save_initial_adapter(student, run_dir) if METHODS[config.distill.method].uses_adapter else None
     trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks)
+    quantized_teacher = teacher is not None and is_quantized(teacher)
+    fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size) if quantized_teacher else None
     result = trainer.train(resume_from_checkpoint=config.training.resume_from_checkpoint)
     final_metrics = {"train_loss": round(result.training_loss, 6), **last_logged_terms(trainer.state.log_history)}
+    if fidelity is not None:
+        final_metrics["teacher_fidelity_kl"] = round(fidelity, 6)
     if report.skipped:
         final_metrics["skipped_rows"] = len(report.skipped)
     weights_dir = run_dir
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        weights_dir = save_final_weights(model, tokenizer, run_dir, METHODS[config.distill.method].uses_adapter)
+        weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter)
         write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics)
     return RunSummary(run_dir, weights_dir, trainer.state.global_step, final_metrics, report, config)

@@ -9,6 +9,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .lm_head import capture_final_hidden, output_head
+from .models import is_quantized
 from .losses.chunked import distillation_loss
 from .losses.divergences import forward_kl
 from .losses.fused import fused_distillation_loss
@@ -34,7 +35,9 @@ class NeoTrainer(Trainer):
     def __init__(self, *args, teacher=None, alpha=0.5, temperature=1.0, kd_chunk_size=1024, kd_vocab_size=None,
                  divergence=forward_kl, loss_impl="fused", **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device) if teacher is not None else None
+        if teacher is not None and not is_quantized(teacher):  # quantized models were placed when loaded
+            teacher = teacher.to(self.args.device)
+        self.teacher = teacher
         self.alpha, self.temperature = alpha, temperature
         self.kd_chunk_size, self.kd_vocab_size, self.divergence = kd_chunk_size, kd_vocab_size, divergence
         self.loss_impl = loss_impl

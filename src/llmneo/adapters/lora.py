@@ -1,14 +1,37 @@
-"""The student's LoRA adapter, built with PEFT (the paper: every linear layer except lm_head, r=128, alpha=2r)."""
+"""The student's adapter, built with PEFT: LoRA (the paper: every linear layer except lm_head, r=128, alpha=2r) and
+its family, each through PEFT's own options: DoRA, rsLoRA, PiSSA, OLoRA, and MoSLoRA through PEFT's custom layers."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
+
 from peft import LoraConfig, get_peft_model
+
+from ..errors import ConfigError
+from .moslora import register_moslora
 
 TARGET_PRESETS = {
     "all-linear": "all-linear",  # PEFT's preset: every nn.Linear except the output layer
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qkv": ["q_proj", "k_proj", "v_proj"],
 }
+
+# The LoraConfig options each adapter kind stands for.
+ADAPTER_KINDS = {
+    "lora": {},
+    "moslora": {},
+    "dora": {"use_dora": True},
+    "rslora": {"use_rslora": True},
+    "pissa": {"init_lora_weights": "pissa"},
+    "olora": {"init_lora_weights": "olora"},
+}
+# Initialisations that move part of the base weight into the adapter, so the trained adapter only fits the mutated
+# base until it is converted (see store.py).
+BASE_MUTATING_INITS = ("pissa", "olora", "corda")
+# LoraConfig options that have llm-neo flags of their own.
+OWN_OPTIONS = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "target_modules": "target_modules"}
 
 
 def resolve_target_modules(spec: str):
@@ -17,17 +40,55 @@ def resolve_target_modules(spec: str):
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
+def parse_peft_options(options) -> dict:
+    """``--peft_options`` (JSON text, or a mapping from YAML) checked against LoraConfig's fields."""
+    if not options:
+        return {}
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"peft_options is not valid JSON ({error.msg} at character {error.pos}): {options}") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"peft_options must be a JSON object of LoraConfig options, got {type(options).__name__}")
+    known = {field.name for field in dataclasses.fields(LoraConfig) if not field.name.startswith("_")}
+    for key in options:
+        if key in OWN_OPTIONS:
+            raise ConfigError(f"peft_options sets '{key}': use --{OWN_OPTIONS[key]} instead")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"peft_options: LoraConfig has no option '{key}'{hint}")
+    return options
+
+
+def mutates_base(config: LoraConfig) -> bool:
+    init = config.init_lora_weights
+    return isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS)
+
+
 def lora_config(adapter_args) -> LoraConfig:
-    return LoraConfig(
-        r=adapter_args.lora_r,
-        lora_alpha=adapter_args.lora_alpha if adapter_args.lora_alpha is not None else 2 * adapter_args.lora_r,
-        lora_dropout=adapter_args.lora_dropout,
-        target_modules=resolve_target_modules(adapter_args.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    """The LoraConfig of ``--adapter`` with ``--peft_options`` on top; a MoSLoRA config builds MoSLoRA layers."""
+    options = {**ADAPTER_KINDS[adapter_args.adapter], **parse_peft_options(adapter_args.peft_options)}
+    try:
+        config = LoraConfig(
+            r=adapter_args.lora_r,
+            lora_alpha=adapter_args.lora_alpha if adapter_args.lora_alpha is not None else 2 * adapter_args.lora_r,
+            lora_dropout=adapter_args.lora_dropout,
+            target_modules=resolve_target_modules(adapter_args.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+            **options,
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"adapter {adapter_args.adapter} with peft_options {options}: {error}") from None
+    if adapter_args.adapter == "moslora":
+        if config.use_dora or mutates_base(config):
+            raise ConfigError("moslora combines with neither DoRA nor base-mutating inits (pissa, olora, corda)")
+        register_moslora(config, adapter_args.mixer_init)
+    return config
 
 
 def add_lora(student, adapter_args):
-    """Wrap the student in a PeftModel whose only trainable parameters are the LoRA A and B matrices."""
+    """Wrap the student in a PeftModel whose only trainable parameters are the adapter's."""
     return get_peft_model(student, lora_config(adapter_args))

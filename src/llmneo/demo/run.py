@@ -15,8 +15,7 @@ import random
 import time
 from pathlib import Path
 
-from peft import PeftModel
-
+from ..adapters.store import load_adapter
 from ..config import parse_config
 from ..data.loading import build_dataset
 from ..evaluation.metrics import evaluate_against_teacher
@@ -69,7 +68,7 @@ def _evaluate(config, student, teacher, tokenizer, held_out: Path) -> dict:
     return evaluate_against_teacher(student, data, make_collator(tokenizer), teacher=teacher, batch_size=32)
 
 
-def run_demo(output_dir: str = "runs/demo", seed: int = 0) -> dict[str, dict]:
+def run_demo(output_dir: str = "runs/demo", seed: int = 0, adapter: str = "lora") -> dict[str, dict]:
     start = time.time()
     out = Path(output_dir)
     train, held_out = _split_corpus(out, seed)
@@ -78,7 +77,7 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0) -> dict[str, dict]:
     config = parse_config([
         "--method", "neo", "--teacher_model", str(teacher_dir), "--student_model", str(out / "student"),
         "--dataset", str(train), "--output_dir", str(out / "neo-run"), "--lora_r", "16", "--learning_rate", "2e-3",
-        "--num_train_epochs", "2", "--seed", str(seed), *COMMON_FLAGS,
+        "--num_train_epochs", "2", "--seed", str(seed), "--adapter", adapter, *COMMON_FLAGS,
     ])
     _make_student(config.model)
     tokenizer = load_student_tokenizer(config.model)
@@ -87,9 +86,9 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0) -> dict[str, dict]:
         "teacher": _evaluate(config, teacher, teacher, tokenizer, held_out),
         "student before": _evaluate(config, load_student(config.model), teacher, tokenizer, held_out),
     }
-    print(f"[demo] distilling into a {len(STUDENT_LAYERS)}-layer student with neo (LoRA r=16) ...")
+    print(f"[demo] distilling into a {len(STUDENT_LAYERS)}-layer student with neo ({adapter}, r=16) ...")
     summary = distill(config)
-    trained = PeftModel.from_pretrained(load_student(config.model), summary.weights_dir)
+    trained = load_adapter(load_student(config.model), summary.weights_dir)
     results["student after"] = _evaluate(config, trained, teacher, tokenizer, held_out)
     print_table(results, time.time() - start)
     return results

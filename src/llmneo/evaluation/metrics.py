@@ -38,3 +38,13 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_siz
     if teacher is not None:
         metrics.update(top1_agreement=totals["agree"] / tokens, kl_to_teacher=totals["kl"] / tokens)
     return metrics
+
+
+@torch.no_grad()
+def teacher_fidelity_kl(reference, quantized, batch: dict, kd_vocab_size: int | None = None) -> float:
+    """Mean KL(reference || quantized) per answer token of ``batch``: what quantizing the teacher changed."""
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    rows = [answer_rows(teacher_logits(model, batch["input_ids"], batch.get("attention_mask")), mask)
+            for model in (reference, quantized)]
+    vocab = kd_vocab_size or rows[0].shape[-1]
+    return forward_kl(rows[1][:, :vocab].float(), rows[0][:, :vocab].float()).mean().item()

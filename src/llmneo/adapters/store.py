@@ -1,0 +1,87 @@
+"""Adapters on disk: saving and loading every adapter kind, and the plain-LoRA export of MoSLoRA.
+
+An adapter directory is PEFT's (``adapter_config.json`` + ``adapter_model.safetensors``) plus ``llmneo_adapter.json``
+naming its kind, so that llm-neo rebuilds MoSLoRA layers on load. Adapters whose initialisation mutates the base
+weights (PiSSA, OLoRA) are saved converted by PEFT into a plain LoRA of rank 2r that applies to the original base.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file, save_file
+
+from ..errors import ConfigError
+from .lora import mutates_base
+from .moslora import fold_mixers, register_moslora
+
+logger = logging.getLogger(__name__)
+
+KIND_FILE = "llmneo_adapter.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+INITIAL_DIR = "adapter-init"  # the untrained adapter of a base-mutating init, kept for the conversion
+
+
+def save_initial_adapter(model, run_dir: Path) -> Path | None:
+    """Before training: keep the freshly initialised PiSSA/OLoRA adapter, which the final save converts against."""
+    config = model.peft_config["default"]
+    if not mutates_base(config):
+        return None
+    init, config.init_lora_weights = config.init_lora_weights, True  # reloading it must not re-run the init
+    target = run_dir / INITIAL_DIR
+    model.save_pretrained(target)
+    config.init_lora_weights = init
+    return target
+
+
+def save_adapter(model, target: Path, adapter_args, initial_dir: Path | None = None) -> Path:
+    kind = {"adapter": adapter_args.adapter, "mixer_init": adapter_args.mixer_init}
+    if initial_dir is not None:
+        model.save_pretrained(target, path_initial_model_for_weight_conversion=str(initial_dir))
+        kind = {"adapter": "lora", "converted_from": adapter_args.adapter}
+    else:
+        model.save_pretrained(target)
+    (Path(target) / KIND_FILE).write_text(json.dumps(kind, indent=2) + "\n", encoding="utf-8")
+    return Path(target)
+
+
+def adapter_kind(adapter_dir: Path) -> dict:
+    path = Path(adapter_dir) / KIND_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"adapter": "lora"}
+
+
+def load_adapter(base, adapter_dir: Path, is_trainable: bool = False):
+    """``base`` with the adapter saved in ``adapter_dir``, whatever its kind."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{adapter_dir} is not an adapter directory: {CONFIG_FILE} is missing")
+    kind = adapter_kind(adapter_dir)
+    if kind["adapter"] != "moslora":
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+    config = register_moslora(LoraConfig.from_pretrained(adapter_dir), kind.get("mixer_init", "kaiming"))
+    return PeftModel.from_pretrained(base, adapter_dir, config=config, is_trainable=is_trainable)
+
+
+def export_plain_lora(adapter_dir: Path, output: Path) -> Path:
+    """Write ``adapter_dir`` as a standard PEFT LoRA that stock PEFT, vLLM and other LoRA loaders read."""
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    kind = adapter_kind(adapter_dir)["adapter"]
+    if kind == "dora":
+        raise ConfigError("a DoRA adapter has no plain-LoRA form (its magnitude vector rescales W0): "
+                          "use `llm-neo merge` for a standalone model")
+    if not (adapter_dir / WEIGHTS_FILE).is_file():
+        raise ConfigError(f"{adapter_dir} holds no {WEIGHTS_FILE}")
+    if output.resolve() == adapter_dir.resolve():
+        raise ConfigError("export-lora writes a new directory: --output must differ from the adapter directory")
+    output.mkdir(parents=True, exist_ok=True)
+    for item in adapter_dir.iterdir():
+        if item.is_file() and item.name not in (WEIGHTS_FILE, KIND_FILE):
+            shutil.copy2(item, output / item.name)
+    save_file(fold_mixers(load_file(adapter_dir / WEIGHTS_FILE)), output / WEIGHTS_FILE, metadata={"format": "pt"})
+    logger.info("plain LoRA form of the %s adapter written to %s", kind, output)
+    return output
