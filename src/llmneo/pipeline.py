@@ -59,8 +59,8 @@ def load_models(config, tokenizer):
         kd_vocab_size = check_vocabularies(tokenizer, teacher_tokenizer, student, teacher)
     if preset.uses_adapter:
         if is_quantized(student):  # QLoRA: fp32 norms, input grads for checkpointing
-            student = prepare_model_for_kbit_training(
-                student, use_gradient_checkpointing=config.training.gradient_checkpointing)
+            checkpointing = config.training.activation_checkpointing or config.training.gradient_checkpointing
+            student = prepare_model_for_kbit_training(student, use_gradient_checkpointing=checkpointing)
         student = add_lora(student, config.adapter)
     return student, teacher, kd_vocab_size
 
