@@ -52,7 +52,8 @@ def write_model_card(run_dir: Path, config, steps: int, data_report, final_metri
     preset = METHODS[method]
     rows = [
         ("method", method),
-        ("teacher", config.model.teacher_model or "(none: CE only)"),
+        ("teacher", config.model.teacher_model or ("(see the cache)" if distill.teacher_cache else "(none: CE only)")),
+        ("teacher cache", f"{distill.teacher_cache} ({distill.cache_tail} tail)" if distill.teacher_cache else "none"),
         ("student", config.model.student_model),
         ("data", f"{config.data.dataset} ({data_report.data_format}, {data_report.rows_used} rows used, "
                  f"{len(data_report.skipped)} skipped, {data_report.answer_tokens} answer tokens)"),

@@ -91,6 +91,14 @@ class DistillArguments:
         "liger (Liger-Kernel's chunked JSD loss, if installed; forward_kl, reverse_kl, jsd).",
         "fused",
     )
+    teacher_cache: str | None = _help(
+        "Read the teacher's top-k distributions from this `llm-neo cache-teacher` directory instead of running the teacher."
+    )
+    cache_tail: Literal["bucket", "renormalize"] = _help(
+        "With --teacher_cache: bucket compares the top-k tokens plus one bucket for the rest of the vocabulary; "
+        "renormalize compares the top-k tokens only, renormalised.",
+        "bucket",
+    )
     kd_chunk_size: int = _help("Answer tokens per chunk when computing the loss (bounds the fp32 logits memory).", 1024)
     min_lr_ratio: float = _help("Floor of the cosine schedule as a fraction of the peak learning rate (0: decay to 0).", 0.0)
 
@@ -229,7 +237,12 @@ def validate(config: RunConfig) -> None:
         checks.append((False, f"a quantized student (--student_quantization {config.model.student_quantization}) trains "
                               f"only through an adapter: use method lora or neo, not {config.distill.method}"))
     if preset.uses_teacher:
-        checks.append((config.model.teacher_model is not None, f"method {config.distill.method} needs teacher_model"))
+        checks.append((config.model.teacher_model is not None or config.distill.teacher_cache is not None,
+                       f"method {config.distill.method} needs teacher_model (or a teacher_cache)"))
+    if config.distill.teacher_cache is not None:
+        checks.append((preset.uses_teacher, f"teacher_cache is for the kd and neo methods, not {config.distill.method}"))
+        checks.append((config.distill.loss_impl != "liger", "loss_impl liger needs the teacher's hidden states, "
+                                                              "not a teacher_cache: use fused or naive"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

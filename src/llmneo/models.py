@@ -109,7 +109,7 @@ def output_vocab_size(model) -> int:
 
 
 def check_vocabularies(student_tokenizer, teacher_tokenizer, student, teacher) -> int:
-    """The vocabulary size the KD term compares over.
+    """The vocabulary size the KD term compares over (``student``/``teacher``: the models or their output sizes).
 
     The tokenizers must map the same ids to the same tokens on their shared range. Output layers padded to
     different sizes are aligned by slicing both models' logits to the smaller size, which must still cover every
@@ -126,7 +126,7 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student, teacher) -
             f"is {teacher_vocab[first]!r} for the teacher, {student_vocab[first]!r} for the student); "
             "distillation needs one tokenizer"
         )
-    student_size, teacher_size = output_vocab_size(student), output_vocab_size(teacher)
+    student_size, teacher_size = (size if isinstance(size, int) else output_vocab_size(size) for size in (student, teacher))
     kd_vocab = min(student_size, teacher_size)
     needed = len(student_tokenizer)
     if kd_vocab < needed:

@@ -19,7 +19,11 @@ from .evaluation.metrics import teacher_fidelity_kl
 from .losses.backends import choose_loss_impl
 from .losses.divergences import get_divergence
 from .methods import METHODS
-from .models import check_quantization, check_vocabularies, is_quantized, load_student, load_teacher, load_tokenizer
+from .errors import VocabularyError
+from .models import (check_quantization, check_vocabularies, is_quantized, load_student, load_teacher, load_tokenizer,
+                     output_vocab_size)
+from .teacher.cache import TeacherCache, check_fingerprint, model_identity, run_fingerprint
+from .teacher.capture import CaptureSettings, capture_teacher_cache
 from .trainer import MetricsJsonlCallback, NeoTrainer
 
 logger = logging.getLogger(__name__)
@@ -53,7 +57,7 @@ def load_models(config, tokenizer):
     preset = METHODS[config.distill.method]
     student = load_student(config.model)
     teacher, kd_vocab_size = None, None
-    if preset.uses_teacher:
+    if preset.uses_teacher and config.distill.teacher_cache is None:
         teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
         teacher = load_teacher(config.model)
         kd_vocab_size = check_vocabularies(tokenizer, teacher_tokenizer, student, teacher)
@@ -65,7 +69,33 @@ def load_models(config, tokenizer):
     return student, teacher, kd_vocab_size
 
 
-def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks=()) -> NeoTrainer:
+def open_teacher_cache(config, tokenizer, dataset) -> TeacherCache:
+    """The run's teacher cache, verified (every shard's checksum) and matched against this run before training."""
+    cache = TeacherCache(config.distill.teacher_cache)
+    teacher = model_identity(config.model.teacher_model) if config.model.teacher_model else None
+    check_fingerprint(cache.cache_dir, cache.manifest, run_fingerprint(config, tokenizer, dataset), teacher)
+    logger.info("teacher cache %s: top-%d, %s tail, %d rows; the teacher is not loaded", cache.cache_dir,
+                cache.settings["top_k"], config.distill.cache_tail, len(dataset))
+    return cache
+
+
+def cached_vocab_size(cache: TeacherCache, student) -> int:
+    vocab = cache.settings["kd_vocab_size"]
+    if output_vocab_size(student) < vocab:
+        raise VocabularyError(f"the student's output layer covers {output_vocab_size(student)} ids, fewer than the "
+                              f"{vocab} the teacher cache was captured over")
+    return vocab
+
+
+def cache_teacher(config, cache_dir, settings: CaptureSettings) -> dict:
+    """`llm-neo cache-teacher`: the teacher's top-k over the data exactly as `distill` tokenises it."""
+    check_quantization(config.model)
+    tokenizer = load_student_tokenizer(config.model)
+    return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
+
+
+def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks=(), teacher_cache=None
+                  ) -> NeoTrainer:
     run_dir = Path(config.training.output_dir)
     distill_args = config.distill
     divergence = get_divergence(distill_args.divergence, distill_args.jsd_beta, distill_args.skew_lambda,
@@ -84,6 +114,8 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
         kd_vocab_size=kd_vocab_size,
         divergence=divergence,
         loss_impl=choose_loss_impl(distill_args.loss_impl, divergence, student, teacher, kd_vocab_size),
+        teacher_cache=teacher_cache,
+        cache_tail=distill_args.cache_tail,
     )
 
 
@@ -123,12 +155,17 @@ def distill(config, callbacks=()) -> RunSummary:
     dataset, report = build_dataset(config.data, tokenizer, config.training.seed)
     logger.info("data: %d rows used, %d skipped, %d answer tokens", report.rows_used, len(report.skipped),
                 report.answer_tokens)
+    cache = open_teacher_cache(config, tokenizer, dataset) if config.distill.teacher_cache else None
+    if cache is not None:
+        dataset = dataset.add_column("row_id", list(range(len(dataset))))
     student, teacher, kd_vocab_size = load_models(config, tokenizer)
+    if cache is not None:
+        kd_vocab_size = cached_vocab_size(cache, student)
     save_resolved_config(run_dir, config)
     if not config.training.resume_from_checkpoint:
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     initial_adapter = save_initial_adapter(student, run_dir) if METHODS[config.distill.method].uses_adapter else None
-    trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks)
+    trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache)
     quantized_teacher = teacher is not None and is_quantized(teacher)
     fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size) if quantized_teacher else None
     result = trainer.train(resume_from_checkpoint=config.training.resume_from_checkpoint)

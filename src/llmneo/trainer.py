@@ -8,6 +8,8 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .data.tokenize import IGNORE_INDEX
+from .errors import DataError
 from .lm_head import capture_final_hidden, output_head
 from .models import is_quantized
 from .losses.chunked import distillation_loss
@@ -27,20 +29,21 @@ class NeoTrainer(Trainer):
     already scaled for gradient accumulation.
 
     ``loss_impl`` (see losses/backends.py) picks how the loss is computed: ``fused`` and ``liger`` take both
-    models' final hidden states and never build their full logits; ``naive`` takes the logits.
+    models' final hidden states and never build their full logits; ``naive`` takes the logits. With a
+    ``teacher_cache`` (teacher/cache.py) the teacher side is the cached top-k rows of the batch's ``row_id``s.
     """
 
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, teacher=None, alpha=0.5, temperature=1.0, kd_chunk_size=1024, kd_vocab_size=None,
-                 divergence=forward_kl, loss_impl="fused", **kwargs):
+                 divergence=forward_kl, loss_impl="fused", teacher_cache=None, cache_tail="bucket", **kwargs):
         super().__init__(*args, **kwargs)
         if teacher is not None and not is_quantized(teacher):  # quantized models were placed when loaded
             teacher = teacher.to(self.args.device)
         self.teacher = teacher
         self.alpha, self.temperature = alpha, temperature
         self.kd_chunk_size, self.kd_vocab_size, self.divergence = kd_chunk_size, kd_vocab_size, divergence
-        self.loss_impl = loss_impl
+        self.loss_impl, self.teacher_cache, self.cache_tail = loss_impl, teacher_cache, cache_tail
         # Our compute_loss uses num_items_in_batch whatever the model's forward signature says.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
@@ -62,14 +65,30 @@ class NeoTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _loss_settings(self, num_items_in_batch) -> dict:
-        return {"alpha": self.alpha, "temperature": self.temperature, "num_items": num_items_in_batch,
-                "chunk_size": self.kd_chunk_size, "kd_vocab_size": self.kd_vocab_size, "divergence": self.divergence}
+        settings = {"alpha": self.alpha, "temperature": self.temperature, "num_items": num_items_in_batch,
+                    "chunk_size": self.kd_chunk_size, "kd_vocab_size": self.kd_vocab_size, "divergence": self.divergence}
+        return {**settings, "tail_mode": self.cache_tail} if self.teacher_cache is not None else settings
+
+    def _cached_teacher(self, inputs) -> dict:
+        """The batch's cached top-k rows, after checking they cover exactly its answer positions."""
+        row_ids = inputs["row_id"].tolist()
+        counts = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
+        for row, count in zip(row_ids, counts, strict=True):
+            cached = self.teacher_cache.row_answer_tokens(row)
+            if cached != count:
+                raise DataError(f"teacher cache {self.teacher_cache.cache_dir} holds {cached} answer tokens for "
+                                f"training row {row} but the batch has {count}: it was captured from other data")
+        return {"teacher_topk": self.teacher_cache.rows(row_ids).to(self.args.device)}
 
     def _naive_loss(self, model, inputs, num_items_in_batch):
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        target = teacher_logits(self.teacher, input_ids, attention_mask) if self.teacher is not None else None
-        parts = distillation_loss(outputs.logits, inputs["labels"], target, **self._loss_settings(num_items_in_batch))
+        teacher = {}
+        if self.teacher_cache is not None:
+            teacher = self._cached_teacher(inputs)
+        elif self.teacher is not None:
+            teacher = {"teacher_logits": teacher_logits(self.teacher, input_ids, attention_mask)}
+        parts = distillation_loss(outputs.logits, inputs["labels"], **teacher, **self._loss_settings(num_items_in_batch))
         return parts, outputs
 
     def _head_loss(self, model, inputs, num_items_in_batch):
@@ -77,7 +96,9 @@ class NeoTrainer(Trainer):
         with capture_final_hidden(model) as student:
             outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         teacher = {}
-        if self.teacher is not None:
+        if self.teacher_cache is not None:
+            teacher = self._cached_teacher(inputs)
+        elif self.teacher is not None:
             teacher = {"teacher_hidden": teacher_final_hidden(self.teacher, input_ids, attention_mask),
                        "teacher_weight": output_head(self.teacher).weight}
         parts = HEAD_LOSSES[self.loss_impl](student.hidden, output_head(model).weight, inputs["labels"], **teacher,

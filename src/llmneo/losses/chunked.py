@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .divergences import forward_kl
+from .topk import TopKRows, kd_per_row
 
 IGNORE_INDEX = -100
 
@@ -43,14 +44,19 @@ def distillation_loss(
     chunk_size: int = 1024,
     kd_vocab_size: int | None = None,
     divergence=forward_kl,
+    teacher_topk: TopKRows | None = None,
+    tail_mode: str = "bucket",
 ) -> LossParts:
-    """``divergence(student_rows, teacher_rows, temperature)`` gives one value per row (see divergences.py)."""
+    """``divergence(student_rows, teacher_rows, temperature)`` gives one value per row (see divergences.py).
+
+    The teacher is its logits (B, T, V), or ``teacher_topk``: cached top-k rows already in answer order (topk.py).
+    """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     if num_items is None:
         num_items = mask.sum()
     student_rows, target_rows = answer_rows(student_logits, mask), targets[mask]
-    teacher_rows = answer_rows(teacher_logits, mask) if teacher_logits is not None else None
+    teacher_rows = answer_rows(teacher_logits, mask) if teacher_logits is not None else teacher_topk
     vocab = kd_vocab_size or student_logits.shape[-1]
     ce_sum = student_logits.new_zeros((), dtype=torch.float32)
     kd_sum = torch.zeros_like(ce_sum)
@@ -58,8 +64,10 @@ def distillation_loss(
         rows = student_rows[start : start + chunk_size].float()
         ce_sum = ce_sum + F.cross_entropy(rows, target_rows[start : start + chunk_size], reduction="sum")
         if teacher_rows is not None:
-            chunk_teacher = teacher_rows[start : start + chunk_size, :vocab]
-            kd_sum = kd_sum + divergence(rows[:, :vocab], chunk_teacher, temperature).sum()
+            chunk_teacher = teacher_rows[start : start + chunk_size]
+            if not isinstance(chunk_teacher, TopKRows):
+                chunk_teacher = chunk_teacher[:, :vocab]
+            kd_sum = kd_sum + kd_per_row(rows[:, :vocab], chunk_teacher, divergence, temperature, tail_mode).sum()
     ce = ce_sum / num_items
     kd = kd_sum * temperature**2 / num_items
     loss = alpha * ce + (1.0 - alpha) * kd if teacher_rows is not None else ce

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .chunked import IGNORE_INDEX, LossParts, answer_rows
 from .divergences import forward_kl, kl_from_log_probs
+from .topk import TopKRows, kd_per_row
 
 # Row reductions over a chunk run on eighth-chunk blocks so that their temporaries stay small.
 REDUCTION_BLOCKS = 8
@@ -34,6 +35,7 @@ class HeadSettings:
     chunk_size: int  # answer rows per chunk
     kd_vocab_size: int | None  # logits compared by the KD term (shared vocabulary); None = all
     divergence: Callable  # f(student_rows, teacher_rows, temperature) -> (rows,)
+    tail_mode: str = "bucket"  # how cached top-k rows treat the tail (topk.py)
 
 
 def _blocks(rows: int):
@@ -97,13 +99,13 @@ def _ce_forward_kl(z, teacher, targets, settings: HeadSettings):
 def _ce_divergence_autograd(z, teacher, targets, settings: HeadSettings):
     """Any divergence: the naive path's expression differentiated with autograd, one row block at a time so its
     temporaries stay a fraction of the chunk. z is overwritten with the gradient, block by block."""
-    alpha, temperature, vocab = settings.alpha, settings.temperature, teacher.shape[1]
+    alpha, temperature, vocab = settings.alpha, settings.temperature, settings.kd_vocab_size or z.shape[1]
     ce_sum = kd_sum = z.new_zeros(())
     for block in _blocks(z.shape[0]):
         rows = z[block].detach().requires_grad_(True)
         with torch.enable_grad():
             ce = F.cross_entropy(rows, targets[block], reduction="sum")
-            kd = settings.divergence(rows[:, :vocab], teacher[block], temperature).sum()
+            kd = kd_per_row(rows[:, :vocab], teacher[block], settings.divergence, temperature, settings.tail_mode).sum()
             (grad,) = torch.autograd.grad(alpha * ce + (1.0 - alpha) * temperature**2 * kd, rows)
         z[block] = grad
         ce_sum, kd_sum = ce_sum + ce.detach(), kd_sum + kd.detach()
@@ -113,13 +115,16 @@ def _ce_divergence_autograd(z, teacher, targets, settings: HeadSettings):
 def _chunk_terms(z, teacher, targets, settings: HeadSettings):
     if teacher is None:
         return _ce_only(z, targets)
-    if getattr(settings.divergence, "func", settings.divergence) is forward_kl:
+    if getattr(settings.divergence, "func", settings.divergence) is forward_kl and not isinstance(teacher, TopKRows):
         return _ce_forward_kl(z, teacher, targets, settings)
     return _ce_divergence_autograd(z, teacher, targets, settings)
 
 
 def _teacher_chunk(rows: slice, teacher_hidden, teacher_weight, teacher_logits, vocab: int):
-    """The chunk's teacher logits over the shared vocabulary, as an fp32 tensor the caller may overwrite."""
+    """The chunk's teacher logits over the shared vocabulary, as an fp32 tensor the caller may overwrite, or its
+    cached top-k rows."""
+    if isinstance(teacher_logits, TopKRows):
+        return teacher_logits[rows]
     if teacher_hidden is not None:
         return F.linear(teacher_hidden[rows], teacher_weight[:vocab]).float()
     if teacher_logits is not None:
@@ -193,10 +198,13 @@ def fused_distillation_loss(
     chunk_size: int = 1024,
     kd_vocab_size: int | None = None,
     divergence: Callable = forward_kl,
+    teacher_topk: TopKRows | None = None,
+    tail_mode: str = "bucket",
 ) -> LossParts:
     """The loss of chunked.distillation_loss from (B, T, H) final hidden states and the lm_head weights.
 
-    The teacher side is its final hidden states with its head weight, or its logits (B, T, V), or None for CE only.
+    The teacher side is its final hidden states with its head weight, its logits (B, T, V), cached top-k rows in
+    answer order (``teacher_topk``), or nothing for CE only.
     """
     if teacher_hidden is not None and teacher_weight is None:
         raise ValueError("teacher_hidden needs teacher_weight")
@@ -204,13 +212,16 @@ def fused_distillation_loss(
     if num_items is None:
         num_items = mask.sum()
     num_items = torch.as_tensor(num_items, dtype=torch.float32, device=student_hidden.device)
-    settings = HeadSettings(alpha, temperature, chunk_size, kd_vocab_size, divergence)
+    settings = HeadSettings(alpha, temperature, chunk_size, kd_vocab_size, divergence, tail_mode)
+    teacher_rows = teacher_topk  # cached rows are already in answer order
+    if teacher_logits is not None:
+        teacher_rows = answer_rows(teacher_logits, mask)
     loss, ce, kd = _FusedHeadLoss.apply(
         answer_rows(student_hidden, mask),
         student_weight,
         answer_rows(teacher_hidden, mask) if teacher_hidden is not None else None,
         teacher_weight,
-        answer_rows(teacher_logits, mask) if teacher_logits is not None else None,
+        teacher_rows,
         labels[:, 1:][mask],
         num_items,
         settings,

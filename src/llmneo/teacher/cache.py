@@ -1,0 +1,195 @@
+"""The offline teacher cache on disk: manifest, fingerprint, integrity checks and memory-mapped reading.
+
+A cache directory holds ``manifest.json`` and safetensors shards ``shard-00000.safetensors``, ... Each shard covers
+a contiguous range of dataset rows and holds, for every answer position of those rows in order, the teacher's
+top-k token ids (``token_ids``, uint16 when the vocabulary fits, else int32), their log-probabilities at T = 1
+(``log_probs``, in the cache dtype) and the log of the remaining mass (``log_tail``, fp32), plus ``row_offsets``
+(where each row's answer positions start). The manifest records what the cache was captured from (the
+fingerprint), how (settings) and every complete shard with its sha256; it is rewritten atomically after each shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import ConfigError
+from ..losses.topk import TopKRows
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary name, flush to disk, then rename: a kill leaves the old file or the new, never half."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def read_manifest(cache_dir: Path) -> dict | None:
+    path = Path(cache_dir) / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def write_manifest(cache_dir: Path, manifest: dict) -> None:
+    write_atomically(Path(cache_dir) / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+
+
+# ---- fingerprint: what a cache was captured from -------------------------------------------------------------------
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_identity(path: str, config=None) -> dict:
+    """A model directory's identity without reading its weights: config.json, and each weight file's size and
+    (for safetensors) header, which lists every tensor's name, dtype, shape and offsets."""
+    local = Path(path).expanduser()
+    if not local.is_dir():  # a hub id: its resolved revision
+        if config is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path)
+        return {"path": path, "revision": getattr(config, "_commit_hash", None)}
+    digest = hashlib.sha256()
+    for file in sorted(local.iterdir()):
+        if file.name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+            if file.suffix == ".safetensors":
+                with open(file, "rb") as handle:
+                    digest.update(handle.read(8 + int.from_bytes(handle.read(8), "little")))
+    return {"path": str(local.resolve()), "sha256": digest.hexdigest()}
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return _sha256_text(text + json.dumps(tokenizer.all_special_tokens))
+
+
+def data_fingerprint(dataset, dataset_name: str) -> dict:
+    """The tokenized rows themselves (ids and labels), so any change of data, format, sampling or truncation shows."""
+    digest, answer_tokens = hashlib.sha256(), 0
+    for row in dataset.with_format("numpy").select_columns(["input_ids", "labels"]):
+        digest.update(row["input_ids"].astype("int32").tobytes())
+        labels = row["labels"].astype("int32")
+        digest.update(labels.tobytes())
+        answer_tokens += int((labels[1:] != -100).sum())
+    return {"dataset": dataset_name, "rows": len(dataset), "answer_tokens": answer_tokens, "sha256": digest.hexdigest()}
+
+
+def run_fingerprint(config, tokenizer, dataset) -> dict:
+    """Everything the cached rows depend on apart from the teacher (added by the capture)."""
+    return {
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "chat_template_sha256": _sha256_text(tokenizer.chat_template or ""),
+        "max_length": config.data.max_length,
+        "data": data_fingerprint(dataset, config.data.dataset),
+    }
+
+
+def check_fingerprint(cache_dir: Path, manifest: dict, current: dict, teacher: dict | None) -> None:
+    """A clear error for each way the cache does not belong to this run."""
+    cached = manifest["fingerprint"]
+    where = f"teacher cache {cache_dir}"
+    if current["tokenizer_sha256"] != cached["tokenizer_sha256"]:
+        raise ConfigError(f"{where} was captured with another tokenizer than this run's student tokenizer")
+    if current["chat_template_sha256"] != cached["chat_template_sha256"]:
+        raise ConfigError(f"{where} was captured with another chat template than this run's")
+    if current["max_length"] != cached["max_length"]:
+        raise ConfigError(f"{where} was captured with max_length={cached['max_length']}, this run uses "
+                          f"max_length={current['max_length']}")
+    if current["data"]["sha256"] != cached["data"]["sha256"]:
+        now, then = current["data"], cached["data"]
+        raise ConfigError(
+            f"{where} was captured from other training data: {then['rows']} rows / {then['answer_tokens']} answer "
+            f"tokens of {then['dataset']}, this run has {now['rows']} rows / {now['answer_tokens']} answer tokens of "
+            f"{now['dataset']} (dataset, format, max_samples, seed and skip_bad_rows must match the capture)")
+    if teacher is not None and teacher != cached["teacher"]:
+        raise ConfigError(f"{where} was captured from teacher {cached['teacher']['path']}, this run names "
+                          f"{teacher['path']} (a different model or different weights)")
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Shard:
+    first_row: int
+    offsets: list[int]
+    handle: object
+
+
+class TeacherCache:
+    """A complete, verified cache: ``rows(row_ids)`` gives their cached answer positions, read from memory-mapped
+    shards."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+        manifest = read_manifest(self.cache_dir)
+        if manifest is None:
+            raise ConfigError(f"teacher cache {self.cache_dir} has no {MANIFEST}: run `llm-neo cache-teacher` first")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise ConfigError(f"teacher cache {self.cache_dir} has format version {manifest.get('version')}, "
+                              f"this llm-neo reads version {FORMAT_VERSION}")
+        if not manifest.get("complete"):
+            done = sum(shard["rows"] for shard in manifest["shards"])
+            raise ConfigError(f"teacher cache {self.cache_dir} is incomplete ({done} of "
+                              f"{manifest['fingerprint']['data']['rows']} rows): re-run the same "
+                              "`llm-neo cache-teacher` command to finish it")
+        self.manifest = manifest
+        self.shards = [self._open(entry) for entry in manifest["shards"]]
+        self._starts = [shard.first_row for shard in self.shards]
+
+    def _open(self, entry: dict) -> _Shard:
+        path = self.cache_dir / entry["file"]
+        if not path.is_file():
+            raise ConfigError(f"teacher cache {self.cache_dir}: shard {entry['file']} is missing")
+        if sha256_file(path) != entry["sha256"]:
+            raise ConfigError(f"teacher cache {self.cache_dir}: shard {entry['file']} is corrupted (its sha256 does "
+                              "not match the manifest); delete it and re-run `llm-neo cache-teacher` to rewrite it")
+        handle = safe_open(str(path), framework="pt")
+        return _Shard(entry["first_row"], handle.get_tensor("row_offsets").tolist(), handle)
+
+    @property
+    def settings(self) -> dict:
+        return self.manifest["settings"]
+
+    def row_answer_tokens(self, row: int) -> int:
+        shard = self.shards[bisect_right(self._starts, row) - 1]
+        return shard.offsets[row - shard.first_row + 1] - shard.offsets[row - shard.first_row]
+
+    def rows(self, row_ids) -> TopKRows:
+        parts = {"token_ids": [], "log_probs": [], "log_tail": []}
+        for row in row_ids:
+            shard = self.shards[bisect_right(self._starts, int(row)) - 1]
+            start, end = shard.offsets[int(row) - shard.first_row], shard.offsets[int(row) - shard.first_row + 1]
+            for name, part in parts.items():
+                part.append(shard.handle.get_slice(name)[start:end])
+        return TopKRows(torch.cat(parts["token_ids"]).to(torch.int64), torch.cat(parts["log_probs"]).float(),
+                        torch.cat(parts["log_tail"]).float())

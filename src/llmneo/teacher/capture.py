@@ -1,0 +1,165 @@
+"""`llm-neo cache-teacher`: run the teacher once over the training data and store its top-k answer distributions.
+
+The data is tokenised exactly as `llm-neo distill` will (same config, same student tokenizer and template), so
+row i of the cache is row i of training. Shards are written atomically and listed in the manifest with their
+sha256 as they complete; re-running the same command after a kill continues from the first missing shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from ..data.loading import build_dataset
+from ..data.tokenize import IGNORE_INDEX
+from ..errors import ConfigError
+from ..lm_head import fused_head_unsupported_reason, output_head
+from ..losses.chunked import answer_rows
+from ..models import check_vocabularies, load_teacher, load_tokenizer
+from .cache import (CACHE_DTYPES, FORMAT_VERSION, model_identity, read_manifest, run_fingerprint, sha256_file,
+                    shard_name, write_atomically, write_manifest)
+from .online import teacher_final_hidden, teacher_logits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptureSettings:
+    top_k: int = 64  # teacher tokens kept per answer position
+    cache_dtype: str = "float16"  # storage dtype of the log-probabilities
+    shard_rows: int = 1024  # dataset rows per shard (the unit of resumption)
+    batch_size: int = 8  # rows per teacher forward pass
+    chunk_rows: int = 1024  # answer positions per logits chunk (bounds the V-wide buffers)
+
+
+def capture_teacher_cache(config, cache_dir: str | Path, settings: CaptureSettings, tokenizer, collator) -> dict:
+    """Write (or finish) the cache of ``config``'s teacher over ``config``'s data; returns the manifest."""
+    if settings.top_k <= 0 or settings.shard_rows <= 0 or settings.batch_size <= 0:
+        raise ConfigError("top_k, shard_rows and batch_size must be > 0")
+    if settings.cache_dtype not in CACHE_DTYPES:
+        raise ConfigError(f"unknown cache_dtype '{settings.cache_dtype}'; expected one of {sorted(CACHE_DTYPES)}")
+    cache_dir = Path(cache_dir)
+    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed)
+    teacher = load_teacher(config.model)
+    teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
+    student_size = AutoConfig.from_pretrained(config.model.student_model).vocab_size
+    vocab = check_vocabularies(tokenizer, teacher_tokenizer, student_size, teacher)
+    manifest = _start_manifest(cache_dir, config, tokenizer, dataset, teacher, settings, vocab)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if getattr(teacher, "hf_quantizer", None) is None:
+        teacher = teacher.to(device)
+    _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, device)
+    return manifest
+
+
+def _start_manifest(cache_dir, config, tokenizer, dataset, teacher, settings, vocab) -> dict:
+    """A new manifest, or the existing one of an interrupted capture of exactly this run (its good shards kept)."""
+    fingerprint = {**run_fingerprint(config, tokenizer, dataset),
+                   "teacher": model_identity(config.model.teacher_model, teacher.config)}
+    stored = {**asdict(settings), "kd_vocab_size": vocab, "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
+              "id_dtype": "uint16" if vocab <= 65536 else "int32"}
+    manifest = read_manifest(cache_dir)
+    if manifest is None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {"version": FORMAT_VERSION, "complete": False, "fingerprint": fingerprint, "settings": stored,
+                    "shards": []}
+        write_manifest(cache_dir, manifest)
+        return manifest
+    for key, (old, new) in {"fingerprint": (manifest["fingerprint"], fingerprint),
+                            "settings": (manifest["settings"], stored)}.items():
+        changed = sorted(name for name in {*old, *new} if old.get(name) != new.get(name))
+        if changed:
+            raise ConfigError(f"{cache_dir} holds a cache captured with other {key} ({', '.join(changed)} differ): "
+                              "use another --cache_dir, or delete this one to start over")
+    manifest["shards"] = _verified_prefix(cache_dir, manifest["shards"])
+    return manifest
+
+
+def _verified_prefix(cache_dir: Path, shards: list[dict]) -> list[dict]:
+    for position, entry in enumerate(shards):
+        path = cache_dir / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            logger.warning("shard %s is missing or damaged: capturing again from it", entry["file"])
+            return shards[:position]
+    return shards
+
+
+def _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, device) -> None:
+    rows, total = len(dataset), manifest["fingerprint"]["data"]["answer_tokens"]
+    done = sum(entry["answer_tokens"] for entry in manifest["shards"])
+    with tqdm(total=total, initial=done, unit="tok", desc="teacher cache", dynamic_ncols=True) as bar:
+        for index in range(len(manifest["shards"]), math.ceil(rows / settings.shard_rows)):
+            first = index * settings.shard_rows
+            tensors = _capture_rows(teacher, dataset, range(first, min(first + settings.shard_rows, rows)), collator,
+                                    settings, vocab, device)
+            manifest["shards"].append(_write_shard(cache_dir, index, first, tensors))
+            write_manifest(cache_dir, manifest)
+            bar.update(manifest["shards"][-1]["answer_tokens"])
+            bar.set_postfix(bytes_per_token=f"{_bytes_per_token(manifest):.1f}")
+    manifest["complete"] = True
+    manifest["bytes_per_answer_token"] = round(_bytes_per_token(manifest), 3)
+    write_manifest(cache_dir, manifest)
+    logger.info("teacher cache complete in %s: %d shards, %d answer tokens, %.1f bytes per answer token", cache_dir,
+                len(manifest["shards"]), total, manifest["bytes_per_answer_token"])
+
+
+def _bytes_per_token(manifest: dict) -> float:
+    shards = manifest["shards"]
+    return sum(entry["bytes"] for entry in shards) / max(sum(entry["answer_tokens"] for entry in shards), 1)
+
+
+@torch.no_grad()
+def _capture_rows(teacher, dataset, rows: range, collator, settings: CaptureSettings, vocab: int, device) -> dict:
+    parts, counts = {"token_ids": [], "log_probs": [], "log_tail": []}, []
+    for start in range(rows.start, rows.stop, settings.batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + settings.batch_size, rows.stop))])
+        batch = {key: value.to(device) for key, value in batch.items()}
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        counts += mask.sum(1).tolist()
+        for logits in _answer_logits(teacher, batch, mask, vocab, settings.chunk_rows):
+            for name, value in _top_k(logits, settings, vocab).items():
+                parts[name].append(value.cpu())
+    offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
+    return {**{name: torch.cat(values) for name, values in parts.items()}, "row_offsets": offsets}
+
+
+def _answer_logits(teacher, batch, mask, vocab: int, chunk_rows: int):
+    """The teacher's logits at the answer positions, ``chunk_rows`` at a time (fp32, shared vocabulary)."""
+    if fused_head_unsupported_reason(teacher) is None:
+        hidden = answer_rows(teacher_final_hidden(teacher, batch["input_ids"], batch["attention_mask"]), mask)
+        weight = output_head(teacher).weight[:vocab]
+        for chunk in hidden.split(chunk_rows):
+            yield F.linear(chunk, weight).float()
+    else:
+        rows = answer_rows(teacher_logits(teacher, batch["input_ids"], batch["attention_mask"]), mask)
+        for chunk in rows.split(chunk_rows):
+            yield chunk[:, :vocab].float()
+
+
+def _top_k(logits: torch.Tensor, settings: CaptureSettings, vocab: int) -> dict:
+    log_probs = F.log_softmax(logits, dim=-1)
+    top = log_probs.topk(min(settings.top_k, vocab), dim=-1)
+    if settings.top_k >= vocab:
+        log_tail = torch.full_like(top.values[:, 0], float("-inf"))
+    else:  # log(1 - sum of the kept probabilities)
+        log_tail = torch.log(-torch.expm1(torch.logsumexp(top.values, dim=-1).clamp(max=0.0)))
+    id_dtype = torch.uint16 if vocab <= 65536 else torch.int32
+    return {"token_ids": top.indices.to(id_dtype), "log_probs": top.values.to(CACHE_DTYPES[settings.cache_dtype]),
+            "log_tail": log_tail}
+
+
+def _write_shard(cache_dir: Path, index: int, first_row: int, tensors: dict) -> dict:
+    rows = tensors["row_offsets"].numel() - 1
+    data = safetensors.torch.save(tensors, metadata={"first_row": str(first_row), "rows": str(rows)})
+    write_atomically(cache_dir / shard_name(index), data)
+    return {"file": shard_name(index), "first_row": first_row, "rows": rows,
+            "answer_tokens": int(tensors["row_offsets"][-1]), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
