@@ -159,7 +159,8 @@ def _top_k(logits: torch.Tensor, settings: CaptureSettings, vocab: int) -> dict:
 
 def _write_shard(cache_dir: Path, index: int, first_row: int, tensors: dict) -> dict:
     rows = tensors["row_offsets"].numel() - 1
-    data = safetensors.torch.save(tensors, metadata={"first_row": str(first_row), "rows": str(rows)})
+    # One metadata key: safetensors writes a mapping's keys in an order that varies between processes.
+    data = safetensors.torch.save(tensors, metadata={"format": "pt"})
     write_atomically(cache_dir / shard_name(index), data)
     return {"file": shard_name(index), "first_row": first_row, "rows": rows,
             "answer_tokens": int(tensors["row_offsets"][-1]), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
