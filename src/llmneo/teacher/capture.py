@@ -43,30 +43,36 @@ class CaptureSettings:
 
 def capture_teacher_cache(config, cache_dir: str | Path, settings: CaptureSettings, tokenizer, collator) -> dict:
     """Write (or finish) the cache of ``config``'s teacher over ``config``'s data; returns the manifest."""
-    if settings.top_k <= 0 or settings.shard_rows <= 0 or settings.batch_size <= 0:
-        raise ConfigError("top_k, shard_rows and batch_size must be > 0")
-    if settings.cache_dtype not in CACHE_DTYPES:
-        raise ConfigError(f"unknown cache_dtype '{settings.cache_dtype}'; expected one of {sorted(CACHE_DTYPES)}")
-    cache_dir = Path(cache_dir)
     dataset, _ = build_dataset(config.data, tokenizer, config.training.seed)
     teacher = load_teacher(config.model)
     teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
     student_size = AutoConfig.from_pretrained(config.model.student_model).vocab_size
     vocab = check_vocabularies(tokenizer, teacher_tokenizer, student_size, teacher)
-    manifest = _start_manifest(cache_dir, config, tokenizer, dataset, teacher, settings, vocab)
+    fingerprint = {**run_fingerprint(config, tokenizer, dataset),
+                   "teacher": model_identity(config.model.teacher_model, teacher.config)}
+    return write_cache(cache_dir, teacher, dataset, collator, settings, vocab, fingerprint)
+
+
+def write_cache(cache_dir: str | Path, teacher, dataset, collator, settings: CaptureSettings, vocab: int,
+                fingerprint: dict) -> dict:
+    """Capture ``teacher`` over the tokenized ``dataset`` into ``cache_dir``, resuming a capture of the same
+    fingerprint and settings."""
+    if settings.top_k <= 0 or settings.shard_rows <= 0 or settings.batch_size <= 0:
+        raise ConfigError("top_k, shard_rows and batch_size must be > 0")
+    if settings.cache_dtype not in CACHE_DTYPES:
+        raise ConfigError(f"unknown cache_dtype '{settings.cache_dtype}'; expected one of {sorted(CACHE_DTYPES)}")
+    stored = {**asdict(settings), "kd_vocab_size": vocab, "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
+              "id_dtype": "uint16" if vocab <= 65536 else "int32"}
+    manifest = _start_manifest(Path(cache_dir), fingerprint, stored)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if getattr(teacher, "hf_quantizer", None) is None:
         teacher = teacher.to(device)
-    _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, device)
+    _capture_shards(Path(cache_dir), manifest, teacher, dataset, collator, settings, vocab, device)
     return manifest
 
 
-def _start_manifest(cache_dir, config, tokenizer, dataset, teacher, settings, vocab) -> dict:
+def _start_manifest(cache_dir: Path, fingerprint: dict, stored: dict) -> dict:
     """A new manifest, or the existing one of an interrupted capture of exactly this run (its good shards kept)."""
-    fingerprint = {**run_fingerprint(config, tokenizer, dataset),
-                   "teacher": model_identity(config.model.teacher_model, teacher.config)}
-    stored = {**asdict(settings), "kd_vocab_size": vocab, "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
-              "id_dtype": "uint16" if vocab <= 65536 else "int32"}
     manifest = read_manifest(cache_dir)
     if manifest is None:
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,128 @@
+"""Student-phase throughput with the teacher online vs from the offline top-k cache, through the real NeoTrainer.
+
+    python benchmarks/cache_throughput.py                  # CPU: small random-init Llamas
+    python benchmarks/cache_throughput.py --preset llama   # GPU: Llama-3.1-8B teacher, Llama-3.2-1B student shapes
+
+Both runs train the same LoRA student (neo, fused loss) on the same synthetic rows (random ids, the first quarter
+of each row a prompt) for the same steps; tokens/s counts every token of the micro-batches and skips the first
+step (warm-up). The capture's own throughput and bytes per answer token are printed too. Weights are random:
+throughput does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+
+from llmneo.adapters.lora import add_lora
+from llmneo.config import AdapterArguments, NeoTrainingArguments
+from llmneo.teacher.cache import TeacherCache
+from llmneo.teacher.capture import CaptureSettings, write_cache
+from llmneo.trainer import NeoTrainer
+
+PRESETS = {
+    "cpu": {"vocab": 32000, "teacher": (512, 8, 8, 1536), "student": (256, 4, 4, 768), "rank": 16, "seq": 256,
+            "batch": 4, "dtype": torch.float32},
+    "llama": {"vocab": 128256, "teacher": (4096, 32, 32, 14336), "student": (2048, 16, 32, 8192), "rank": 128,
+              "seq": 2048, "batch": 4, "dtype": torch.bfloat16},
+}
+
+
+def build_llama(vocab, shape, dtype, seed):
+    hidden, layers, heads, intermediate = shape
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=max(heads // 4, 1), intermediate_size=intermediate, use_cache=False,
+                         max_position_embeddings=8192, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def synthetic_rows(rows, seq, vocab, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, seq), generator=generator)
+    labels = ids.clone()
+    labels[:, : seq // 4] = -100
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist(), "row_id": list(range(rows))})
+
+
+class StepClock(TrainerCallback):
+    def __init__(self):
+        self.times = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+
+def train_tokens_per_second(student, dataset, collator, preset, steps, out, **teacher_side) -> float:
+    args = NeoTrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=preset["batch"],
+                                learning_rate=1e-4, logging_steps=10**6, report_to=[], disable_tqdm=True,
+                                bf16=preset["dtype"] == torch.bfloat16, save_strategy="no", seed=0,
+                                remove_unused_columns=False)
+    clock = StepClock()
+    trainer = NeoTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock],
+                         **teacher_side)
+    trainer.train()
+    return (len(clock.times) - 1) * preset["batch"] * preset["seq"] / (clock.times[-1] - clock.times[0])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=list(PRESETS), default="llama" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--top_k", type=int, default=64)
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = args.steps * preset["batch"]
+    dataset = synthetic_rows(rows, preset["seq"], preset["vocab"])
+    collator = DataCollatorForSeq2Seq(_pad_only_tokenizer(), label_pad_token_id=-100, padding=True)
+    teacher = build_llama(preset["vocab"], preset["teacher"], preset["dtype"], seed=1).eval().requires_grad_(False)
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        started = time.perf_counter()
+        manifest = write_cache(scratch / "cache", teacher.to(device), dataset, collator,
+                               CaptureSettings(top_k=args.top_k, batch_size=preset["batch"]), preset["vocab"],
+                               {"benchmark": args.preset, "data": {"answer_tokens": _answer_tokens(dataset)}})
+        capture_seconds = time.perf_counter() - started
+        student = add_lora(build_llama(preset["vocab"], preset["student"], preset["dtype"], seed=2),
+                           AdapterArguments(lora_r=preset["rank"]))
+        online = train_tokens_per_second(student, dataset, collator, preset, args.steps, scratch / "online",
+                                         teacher=teacher)
+        del teacher
+        student = add_lora(build_llama(preset["vocab"], preset["student"], preset["dtype"], seed=2),
+                           AdapterArguments(lora_r=preset["rank"]))
+        cached = train_tokens_per_second(student, dataset, collator, preset, args.steps, scratch / "cached",
+                                         teacher_cache=TeacherCache(scratch / "cache"))
+    print(f"preset {args.preset} on {device}: teacher {preset['teacher']}, student {preset['student']} "
+          f"(hidden, layers, heads, intermediate), V={preset['vocab']}, {preset['batch']}x{preset['seq']} tokens per "
+          f"step, LoRA r={preset['rank']}, top-{args.top_k}, {args.steps} steps")
+    print("| phase | tokens/s | vs online |")
+    print("|---|---|---|")
+    print(f"| capture (teacher forward + top-k) | {rows * preset['seq'] / capture_seconds:,.0f} | |")
+    print(f"| student, teacher online | {online:,.0f} | 1.00x |")
+    print(f"| student, teacher from cache | {cached:,.0f} | {cached / online:.2f}x |")
+    print(f"cache: {manifest['bytes_per_answer_token']:.1f} bytes per answer token")
+
+
+def _answer_tokens(dataset) -> int:
+    return sum(sum(label != -100 for label in labels[1:]) for labels in dataset["labels"])
+
+
+def _pad_only_tokenizer():
+    """The collator only pads: a tokenizer object with a pad token is all it needs."""
+    from tokenizers import Tokenizer, models
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
+                                   pad_token="<pad>")
+
+
+if __name__ == "__main__":
+    main()
