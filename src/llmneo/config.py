@@ -48,6 +48,9 @@ class DataArguments:
     max_samples: int | None = _help("Train on a random subset of this many rows (drawn with --seed).")
     max_length: int = _help("Truncate every tokenized row to this many tokens.", 512)
     skip_bad_rows: bool = _help("Skip and count unusable rows instead of stopping at the first one.", False)
+    eval_split: str | None = _help(
+        "Held-out rows for evaluation: a split name of --dataset (hub or dataset folder) or local file(s).")
+    eval_ratio: float = _help("Hold out this fraction of the training rows (seeded) for evaluation instead.", 0.0)
 
 
 @dataclass
@@ -226,6 +229,8 @@ def validate(config: RunConfig) -> None:
         (config.distill.temperature > 0, f"temperature must be > 0, got {config.distill.temperature}"),
         (config.adapter.lora_r > 0, f"lora_r must be > 0, got {config.adapter.lora_r}"),
         (config.data.max_length > 1, f"max_length must be > 1, got {config.data.max_length}"),
+        (0.0 <= config.data.eval_ratio < 1.0, f"eval_ratio must be in [0, 1), got {config.data.eval_ratio}"),
+        (not (config.data.eval_ratio > 0 and config.data.eval_split), "give eval_split or eval_ratio, not both"),
         (config.distill.kd_chunk_size > 0, f"kd_chunk_size must be > 0, got {config.distill.kd_chunk_size}"),
         (0.0 <= config.distill.jsd_beta <= 1.0, f"jsd_beta must be in [0, 1], got {config.distill.jsd_beta}"),
         (0.0 <= config.distill.skew_lambda < 1.0, f"skew_lambda must be in [0, 1), got {config.distill.skew_lambda}"),

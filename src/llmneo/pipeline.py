@@ -13,7 +13,7 @@ from transformers import DataCollatorForSeq2Seq, set_seed
 from .adapters.lora import add_lora, lora_config
 from .adapters.store import save_initial_adapter
 from .artifacts import METRICS_FILE, save_final_weights, save_resolved_config, write_model_card
-from .data.loading import DataReport, build_dataset
+from .data.loading import DataReport, build_datasets
 from .data.tokenize import IGNORE_INDEX, ensure_chat_template
 from .evaluation.metrics import teacher_fidelity_kl
 from .losses.backends import choose_loss_impl
@@ -94,8 +94,8 @@ def cache_teacher(config, cache_dir, settings: CaptureSettings) -> dict:
     return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
 
 
-def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks=(), teacher_cache=None
-                  ) -> NeoTrainer:
+def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks=(), teacher_cache=None,
+                  eval_dataset=None) -> NeoTrainer:
     run_dir = Path(config.training.output_dir)
     distill_args = config.distill
     divergence = get_divergence(distill_args.divergence, distill_args.jsd_beta, distill_args.skew_lambda,
@@ -104,6 +104,7 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
         model=student,
         args=config.training,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=make_collator(tokenizer),
         processing_class=tokenizer,
         callbacks=[MetricsJsonlCallback(str(run_dir / METRICS_FILE)), *callbacks],
@@ -152,9 +153,9 @@ def distill(config, callbacks=()) -> RunSummary:
     check_before_loading(config)
     set_seed(config.training.seed)
     tokenizer = load_student_tokenizer(config.model)
-    dataset, report = build_dataset(config.data, tokenizer, config.training.seed)
-    logger.info("data: %d rows used, %d skipped, %d answer tokens", report.rows_used, len(report.skipped),
-                report.answer_tokens)
+    dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed)
+    logger.info("data: %d rows used, %d skipped, %d answer tokens%s", report.rows_used, len(report.skipped),
+                report.answer_tokens, f"; {len(held_out)} held-out rows" if held_out is not None else "")
     cache = open_teacher_cache(config, tokenizer, dataset) if config.distill.teacher_cache else None
     if cache is not None:
         dataset = dataset.add_column("row_id", list(range(len(dataset))))
@@ -165,11 +166,13 @@ def distill(config, callbacks=()) -> RunSummary:
     if not config.training.resume_from_checkpoint:
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     initial_adapter = save_initial_adapter(student, run_dir) if METHODS[config.distill.method].uses_adapter else None
-    trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache)
+    trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out)
     quantized_teacher = teacher is not None and is_quantized(teacher)
     fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size) if quantized_teacher else None
     result = trainer.train(resume_from_checkpoint=config.training.resume_from_checkpoint)
     final_metrics = {"train_loss": round(result.training_loss, 6), **last_logged_terms(trainer.state.log_history)}
+    if held_out is not None:
+        final_metrics.update(trainer.evaluate())
     if fidelity is not None:
         final_metrics["teacher_fidelity_kl"] = round(fidelity, 6)
     if report.skipped:

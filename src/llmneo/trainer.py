@@ -10,6 +10,7 @@ from transformers import Trainer, TrainerCallback
 
 from .data.tokenize import IGNORE_INDEX
 from .errors import DataError
+from .evaluation.metrics import evaluate_against_teacher
 from .lm_head import capture_final_hidden, output_head
 from .models import is_quantized
 from .losses.chunked import distillation_loss
@@ -104,6 +105,18 @@ class NeoTrainer(Trainer):
         parts = HEAD_LOSSES[self.loss_impl](student.hidden, output_head(model).weight, inputs["labels"], **teacher,
                                             **self._loss_settings(num_items_in_batch))
         return parts, outputs
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """llm-neo's offline metrics on the held-out rows (perplexity; with a loaded teacher also top-1 agreement
+        and KL to it), logged like the training metrics, in place of the Trainer's loss-only evaluation."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        metrics = evaluate_against_teacher(self.model, dataset, self.data_collator, teacher=self.teacher,
+                                           batch_size=self.args.per_device_eval_batch_size,
+                                           kd_vocab_size=self.kd_vocab_size, chunk_size=self.kd_chunk_size)
+        metrics = {f"{metric_key_prefix}_{key}": round(value, 6) for key, value in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def _rank_scale(self, num_items_in_batch) -> int:
         # DDP averages gradients over ranks while num_items counts every rank's tokens: undo the average.

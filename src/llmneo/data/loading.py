@@ -8,6 +8,7 @@ unusable rows are dropped and counted, otherwise the first one stops the run.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import glob
 import json
 import logging
@@ -193,3 +194,25 @@ def build_dataset(data_args, tokenizer, seed: int) -> tuple[datasets.Dataset, Da
     answer_tokens = sum(count_answer_tokens(labels) for labels in encoded["labels"])
     report = DataReport(fmt, len(rows), len(encoded), answer_tokens, errors)
     return encoded, report
+
+
+def build_datasets(data_args, tokenizer, seed: int):
+    """Training rows, held-out rows (``--eval_split`` or ``--eval_ratio``; None without either) and the report of the
+    training rows. Training and the teacher cache both call this, so they see the same rows in the same order."""
+    train, report = build_dataset(data_args, tokenizer, seed)
+    held_out = None
+    if data_args.eval_ratio > 0:
+        if len(train) < 2:
+            raise DataError("eval_ratio needs at least 2 usable rows", source=data_args.dataset)
+        split = train.train_test_split(test_size=data_args.eval_ratio, seed=seed)
+        train, held_out = split["train"], split["test"]
+        answer_tokens = sum(count_answer_tokens(labels) for labels in train["labels"])
+        report = dataclasses.replace(report, rows_used=len(train), answer_tokens=answer_tokens)
+    elif data_args.eval_split:
+        held_out_args = dataclasses.replace(data_args, max_samples=None)
+        if local_files(data_args.eval_split) is not None:
+            held_out_args.dataset = data_args.eval_split
+        else:
+            held_out_args.dataset_split = data_args.eval_split
+        held_out, _ = build_dataset(held_out_args, tokenizer, seed)
+    return train, held_out, report

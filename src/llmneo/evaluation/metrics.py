@@ -1,37 +1,62 @@
-"""Offline metrics on held-out rows: student perplexity on answer tokens, top-1 agreement and KL to the teacher."""
+"""Offline metrics on held-out rows: student perplexity on answer tokens, top-1 agreement and KL to the teacher.
+
+Like the fused loss, the logits are built only at answer positions, ``chunk_size`` rows at a time, from both models'
+final hidden states (full logits only for heads the fused loss cannot reproduce).
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..lm_head import capture_final_hidden, fused_head_unsupported_reason, output_head
 from ..losses.chunked import IGNORE_INDEX, answer_rows
 from ..losses.divergences import forward_kl
 from ..teacher.online import teacher_logits
 
 
+def _answer_logit_chunks(model, batch, mask, chunk_size: int, vocab: int | None = None):
+    """The model's fp32 logits at the batch's answer positions, chunk by chunk."""
+    if fused_head_unsupported_reason(model) is None:
+        with capture_final_hidden(model) as captured:
+            model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        weight = output_head(model).weight
+        weight = weight[:vocab] if vocab else weight
+        for hidden in answer_rows(captured.hidden, mask).split(chunk_size):
+            yield F.linear(hidden, weight).float()
+    else:
+        rows = answer_rows(teacher_logits(model, batch["input_ids"], batch.get("attention_mask")), mask)
+        for chunk in rows.split(chunk_size):
+            yield (chunk[:, :vocab] if vocab else chunk).float()
+
+
 @torch.no_grad()
 def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_size: int = 8,
-                             kd_vocab_size: int | None = None) -> dict[str, float]:
+                             kd_vocab_size: int | None = None, chunk_size: int = 1024) -> dict[str, float]:
     """Per answer token: perplexity of the student; with a teacher also top-1 agreement and KL(teacher || student)."""
     device = next(student.parameters()).device
+    if teacher is not None and kd_vocab_size is None:
+        kd_vocab_size = min(output_head(student).weight.shape[0], output_head(teacher).weight.shape[0])
     was_training = student.training
     student.eval()
     totals = {"nll": 0.0, "agree": 0.0, "kl": 0.0, "tokens": 0}
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+    for batch in DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size,
+                            collate_fn=collator):
         batch = {k: v.to(device) for k, v in batch.items()}
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        rows = answer_rows(logits, mask).float()
-        totals["nll"] += torch.nn.functional.cross_entropy(rows, batch["labels"][:, 1:][mask], reduction="sum").item()
-        totals["tokens"] += int(mask.sum())
-        if teacher is not None:
-            vocab = kd_vocab_size or rows.shape[-1]
-            target = answer_rows(teacher_logits(teacher, batch["input_ids"], batch["attention_mask"]), mask)[:, :vocab]
-            totals["agree"] += (rows[:, :vocab].argmax(-1) == target.argmax(-1)).sum().item()
-            totals["kl"] += forward_kl(rows[:, :vocab], target).sum().item()
+        targets = batch["labels"][:, 1:][mask].split(chunk_size)
+        teacher_chunks = _answer_logit_chunks(teacher, batch, mask, chunk_size, kd_vocab_size) if teacher else None
+        for rows, target in zip(_answer_logit_chunks(student, batch, mask, chunk_size), targets, strict=True):
+            totals["nll"] += F.cross_entropy(rows, target, reduction="sum").item()
+            totals["tokens"] += target.numel()
+            if teacher_chunks is not None:
+                reference = next(teacher_chunks)
+                vocab = reference.shape[-1]
+                totals["agree"] += (rows[:, :vocab].argmax(-1) == reference.argmax(-1)).sum().item()
+                totals["kl"] += forward_kl(rows[:, :vocab], reference).sum().item()
     student.train(was_training)
     tokens = max(totals["tokens"], 1)
     metrics = {"perplexity": math.exp(totals["nll"] / tokens), "answer_tokens": totals["tokens"]}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from ..data.loading import build_dataset
+from ..data.loading import build_datasets
 from ..data.tokenize import IGNORE_INDEX
 from ..errors import ConfigError
 from ..lm_head import fused_head_unsupported_reason, output_head
@@ -43,7 +43,7 @@ class CaptureSettings:
 
 def capture_teacher_cache(config, cache_dir: str | Path, settings: CaptureSettings, tokenizer, collator) -> dict:
     """Write (or finish) the cache of ``config``'s teacher over ``config``'s data; returns the manifest."""
-    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed)
+    dataset, _, _ = build_datasets(config.data, tokenizer, config.training.seed)
     teacher = load_teacher(config.model)
     teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
     student_size = AutoConfig.from_pretrained(config.model.student_model).vocab_size
