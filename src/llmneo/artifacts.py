@@ -47,10 +47,11 @@ def save_final_weights(model, tokenizer, run_dir: Path, config, initial_adapter:
     return target
 
 
-def write_model_card(run_dir: Path, config, steps: int, data_report, final_metrics: dict) -> Path:
+def run_settings(config, steps: int, data_report) -> list[tuple[str, object]]:
+    """What the model card and the run report say about how the run was made."""
     method, distill, adapter = config.distill.method, config.distill, config.adapter
     preset = METHODS[method]
-    rows = [
+    return [
         ("method", method),
         ("teacher", config.model.teacher_model or ("(see the cache)" if distill.teacher_cache else "(none: CE only)")),
         ("teacher cache", f"{distill.teacher_cache} ({distill.cache_tail} tail)" if distill.teacher_cache else "none"),
@@ -64,11 +65,17 @@ def write_model_card(run_dir: Path, config, steps: int, data_report, final_metri
         ("learning rate", config.training.learning_rate),
         ("optimizer steps", steps),
     ]
+
+
+def write_model_card(run_dir: Path, config, steps: int, data_report, final_metrics: dict) -> Path:
+    method, preset = config.distill.method, METHODS[config.distill.method]
+    rows = run_settings(config, steps, data_report)
     rows += [(f"final {key}", value) for key, value in final_metrics.items()]
     lines = [f"# llm-neo run: {method}", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows]
     lines += ["", f"Weights: `{ADAPTER_DIR if preset.uses_adapter else MODEL_DIR}/` (safetensors). "
-                  f"Config: `{CONFIG_FILE}`. Metrics: `{METRICS_FILE}`.", ""]
+                  f"Config: `{CONFIG_FILE}`. Metrics: `{METRICS_FILE}` (plotted in `training_curves.png`, "
+                  "summarised in `report.md`).", ""]
     path = run_dir / CARD_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -80,21 +87,25 @@ def run_adapter_dir(path: str | Path) -> Path:
     return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path
 
 
-def merge_run(run_dir: str | Path, output: str | Path) -> Path:
-    """Write a standalone model (base + adapter merged) that `AutoModelForCausalLM.from_pretrained` loads."""
-    run_dir, output = Path(run_dir), Path(output)
+def load_run_model(run_dir: str | Path):
+    """A finished run's student as one standalone model (adapter merged into full weights) and its tokenizer."""
+    run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     adapter_dir, model_dir = run_dir / ADAPTER_DIR, run_dir / MODEL_DIR
     model_args = ModelArguments(**{**config["model"], "student_quantization": "none"})  # merge into full weights
     if adapter_dir.is_dir():
         merged = load_adapter(load_student(model_args), adapter_dir).merge_and_unload()
-        tokenizer = load_tokenizer(str(adapter_dir), role="adapter")
-    elif model_dir.is_dir():
+        return merged, load_tokenizer(str(adapter_dir), role="adapter")
+    if model_dir.is_dir():
         model_args.student_model = str(model_dir)
-        merged, tokenizer = load_student(model_args), load_tokenizer(str(model_dir), role="run")
-    else:
-        raise ConfigError(f"{run_dir} holds neither {ADAPTER_DIR}/ nor {MODEL_DIR}/: did the run finish?")
+        return load_student(model_args), load_tokenizer(str(model_dir), role="run")
+    raise ConfigError(f"{run_dir} holds neither {ADAPTER_DIR}/ nor {MODEL_DIR}/: did the run finish?")
+
+
+def merge_run(run_dir: str | Path, output: str | Path) -> Path:
+    """Write a standalone model (base + adapter merged) that `AutoModelForCausalLM.from_pretrained` loads."""
+    merged, tokenizer = load_run_model(run_dir)
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)
     logger.info("merged model written to %s", output)
-    return output
+    return Path(output)

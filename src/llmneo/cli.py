@@ -11,6 +11,10 @@ from .errors import NeoError
 COMMANDS = {
     "distill": "Distil a teacher into a student (methods sft, lora, kd, neo). `llm-neo distill --help` lists every option.",
     "cache-teacher": "Run the teacher once over the training data and store its top-k distributions for --teacher_cache.",
+    "eval": "Evaluate a run or model: held-out perplexity, top-1 agreement and KL to the teacher; lm-eval tasks.",
+    "compare": "Train and evaluate sft, lora, kd and neo on the same data, budget and seed (the paper's Table I).",
+    "sweep": "Train a LoRA rank x learning-rate grid and plot the chosen metric as a heatmap (Fig. 2).",
+    "scaling": "Train on growing data subsets and plot the metric against training tokens (Fig. 4).",
     "merge": "Merge a run's adapter into its base student and save a standalone model.",
     "export-lora": "Write a run's adapter as a plain PEFT LoRA (MoSLoRA's mixer folded into B) for any LoRA loader.",
     "demo": "Offline end-to-end demo on tiny models built from shipped text (2 CPU cores, < 5 minutes).",
@@ -59,6 +63,87 @@ def cmd_cache_teacher(argv: list[str]) -> int:
     return 0
 
 
+def _add_eval_options(parser) -> None:
+    parser.add_argument("--tasks", help="lm-eval tasks, comma-separated, or the preset llm-neo (the paper's suite).")
+    parser.add_argument("--include_path", help="Folder of custom lm-eval task YAMLs.")
+    parser.add_argument("--limit", type=float, help="lm-eval: examples per task (or a fraction below 1).")
+    parser.add_argument("--num_fewshot", type=int, help="lm-eval: few-shot examples per prompt.")
+    parser.add_argument("--eval_batch_size", type=int, default=8, help="Rows per evaluation batch.")
+
+
+def _eval_options(args) -> dict:
+    return {"tasks": args.tasks, "include_path": args.include_path, "limit": args.limit,
+            "num_fewshot": args.num_fewshot, "batch_size": args.eval_batch_size}
+
+
+def _numbers(text: str, kind):
+    return [kind(item) for item in text.split(",") if item.strip()]
+
+
+def cmd_eval(argv: list[str]) -> int:
+    import json
+
+    from .experiments.evaluate import EvalRequest, evaluate_target
+
+    parser = argparse.ArgumentParser(prog="llm-neo eval", description=COMMANDS["eval"], allow_abbrev=False)
+    parser.add_argument("target", help="Run directory of `llm-neo distill`, or a model directory.")
+    parser.add_argument("--dataset", help="Held-out rows for a model directory (a run uses its eval split).")
+    parser.add_argument("--teacher_model", help="Teacher for agreement and KL (a run uses its own).")
+    _add_eval_options(parser)
+    args = parser.parse_args(argv)
+    request = EvalRequest(target=args.target, dataset=args.dataset, teacher_model=args.teacher_model,
+                          **_eval_options(args))
+    print(json.dumps(evaluate_target(request), indent=2))
+    return 0
+
+
+def _experiment_parser(name: str):
+    parser = argparse.ArgumentParser(prog=f"llm-neo {name}", description=COMMANDS[name], allow_abbrev=False,
+                                     epilog="Every other option is a `llm-neo distill` option of the base run.")
+    parser.add_argument("--output", help=f"Folder of the {name} (default: the run's output_dir + '-{name}').")
+    _add_eval_options(parser)
+    return parser
+
+
+def cmd_compare(argv: list[str]) -> int:
+    from .experiments.compare import METHODS, compare
+
+    parser = _experiment_parser("compare")
+    parser.add_argument("--methods", default=",".join(METHODS), help="Methods to compare, comma-separated.")
+    args, rest = parser.parse_known_args(argv)
+    rows = compare(rest, args.output, [m.strip() for m in args.methods.split(",")], _eval_options(args))
+    print(f"compared {len(rows)} methods; report.md, compare.csv and compare.png written")
+    return 0
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    from .experiments.sweep import sweep
+
+    parser = _experiment_parser("sweep")
+    parser.add_argument("--ranks", required=True, help="LoRA ranks, comma-separated (lora_alpha = 2 * rank).")
+    parser.add_argument("--learning_rates", required=True, help="Learning rates, comma-separated.")
+    parser.add_argument("--metric", default="kl_to_teacher", choices=["kl_to_teacher", "perplexity", "top1_agreement"])
+    args, rest = parser.parse_known_args(argv)
+    result = sweep(rest, _numbers(args.ranks, int), _numbers(args.learning_rates, float), args.metric, args.output,
+                   _eval_options(args))
+    winner = result["best"]
+    print(f"best by {args.metric}: rank {winner['rank']}, lr {winner['learning_rate']:g} "
+          f"({args.metric} = {winner[args.metric]:.4g})")
+    return 0
+
+
+def cmd_scaling(argv: list[str]) -> int:
+    from .experiments.scaling import scaling
+
+    parser = _experiment_parser("scaling")
+    parser.add_argument("--samples", required=True, help="Training subset sizes (rows), comma-separated.")
+    parser.add_argument("--metric", default="kl_to_teacher", choices=["kl_to_teacher", "perplexity", "top1_agreement"])
+    args, rest = parser.parse_known_args(argv)
+    rows = scaling(rest, _numbers(args.samples, int), args.metric, args.output, _eval_options(args))
+    print(f"trained {len(rows)} subset sizes; report.md, scaling.csv and scaling.png written")
+    return 0
+
+
 def cmd_merge(argv: list[str]) -> int:
     from .artifacts import merge_run
 
@@ -94,8 +179,9 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "merge": cmd_merge,
-            "export-lora": cmd_export_lora, "demo": cmd_demo}
+HANDLERS = {"distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "eval": cmd_eval, "compare": cmd_compare,
+            "sweep": cmd_sweep, "scaling": cmd_scaling, "merge": cmd_merge, "export-lora": cmd_export_lora,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

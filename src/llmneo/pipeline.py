@@ -12,13 +12,14 @@ from transformers import DataCollatorForSeq2Seq, set_seed
 
 from .adapters.lora import add_lora, lora_config
 from .adapters.store import save_initial_adapter
-from .artifacts import METRICS_FILE, save_final_weights, save_resolved_config, write_model_card
+from .artifacts import METRICS_FILE, run_settings, save_final_weights, save_resolved_config, write_model_card
 from .data.loading import DataReport, build_datasets
 from .data.tokenize import IGNORE_INDEX, ensure_chat_template
 from .evaluation.metrics import teacher_fidelity_kl
 from .losses.backends import choose_loss_impl
 from .losses.divergences import get_divergence
 from .methods import METHODS
+from .report import write_run_report
 from .errors import VocabularyError
 from .models import (check_quantization, check_vocabularies, is_quantized, load_student, load_teacher, load_tokenizer,
                      output_vocab_size)
@@ -37,6 +38,8 @@ class RunSummary:
     final_metrics: dict
     data_report: DataReport
     config: object  # the RunConfig the run used
+    trainable_parameters: int = 0
+    trained_answer_tokens: int = 0  # answer tokens of every micro-batch trained on
 
 
 def load_student_tokenizer(model_args):
@@ -141,6 +144,15 @@ def check_before_loading(config) -> None:
         lora_config(config.adapter)
 
 
+def final_evaluation(trainer) -> dict:
+    """The held-out metrics after the last step: logged already when the Trainer evaluated at that step."""
+    step = trainer.state.global_step
+    logged = [entry for entry in trainer.state.log_history if entry.get("step") == step and "eval_perplexity" in entry]
+    if logged:
+        return {key: value for key, value in logged[-1].items() if key.startswith("eval_")}
+    return trainer.evaluate()
+
+
 def last_logged_terms(log_history: list[dict]) -> dict:
     """CE and KD of the last logging step, for the model card."""
     logged = [entry for entry in log_history if "ce_loss" in entry]
@@ -172,7 +184,7 @@ def distill(config, callbacks=()) -> RunSummary:
     result = trainer.train(resume_from_checkpoint=config.training.resume_from_checkpoint)
     final_metrics = {"train_loss": round(result.training_loss, 6), **last_logged_terms(trainer.state.log_history)}
     if held_out is not None:
-        final_metrics.update(trainer.evaluate())
+        final_metrics.update(final_evaluation(trainer))
     if fidelity is not None:
         final_metrics["teacher_fidelity_kl"] = round(fidelity, 6)
     if report.skipped:
@@ -182,4 +194,7 @@ def distill(config, callbacks=()) -> RunSummary:
         model = trainer.accelerator.unwrap_model(trainer.model)
         weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter)
         write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics)
-    return RunSummary(run_dir, weights_dir, trainer.state.global_step, final_metrics, report, config)
+        write_run_report(run_dir, final_metrics, run_settings(config, trainer.state.global_step, report))
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return RunSummary(run_dir, weights_dir, trainer.state.global_step, final_metrics, report, config, trainable,
+                      trainer.answer_tokens_seen())

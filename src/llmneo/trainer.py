@@ -49,6 +49,7 @@ class NeoTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self._term_sums = {"ce_loss": 0.0, "kd_loss": 0.0}
+        self._answer_tokens_seen = 0  # this rank's, kept as a tensor until read
         self._term_last_step = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -62,6 +63,7 @@ class NeoTrainer(Trainer):
         if model.training:  # kept as tensors: no device sync until the next log
             self._term_sums["ce_loss"] += parts.ce * scale
             self._term_sums["kd_loss"] += parts.kd * scale
+            self._answer_tokens_seen += (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
         loss = parts.loss * scale
         return (loss, outputs) if return_outputs else loss
 
@@ -105,6 +107,11 @@ class NeoTrainer(Trainer):
         parts = HEAD_LOSSES[self.loss_impl](student.hidden, output_head(model).weight, inputs["labels"], **teacher,
                                             **self._loss_settings(num_items_in_batch))
         return parts, outputs
+
+    def answer_tokens_seen(self) -> int:
+        """Answer tokens trained on so far, over all ranks."""
+        seen = torch.as_tensor(self._answer_tokens_seen, device=self.args.device)
+        return int(self.accelerator.gather(seen).sum().item())
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """llm-neo's offline metrics on the held-out rows (perplexity; with a loaded teacher also top-1 agreement

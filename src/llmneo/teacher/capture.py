@@ -25,8 +25,9 @@ from ..errors import ConfigError
 from ..lm_head import fused_head_unsupported_reason, output_head
 from ..losses.chunked import answer_rows
 from ..models import check_vocabularies, load_teacher, load_tokenizer
+from ..atomic import write_atomically
 from .cache import (CACHE_DTYPES, FORMAT_VERSION, model_identity, read_manifest, run_fingerprint, sha256_file,
-                    shard_name, write_atomically, write_manifest)
+                    shard_name, write_manifest)
 from .online import teacher_final_hidden, teacher_logits
 
 logger = logging.getLogger(__name__)

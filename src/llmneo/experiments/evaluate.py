@@ -1,0 +1,101 @@
+"""`llm-neo eval`: offline metrics on held-out rows and lm-eval tasks for a run directory or a model directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..artifacts import load_run_config, load_run_model
+from ..config import DataArguments, ModelArguments
+from ..data.loading import build_dataset, build_datasets
+from ..errors import ConfigError
+from ..evaluation.harness import run_lm_eval
+from ..evaluation.metrics import evaluate_against_teacher
+from ..models import load_student, load_teacher, load_tokenizer
+from ..pipeline import make_collator
+
+logger = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+
+
+@dataclass
+class EvalRequest:
+    target: str  # run directory or model directory
+    dataset: str | None = None  # held-out rows for a model directory (a run uses its own eval split)
+    teacher_model: str | None = None  # teacher for agreement and KL (a run uses its own)
+    tasks: str | None = None  # lm-eval tasks or preset, comma-separated
+    include_path: str | None = None  # folder of custom lm-eval task YAMLs
+    limit: float | None = None  # lm-eval: examples per task (or a fraction)
+    num_fewshot: int | None = None  # lm-eval: few-shot examples
+    batch_size: int = 8
+
+
+def _load_target(request: EvalRequest):
+    """Model, tokenizer, the run's config (None for a model directory)."""
+    target = Path(request.target)
+    if (target / "config.yaml").is_file():
+        model, tokenizer = load_run_model(target)
+        return model, tokenizer, load_run_config(target)
+    if not target.is_dir():
+        raise ConfigError(f"{target} is neither a run directory (config.yaml) nor a model directory")
+    args = ModelArguments(student_model=str(target))
+    return load_student(args), load_tokenizer(str(target), role="model"), None
+
+
+def _held_out_rows(request: EvalRequest, tokenizer, config: dict | None):
+    if request.dataset is not None:
+        data_args = DataArguments(dataset=request.dataset, max_length=config["data"]["max_length"] if config else 512)
+        return build_dataset(data_args, tokenizer, seed=0)[0]
+    if config is None:
+        return None
+    data_args = DataArguments(**config["data"])
+    if not (data_args.eval_split or data_args.eval_ratio):
+        return None
+    return build_datasets(data_args, tokenizer, config["training"]["seed"])[1]
+
+
+def _teacher(request: EvalRequest, config: dict | None):
+    path = request.teacher_model or (config or {}).get("model", {}).get("teacher_model")
+    if not path:
+        return None
+    model_args = ModelArguments(**{**((config or {}).get("model") or {}), "teacher_model": path})
+    return load_teacher(dataclasses.replace(model_args, teacher_quantization="none"))
+
+
+def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
+    """Offline metrics (when held-out rows exist) and lm-eval task scores (when tasks are named)."""
+    model, tokenizer, config = _load_target(request)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    results = {}
+    held_out = _held_out_rows(request, tokenizer, config)
+    if held_out is not None:
+        teacher = _teacher(request, config)
+        results["held_out"] = evaluate_against_teacher(model, held_out, make_collator(tokenizer),
+                                                       teacher=teacher.to(device) if teacher is not None else None,
+                                                       batch_size=request.batch_size)
+    if request.tasks:
+        results["tasks"] = run_lm_eval(model, tokenizer, request.tasks, request.include_path, request.limit,
+                                       request.num_fewshot, request.batch_size)
+    if not results:
+        raise ConfigError(f"nothing to evaluate for {request.target}: give --tasks, or --dataset for a model "
+                          "directory (a run evaluates its --eval_split / --eval_ratio rows)")
+    if write:
+        path = Path(request.target) / EVAL_FILE if config is not None else None
+        if path is not None:
+            path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def flatten(results: dict) -> dict[str, float]:
+    """One level: held-out metrics by name, task metrics as ``task/metric``."""
+    flat = dict(results.get("held_out", {}))
+    for task, metrics in results.get("tasks", {}).items():
+        flat.update({f"{task}/{metric}": value for metric, value in metrics.items()})
+    return flat

@@ -1,0 +1,132 @@
+"""Reports people look at: a run's training curves and report.md, and the figures of the experiments (bars for
+compare, a heatmap for sweep, a line for scaling). Each plot function returns the data it drew, so callers and
+tests can check the numbers behind the picture."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVES_FILE = "training_curves.png"
+REPORT_FILE = "report.md"
+TRAIN_KEYS = ("loss", "ce_loss", "kd_loss")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _series(entries: list[dict], key: str) -> tuple[list, list]:
+    points = [(entry["step"], entry[key]) for entry in entries if isinstance(entry.get(key), (int, float))]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def plot_training_curves(entries: list[dict], path: Path) -> dict[str, tuple[list, list]]:
+    """Loss terms, learning rate and eval metrics against the optimizer step, one panel each."""
+    eval_keys = sorted({key for entry in entries for key in entry if key.startswith("eval_")
+                        and key not in ("eval_answer_tokens", "eval_runtime") and "per_second" not in key})
+    panels = {"loss terms": list(TRAIN_KEYS), "learning rate": ["learning_rate"]}
+    panels.update({key.removeprefix("eval_"): [key] for key in eval_keys})
+    drawn = {}
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for axis, (title, keys) in zip(axes[0], panels.items(), strict=True):
+        for key in keys:
+            steps, values = _series(entries, key)
+            if steps:
+                axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+                drawn[key] = (steps, values)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        if len(keys) > 1:
+            axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return drawn
+
+
+def write_run_report(run_dir: Path, final_metrics: dict, card_rows: list[tuple[str, object]]) -> Path:
+    """training_curves.png and a short report.md (settings, final and eval metrics) in the run directory."""
+    run_dir = Path(run_dir)
+    entries = read_metrics(run_dir / "metrics.jsonl")
+    plot_training_curves(entries, run_dir / CURVES_FILE)
+    lines = ["# Run report", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in card_rows]
+    lines += ["", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {_format(value)} |" for key, value in final_metrics.items()]
+    lines += ["", f"![training curves]({CURVES_FILE})", ""]
+    path = run_dir / REPORT_FILE
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def bar_chart(rows: list[dict], label_key: str, metric_keys: list[str], path: Path, title: str) -> dict:
+    """One panel per metric, one bar per row (e.g. per method)."""
+    labels = [str(row[label_key]) for row in rows]
+    drawn = {}
+    figure, axes = plt.subplots(1, len(metric_keys), figsize=(3.6 * len(metric_keys), 3.4), squeeze=False)
+    for axis, key in zip(axes[0], metric_keys, strict=True):
+        values = [row.get(key, math.nan) for row in rows]
+        axis.bar(labels, values, color=plt.cm.tab10.colors[: len(labels)])
+        axis.set_title(key)
+        axis.tick_params(axis="x", rotation=30)
+        drawn[key] = dict(zip(labels, values, strict=True))
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return drawn
+
+
+def heatmap(values: list[list[float]], row_labels: list, column_labels: list, path: Path, title: str,
+            row_name: str, column_name: str) -> list[list[float]]:
+    """A grid of values (rows x columns) with each cell annotated."""
+    figure, axis = plt.subplots(figsize=(1.2 * len(column_labels) + 2.5, 0.8 * len(row_labels) + 2))
+    image = axis.imshow(values, cmap="viridis", aspect="auto")
+    axis.set_xticks(range(len(column_labels)), [str(label) for label in column_labels])
+    axis.set_yticks(range(len(row_labels)), [str(label) for label in row_labels])
+    axis.set_xlabel(column_name)
+    axis.set_ylabel(row_name)
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            axis.text(j, i, "—" if math.isnan(value) else f"{value:.3g}", ha="center", va="center", color="w")
+    figure.colorbar(image, ax=axis)
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return values
+
+
+def line_plot(xs: list[float], ys: list[float], path: Path, title: str, x_name: str, y_name: str) -> tuple[list, list]:
+    figure, axis = plt.subplots(figsize=(5, 3.6))
+    axis.plot(xs, ys, marker="o")
+    axis.set_xscale("log")
+    axis.set_xlabel(x_name)
+    axis.set_ylabel(y_name)
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return xs, ys
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """``columns``: (key, header) pairs."""
+    lines = ["| " + " | ".join(header for _, header in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_format(row.get(key, "")) for key, _ in columns) + " |" for row in rows]
+    return "\n".join(lines)
