@@ -110,8 +110,11 @@ def cmd_compare(argv: list[str]) -> int:
 
     parser = _experiment_parser("compare")
     parser.add_argument("--methods", default=",".join(METHODS), help="Methods to compare, comma-separated.")
+    parser.add_argument("--full_learning_rate", type=float, help="Learning rate of sft and kd (default: their own).")
+    parser.add_argument("--adapter_learning_rate", type=float, help="Learning rate of lora and neo (default: theirs).")
     args, rest = parser.parse_known_args(argv)
-    rows = compare(rest, args.output, [m.strip() for m in args.methods.split(",")], _eval_options(args))
+    rates = {"full": args.full_learning_rate, "adapter": args.adapter_learning_rate}
+    rows = compare(rest, args.output, [m.strip() for m in args.methods.split(",")], _eval_options(args), rates)
     print(f"compared {len(rows)} methods; report.md, compare.csv and compare.png written")
     return 0
 

@@ -4,22 +4,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..methods import METHODS as PRESETS
 from ..report import bar_chart, markdown_table
 from .cells import run_cell
 from .grid import base_options, output_dir, write_csv
 
 METHODS = ("sft", "lora", "kd", "neo")
 CHART_METRICS = ["perplexity", "top1_agreement", "kl_to_teacher", "peak_memory_gib", "wall_time_s"]
+
+
+def _learning_rate(method: str, learning_rates: dict) -> list[str]:
+    rate = learning_rates.get("adapter" if PRESETS[method].uses_adapter else "full")
+    return ["--learning_rate", str(rate)] if rate is not None else []
+
+
 TABLE = [("method", "Method"), ("trainable_parameters", "Trainable params"), ("peak_memory_gib", "Peak memory (GiB)"),
          ("wall_time_s", "Wall time (s)"), ("perplexity", "Held-out PPL"), ("top1_agreement", "Top-1 agreement"),
          ("kl_to_teacher", "KL(teacher‖student)")]
 
 
-def compare(argv: list[str], output: str | None = None, methods=METHODS, eval_options: dict | None = None) -> list[dict]:
-    """Train and evaluate each method; write compare.csv, compare.png and report.md under the output folder."""
+def compare(argv: list[str], output: str | None = None, methods=METHODS, eval_options: dict | None = None,
+            learning_rates: dict[str, float] | None = None) -> list[dict]:
+    """Train and evaluate each method; write compare.csv, compare.png and report.md under the output folder.
+
+    ``learning_rates`` may set the rate of the full fine-tuning methods (``full``) and of the adapter methods
+    (``adapter``); otherwise each method takes the run's learning_rate or its own default.
+    """
     argv, config = base_options(argv)
     out = output_dir(output, config, "compare")
-    rows = [run_cell([*argv, "--method", method], out / method, {"method": method}, eval_options)
+    rows = [run_cell([*argv, "--method", method, *_learning_rate(method, learning_rates or {})], out / method,
+                     {"method": method}, eval_options)
             for method in methods]
     write_csv(rows, out / "compare.csv")
     task_columns = [(key, key) for key in rows[0] if "/" in key]
