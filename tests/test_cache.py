@@ -19,6 +19,7 @@ from llmneo.data.loading import build_dataset
 from llmneo.errors import ConfigError
 from llmneo.pipeline import (build_trainer, cache_teacher, distill, load_models, load_student_tokenizer,
                              make_collator, open_teacher_cache)
+from llmneo.teacher.cache import merge_parts
 from llmneo.teacher.capture import CaptureSettings
 
 FULL = 10_000  # top_k larger than the vocabulary: every token is cached
@@ -155,8 +156,8 @@ def test_killed_capture_resumes_to_byte_identical_shards(models_dir, train_file,
     result = subprocess.run([sys.executable, "-c", KILLER, *flags], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
     assert result.returncode == -9, result.stderr[-2000:]
-    partial = json.loads((killed / "manifest.json").read_text())
-    assert not partial["complete"] and len(partial["shards"]) == 2
+    partial = merge_parts(killed, json.loads((killed / "manifest.json").read_text()))
+    assert not partial["complete"] and len(partial["shards"]) == 2  # listed in the process's part file
     assert (killed / "shard-00002.safetensors.tmp").exists() and not (killed / "shard-00002.safetensors").exists()
     with pytest.raises(ConfigError, match="is incomplete \\(16 of 48 rows\\): re-run the same"):
         distill(parse_config(run_flags(models_dir, train_file, tmp_path / "run", teacher_cache=killed)))

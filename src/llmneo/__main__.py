@@ -1,3 +1,7 @@
+"""`python -m llmneo COMMAND ...` (and `accelerate launch -m llmneo COMMAND ...`): the same as `llm-neo`."""
+
+import sys
+
 from .cli import main
 
-raise SystemExit(main())
+sys.exit(main())

@@ -32,7 +32,8 @@ def cmd_distill(argv: list[str]) -> int:
     from .pipeline import distill
 
     summary = distill(parse_config(argv))
-    print(f"run written to {summary.run_dir} ({summary.steps} steps); weights in {summary.weights_dir}")
+    if summary.config.training.process_index == 0:
+        print(f"run written to {summary.run_dir} ({summary.steps} steps); weights in {summary.weights_dir}")
     return 0
 
 

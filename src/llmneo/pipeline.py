@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from peft import prepare_model_for_kbit_training
 from transformers import DataCollatorForSeq2Seq, set_seed
 
@@ -20,7 +22,7 @@ from .losses.backends import choose_loss_impl
 from .losses.divergences import get_divergence
 from .methods import METHODS
 from .report import write_run_report
-from .errors import VocabularyError
+from .errors import ConfigError, VocabularyError
 from .models import (check_quantization, check_vocabularies, is_quantized, load_student, load_teacher, load_tokenizer,
                      output_vocab_size)
 from .teacher.cache import TeacherCache, check_fingerprint, model_identity, run_fingerprint
@@ -92,6 +94,7 @@ def cached_vocab_size(cache: TeacherCache, student) -> int:
 
 def cache_teacher(config, cache_dir, settings: CaptureSettings) -> dict:
     """`llm-neo cache-teacher`: the teacher's top-k over the data exactly as `distill` tokenises it."""
+    check_processes(PartialState().num_processes)
     check_quantization(config.model)
     tokenizer = load_student_tokenizer(config.model)
     return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
@@ -137,8 +140,20 @@ def log_teacher_fidelity(config, trainer, teacher, kd_vocab_size) -> float:
     return kl
 
 
+def check_processes(world_size: int) -> None:
+    """Processes started by a launcher must form one distributed run, or each would train alone into the same
+    run directory."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and world_size != launched:
+        raise ConfigError(
+            f"{launched} processes were launched but each sees a world of {world_size}: they do not form one "
+            "distributed run. On a machine without GPUs set ACCELERATE_USE_CPU=true (gloo); on GPUs check the "
+            "accelerate config")
+
+
 def check_before_loading(config) -> None:
     """Settings that can only be judged against this machine or PEFT fail here, before data and models load."""
+    check_processes(config.training.world_size)
     check_quantization(config.model)
     if METHODS[config.distill.method].uses_adapter:
         lora_config(config.adapter)
@@ -174,10 +189,12 @@ def distill(config, callbacks=()) -> RunSummary:
     student, teacher, kd_vocab_size = load_models(config, tokenizer)
     if cache is not None:
         kd_vocab_size = cached_vocab_size(cache, student)
-    save_resolved_config(run_dir, config)
-    if not config.training.resume_from_checkpoint:
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
-    initial_adapter = save_initial_adapter(student, run_dir) if METHODS[config.distill.method].uses_adapter else None
+    if config.training.process_index == 0:
+        save_resolved_config(run_dir, config)
+        if not config.training.resume_from_checkpoint:
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    saves_adapter = METHODS[config.distill.method].uses_adapter and config.training.process_index == 0
+    initial_adapter = save_initial_adapter(student, run_dir) if saves_adapter else None
     trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out)
     quantized_teacher = teacher is not None and is_quantized(teacher)
     fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size) if quantized_teacher else None

@@ -49,6 +49,28 @@ def write_manifest(cache_dir: Path, manifest: dict) -> None:
     write_atomically(Path(cache_dir) / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
 
 
+def _part_path(cache_dir: Path, rank: int) -> Path:
+    return Path(cache_dir) / f"manifest.part-{rank}.json"
+
+
+def write_part(cache_dir: Path, rank: int, entries: list[dict]) -> None:
+    """The shards one capture process has completed so far (merged into the manifest by the main process)."""
+    write_atomically(_part_path(cache_dir, rank), (json.dumps(entries, indent=1) + "\n").encode("utf-8"))
+
+
+def merge_parts(cache_dir: Path, manifest: dict) -> dict:
+    """``manifest`` with the shards listed in the part files added, in shard order (not verified here)."""
+    entries = {entry["file"]: entry for entry in manifest["shards"]}
+    for part in sorted(Path(cache_dir).glob("manifest.part-*.json")):
+        entries.update({entry["file"]: entry for entry in json.loads(part.read_text(encoding="utf-8"))})
+    return {**manifest, "shards": [entries[name] for name in sorted(entries)]}
+
+
+def remove_parts(cache_dir: Path) -> None:
+    for part in Path(cache_dir).glob("manifest.part-*.json"):
+        part.unlink()
+
+
 # ---- fingerprint: what a cache was captured from -------------------------------------------------------------------
 
 def _sha256_text(text: str) -> str:
@@ -148,7 +170,7 @@ class TeacherCache:
             raise ConfigError(f"teacher cache {self.cache_dir} has format version {manifest.get('version')}, "
                               f"this llm-neo reads version {FORMAT_VERSION}")
         if not manifest.get("complete"):
-            done = sum(shard["rows"] for shard in manifest["shards"])
+            done = sum(shard["rows"] for shard in merge_parts(self.cache_dir, manifest)["shards"])
             raise ConfigError(f"teacher cache {self.cache_dir} is incomplete ({done} of "
                               f"{manifest['fingerprint']['data']['rows']} rows): re-run the same "
                               "`llm-neo cache-teacher` command to finish it")

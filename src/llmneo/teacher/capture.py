@@ -16,6 +16,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
@@ -26,8 +27,8 @@ from ..lm_head import fused_head_unsupported_reason, output_head
 from ..losses.chunked import answer_rows
 from ..models import check_vocabularies, load_teacher, load_tokenizer
 from ..atomic import write_atomically
-from .cache import (CACHE_DTYPES, FORMAT_VERSION, model_identity, read_manifest, run_fingerprint, sha256_file,
-                    shard_name, write_manifest)
+from .cache import (CACHE_DTYPES, FORMAT_VERSION, merge_parts, model_identity, read_manifest, remove_parts,
+                    run_fingerprint, sha256_file, shard_name, write_manifest, write_part)
 from .online import teacher_final_hidden, teacher_logits
 
 logger = logging.getLogger(__name__)
@@ -57,66 +58,89 @@ def capture_teacher_cache(config, cache_dir: str | Path, settings: CaptureSettin
 def write_cache(cache_dir: str | Path, teacher, dataset, collator, settings: CaptureSettings, vocab: int,
                 fingerprint: dict) -> dict:
     """Capture ``teacher`` over the tokenized ``dataset`` into ``cache_dir``, resuming a capture of the same
-    fingerprint and settings."""
+    fingerprint and settings. Under several processes (accelerate launch, torchrun) shard i is captured by rank
+    i mod world size; each rank lists its shards in its own part file and the main process writes the manifest."""
     if settings.top_k <= 0 or settings.shard_rows <= 0 or settings.batch_size <= 0:
         raise ConfigError("top_k, shard_rows and batch_size must be > 0")
     if settings.cache_dtype not in CACHE_DTYPES:
         raise ConfigError(f"unknown cache_dtype '{settings.cache_dtype}'; expected one of {sorted(CACHE_DTYPES)}")
     stored = {**asdict(settings), "kd_vocab_size": vocab, "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
               "id_dtype": "uint16" if vocab <= 65536 else "int32"}
-    manifest = _start_manifest(Path(cache_dir), fingerprint, stored)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cache_dir, state = Path(cache_dir), PartialState()
+    if state.is_main_process:
+        _start_manifest(cache_dir, fingerprint, stored)
+    state.wait_for_everyone()
+    manifest = read_manifest(cache_dir)
     if getattr(teacher, "hf_quantizer", None) is None:
-        teacher = teacher.to(device)
-    _capture_shards(Path(cache_dir), manifest, teacher, dataset, collator, settings, vocab, device)
-    return manifest
+        teacher = teacher.to(state.device)
+    _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, state)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _finish_manifest(cache_dir, manifest, math.ceil(len(dataset) / settings.shard_rows))
+    state.wait_for_everyone()
+    return read_manifest(cache_dir)
 
 
-def _start_manifest(cache_dir: Path, fingerprint: dict, stored: dict) -> dict:
-    """A new manifest, or the existing one of an interrupted capture of exactly this run (its good shards kept)."""
+def _start_manifest(cache_dir: Path, fingerprint: dict, stored: dict) -> None:
+    """A new manifest, or the existing one of an interrupted capture of exactly this run with its good shards."""
     manifest = read_manifest(cache_dir)
     if manifest is None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        manifest = {"version": FORMAT_VERSION, "complete": False, "fingerprint": fingerprint, "settings": stored,
-                    "shards": []}
-        write_manifest(cache_dir, manifest)
-        return manifest
+        write_manifest(cache_dir, {"version": FORMAT_VERSION, "complete": False, "fingerprint": fingerprint,
+                                   "settings": stored, "shards": []})
+        return
     for key, (old, new) in {"fingerprint": (manifest["fingerprint"], fingerprint),
                             "settings": (manifest["settings"], stored)}.items():
         changed = sorted(name for name in {*old, *new} if old.get(name) != new.get(name))
         if changed:
             raise ConfigError(f"{cache_dir} holds a cache captured with other {key} ({', '.join(changed)} differ): "
                               "use another --cache_dir, or delete this one to start over")
-    manifest["shards"] = _verified_prefix(cache_dir, manifest["shards"])
-    return manifest
+    manifest["shards"] = _verified(cache_dir, merge_parts(cache_dir, manifest)["shards"])
+    write_manifest(cache_dir, manifest)
+    remove_parts(cache_dir)
 
 
-def _verified_prefix(cache_dir: Path, shards: list[dict]) -> list[dict]:
-    for position, entry in enumerate(shards):
+def _verified(cache_dir: Path, shards: list[dict]) -> list[dict]:
+    good = []
+    for entry in shards:
         path = cache_dir / entry["file"]
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
-            logger.warning("shard %s is missing or damaged: capturing again from it", entry["file"])
-            return shards[:position]
-    return shards
+        if path.is_file() and sha256_file(path) == entry["sha256"]:
+            good.append(entry)
+        else:
+            logger.warning("shard %s is missing or damaged: capturing it again", entry["file"])
+    return good
 
 
-def _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, device) -> None:
-    rows, total = len(dataset), manifest["fingerprint"]["data"]["answer_tokens"]
-    done = sum(entry["answer_tokens"] for entry in manifest["shards"])
-    with tqdm(total=total, initial=done, unit="tok", desc="teacher cache", dynamic_ncols=True) as bar:
-        for index in range(len(manifest["shards"]), math.ceil(rows / settings.shard_rows)):
+def _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, state) -> None:
+    rows, done = len(dataset), {entry["file"] for entry in manifest["shards"]}
+    mine = [index for index in range(math.ceil(rows / settings.shard_rows))
+            if index % state.num_processes == state.process_index and shard_name(index) not in done]
+    written = []
+    with tqdm(total=len(mine), unit="shard", desc="teacher cache", dynamic_ncols=True,
+              disable=not state.is_main_process) as bar:
+        for index in mine:
             first = index * settings.shard_rows
             tensors = _capture_rows(teacher, dataset, range(first, min(first + settings.shard_rows, rows)), collator,
-                                    settings, vocab, device)
-            manifest["shards"].append(_write_shard(cache_dir, index, first, tensors))
-            write_manifest(cache_dir, manifest)
-            bar.update(manifest["shards"][-1]["answer_tokens"])
-            bar.set_postfix(bytes_per_token=f"{_bytes_per_token(manifest):.1f}")
+                                    settings, vocab, state.device)
+            written.append(_write_shard(cache_dir, index, first, tensors))
+            write_part(cache_dir, state.process_index, written)
+            bar.update(1)
+            bar.set_postfix(tokens_per_shard=written[-1]["answer_tokens"],
+                            bytes_per_token=f"{_bytes_per_token({'shards': written}):.1f}")
+
+
+def _finish_manifest(cache_dir: Path, manifest: dict, shard_count: int) -> None:
+    manifest = merge_parts(cache_dir, manifest)
+    missing = sorted({shard_name(index) for index in range(shard_count)} - {e["file"] for e in manifest["shards"]})
+    if missing:
+        raise ConfigError(f"teacher cache {cache_dir}: shard(s) {', '.join(missing)} were not written")
     manifest["complete"] = True
     manifest["bytes_per_answer_token"] = round(_bytes_per_token(manifest), 3)
     write_manifest(cache_dir, manifest)
+    remove_parts(cache_dir)
     logger.info("teacher cache complete in %s: %d shards, %d answer tokens, %.1f bytes per answer token", cache_dir,
-                len(manifest["shards"]), total, manifest["bytes_per_answer_token"])
+                len(manifest["shards"]), manifest["fingerprint"]["data"]["answer_tokens"],
+                manifest["bytes_per_answer_token"])
 
 
 def _bytes_per_token(manifest: dict) -> float:
