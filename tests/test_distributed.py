@@ -78,3 +78,17 @@ def test_processes_that_do_not_form_one_run_are_refused(models_dir, train_file, 
     assert result.returncode != 0
     assert "2 processes were launched but each sees a world of 1" in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("path", sorted(DDP_CONFIG.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.distributed_type in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    if config.distributed_type == "DEEPSPEED":
+        ds_file = DDP_CONFIG.parent.parent.parent / config.deepspeed_config["deepspeed_config_file"]
+        stage = json.loads(ds_file.read_text())["zero_optimization"]["stage"]
+        assert f"zero{stage}" in path.name
+    if config.distributed_type == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2

@@ -27,6 +27,9 @@ def fused_head_unsupported_reason(model: torch.nn.Module) -> str | None:
     head = output_head(model)
     if type(head) is not torch.nn.Linear:
         return f"its output head is a {type(head).__name__}, not a plain Linear layer"
+    weight = head.weight
+    if hasattr(weight, "placements") or hasattr(weight, "ds_id") or weight.numel() == 0:  # DTensor / ZeRO-3
+        return "its lm_head weight is sharded (FSDP2 or ZeRO-3)"
     config = getattr(getattr(model, "module", model), "config", None)
     for field in POST_HEAD_FIELDS:
         value = getattr(config, field, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -12,12 +13,14 @@ from .data.tokenize import IGNORE_INDEX
 from .errors import DataError
 from .evaluation.metrics import evaluate_against_teacher
 from .lm_head import capture_final_hidden, output_head
-from .models import is_quantized
+from .teacher.placement import place_teacher
 from .losses.chunked import distillation_loss
 from .losses.divergences import forward_kl
 from .losses.fused import fused_distillation_loss
 from .losses.liger import liger_distillation_loss
 from .teacher.online import teacher_final_hidden, teacher_logits
+
+logger = logging.getLogger(__name__)
 
 HEAD_LOSSES = {"fused": fused_distillation_loss, "liger": liger_distillation_loss}
 
@@ -39,18 +42,24 @@ class NeoTrainer(Trainer):
     def __init__(self, *args, teacher=None, alpha=0.5, temperature=1.0, kd_chunk_size=1024, kd_vocab_size=None,
                  divergence=forward_kl, loss_impl="fused", teacher_cache=None, cache_tail="bucket", **kwargs):
         super().__init__(*args, **kwargs)
-        if teacher is not None and not is_quantized(teacher):  # quantized models were placed when loaded
-            teacher = teacher.to(self.args.device)
-        self.teacher = teacher
+        self.teacher = place_teacher(teacher, self.accelerator) if teacher is not None else None
         self.alpha, self.temperature = alpha, temperature
         self.kd_chunk_size, self.kd_vocab_size, self.divergence = kd_chunk_size, kd_vocab_size, divergence
         self.loss_impl, self.teacher_cache, self.cache_tail = loss_impl, teacher_cache, cache_tail
+        if loss_impl != "naive" and self._parameters_sharded():
+            logger.warning("FSDP2 / ZeRO-3 shard the lm_head weights that the %s loss reads outside the forward "
+                           "pass: using the naive loss", loss_impl)
+            self.loss_impl = "naive"
         # Our compute_loss uses num_items_in_batch whatever the model's forward signature says.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self._term_sums = {"ce_loss": 0.0, "kd_loss": 0.0}
         self._answer_tokens_seen = 0  # this rank's, kept as a tensor until read
         self._term_last_step = 0
+
+    def _parameters_sharded(self) -> bool:
+        plugin = self.accelerator.state.deepspeed_plugin
+        return self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Evaluation that keeps the logits (prediction_loss_only off) needs the model's own outputs.
