@@ -48,6 +48,9 @@ class DataArguments:
     max_samples: int | None = _help("Train on a random subset of this many rows (drawn with --seed).")
     max_length: int = _help("Truncate every tokenized row to this many tokens.", 512)
     skip_bad_rows: bool = _help("Skip and count unusable rows instead of stopping at the first one.", False)
+    packing: bool = _help(
+        "Pack each micro-batch into one row without padding (exact: attention and labels stay within each row).",
+        False)
     eval_split: str | None = _help(
         "Held-out rows for evaluation: a split name of --dataset (hub or dataset folder) or local file(s).")
     eval_ratio: float = _help("Hold out this fraction of the training rows (seeded) for evaluation instead.", 0.0)

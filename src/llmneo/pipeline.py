@@ -16,6 +16,7 @@ from .adapters.lora import add_lora, lora_config
 from .adapters.store import save_initial_adapter
 from .artifacts import METRICS_FILE, run_settings, save_final_weights, save_resolved_config, write_model_card
 from .data.loading import DataReport, build_datasets
+from .data.packing import PackingCollator
 from .data.tokenize import IGNORE_INDEX, ensure_chat_template
 from .evaluation.metrics import teacher_fidelity_kl
 from .losses.backends import choose_loss_impl
@@ -111,7 +112,8 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
         args=config.training,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer),
+        data_collator=PackingCollator(config.model.attn_implementation) if config.data.packing else make_collator(tokenizer),
+        eval_collator=make_collator(tokenizer),
         processing_class=tokenizer,
         callbacks=[MetricsJsonlCallback(str(run_dir / METRICS_FILE)), *callbacks],
         teacher=teacher,

@@ -9,6 +9,7 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .data.packing import packed_model_inputs
 from .data.tokenize import IGNORE_INDEX
 from .errors import DataError
 from .evaluation.metrics import evaluate_against_teacher
@@ -40,12 +41,14 @@ class NeoTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, teacher=None, alpha=0.5, temperature=1.0, kd_chunk_size=1024, kd_vocab_size=None,
-                 divergence=forward_kl, loss_impl="fused", teacher_cache=None, cache_tail="bucket", **kwargs):
+                 divergence=forward_kl, loss_impl="fused", teacher_cache=None, cache_tail="bucket", eval_collator=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = place_teacher(teacher, self.accelerator) if teacher is not None else None
         self.alpha, self.temperature = alpha, temperature
         self.kd_chunk_size, self.kd_vocab_size, self.divergence = kd_chunk_size, kd_vocab_size, divergence
         self.loss_impl, self.teacher_cache, self.cache_tail = loss_impl, teacher_cache, cache_tail
+        self.eval_collator = eval_collator or self.data_collator  # evaluation reads padded rows
         if loss_impl != "naive" and self._parameters_sharded():
             logger.warning("FSDP2 / ZeRO-3 shard the lm_head weights that the %s loss reads outside the forward "
                            "pass: using the naive loss", loss_impl)
@@ -81,10 +84,18 @@ class NeoTrainer(Trainer):
                     "chunk_size": self.kd_chunk_size, "kd_vocab_size": self.kd_vocab_size, "divergence": self.divergence}
         return {**settings, "tail_mode": self.cache_tail} if self.teacher_cache is not None else settings
 
+    @staticmethod
+    def _answer_tokens_per_row(inputs) -> list[int]:
+        answers = inputs["labels"][:, 1:] != IGNORE_INDEX
+        if "position_ids" not in inputs:
+            return answers.sum(1).tolist()
+        row = torch.cumsum(inputs["position_ids"][0] == 0, dim=0)[:-1]  # the row each prediction belongs to
+        return torch.bincount(row[answers[0]] - 1, minlength=len(inputs["row_id"])).tolist()
+
     def _cached_teacher(self, inputs) -> dict:
         """The batch's cached top-k rows, after checking they cover exactly its answer positions."""
         row_ids = inputs["row_id"].tolist()
-        counts = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
+        counts = self._answer_tokens_per_row(inputs)
         for row, count in zip(row_ids, counts, strict=True):
             cached = self.teacher_cache.row_answer_tokens(row)
             if cached != count:
@@ -92,26 +103,31 @@ class NeoTrainer(Trainer):
                                 f"training row {row} but the batch has {count}: it was captured from other data")
         return {"teacher_topk": self.teacher_cache.rows(row_ids).to(self.args.device)}
 
+    @staticmethod
+    def _model_inputs(inputs, model) -> dict:
+        """The forward inputs of a batch: padded rows, or one packed row (positions and row boundaries)."""
+        if "position_ids" in inputs:
+            return packed_model_inputs(inputs, model)
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+
     def _naive_loss(self, model, inputs, num_items_in_batch):
-        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        outputs = model(**self._model_inputs(inputs, model), use_cache=False)
         teacher = {}
         if self.teacher_cache is not None:
             teacher = self._cached_teacher(inputs)
         elif self.teacher is not None:
-            teacher = {"teacher_logits": teacher_logits(self.teacher, input_ids, attention_mask)}
+            teacher = {"teacher_logits": teacher_logits(self.teacher, **self._model_inputs(inputs, self.teacher))}
         parts = distillation_loss(outputs.logits, inputs["labels"], **teacher, **self._loss_settings(num_items_in_batch))
         return parts, outputs
 
     def _head_loss(self, model, inputs, num_items_in_batch):
-        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
         with capture_final_hidden(model) as student:
-            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            outputs = model(**self._model_inputs(inputs, model), use_cache=False)
         teacher = {}
         if self.teacher_cache is not None:
             teacher = self._cached_teacher(inputs)
         elif self.teacher is not None:
-            teacher = {"teacher_hidden": teacher_final_hidden(self.teacher, input_ids, attention_mask),
+            teacher = {"teacher_hidden": teacher_final_hidden(self.teacher, **self._model_inputs(inputs, self.teacher)),
                        "teacher_weight": output_head(self.teacher).weight}
         parts = HEAD_LOSSES[self.loss_impl](student.hidden, output_head(model).weight, inputs["labels"], **teacher,
                                             **self._loss_settings(num_items_in_batch))
@@ -126,7 +142,7 @@ class NeoTrainer(Trainer):
         """llm-neo's offline metrics on the held-out rows (perplexity; with a loaded teacher also top-1 agreement
         and KL to it), logged like the training metrics, in place of the Trainer's loss-only evaluation."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        metrics = evaluate_against_teacher(self.model, dataset, self.data_collator, teacher=self.teacher,
+        metrics = evaluate_against_teacher(self.model, dataset, self.eval_collator, teacher=self.teacher,
                                            batch_size=self.args.per_device_eval_batch_size,
                                            kd_vocab_size=self.kd_vocab_size, chunk_size=self.kd_chunk_size)
         metrics = {f"{metric_key_prefix}_{key}": round(value, 6) for key, value in metrics.items()}

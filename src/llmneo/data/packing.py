@@ -1,0 +1,58 @@
+"""Padding-free packing (``--packing``): the rows of a micro-batch concatenated into one row, exactly.
+
+transformers' ``DataCollatorWithFlattening`` concatenates the rows, restarts ``position_ids`` at each row and
+masks the first label of each row (so no row predicts the next one's first token). Attention must not cross
+rows either: flash attention gets the rows' boundaries (``cu_seq_lens``) from the collator; SDPA and eager
+attention get the block-diagonal causal mask built here from the restarting positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DataCollatorWithFlattening
+
+from .tokenize import IGNORE_INDEX
+
+FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+
+
+class PackingCollator:
+    """Flattens each micro-batch into one row; keeps ``row_id`` (the teacher cache's keys) in row order."""
+
+    def __init__(self, attn_implementation: str):
+        self.flash = attn_implementation in FLASH_IMPLEMENTATIONS
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                                  return_flash_attn_kwargs=self.flash, return_tensors="pt")
+
+    def __call__(self, features: list[dict]) -> dict:
+        row_ids = [feature["row_id"] for feature in features if "row_id" in feature]
+        batch = self.flatten([{key: feature[key] for key in ("input_ids", "labels")} for feature in features])
+        if row_ids:
+            batch["row_id"] = torch.tensor(row_ids)
+        return batch
+
+
+def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(1, 1, T, T) boolean mask: position i attends to j <= i of its own row only (rows start at position 0)."""
+    positions = position_ids[0]
+    row = torch.cumsum(positions == 0, dim=0)
+    causal = torch.ones(positions.numel(), positions.numel(), dtype=torch.bool, device=positions.device).tril()
+    return (causal & (row[:, None] == row[None, :]))[None, None]
+
+
+def packed_model_inputs(inputs: dict, model) -> dict:
+    """What a packed batch passes to ``model``'s forward (student and teacher alike)."""
+    model = getattr(model, "module", model)
+    implementation = model.config._attn_implementation
+    model_inputs = {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"]}
+    if implementation in FLASH_IMPLEMENTATIONS:
+        model_inputs.update({key: inputs[key] for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                                                          "max_length_k") if key in inputs})
+        return model_inputs
+    allowed = block_causal_mask(inputs["position_ids"])
+    if implementation == "sdpa":
+        model_inputs["attention_mask"] = allowed
+    else:  # eager attention adds the mask to the scores
+        model_inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device
+                                                     ).masked_fill(~allowed, torch.finfo(model.dtype).min)
+    return model_inputs
