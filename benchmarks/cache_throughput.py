@@ -17,48 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from datasets import Dataset
-from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from common import PRESETS, StepClock, build_llama, padding_collator, synthetic_rows
 
 from llmneo.adapters.lora import add_lora
 from llmneo.config import AdapterArguments, NeoTrainingArguments
 from llmneo.teacher.cache import TeacherCache
 from llmneo.teacher.capture import CaptureSettings, write_cache
 from llmneo.trainer import NeoTrainer
-
-PRESETS = {
-    "cpu": {"vocab": 32000, "teacher": (512, 8, 8, 1536), "student": (256, 4, 4, 768), "rank": 16, "seq": 256,
-            "batch": 4, "dtype": torch.float32},
-    "llama": {"vocab": 128256, "teacher": (4096, 32, 32, 14336), "student": (2048, 16, 32, 8192), "rank": 128,
-              "seq": 2048, "batch": 4, "dtype": torch.bfloat16},
-}
-
-
-def build_llama(vocab, shape, dtype, seed):
-    hidden, layers, heads, intermediate = shape
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=max(heads // 4, 1), intermediate_size=intermediate, use_cache=False,
-                         max_position_embeddings=8192, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(dtype)
-
-
-def synthetic_rows(rows, seq, vocab, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (rows, seq), generator=generator)
-    labels = ids.clone()
-    labels[:, : seq // 4] = -100
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist(), "row_id": list(range(rows))})
-
-
-class StepClock(TrainerCallback):
-    def __init__(self):
-        self.times = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
 
 
 def train_tokens_per_second(student, dataset, collator, preset, steps, out, **teacher_side) -> float:
@@ -70,7 +35,8 @@ def train_tokens_per_second(student, dataset, collator, preset, steps, out, **te
     trainer = NeoTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock],
                          **teacher_side)
     trainer.train()
-    return (len(clock.times) - 1) * preset["batch"] * preset["seq"] / (clock.times[-1] - clock.times[0])
+    steps, seconds = clock.seconds_after_first()
+    return steps * preset["batch"] * preset["seq"] / seconds
 
 
 def main():
@@ -83,7 +49,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = args.steps * preset["batch"]
     dataset = synthetic_rows(rows, preset["seq"], preset["vocab"])
-    collator = DataCollatorForSeq2Seq(_pad_only_tokenizer(), label_pad_token_id=-100, padding=True)
+    collator = padding_collator()
     teacher = build_llama(preset["vocab"], preset["teacher"], preset["dtype"], seed=1).eval().requires_grad_(False)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -114,14 +80,6 @@ def main():
 
 def _answer_tokens(dataset) -> int:
     return sum(sum(label != -100 for label in labels[1:]) for labels in dataset["labels"])
-
-
-def _pad_only_tokenizer():
-    """The collator only pads: a tokenizer object with a pad token is all it needs."""
-    from tokenizers import Tokenizer, models
-
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
-                                   pad_token="<pad>")
 
 
 if __name__ == "__main__":

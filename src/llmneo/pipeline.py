@@ -22,6 +22,7 @@ from .evaluation.metrics import teacher_fidelity_kl
 from .losses.backends import choose_loss_impl
 from .losses.divergences import get_divergence
 from .methods import METHODS
+from .planner import plan_micro_batch
 from .report import write_run_report
 from .errors import ConfigError, VocabularyError
 from .models import (check_quantization, check_vocabularies, is_quantized, load_student, load_teacher, load_tokenizer,
@@ -198,6 +199,8 @@ def distill(config, callbacks=()) -> RunSummary:
     saves_adapter = METHODS[config.distill.method].uses_adapter and config.training.process_index == 0
     initial_adapter = save_initial_adapter(student, run_dir) if saves_adapter else None
     trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out)
+    if config.distill.auto_micro_batch:
+        plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
     quantized_teacher = teacher is not None and is_quantized(teacher)
     fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size) if quantized_teacher else None
     result = trainer.train(resume_from_checkpoint=config.training.resume_from_checkpoint)

@@ -9,55 +9,18 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import resource
 import time
 from pathlib import Path
 
-import torch
-
 from ..atomic import write_atomically
 from ..config import parse_config
+from ..memory import PeakMemory
 from ..pipeline import distill
 from .evaluate import EvalRequest, evaluate_target, flatten
 
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA max allocated on a GPU, the process's peak RSS on CPU (reset at entry where
-    Linux allows it, so each block is measured on its own)."""
-
-    def __enter__(self):
-        self.cuda = torch.cuda.is_available()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            gc.collect()
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                logger.warning("cannot reset the peak RSS here: peaks are since the process started")
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated()
-        else:
-            self.peak_bytes = _peak_rss()
-
-
-def _peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_cell(argv: list[str], cell_dir: Path, label: dict, eval_options: dict | None = None) -> dict:
