@@ -17,7 +17,7 @@ def rows():
             if own is not None and field.name not in own:
                 continue
             default = field.default if field.default is not dataclasses.MISSING else ""
-            yield cls.__name__, field.name, default, " ".join(field.metadata["help"].split())
+            yield cls.__name__, field.name, default, " ".join(field.metadata["help"].split()).replace("%%", "%")
 
 
 def table() -> str:

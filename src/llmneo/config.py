@@ -109,7 +109,7 @@ class DistillArguments:
         "Probe the largest micro-batch that fits and use it, adjusting gradient accumulation so that each optimizer "
         "step sees the same rows.", False)
     auto_micro_batch_budget_gib: float | None = _help(
-        "Memory budget of --auto_micro_batch; default 90% of the GPU, or of the available memory on CPU.")
+        "Memory budget of --auto_micro_batch; default 90%% of the GPU, or of the available memory on CPU.")
     kd_chunk_size: int = _help("Answer tokens per chunk when computing the loss (bounds the fp32 logits memory).", 1024)
     min_lr_ratio: float = _help("Floor of the cosine schedule as a fraction of the peak learning rate (0: decay to 0).", 0.0)
 
