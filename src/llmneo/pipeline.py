@@ -24,6 +24,7 @@ from .losses.divergences import get_divergence
 from .methods import METHODS
 from .planner import plan_micro_batch
 from .report import write_run_report
+from .resume import checkpoint_step, cut_metrics, resolve_checkpoint
 from .errors import ConfigError, VocabularyError
 from .models import (check_quantization, check_vocabularies, is_quantized, load_student, load_teacher, load_tokenizer,
                      output_vocab_size)
@@ -192,10 +193,13 @@ def distill(config, callbacks=()) -> RunSummary:
     student, teacher, kd_vocab_size = load_models(config, tokenizer)
     if cache is not None:
         kd_vocab_size = cached_vocab_size(cache, student)
+    resume = resolve_checkpoint(run_dir, config.training.resume_from_checkpoint)
     if config.training.process_index == 0:
         save_resolved_config(run_dir, config)
-        if not config.training.resume_from_checkpoint:
+        if resume is None:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        else:
+            cut_metrics(run_dir / METRICS_FILE, checkpoint_step(resume))
     saves_adapter = METHODS[config.distill.method].uses_adapter and config.training.process_index == 0
     initial_adapter = save_initial_adapter(student, run_dir) if saves_adapter else None
     trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out)
@@ -203,7 +207,7 @@ def distill(config, callbacks=()) -> RunSummary:
         plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
     quantized_teacher = teacher is not None and is_quantized(teacher)
     fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size) if quantized_teacher else None
-    result = trainer.train(resume_from_checkpoint=config.training.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     final_metrics = {"train_loss": round(result.training_loss, 6), **last_logged_terms(trainer.state.log_history)}
     if held_out is not None:
         final_metrics.update(final_evaluation(trainer))

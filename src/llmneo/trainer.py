@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .atomic import write_atomically
 from .data.packing import packed_model_inputs
 from .data.tokenize import IGNORE_INDEX
 from .errors import DataError
@@ -22,6 +26,8 @@ from .losses.liger import liger_distillation_loss
 from .teacher.online import teacher_final_hidden, teacher_logits
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_COMPLETE = "llmneo_checkpoint_complete"  # written last into every checkpoint folder
 
 HEAD_LOSSES = {"fused": fused_distillation_loss, "liger": liger_distillation_loss}
 
@@ -149,6 +155,21 @@ class NeoTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then a completion marker, and only then the rotation of older checkpoints:
+        a kill during a save leaves an unmarked folder that resuming skips, and never costs the previous one."""
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_atomically(folder / CHECKPOINT_COMPLETE, f"{self.state.global_step}\n".encode())
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     def _rank_scale(self, num_items_in_batch) -> int:
         # DDP averages gradients over ranks while num_items counts every rank's tokens: undo the average.

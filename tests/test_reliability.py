@@ -1,0 +1,97 @@
+"""Resuming after SIGKILL (after a step, and in the middle of a checkpoint save) reproduces the uninterrupted run;
+metrics.jsonl continues without duplicates or gaps; incomplete checkpoints are never resumed from."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_flags
+from llmneo import cli
+from llmneo.errors import ConfigError
+from llmneo.resume import resolve_checkpoint
+
+KILLER = """
+import os, signal, sys
+from transformers import Trainer, TrainerCallback
+import llmneo.pipeline as pipeline
+
+mode, when = sys.argv[1], int(sys.argv[2])
+
+class KillAfterStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == when:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+save_rng = Trainer._save_rng_state
+
+def die_while_saving(self, output_dir):  # model and optimizer are on disk, the trainer state is not
+    if self.state.global_step == when:
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_rng(self, output_dir)
+
+distill = pipeline.distill
+if mode == "step":
+    pipeline.distill = lambda config, callbacks=(): distill(config, [*callbacks, KillAfterStep()])
+else:
+    Trainer._save_rng_state = die_while_saving
+from llmneo.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+STEPS = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "logging_steps": 1}
+
+
+def flags(models_dir, train_file, out, **extra):
+    return ["distill", *run_flags(models_dir, train_file, out, **{**STEPS, **extra})]
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(models_dir, train_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reliability") / "straight"
+    assert cli.main(flags(models_dir, train_file, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("mode, when, resumed_from", [("step", 3, 2), ("save", 4, 2)])
+def test_killed_run_resumes_to_the_uninterrupted_result(models_dir, train_file, tmp_path, uninterrupted, mode, when,
+                                                         resumed_from):
+    out = tmp_path / "killed"
+    result = subprocess.run([sys.executable, "-c", KILLER, mode, str(when), *flags(models_dir, train_file, out)],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert resolve_checkpoint(out, "latest").endswith(f"checkpoint-{resumed_from}")
+    if mode == "save":
+        assert (out / "checkpoint-4").is_dir()  # half written, never resumed from
+    assert cli.main([*flags(models_dir, train_file, out), "--resume_from_checkpoint", "latest"]) == 0
+    for name, weight in adapter(uninterrupted).items():
+        torch.testing.assert_close(adapter(out)[name], weight, rtol=1e-6, atol=1e-6)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry["step"] for entry in logged if "loss" in entry]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    straight = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    for got, expected in zip([e for e in logged if "loss" in e], [e for e in straight if "loss" in e], strict=True):
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+
+
+def test_incomplete_or_missing_checkpoints_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="no complete checkpoint in .* to resume from"):
+        resolve_checkpoint(tmp_path, "latest")
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "llmneo_checkpoint_complete").write_text("2\n")
+    (tmp_path / "checkpoint-4").mkdir()
+    with pytest.raises(ConfigError, match="checkpoint-4 is incomplete \\(its save was interrupted\\); the newest "
+                                          "complete one is .*checkpoint-2"):
+        resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-4"))
+    assert resolve_checkpoint(tmp_path, "latest") == str(tmp_path / "checkpoint-2")
+    with pytest.raises(ConfigError, match="checkpoint .*checkpoint-9 does not exist"):
+        resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-9"))
