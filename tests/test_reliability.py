@@ -11,9 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from transformers import TrainerCallback
+
 from conftest import run_flags
 from llmneo import cli
-from llmneo.errors import ConfigError
+from llmneo.config import parse_config
+from llmneo.errors import ConfigError, NonFiniteError, TrainingOutOfMemory
+from llmneo.pipeline import distill
 from llmneo.resume import resolve_checkpoint
 
 KILLER = """
@@ -95,3 +99,52 @@ def test_incomplete_or_missing_checkpoints_are_refused(tmp_path):
     assert resolve_checkpoint(tmp_path, "latest") == str(tmp_path / "checkpoint-2")
     with pytest.raises(ConfigError, match="checkpoint .*checkpoint-9 does not exist"):
         resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-9"))
+
+
+class Fault(TrainerCallback):
+    """Makes the forward pass of optimizer step ``step`` produce NaN, or raise out-of-memory."""
+
+    def __init__(self, step, kind="nan"):
+        self.step, self.kind, self.active = step, kind, False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        layer = next(module for name, module in model.named_modules() if name.endswith("layers.0.mlp"))
+        layer.register_forward_hook(self.hook)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.active = state.global_step + 1 == self.step
+
+    def hook(self, module, inputs, output):
+        if self.active and module.training:
+            if self.kind == "oom":
+                raise torch.OutOfMemoryError("injected")
+            return output * float("nan")
+        return output
+
+
+def config(models_dir, train_file, out, **extra):
+    return parse_config(run_flags(models_dir, train_file, out, max_steps=4, **extra))
+
+
+def test_nonfinite_step_is_skipped_and_counted(models_dir, train_file, tmp_path, caplog):
+    summary = distill(config(models_dir, train_file, tmp_path / "run", nonfinite_policy="skip"), [Fault(2)])
+    assert summary.steps == 4 and summary.final_metrics["skipped_steps"] == 1
+    assert "non-finite loss or gradient at step 2 (training rows [" in caplog.text and "update skipped" in caplog.text
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("extra", [{"nonfinite_policy": "stop"}, {"nonfinite_policy": "skip", "max_bad_steps": 0}])
+def test_nonfinite_step_stops_with_its_rows_and_a_checkpoint(models_dir, train_file, tmp_path, extra):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient at step 2 \(training rows \[\d+(, \d+)*\]\)"
+                                             r".*saved as checkpoint-1 \(resume with --resume_from_checkpoint latest\)"):
+        distill(config(models_dir, train_file, tmp_path / "run", **extra), [Fault(2)])
+    assert (tmp_path / "run" / "checkpoint-1" / "llmneo_checkpoint_complete").is_file()
+
+
+def test_out_of_memory_names_the_micro_batch_and_the_knobs(models_dir, train_file, tmp_path):
+    with pytest.raises(TrainingOutOfMemory, match=r"out of memory at step 3 with up to 256 tokens per micro-batch "
+                                                  r"\(4 rows x max_length 64\)\. The last good step was saved as "
+                                                  r"checkpoint-2.*--auto_micro_batch.*--kd_chunk_size \(now 1024\)"):
+        distill(config(models_dir, train_file, tmp_path / "run"), [Fault(3, "oom")])
+    assert resolve_checkpoint(tmp_path / "run", "latest").endswith("checkpoint-2")

@@ -105,6 +105,10 @@ class DistillArguments:
         "renormalize compares the top-k tokens only, renormalised.",
         "bucket",
     )
+    nonfinite_policy: Literal["stop", "skip"] = _help(
+        "On a NaN/inf loss or gradient: stop (save a checkpoint of the last good step and stop, naming the step and "
+        "its rows) or skip (drop that update, count it, stop after --max_bad_steps).", "stop")
+    max_bad_steps: int = _help("With --nonfinite_policy skip: how many skipped updates are tolerated.", 10)
     auto_micro_batch: bool = _help(
         "Probe the largest micro-batch that fits and use it, adjusting gradient accumulation so that each optimizer "
         "step sees the same rows.", False)
@@ -240,6 +244,7 @@ def validate(config: RunConfig) -> None:
         (0.0 <= config.data.eval_ratio < 1.0, f"eval_ratio must be in [0, 1), got {config.data.eval_ratio}"),
         (not (config.data.eval_ratio > 0 and config.data.eval_split), "give eval_split or eval_ratio, not both"),
         (config.distill.kd_chunk_size > 0, f"kd_chunk_size must be > 0, got {config.distill.kd_chunk_size}"),
+        (config.distill.max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {config.distill.max_bad_steps}"),
         (0.0 <= config.distill.jsd_beta <= 1.0, f"jsd_beta must be in [0, 1], got {config.distill.jsd_beta}"),
         (0.0 <= config.distill.skew_lambda < 1.0, f"skew_lambda must be in [0, 1), got {config.distill.skew_lambda}"),
         (0.0 < config.distill.akl_mu < 1.0, f"akl_mu must be in (0, 1), got {config.distill.akl_mu}"),

@@ -28,3 +28,11 @@ class DataError(NeoError):
 
 class VocabularyError(NeoError):
     """Teacher and student cannot be distilled because their vocabularies differ."""
+
+
+class NonFiniteError(NeoError):
+    """A step produced a NaN or infinite loss or gradient and the policy says stop."""
+
+
+class TrainingOutOfMemory(NeoError):
+    """The device ran out of memory during training."""

@@ -25,7 +25,7 @@ from .methods import METHODS
 from .planner import plan_micro_batch
 from .report import write_run_report
 from .resume import checkpoint_step, cut_metrics, resolve_checkpoint
-from .errors import ConfigError, VocabularyError
+from .errors import ConfigError, NonFiniteError, TrainingOutOfMemory, VocabularyError
 from .models import (check_quantization, check_vocabularies, is_quantized, load_student, load_teacher, load_tokenizer,
                      output_vocab_size)
 from .teacher.cache import TeacherCache, check_fingerprint, model_identity, run_fingerprint
@@ -127,6 +127,8 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
         loss_impl=choose_loss_impl(distill_args.loss_impl, divergence, student, teacher, kd_vocab_size),
         teacher_cache=teacher_cache,
         cache_tail=distill_args.cache_tail,
+        nonfinite_policy=distill_args.nonfinite_policy,
+        max_bad_steps=distill_args.max_bad_steps,
     )
 
 
@@ -163,6 +165,38 @@ def check_before_loading(config) -> None:
         lora_config(config.adapter)
 
 
+def train_or_explain(trainer, config, resume):
+    """Train; on a non-finite step or out of memory, save what can be saved and stop with what to change."""
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteError as error:
+        saved = _save_last_good_step(trainer)
+        raise NonFiniteError(f"{error}. {saved}") from None
+    except torch.OutOfMemoryError:
+        saved = _save_last_good_step(trainer)
+        args = config.training
+        tokens = args.per_device_train_batch_size * config.data.max_length
+        raise TrainingOutOfMemory(
+            f"out of memory at step {trainer.state.global_step + 1} with up to {tokens} tokens per micro-batch "
+            f"({args.per_device_train_batch_size} rows x max_length {config.data.max_length}). {saved} Try a smaller "
+            f"--per_device_train_batch_size (with more --gradient_accumulation_steps), --auto_micro_batch, a smaller "
+            f"--kd_chunk_size (now {config.distill.kd_chunk_size}), --activation_checkpointing true, "
+            "--packing, or take the teacher out of memory with --teacher_cache or --teacher_quantization nf4"
+        ) from None
+
+
+def _save_last_good_step(trainer) -> str:
+    if trainer.state.global_step == 0:
+        return "No step had finished, so nothing was saved."
+    try:
+        trainer.model.zero_grad(set_to_none=True)
+        trainer._save_checkpoint(trainer.model, trial=None)
+    except Exception as error:  # saving is best effort here: the original failure is what matters
+        return f"Saving a checkpoint failed too ({type(error).__name__}: {error})."
+    return (f"The last good step was saved as checkpoint-{trainer.state.global_step} "
+            "(resume with --resume_from_checkpoint latest).")
+
+
 def final_evaluation(trainer) -> dict:
     """The held-out metrics after the last step: logged already when the Trainer evaluated at that step."""
     step = trainer.state.global_step
@@ -188,8 +222,7 @@ def distill(config, callbacks=()) -> RunSummary:
     logger.info("data: %d rows used, %d skipped, %d answer tokens%s", report.rows_used, len(report.skipped),
                 report.answer_tokens, f"; {len(held_out)} held-out rows" if held_out is not None else "")
     cache = open_teacher_cache(config, tokenizer, dataset) if config.distill.teacher_cache else None
-    if cache is not None:
-        dataset = dataset.add_column("row_id", list(range(len(dataset))))
+    dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
     student, teacher, kd_vocab_size = load_models(config, tokenizer)
     if cache is not None:
         kd_vocab_size = cached_vocab_size(cache, student)
@@ -207,12 +240,14 @@ def distill(config, callbacks=()) -> RunSummary:
         plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
     quantized_teacher = teacher is not None and is_quantized(teacher)
     fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size) if quantized_teacher else None
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = train_or_explain(trainer, config, resume)
     final_metrics = {"train_loss": round(result.training_loss, 6), **last_logged_terms(trainer.state.log_history)}
     if held_out is not None:
         final_metrics.update(final_evaluation(trainer))
     if fidelity is not None:
         final_metrics["teacher_fidelity_kl"] = round(fidelity, 6)
+    if trainer.bad_steps:
+        final_metrics["skipped_steps"] = trainer.bad_steps
     if report.skipped:
         final_metrics["skipped_rows"] = len(report.skipped)
     weights_dir = run_dir

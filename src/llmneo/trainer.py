@@ -15,7 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .atomic import write_atomically
 from .data.packing import packed_model_inputs
 from .data.tokenize import IGNORE_INDEX
-from .errors import DataError
+from .errors import DataError, NonFiniteError
 from .evaluation.metrics import evaluate_against_teacher
 from .lm_head import capture_final_hidden, output_head
 from .teacher.placement import place_teacher
@@ -48,13 +48,15 @@ class NeoTrainer(Trainer):
 
     def __init__(self, *args, teacher=None, alpha=0.5, temperature=1.0, kd_chunk_size=1024, kd_vocab_size=None,
                  divergence=forward_kl, loss_impl="fused", teacher_cache=None, cache_tail="bucket", eval_collator=None,
-                 **kwargs):
+                 nonfinite_policy="stop", max_bad_steps=10, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = place_teacher(teacher, self.accelerator) if teacher is not None else None
         self.alpha, self.temperature = alpha, temperature
         self.kd_chunk_size, self.kd_vocab_size, self.divergence = kd_chunk_size, kd_vocab_size, divergence
         self.loss_impl, self.teacher_cache, self.cache_tail = loss_impl, teacher_cache, cache_tail
         self.eval_collator = eval_collator or self.data_collator  # evaluation reads padded rows
+        self.nonfinite_policy, self.max_bad_steps, self.bad_steps = nonfinite_policy, max_bad_steps, 0
+        self._step_finite, self._step_rows = True, []
         if loss_impl != "naive" and self._parameters_sharded():
             logger.warning("FSDP2 / ZeRO-3 shard the lm_head weights that the %s loss reads outside the forward "
                            "pass: using the naive loss", loss_impl)
@@ -155,6 +157,42 @@ class NeoTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_finite = torch.isfinite(loss).all() & self._step_finite  # a tensor: no sync per micro-batch
+        if "row_id" in inputs:
+            self._step_rows.append(inputs["row_id"].detach())
+        return loss
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if not getattr(optimizer.step, "_guarded", False):
+            optimizer.step = self._guarded_step(optimizer.step)
+        return optimizer
+
+    def _guarded_step(self, step):
+        """The optimizer's step, run only when the step's loss and gradients are finite (see nonfinite_policy)."""
+
+        def guarded(*args, **kwargs):
+            grads = [torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None]
+            finite = bool(torch.stack([torch.as_tensor(self._step_finite, device=self.args.device), *grads]).all())
+            rows = torch.cat(self._step_rows).tolist() if self._step_rows else []
+            self._step_finite, self._step_rows = True, []
+            if finite:
+                return step(*args, **kwargs)
+            self.bad_steps += 1
+            where = f"step {self.state.global_step + 1} (training rows {rows})"
+            if self.nonfinite_policy == "stop" or self.bad_steps > self.max_bad_steps:
+                raise NonFiniteError(f"non-finite loss or gradient at {where}; {self.bad_steps} bad step(s) in this "
+                                     f"run (policy {self.nonfinite_policy}, max_bad_steps {self.max_bad_steps})")
+            logger.warning("non-finite loss or gradient at %s: update skipped (%d of at most %d)", where,
+                           self.bad_steps, self.max_bad_steps)
+            self.model.zero_grad(set_to_none=True)
+            return None
+
+        guarded._guarded = True
+        return guarded
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then a completion marker, and only then the rotation of older checkpoints:
