@@ -148,3 +148,19 @@ def test_out_of_memory_names_the_micro_batch_and_the_knobs(models_dir, train_fil
                                                   r"checkpoint-2.*--auto_micro_batch.*--kd_chunk_size \(now 1024\)"):
         distill(config(models_dir, train_file, tmp_path / "run"), [Fault(3, "oom")])
     assert resolve_checkpoint(tmp_path / "run", "latest").endswith("checkpoint-2")
+
+
+def test_pickle_weights_are_refused_unless_allowed(tokenizer, train_file, tmp_path):
+    from llmneo.demo.tiny import build_tiny_llama
+
+    student = tmp_path / "pickled"
+    model = build_tiny_llama(tokenizer, seed=5)
+    model.config.save_pretrained(student)  # transformers 5 writes only safetensors: write the pickle by hand
+    torch.save(model.state_dict(), student / "pytorch_model.bin")
+    tokenizer.save_pretrained(student)
+    assert (student / "pytorch_model.bin").is_file() and not list(student.glob("*.safetensors"))
+    flags = run_flags({"student": str(student)}, train_file, tmp_path / "run", method="lora", max_steps=1)
+    with pytest.raises(ConfigError, match=r"student model .*pickled holds only pickle weights \(pytorch_model.bin\), "
+                                          r"which can run code when loaded.*--allow_pickle"):
+        distill(parse_config(flags))
+    assert distill(parse_config([*flags, "--allow_pickle", "true"])).steps == 1

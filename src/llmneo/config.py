@@ -28,6 +28,8 @@ class ModelArguments:
     teacher_dtype: str | None = _help("Teacher weights dtype if it differs from --dtype (the teacher keeps its own dtype).")
     attn_implementation: str = _help("Attention implementation: sdpa, eager, flash_attention_2, ...", "sdpa")
     trust_remote_code: bool = _help("Allow model repositories to run their own Python code (off: only trust what you read).", False)
+    allow_pickle: bool = _help(
+        "Allow loading pickle weight files (.bin/.pt), which can run code when loaded; off: safetensors only.", False)
     student_quantization: Literal["none", "nf4", "int8"] = _help(
         "Load the student quantized with bitsandbytes (QLoRA; lora/neo only; needs a CUDA GPU).", "none"
     )

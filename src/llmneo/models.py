@@ -64,9 +64,25 @@ def is_quantized(model) -> bool:
     return getattr(model, "hf_quantizer", None) is not None
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _check_weight_format(path: str, role: str, allow_pickle: bool) -> None:
+    """Pickle weights can run code when loaded: a local model with only those is refused unless allowed."""
+    local = os.path.expanduser(path)
+    if allow_pickle or not os.path.isdir(local):
+        return
+    files = os.listdir(local)
+    pickles = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
+    if pickles and not any(name.endswith(".safetensors") for name in files):
+        raise ConfigError(f"{role} model {path} holds only pickle weights ({', '.join(pickles)}), which can run code "
+                          "when loaded: convert them to safetensors, or pass --allow_pickle if you trust their source")
+
+
 def load_causal_lm(path: str, role: str, dtype: str | None, attn_implementation: str, trust_remote_code: bool,
-                   quantization: str = "none"):
+                   quantization: str = "none", allow_pickle: bool = False):
     _check_path(path, role)
+    _check_weight_format(path, role, allow_pickle)
     torch_dtype = resolve_dtype(dtype)
     quantized = quantization_config(quantization, torch_dtype)
     placement = {"device_map": {"": torch.cuda.current_device()}} if quantized is not None else {}
@@ -76,6 +92,7 @@ def load_causal_lm(path: str, role: str, dtype: str | None, attn_implementation:
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
         quantization_config=quantized,
+        use_safetensors=None if allow_pickle else True,
         **placement,
     )
 
@@ -92,14 +109,14 @@ def load_teacher(model_args, quantized: bool = True):
     """The frozen teacher; ``quantized=False`` ignores --teacher_quantization (the fidelity check's reference)."""
     teacher = load_causal_lm(model_args.teacher_model, "teacher", model_args.teacher_dtype,
                              model_args.attn_implementation, model_args.trust_remote_code,
-                             model_args.teacher_quantization if quantized else "none")
+                             model_args.teacher_quantization if quantized else "none", model_args.allow_pickle)
     return freeze_teacher(teacher)
 
 
 def load_student(model_args):
     student = load_causal_lm(model_args.student_model, "student", model_args.dtype,
                              model_args.attn_implementation, model_args.trust_remote_code,
-                             model_args.student_quantization)
+                             model_args.student_quantization, model_args.allow_pickle)
     student.config.use_cache = False
     return student
 
