@@ -164,3 +164,21 @@ def test_pickle_weights_are_refused_unless_allowed(tokenizer, train_file, tmp_pa
                                           r"which can run code when loaded.*--allow_pickle"):
         distill(parse_config(flags))
     assert distill(parse_config([*flags, "--allow_pickle", "true"])).steps == 1
+
+
+def test_remote_code_off_and_safetensors_only_by_default(models_dir, train_file, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from llmneo.models import load_student
+
+    seen = {}
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, **kwargs):
+        seen.update(kwargs)
+        return original(cls, path, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    config = parse_config(run_flags(models_dir, train_file, tmp_path, method="lora"))
+    load_student(config.model)
+    assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
