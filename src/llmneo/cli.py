@@ -15,6 +15,7 @@ COMMANDS = {
     "compare": "Train and evaluate sft, lora, kd and neo on the same data, budget and seed (the paper's Table I).",
     "sweep": "Train a LoRA rank x learning-rate grid and plot the chosen metric as a heatmap (Fig. 2).",
     "scaling": "Train on growing data subsets and plot the metric against training tokens (Fig. 4).",
+    "prune-layers": "Make a depth-pruned student: keep some of a model's decoder layers, unchanged, with its tokenizer.",
     "merge": "Merge a run's adapter into its base student and save a standalone model.",
     "export-lora": "Write a run's adapter as a plain PEFT LoRA (MoSLoRA's mixer folded into B) for any LoRA loader.",
     "demo": "Offline end-to-end demo on tiny models built from shipped text (2 CPU cores, < 5 minutes).",
@@ -148,6 +149,21 @@ def cmd_scaling(argv: list[str]) -> int:
     return 0
 
 
+def cmd_prune_layers(argv: list[str]) -> int:
+    from .surgery import prune_model_dir
+
+    parser = argparse.ArgumentParser(prog="llm-neo prune-layers", description=COMMANDS["prune-layers"],
+                                     allow_abbrev=False)
+    parser.add_argument("model", help="Model directory (or hub id) to prune.")
+    parser.add_argument("--keep", type=int, help="Keep N layers, evenly spaced from the first to the last.")
+    parser.add_argument("--drop", help="Drop these layer indices (0-based, comma-separated) instead.")
+    parser.add_argument("--output", required=True, help="Directory for the pruned model (safetensors + tokenizer).")
+    args = parser.parse_args(argv)
+    kept = prune_model_dir(args.model, args.output, args.keep, _numbers(args.drop, int) if args.drop else None)
+    print(f"kept layers {kept}; pruned model written to {args.output}")
+    return 0
+
+
 def cmd_merge(argv: list[str]) -> int:
     from .artifacts import merge_run
 
@@ -183,9 +199,11 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "eval": cmd_eval, "compare": cmd_compare,
-            "sweep": cmd_sweep, "scaling": cmd_scaling, "merge": cmd_merge, "export-lora": cmd_export_lora,
-            "demo": cmd_demo}
+HANDLERS = {
+    "distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "eval": cmd_eval, "compare": cmd_compare,
+    "sweep": cmd_sweep, "scaling": cmd_scaling, "prune-layers": cmd_prune_layers, "merge": cmd_merge,
+    "export-lora": cmd_export_lora, "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

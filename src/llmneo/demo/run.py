@@ -21,7 +21,8 @@ from ..data.loading import build_dataset
 from ..evaluation.metrics import evaluate_against_teacher
 from ..models import load_student, load_teacher, load_tokenizer
 from ..pipeline import distill, load_student_tokenizer, make_collator
-from .tiny import build_tiny_llama, build_tokenizer, corpus_rows, corpus_texts, prune_layers
+from ..surgery import prune_layers
+from .tiny import build_tiny_llama, build_tokenizer, corpus_rows, corpus_texts
 
 HELD_OUT_ROWS = 200
 TEACHER_SHAPE = {"hidden_size": 64, "num_layers": 4, "num_heads": 4}

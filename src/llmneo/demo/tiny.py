@@ -65,19 +65,3 @@ def build_tiny_llama(tokenizer, hidden_size: int = 32, num_layers: int = 2, num_
     return LlamaForCausalLM(config).float()
 
 
-def prune_layers(model: LlamaForCausalLM, keep: list[int]) -> LlamaForCausalLM:
-    """A depth-pruned copy of ``model`` keeping the decoder layers ``keep`` (in order)."""
-    config = LlamaConfig(**{**model.config.to_dict(), "num_hidden_layers": len(keep)})
-    config.layer_types = None  # recomputed for the new depth
-    pruned = LlamaForCausalLM(config).to(model.dtype)
-    state = model.state_dict()
-    renamed = {}
-    for key, value in state.items():
-        if key.startswith("model.layers."):
-            index, rest = key[len("model.layers."):].split(".", 1)
-            if int(index) not in keep:
-                continue
-            key = f"model.layers.{keep.index(int(index))}.{rest}"
-        renamed[key] = value
-    pruned.load_state_dict(renamed, strict=True)
-    return pruned

@@ -1,0 +1,76 @@
+"""Model surgery for making students: depth pruning (`llm-neo prune-layers`).
+
+A depth-pruned student keeps some of the teacher's decoder layers, unchanged, with the teacher's embeddings, final
+norm, head and tokenizer (the paper's "Llama 3 pruned 1B" and Minitron-depth students are made this way).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from .errors import ConfigError
+from .models import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def layers_to_keep(total: int, keep: int | None = None, drop: list[int] | None = None) -> list[int]:
+    """``keep`` N layers evenly spaced from the first to the last, or all but the ``drop`` indices."""
+    if (keep is None) == (drop is None):
+        raise ConfigError("give exactly one of --keep N and --drop i,j,...")
+    if keep is not None:
+        if not 1 <= keep <= total:
+            raise ConfigError(f"--keep {keep}: the model has {total} layers")
+        return [0] if keep == 1 else sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+    outside = [index for index in drop if not 0 <= index < total]
+    if outside:
+        raise ConfigError(f"--drop {outside[0]}: layers are numbered 0 to {total - 1}")
+    kept = [index for index in range(total) if index not in set(drop)]
+    if not kept:
+        raise ConfigError("--drop removes every layer")
+    return kept
+
+
+def decoder_layers_prefix(model) -> str:
+    """The state-dict prefix of the decoder layer list (``model.layers`` for Llama, Qwen, Mistral, ...)."""
+    total = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == total and name:
+            return name
+    raise ConfigError(f"cannot find the {total} decoder layers of this {type(model).__name__}")
+
+
+def prune_layers(model, keep: list[int]):
+    """A copy of ``model`` with only the decoder layers ``keep`` (in order), every kept weight unchanged."""
+    prefix = decoder_layers_prefix(model) + "."
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[index] for index in keep]
+    pruned = type(model)(config).to(model.dtype)
+    renamed = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            if int(index) not in keep:
+                continue
+            key = f"{prefix}{keep.index(int(index))}.{rest}"
+        renamed[key] = value
+    pruned.load_state_dict(renamed, strict=True)
+    return pruned
+
+
+def prune_model_dir(path: str, output: str, keep: int | None = None, drop: list[int] | None = None) -> list[int]:
+    """Save the pruned model (safetensors) with the source's tokenizer; returns the kept layer indices."""
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    kept = layers_to_keep(model.config.num_hidden_layers, keep, drop)
+    pruned = prune_layers(model, kept)
+    pruned.save_pretrained(output)
+    load_tokenizer(path, role="source").save_pretrained(output)
+    logger.info("kept layers %s of %d; student written to %s", kept, model.config.num_hidden_layers, Path(output))
+    return kept
