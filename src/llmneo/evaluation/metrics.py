@@ -12,25 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..lm_head import capture_final_hidden, fused_head_unsupported_reason, output_head
+from ..lm_head import output_head
 from ..losses.chunked import IGNORE_INDEX, answer_rows
 from ..losses.divergences import forward_kl
-from ..teacher.online import teacher_logits
-
-
-def _answer_logit_chunks(model, batch, mask, chunk_size: int, vocab: int | None = None):
-    """The model's fp32 logits at the batch's answer positions, chunk by chunk."""
-    if fused_head_unsupported_reason(model) is None:
-        with capture_final_hidden(model) as captured:
-            model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-        weight = output_head(model).weight
-        weight = weight[:vocab] if vocab else weight
-        for hidden in answer_rows(captured.hidden, mask).split(chunk_size):
-            yield F.linear(hidden, weight).float()
-    else:
-        rows = answer_rows(teacher_logits(model, batch["input_ids"], batch.get("attention_mask")), mask)
-        for chunk in rows.split(chunk_size):
-            yield (chunk[:, :vocab] if vocab else chunk).float()
+from ..teacher.online import answer_logit_chunks, teacher_logits
 
 
 @torch.no_grad()
@@ -48,8 +33,8 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_siz
         batch = {k: v.to(device) for k, v in batch.items()}
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
         targets = batch["labels"][:, 1:][mask].split(chunk_size)
-        teacher_chunks = _answer_logit_chunks(teacher, batch, mask, chunk_size, kd_vocab_size) if teacher else None
-        for rows, target in zip(_answer_logit_chunks(student, batch, mask, chunk_size), targets, strict=True):
+        teacher_chunks = answer_logit_chunks(teacher, batch, mask, chunk_size, kd_vocab_size) if teacher else None
+        for rows, target in zip(answer_logit_chunks(student, batch, mask, chunk_size), targets, strict=True):
             totals["nll"] += F.cross_entropy(rows, target, reduction="sum").item()
             totals["tokens"] += target.numel()
             if teacher_chunks is not None:

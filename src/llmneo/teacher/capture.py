@@ -20,16 +20,14 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
+from ..atomic import write_atomically
 from ..data.loading import build_datasets
 from ..data.tokenize import IGNORE_INDEX
 from ..errors import ConfigError
-from ..lm_head import fused_head_unsupported_reason, output_head
-from ..losses.chunked import answer_rows
 from ..models import check_vocabularies, load_teacher, load_tokenizer
-from ..atomic import write_atomically
 from .cache import (CACHE_DTYPES, FORMAT_VERSION, merge_parts, model_identity, read_manifest, remove_parts,
                     run_fingerprint, sha256_file, shard_name, write_manifest, write_part)
-from .online import teacher_final_hidden, teacher_logits
+from .online import answer_logit_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -156,24 +154,11 @@ def _capture_rows(teacher, dataset, rows: range, collator, settings: CaptureSett
         batch = {key: value.to(device) for key, value in batch.items()}
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
         counts += mask.sum(1).tolist()
-        for logits in _answer_logits(teacher, batch, mask, vocab, settings.chunk_rows):
+        for logits in answer_logit_chunks(teacher, batch, mask, settings.chunk_rows, vocab):
             for name, value in _top_k(logits, settings, vocab).items():
                 parts[name].append(value.cpu())
     offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     return {**{name: torch.cat(values) for name, values in parts.items()}, "row_offsets": offsets}
-
-
-def _answer_logits(teacher, batch, mask, vocab: int, chunk_rows: int):
-    """The teacher's logits at the answer positions, ``chunk_rows`` at a time (fp32, shared vocabulary)."""
-    if fused_head_unsupported_reason(teacher) is None:
-        hidden = answer_rows(teacher_final_hidden(teacher, batch["input_ids"], batch["attention_mask"]), mask)
-        weight = output_head(teacher).weight[:vocab]
-        for chunk in hidden.split(chunk_rows):
-            yield F.linear(chunk, weight).float()
-    else:
-        rows = answer_rows(teacher_logits(teacher, batch["input_ids"], batch["attention_mask"]), mask)
-        for chunk in rows.split(chunk_rows):
-            yield chunk[:, :vocab].float()
 
 
 def _top_k(logits: torch.Tensor, settings: CaptureSettings, vocab: int) -> dict:

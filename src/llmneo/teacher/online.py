@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ..lm_head import capture_final_hidden
+from ..lm_head import capture_final_hidden, fused_head_unsupported_reason, output_head
+from ..losses.chunked import answer_rows
 
 
 @torch.no_grad()
@@ -22,3 +24,22 @@ def teacher_final_hidden(teacher: torch.nn.Module, input_ids: torch.Tensor, atte
     with capture_final_hidden(teacher) as captured:
         teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
     return captured.hidden
+
+
+@torch.no_grad()
+def answer_logit_chunks(model: torch.nn.Module, batch: dict, mask: torch.Tensor, chunk_size: int,
+                        vocab: int | None = None):
+    """A model's fp32 logits at the batch's answer positions (``mask``, shifted), ``chunk_size`` rows at a time,
+    over the first ``vocab`` ids: built from the final hidden states, or from full logits for heads the fused loss
+    cannot reproduce. For evaluation and the teacher cache."""
+    input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+    if fused_head_unsupported_reason(model) is None:
+        hidden = answer_rows(teacher_final_hidden(model, input_ids, attention_mask), mask)
+        weight = output_head(model).weight
+        weight = weight[:vocab] if vocab else weight
+        for chunk in hidden.split(chunk_size):
+            yield F.linear(chunk, weight).float()
+    else:
+        rows = answer_rows(teacher_logits(model, input_ids, attention_mask), mask)
+        for chunk in rows.split(chunk_size):
+            yield (chunk[:, :vocab] if vocab else chunk).float()
