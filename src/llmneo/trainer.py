@@ -13,7 +13,7 @@ from transformers.trainer import rotate_checkpoints
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import write_atomically
-from .data.packing import packed_model_inputs
+from .data.packing import packed_model_inputs, packed_row_index
 from .data.tokenize import IGNORE_INDEX
 from .errors import DataError, NonFiniteError
 from .evaluation.metrics import evaluate_against_teacher
@@ -97,8 +97,8 @@ class NeoTrainer(Trainer):
         answers = inputs["labels"][:, 1:] != IGNORE_INDEX
         if "position_ids" not in inputs:
             return answers.sum(1).tolist()
-        row = torch.cumsum(inputs["position_ids"][0] == 0, dim=0)[:-1]  # the row each prediction belongs to
-        return torch.bincount(row[answers[0]] - 1, minlength=len(inputs["row_id"])).tolist()
+        row = packed_row_index(inputs["position_ids"])[:-1]  # the row each prediction belongs to
+        return torch.bincount(row[answers[0]], minlength=len(inputs["row_id"])).tolist()
 
     def _cached_teacher(self, inputs) -> dict:
         """The batch's cached top-k rows, after checking they cover exactly its answer positions."""

@@ -32,10 +32,15 @@ class PackingCollator:
         return batch
 
 
+def packed_row_index(position_ids: torch.Tensor) -> torch.Tensor:
+    """The 0-based row of each position of a packed row (each row starts where its position is 0)."""
+    return torch.cumsum(position_ids[0] == 0, dim=0) - 1
+
+
 def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """(1, 1, T, T) boolean mask: position i attends to j <= i of its own row only (rows start at position 0)."""
+    """(1, 1, T, T) boolean mask: position i attends to j <= i of its own row only."""
     positions = position_ids[0]
-    row = torch.cumsum(positions == 0, dim=0)
+    row = packed_row_index(position_ids)
     causal = torch.ones(positions.numel(), positions.numel(), dtype=torch.bool, device=positions.device).tril()
     return (causal & (row[:, None] == row[None, :]))[None, None]
 
