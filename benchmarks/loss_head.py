@@ -30,6 +30,7 @@ from llmneo.losses.chunked import distillation_loss
 from llmneo.losses.divergences import get_divergence
 from llmneo.losses.fused import fused_distillation_loss
 from llmneo.losses.liger import liger_distillation_loss, liger_unavailable_reason
+from llmneo.memory import PeakMemory
 
 GPU_SHAPES = {"student_hidden": [2048, 4096], "teacher_hidden": [4096], "vocab": 128256, "tokens": [1024, 8192, 16384]}
 CPU_SHAPES = {"student_hidden": [128], "teacher_hidden": [256], "vocab": 32000, "tokens": [1024, 4096]}
@@ -80,43 +81,13 @@ def make_case(tokens, student_hidden, teacher_hidden, vocab, dtype, device, trai
             "labels": labels}
 
 
-class PeakMemory:
-    """Peak bytes allocated above the level at start: CUDA's allocator statistics, or the process's peak RSS."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
-                clear.write("5")
-            self.start = _status("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.peak = _status("VmHWM") - self.start
-
-
-def _status(field):
-    with open("/proc/self/status", encoding="ascii") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
-
-
 def measure(function, case, settings, device, repeats):
     """Median seconds of forward+backward, and the peak extra bytes of one call."""
     times = []
     for attempt in range(repeats + 1):
         case["hidden"].grad = None
         case["weight"].grad = None
-        with PeakMemory(device) as memory:
+        with PeakMemory(cuda=device.type == "cuda") as memory:
             started = time.perf_counter()
             function(case, settings).backward()
             if device.type == "cuda":
@@ -124,7 +95,7 @@ def measure(function, case, settings, device, repeats):
             elapsed = time.perf_counter() - started
         if attempt:  # the first call warms up
             times.append(elapsed)
-    return statistics.median(times), memory.peak
+    return statistics.median(times), memory.extra_bytes
 
 
 def head_flops(tokens, student_hidden, teacher_hidden, vocab, train_head):

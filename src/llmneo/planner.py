@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import PeakMemory
+from .memory import PeakMemory, process_memory
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,7 @@ def memory_budget(budget_gib: float | None) -> int:
         return int(BUDGET_FRACTION * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     with open("/proc/meminfo", encoding="ascii") as meminfo:
         available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    return int(BUDGET_FRACTION * available) + _current_rss()
-
-
-def _current_rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    return int(BUDGET_FRACTION * available) + process_memory("VmRSS")
 
 
 def _probe(trainer, rows: list[dict]) -> int | None:
