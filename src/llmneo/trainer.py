@@ -118,26 +118,30 @@ class NeoTrainer(Trainer):
             return packed_model_inputs(inputs, model)
         return {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
 
+    def _teacher_side(self, inputs, hidden_states: bool) -> dict:
+        """The batch's KD target: cached top-k rows, or the teacher's final hidden states (for the fused and Liger
+        heads) or logits (for the naive loss); nothing for CE-only methods."""
+        if self.teacher_cache is not None:
+            return self._cached_teacher(inputs)
+        if self.teacher is None:
+            return {}
+        teacher_inputs = self._model_inputs(inputs, self.teacher)
+        if hidden_states:
+            return {"teacher_hidden": teacher_final_hidden(self.teacher, **teacher_inputs),
+                    "teacher_weight": output_head(self.teacher).weight}
+        return {"teacher_logits": teacher_logits(self.teacher, **teacher_inputs)}
+
     def _naive_loss(self, model, inputs, num_items_in_batch):
         outputs = model(**self._model_inputs(inputs, model), use_cache=False)
-        teacher = {}
-        if self.teacher_cache is not None:
-            teacher = self._cached_teacher(inputs)
-        elif self.teacher is not None:
-            teacher = {"teacher_logits": teacher_logits(self.teacher, **self._model_inputs(inputs, self.teacher))}
-        parts = distillation_loss(outputs.logits, inputs["labels"], **teacher, **self._loss_settings(num_items_in_batch))
+        parts = distillation_loss(outputs.logits, inputs["labels"], **self._teacher_side(inputs, hidden_states=False),
+                                  **self._loss_settings(num_items_in_batch))
         return parts, outputs
 
     def _head_loss(self, model, inputs, num_items_in_batch):
         with capture_final_hidden(model) as student:
             outputs = model(**self._model_inputs(inputs, model), use_cache=False)
-        teacher = {}
-        if self.teacher_cache is not None:
-            teacher = self._cached_teacher(inputs)
-        elif self.teacher is not None:
-            teacher = {"teacher_hidden": teacher_final_hidden(self.teacher, **self._model_inputs(inputs, self.teacher)),
-                       "teacher_weight": output_head(self.teacher).weight}
-        parts = HEAD_LOSSES[self.loss_impl](student.hidden, output_head(model).weight, inputs["labels"], **teacher,
+        parts = HEAD_LOSSES[self.loss_impl](student.hidden, output_head(model).weight, inputs["labels"],
+                                            **self._teacher_side(inputs, hidden_states=True),
                                             **self._loss_settings(num_items_in_batch))
         return parts, outputs
 

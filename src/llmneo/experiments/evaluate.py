@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -64,8 +63,7 @@ def _teacher(request: EvalRequest, config: dict | None):
     path = request.teacher_model or (config or {}).get("model", {}).get("teacher_model")
     if not path:
         return None
-    model_args = ModelArguments(**{**((config or {}).get("model") or {}), "teacher_model": path})
-    return load_teacher(dataclasses.replace(model_args, teacher_quantization="none"))
+    return load_teacher(ModelArguments(**{**(config or {}).get("model", {}), "teacher_model": path}), quantized=False)
 
 
 def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
