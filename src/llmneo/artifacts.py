@@ -12,7 +12,7 @@ from .adapters.store import load_adapter, save_adapter
 from .config import ModelArguments
 from .errors import ConfigError
 from .methods import METHODS
-from .models import load_student, load_tokenizer
+from .models import ClassHead, load_student, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,14 @@ def run_adapter_dir(path: str | Path) -> Path:
     return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path
 
 
+def run_class_head(config: dict, tokenizer) -> ClassHead | None:
+    """The classification head a run trained (its classes are in the resolved config), or None for causal_lm."""
+    data = config.get("data", {})
+    if data.get("task", "causal_lm") != "classification":
+        return None
+    return ClassHead(tuple(data["class_names"].split(",")), tokenizer.pad_token_id)
+
+
 def load_run_model(run_dir: str | Path):
     """A finished run's student as one standalone model (adapter merged into full weights) and its tokenizer."""
     run_dir = Path(run_dir)
@@ -94,16 +102,19 @@ def load_run_model(run_dir: str | Path):
     adapter_dir, model_dir = run_dir / ADAPTER_DIR, run_dir / MODEL_DIR
     model_args = ModelArguments(**{**config["model"], "student_quantization": "none"})  # merge into full weights
     if adapter_dir.is_dir():
-        merged = load_adapter(load_student(model_args), adapter_dir).merge_and_unload()
-        return merged, load_tokenizer(str(adapter_dir), role="adapter")
+        tokenizer = load_tokenizer(str(adapter_dir), role="adapter")
+        base = load_student(model_args, run_class_head(config, tokenizer))
+        return load_adapter(base, adapter_dir).merge_and_unload(), tokenizer
     if model_dir.is_dir():
         model_args.student_model = str(model_dir)
-        return load_student(model_args), load_tokenizer(str(model_dir), role="run")
+        tokenizer = load_tokenizer(str(model_dir), role="run")
+        return load_student(model_args, run_class_head(config, tokenizer)), tokenizer
     raise ConfigError(f"{run_dir} holds neither {ADAPTER_DIR}/ nor {MODEL_DIR}/: did the run finish?")
 
 
 def merge_run(run_dir: str | Path, output: str | Path) -> Path:
-    """Write a standalone model (base + adapter merged) that `AutoModelForCausalLM.from_pretrained` loads."""
+    """Write a standalone model (base + adapter merged) that `AutoModelForCausalLM.from_pretrained` (or, for a
+    classification run, `AutoModelForSequenceClassification.from_pretrained`) loads."""
     merged, tokenizer = load_run_model(run_dir)
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)

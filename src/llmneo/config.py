@@ -14,6 +14,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ConfigError
 from .methods import METHODS
+from .recipes import RECIPE_HELP, RECIPES
 
 
 def _help(text: str, default=None, **kwargs):
@@ -41,11 +42,18 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    task: Literal["causal_lm", "classification"] = _help(
+        "causal_lm: learn the answers token by token; classification: one label per text "
+        "(AutoModelForSequenceClassification, KD on the class logits).", "causal_lm")
+    class_names: str | None = _help(
+        "Classification: class names in id order, comma-separated; default the sorted distinct labels of the "
+        "training rows (integer labels are ids).")
     dataset: str | None = _help("Local json/jsonl/parquet/csv file(s) (comma-separated, globs allowed) or a hub dataset id.")
     dataset_config: str | None = _help("Subset (config) name of a hub dataset.")
     dataset_split: str = _help("Split to train on.", "train")
-    data_format: Literal["auto", "sharegpt", "openai", "prompt_completion", "text"] = _help(
-        "Row format; auto detects it from the columns (conversations, messages, prompt+completion, text).", "auto"
+    data_format: Literal["auto", "sharegpt", "openai", "prompt_completion", "text", "classification"] = _help(
+        "Row format; auto detects it from the columns (conversations, messages, prompt+completion, text; "
+        "text+label with --task classification).", "auto"
     )
     max_samples: int | None = _help("Train on a random subset of this many rows (drawn with --seed).")
     max_length: int = _help("Truncate every tokenized row to this many tokens.", 512)
@@ -160,6 +168,7 @@ def _training_to_dict(args: TrainingArguments) -> dict:
 def build_parser(prog: str = "llm-neo distill") -> HfArgumentParser:
     parser = HfArgumentParser(CONFIG_CLASSES, prog=prog, allow_abbrev=False)  # a typo must not pick an option
     parser.add_argument("--config", default=None, help="YAML file with any of these options; flags override it.")
+    parser.add_argument("--recipe", default=None, choices=sorted(RECIPES), help=RECIPE_HELP)
     return parser
 
 
@@ -200,17 +209,19 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """Parse `--config file.yaml` plus flags (flags win), then fill method-dependent defaults and validate."""
+    """Parse `--recipe NAME`, `--config file.yaml` and flags (each overriding the one before), then fill
+    method-dependent defaults and validate."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    config_path = parser.parse_known_args(argv)[0].config
-    defaults = load_yaml(config_path) if config_path else {}
+    known = parser.parse_known_args(argv)[0]
+    defaults = dict(RECIPES[known.recipe]) if known.recipe else {}
+    defaults.update(load_yaml(known.config) if known.config else {})
     parser.set_defaults(**defaults)
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     except ValueError as error:  # TrainingArguments validates itself (e.g. bf16 without a GPU)
         raise ConfigError(str(error)) from error
-    dataclass_values = parsed[: len(CONFIG_CLASSES)]  # the rest is the namespace holding --config
+    dataclass_values = parsed[: len(CONFIG_CLASSES)]  # the rest is the namespace holding --config and --recipe
     unknown = [a[2:].split("=")[0] for a in remaining if a.startswith("--")]
     if unknown:
         raise ConfigError(_unknown_message(unknown, "command line"))
@@ -263,6 +274,23 @@ def validate(config: RunConfig) -> None:
         checks.append((preset.uses_teacher, f"teacher_cache is for the kd and neo methods, not {config.distill.method}"))
         checks.append((config.distill.loss_impl != "liger", "loss_impl liger needs the teacher's hidden states, "
                                                               "not a teacher_cache: use fused or naive"))
+    checks += _classification_checks(config)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _classification_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Options that only mean something for token-level (causal_lm) distillation."""
+    classifying = config.data.task == "classification"
+    if not classifying:
+        return [(config.data.data_format != "classification", "data_format classification needs --task classification")]
+    unsupported = [("teacher_cache", config.distill.teacher_cache is not None), ("packing", config.data.packing),
+                   ("auto_micro_batch", config.distill.auto_micro_batch),
+                   ("loss_impl liger", config.distill.loss_impl == "liger")]
+    checks = [(not used, f"{name} is for --task causal_lm; a classification run computes the teacher's class "
+                         "logits online and needs none of it") for name, used in unsupported]
+    checks.append((config.data.data_format in ("auto", "classification"),
+                   f"--task classification reads text+label rows (data_format classification), not "
+                   f"{config.data.data_format}"))
+    return checks

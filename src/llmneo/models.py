@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from .errors import ConfigError, VocabularyError
 
@@ -79,22 +80,43 @@ def _check_weight_format(path: str, role: str, allow_pickle: bool) -> None:
                           "when loaded: convert them to safetensors, or pass --allow_pickle if you trust their source")
 
 
-def load_causal_lm(path: str, role: str, dtype: str | None, attn_implementation: str, trust_remote_code: bool,
-                   quantization: str = "none", allow_pickle: bool = False):
+@dataclass(frozen=True)
+class ClassHead:
+    """A sequence-classification head: the class names in id order, and the pad id that marks where texts end."""
+
+    labels: tuple[str, ...]
+    pad_token_id: int
+
+    def model_kwargs(self, set_labels: bool = True) -> dict:
+        """from_pretrained options; ``set_labels=False`` keeps the checkpoint's own classes (to check them)."""
+        labels = {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
+                  "label2id": {name: i for i, name in enumerate(self.labels)}}
+        return {**(labels if set_labels else {}), "pad_token_id": self.pad_token_id}
+
+
+def load_pretrained_model(path: str, role: str, dtype: str | None, attn_implementation: str, trust_remote_code: bool,
+                   quantization: str = "none", allow_pickle: bool = False, head_kwargs: dict | None = None):
+    """The model at ``path``: a causal LM, or with ``head_kwargs`` (ClassHead.model_kwargs) a sequence classifier
+    whose head is read from the checkpoint when it has one and newly initialised otherwise (see check_class_head)."""
     _check_path(path, role)
     _check_weight_format(path, role, allow_pickle)
     torch_dtype = resolve_dtype(dtype)
     quantized = quantization_config(quantization, torch_dtype)
     placement = {"device_map": {"": torch.cuda.current_device()}} if quantized is not None else {}
-    return AutoModelForCausalLM.from_pretrained(
+    auto_class = AutoModelForCausalLM if head_kwargs is None else AutoModelForSequenceClassification
+    model, loading = auto_class.from_pretrained(
         path,
         dtype=torch_dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
         quantization_config=quantized,
         use_safetensors=None if allow_pickle else True,
+        output_loading_info=True,
         **placement,
+        **(head_kwargs or {}),
     )
+    model.newly_initialized = sorted(loading.get("missing_keys") or [])
+    return model
 
 
 def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
@@ -105,20 +127,39 @@ def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
-def load_teacher(model_args, quantized: bool = True):
-    """The frozen teacher; ``quantized=False`` ignores --teacher_quantization (the fidelity check's reference)."""
-    teacher = load_causal_lm(model_args.teacher_model, "teacher", model_args.teacher_dtype,
+def load_teacher(model_args, quantized: bool = True, head: ClassHead | None = None):
+    """The frozen teacher; ``quantized=False`` ignores --teacher_quantization (the fidelity check's reference).
+    With ``head`` it is a trained sequence classifier over exactly those classes."""
+    teacher = load_pretrained_model(model_args.teacher_model, "teacher", model_args.teacher_dtype,
                              model_args.attn_implementation, model_args.trust_remote_code,
-                             model_args.teacher_quantization if quantized else "none", model_args.allow_pickle)
+                             model_args.teacher_quantization if quantized else "none", model_args.allow_pickle,
+                             head.model_kwargs(set_labels=False) if head is not None else None)
+    if head is not None:
+        check_class_head(teacher, head, model_args.teacher_model)
     return freeze_teacher(teacher)
 
 
-def load_student(model_args):
-    student = load_causal_lm(model_args.student_model, "student", model_args.dtype,
+def load_student(model_args, head: ClassHead | None = None):
+    """The student; with ``head`` a sequence classifier whose head trains with it (new unless the checkpoint has one)."""
+    student = load_pretrained_model(model_args.student_model, "student", model_args.dtype,
                              model_args.attn_implementation, model_args.trust_remote_code,
-                             model_args.student_quantization, model_args.allow_pickle)
+                             model_args.student_quantization, model_args.allow_pickle,
+                             head.model_kwargs() if head is not None else None)
     student.config.use_cache = False
     return student
+
+
+def check_class_head(teacher, head: ClassHead, path: str) -> None:
+    """A classification teacher must bring a trained head over the run's classes, or KD would copy noise."""
+    names = tuple(teacher.config.id2label[i] for i in range(teacher.config.num_labels))
+    if teacher.newly_initialized:
+        raise ConfigError(
+            f"teacher model {path} has no trained classification head ({', '.join(teacher.newly_initialized)} "
+            "missing from its weights): fine-tune it first, e.g. llm-neo distill --task classification --method lora "
+            "--student_model TEACHER, then llm-neo merge")
+    if names != head.labels:
+        raise VocabularyError(f"the teacher {path} classifies into {list(names)} but the data's classes are "
+                              f"{list(head.labels)}: pass --class_names in the teacher's order")
 
 
 def output_vocab_size(model) -> int:

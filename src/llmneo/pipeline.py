@@ -10,14 +10,16 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from peft import prepare_model_for_kbit_training
-from transformers import DataCollatorForSeq2Seq, set_seed
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, set_seed
 
-from .adapters.lora import add_lora, lora_config
+from .adapters.lora import PEFT_TASK_TYPES, add_lora, lora_config
 from .adapters.store import save_initial_adapter
 from .artifacts import METRICS_FILE, run_settings, save_final_weights, save_resolved_config, write_model_card
 from .data.loading import DataReport, build_datasets
 from .data.packing import PackingCollator
+from .classifier_trainer import ClassifierTrainer
 from .data.tokenize import IGNORE_INDEX, ensure_chat_template
+from .evaluation.classification import class_fidelity_kl
 from .evaluation.metrics import teacher_fidelity_kl
 from .losses.backends import choose_loss_impl
 from .losses.divergences import get_divergence
@@ -26,8 +28,8 @@ from .planner import plan_micro_batch
 from .report import write_run_report
 from .resume import checkpoint_step, cut_metrics, resolve_checkpoint
 from .errors import ConfigError, NonFiniteError, TrainingOutOfMemory, VocabularyError
-from .models import (check_quantization, check_vocabularies, is_quantized, load_student, load_teacher, load_tokenizer,
-                     output_vocab_size)
+from .models import (ClassHead, check_quantization, check_vocabularies, is_quantized, load_student, load_teacher,
+                     load_tokenizer, output_vocab_size)
 from .teacher.cache import TeacherCache, check_fingerprint, model_identity, run_fingerprint
 from .teacher.capture import CaptureSettings, capture_teacher_cache
 from .trainer import MetricsJsonlCallback, NeoTrainer
@@ -47,33 +49,44 @@ class RunSummary:
     trained_answer_tokens: int = 0  # answer tokens of every micro-batch trained on
 
 
-def load_student_tokenizer(model_args):
+def load_student_tokenizer(model_args, task: str = "causal_lm"):
     tokenizer = load_tokenizer(model_args.student_model, model_args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if ensure_chat_template(tokenizer):
+    if task == "causal_lm" and ensure_chat_template(tokenizer):
         logger.warning("the student tokenizer has no chat template: using llm-neo's fallback template")
     return tokenizer
 
 
-def make_collator(tokenizer):
+def make_collator(tokenizer, task: str = "causal_lm"):
+    if task == "classification":
+        return DataCollatorWithPadding(tokenizer)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
 
 
-def load_models(config, tokenizer):
+def class_head(config, tokenizer, report: DataReport) -> ClassHead | None:
+    """The classification head the run trains (None for causal_lm); its classes go into the resolved config."""
+    if config.data.task != "classification":
+        return None
+    config.data.class_names = ",".join(report.class_names)
+    return ClassHead(tuple(report.class_names), tokenizer.pad_token_id)
+
+
+def load_models(config, tokenizer, head: ClassHead | None = None):
     """Student (with adapter for lora/neo), teacher or None, and the vocabulary size the KD term uses."""
     preset = METHODS[config.distill.method]
-    student = load_student(config.model)
+    student = load_student(config.model, head)
     teacher, kd_vocab_size = None, None
     if preset.uses_teacher and config.distill.teacher_cache is None:
         teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
-        teacher = load_teacher(config.model)
-        kd_vocab_size = check_vocabularies(tokenizer, teacher_tokenizer, student, teacher)
+        teacher = load_teacher(config.model, head=head)
+        sizes = (student, teacher) if head is None else (len(tokenizer), len(teacher_tokenizer))  # inputs only
+        kd_vocab_size = check_vocabularies(tokenizer, teacher_tokenizer, *sizes)
     if preset.uses_adapter:
         if is_quantized(student):  # QLoRA: fp32 norms, input grads for checkpointing
             checkpointing = config.training.activation_checkpointing or config.training.gradient_checkpointing
             student = prepare_model_for_kbit_training(student, use_gradient_checkpointing=checkpointing)
-        student = add_lora(student, config.adapter)
+        student = add_lora(student, config.adapter, config.data.task)
     return student, teacher, kd_vocab_size
 
 
@@ -99,6 +112,9 @@ def cache_teacher(config, cache_dir, settings: CaptureSettings) -> dict:
     """`llm-neo cache-teacher`: the teacher's top-k over the data exactly as `distill` tokenises it."""
     check_processes(PartialState().num_processes)
     check_quantization(config.model)
+    if config.data.task == "classification":
+        raise ConfigError("cache-teacher is for --task causal_lm: a classification teacher's few class logits are "
+                          "computed online")
     tokenizer = load_student_tokenizer(config.model)
     return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
 
@@ -106,16 +122,20 @@ def cache_teacher(config, cache_dir, settings: CaptureSettings) -> dict:
 def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks=(), teacher_cache=None,
                   eval_dataset=None) -> NeoTrainer:
     run_dir = Path(config.training.output_dir)
-    distill_args = config.distill
+    distill_args, task = config.distill, config.data.task
     divergence = get_divergence(distill_args.divergence, distill_args.jsd_beta, distill_args.skew_lambda,
                                 distill_args.akl_mu)
-    return NeoTrainer(
+    classifying = task == "classification"
+    loss_impl = "naive" if classifying else choose_loss_impl(distill_args.loss_impl, divergence, student, teacher,
+                                                             kd_vocab_size)
+    packing = PackingCollator(config.model.attn_implementation) if config.data.packing else None
+    return (ClassifierTrainer if classifying else NeoTrainer)(
         model=student,
         args=config.training,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        data_collator=PackingCollator(config.model.attn_implementation) if config.data.packing else make_collator(tokenizer),
-        eval_collator=make_collator(tokenizer),
+        data_collator=packing or make_collator(tokenizer, task),
+        eval_collator=make_collator(tokenizer, task),
         processing_class=tokenizer,
         callbacks=[MetricsJsonlCallback(str(run_dir / METRICS_FILE)), *callbacks],
         teacher=teacher,
@@ -124,7 +144,7 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
         kd_chunk_size=distill_args.kd_chunk_size,
         kd_vocab_size=kd_vocab_size,
         divergence=divergence,
-        loss_impl=choose_loss_impl(distill_args.loss_impl, divergence, student, teacher, kd_vocab_size),
+        loss_impl=loss_impl,
         teacher_cache=teacher_cache,
         cache_tail=distill_args.cache_tail,
         nonfinite_policy=distill_args.nonfinite_policy,
@@ -132,12 +152,15 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
     )
 
 
-def log_teacher_fidelity(config, trainer, teacher, kd_vocab_size) -> float:
+def log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head: ClassHead | None = None) -> float:
     """Mean KL between the unquantized and the quantized teacher on the first batch, logged before training."""
-    reference = load_teacher(config.model, quantized=False).to(trainer.args.device)
+    reference = load_teacher(config.model, quantized=False, head=head).to(trainer.args.device)
     loader = trainer.get_eval_dataloader() if trainer.eval_dataset is not None else trainer.get_train_dataloader()
     batch = {key: value.to(trainer.args.device) for key, value in next(iter(loader)).items()}
-    kl = teacher_fidelity_kl(reference, teacher, batch, kd_vocab_size)
+    if head is not None:
+        kl = class_fidelity_kl(reference, teacher, batch)
+    else:
+        kl = teacher_fidelity_kl(reference, teacher, batch, kd_vocab_size)
     del reference
     torch.cuda.empty_cache()
     logger.info("teacher fidelity: mean KL(unquantized || %s) = %.5f per answer token on the first batch",
@@ -162,7 +185,7 @@ def check_before_loading(config) -> None:
     check_processes(config.training.world_size)
     check_quantization(config.model)
     if METHODS[config.distill.method].uses_adapter:
-        lora_config(config.adapter)
+        lora_config(config.adapter, PEFT_TASK_TYPES[config.data.task])
 
 
 def train_or_explain(trainer, config, resume):
@@ -200,7 +223,8 @@ def _save_last_good_step(trainer) -> str:
 def final_evaluation(trainer) -> dict:
     """The held-out metrics after the last step: logged already when the Trainer evaluated at that step."""
     step = trainer.state.global_step
-    logged = [entry for entry in trainer.state.log_history if entry.get("step") == step and "eval_perplexity" in entry]
+    logged = [entry for entry in trainer.state.log_history
+              if entry.get("step") == step and any(key.startswith("eval_") for key in entry)]
     if logged:
         return {key: value for key, value in logged[-1].items() if key.startswith("eval_")}
     return trainer.evaluate()
@@ -217,13 +241,14 @@ def distill(config, callbacks=()) -> RunSummary:
     run_dir = Path(config.training.output_dir)
     check_before_loading(config)
     set_seed(config.training.seed)
-    tokenizer = load_student_tokenizer(config.model)
+    tokenizer = load_student_tokenizer(config.model, config.data.task)
     dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed)
+    head = class_head(config, tokenizer, report)
     logger.info("data: %d rows used, %d skipped, %d answer tokens%s", report.rows_used, len(report.skipped),
                 report.answer_tokens, f"; {len(held_out)} held-out rows" if held_out is not None else "")
     cache = open_teacher_cache(config, tokenizer, dataset) if config.distill.teacher_cache else None
     dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
-    student, teacher, kd_vocab_size = load_models(config, tokenizer)
+    student, teacher, kd_vocab_size = load_models(config, tokenizer, head)
     if cache is not None:
         kd_vocab_size = cached_vocab_size(cache, student)
     resume = resolve_checkpoint(run_dir, config.training.resume_from_checkpoint)
@@ -239,7 +264,7 @@ def distill(config, callbacks=()) -> RunSummary:
     if config.distill.auto_micro_batch:
         plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
     quantized_teacher = teacher is not None and is_quantized(teacher)
-    fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size) if quantized_teacher else None
+    fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head) if quantized_teacher else None
     result = train_or_explain(trainer, config, resume)
     final_metrics = {"train_loss": round(result.training_loss, 6), **last_logged_terms(trainer.state.log_history)}
     if held_out is not None:

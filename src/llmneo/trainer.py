@@ -79,13 +79,18 @@ class NeoTrainer(Trainer):
             parts, outputs = self._naive_loss(model, inputs, num_items_in_batch)
         else:
             parts, outputs = self._head_loss(model, inputs, num_items_in_batch)
+        loss = self._record(model, parts, num_items_in_batch, (inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, model, parts, num_items_in_batch, items) -> torch.Tensor:
+        """Adds a training micro-batch's CE and KD terms and ``items`` (tokens it trained on) to the running sums;
+        returns the loss to back-propagate."""
         scale = self._rank_scale(num_items_in_batch)
         if model.training:  # kept as tensors: no device sync until the next log
             self._term_sums["ce_loss"] += parts.ce * scale
             self._term_sums["kd_loss"] += parts.kd * scale
-            self._answer_tokens_seen += (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
-        loss = parts.loss * scale
-        return (loss, outputs) if return_outputs else loss
+            self._answer_tokens_seen += items
+        return parts.loss * scale
 
     def _loss_settings(self, num_items_in_batch) -> dict:
         settings = {"alpha": self.alpha, "temperature": self.temperature, "num_items": num_items_in_batch,
@@ -157,7 +162,10 @@ class NeoTrainer(Trainer):
         metrics = evaluate_against_teacher(self.model, dataset, self.eval_collator, teacher=self.teacher,
                                            batch_size=self.args.per_device_eval_batch_size,
                                            kd_vocab_size=self.kd_vocab_size, chunk_size=self.kd_chunk_size)
-        metrics = {f"{metric_key_prefix}_{key}": round(value, 6) for key, value in metrics.items()}
+        return self._log_eval(metrics, metric_key_prefix)
+
+    def _log_eval(self, metrics: dict, prefix: str) -> dict:
+        metrics = {f"{prefix}_{key}": round(value, 6) for key, value in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -67,8 +67,9 @@ def mutates_base(config: LoraConfig) -> bool:
     return isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS)
 
 
-def lora_config(adapter_args) -> LoraConfig:
-    """The LoraConfig of ``--adapter`` with ``--peft_options`` on top; a MoSLoRA config builds MoSLoRA layers."""
+def lora_config(adapter_args, task_type: str = "CAUSAL_LM") -> LoraConfig:
+    """The LoraConfig of ``--adapter`` with ``--peft_options`` on top; a MoSLoRA config builds MoSLoRA layers.
+    ``task_type`` SEQ_CLS makes PEFT train and save the classification head in full beside the adapter."""
     options = {**ADAPTER_KINDS[adapter_args.adapter], **parse_peft_options(adapter_args.peft_options)}
     try:
         config = LoraConfig(
@@ -77,7 +78,7 @@ def lora_config(adapter_args) -> LoraConfig:
             lora_dropout=adapter_args.lora_dropout,
             target_modules=resolve_target_modules(adapter_args.target_modules),
             bias="none",
-            task_type="CAUSAL_LM",
+            task_type=task_type,
             **options,
         )
     except (TypeError, ValueError) as error:
@@ -89,6 +90,9 @@ def lora_config(adapter_args) -> LoraConfig:
     return config
 
 
-def add_lora(student, adapter_args):
-    """Wrap the student in a PeftModel whose only trainable parameters are the adapter's."""
-    return get_peft_model(student, lora_config(adapter_args))
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
+
+
+def add_lora(student, adapter_args, task: str = "causal_lm"):
+    """Wrap the student in a PeftModel whose only trainable parameters are the adapter's (and a classifier's head)."""
+    return get_peft_model(student, lora_config(adapter_args, PEFT_TASK_TYPES[task]))

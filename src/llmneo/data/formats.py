@@ -4,7 +4,8 @@ Supported formats:
 - ``sharegpt``: ``conversations: [{from: human|gpt|system, value}]`` (ShareGPT, BAAI Infinity-Instruct);
 - ``openai``: ``messages: [{role: system|user|assistant, content}]``;
 - ``prompt_completion``: ``prompt`` (user turn), ``completion`` (assistant answer), optional ``system``;
-- ``text``: plain ``text``; every token is trained on.
+- ``text``: plain ``text``; every token is trained on;
+- ``classification``: ``text`` and ``label`` (with ``--task classification``; see classification.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 
 from ..errors import DataError
 
-FORMATS = ("sharegpt", "openai", "prompt_completion", "text")
+FORMATS = ("sharegpt", "openai", "prompt_completion", "text", "classification")
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -38,7 +39,7 @@ def detect_format(columns: Iterable[str], source: str) -> str:
 
 def required_columns(fmt: str) -> tuple[str, ...]:
     return {"sharegpt": ("conversations",), "openai": ("messages",), "prompt_completion": ("prompt", "completion"),
-            "text": ("text",)}[fmt]
+            "text": ("text",), "classification": ("text", "label")}[fmt]
 
 
 def row_to_messages(row: dict, fmt: str) -> list[dict[str, str]]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import datasets
 
 from ..errors import DataError
+from .classification import encode_labelled_text, label_id, resolve_class_names
 from .formats import detect_format, required_columns, row_to_messages, row_to_text
 from .tokenize import count_answer_tokens, encode_messages, encode_text
 
@@ -34,8 +35,9 @@ class DataReport:
     data_format: str
     rows_read: int
     rows_used: int
-    answer_tokens: int
+    answer_tokens: int  # classification: labelled texts
     skipped: list[str] = field(default_factory=list)  # one "file, row, field: reason" line per skipped row
+    class_names: list[str] | None = None  # classification: class names in id order
 
 
 def local_files(spec: str) -> list[str] | None:
@@ -125,7 +127,7 @@ def load_rows(data_args, seed: int) -> tuple[datasets.Dataset, str]:
         data = _concatenate([_load_local(path) for path in files])
     fmt = data_args.data_format
     if fmt == "auto":
-        fmt = detect_format(data.column_names, data_args.dataset)
+        fmt = "classification" if data_args.task == "classification" else detect_format(data.column_names, data_args.dataset)
     missing = [c for c in required_columns(fmt) if c not in data.column_names]
     if missing:
         raise DataError(f"format {fmt} needs column(s) {missing}", source=data_args.dataset, field=missing[0])
@@ -154,20 +156,26 @@ def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
         raise DataError(f"the data files have different column types: {error}") from error
 
 
-def _encoder(tokenizer, fmt: str, max_length: int):
+def _encoder(tokenizer, fmt: str, max_length: int, class_names: list[str] | None):
     main_field = required_columns(fmt)[-1]
+    empty_labels = -1 if fmt == "classification" else []  # the column's type either way
+
+    def encode_row(row: dict):
+        if fmt == "classification":
+            return encode_labelled_text(tokenizer, row.get("text"), max_length), label_id(row.get("label"), class_names)
+        if fmt == "text":
+            return encode_text(tokenizer, row_to_text(row), max_length)
+        return encode_messages(tokenizer, row_to_messages(row, fmt), max_length)
 
     def encode(row: dict) -> dict:
         if row.get(JSON_MARKER):
             row = {key: value if key.startswith("_") else json.loads(value) for key, value in row.items()}
         try:
-            if fmt == "text":
-                input_ids, labels = encode_text(tokenizer, row_to_text(row), max_length)
-            else:
-                input_ids, labels = encode_messages(tokenizer, row_to_messages(row, fmt), max_length)
+            input_ids, labels = encode_row(row)
         except DataError as error:
             where = error.field or main_field
-            return {"input_ids": [], "labels": [], "_error": f"file {row['_source']}, row {row['_row']}, field '{where}': {error.reason}"}
+            return {"input_ids": [], "labels": empty_labels,
+                    "_error": f"file {row['_source']}, row {row['_row']}, field '{where}': {error.reason}"}
         return {"input_ids": input_ids, "labels": labels, "_error": ""}
 
     return encode
@@ -176,8 +184,12 @@ def _encoder(tokenizer, fmt: str, max_length: int):
 def build_dataset(data_args, tokenizer, seed: int) -> tuple[datasets.Dataset, DataReport]:
     """Tokenized rows (``input_ids``, ``labels``) ready for the collator, and a report of what was dropped."""
     rows, fmt = load_rows(data_args, seed)
+    class_names = None
+    if fmt == "classification":
+        values = [json.loads(v) for v in rows["label"]] if JSON_MARKER in rows.column_names else rows["label"]
+        class_names = resolve_class_names(values, data_args.class_names, data_args.dataset)
     encoded = rows.map(
-        _encoder(tokenizer, fmt, data_args.max_length),
+        _encoder(tokenizer, fmt, data_args.max_length, class_names),
         remove_columns=[c for c in rows.column_names if c not in ("_source", "_row")],
         load_from_cache_file=False,
         desc="Tokenizing",
@@ -191,9 +203,15 @@ def build_dataset(data_args, tokenizer, seed: int) -> tuple[datasets.Dataset, Da
     encoded = encoded.remove_columns(["_error", "_source", "_row"])
     if len(encoded) == 0:
         raise DataError("no usable rows left", source=data_args.dataset)
-    answer_tokens = sum(count_answer_tokens(labels) for labels in encoded["labels"])
-    report = DataReport(fmt, len(rows), len(encoded), answer_tokens, errors)
+    report = DataReport(fmt, len(rows), len(encoded), _answer_tokens(encoded, fmt), errors, class_names)
     return encoded, report
+
+
+def _answer_tokens(encoded: datasets.Dataset, fmt: str) -> int:
+    """Tokens trained on: answer tokens, or one class label per text."""
+    if fmt == "classification":
+        return len(encoded)
+    return sum(count_answer_tokens(labels) for labels in encoded["labels"])
 
 
 def build_datasets(data_args, tokenizer, seed: int):
@@ -206,10 +224,10 @@ def build_datasets(data_args, tokenizer, seed: int):
             raise DataError("eval_ratio needs at least 2 usable rows", source=data_args.dataset)
         split = train.train_test_split(test_size=data_args.eval_ratio, seed=seed)
         train, held_out = split["train"], split["test"]
-        answer_tokens = sum(count_answer_tokens(labels) for labels in train["labels"])
-        report = dataclasses.replace(report, rows_used=len(train), answer_tokens=answer_tokens)
+        report = dataclasses.replace(report, rows_used=len(train), answer_tokens=_answer_tokens(train, report.data_format))
     elif data_args.eval_split:
-        held_out_args = dataclasses.replace(data_args, max_samples=None)
+        labels = ",".join(report.class_names) if report.class_names else None  # the training rows' classes
+        held_out_args = dataclasses.replace(data_args, max_samples=None, class_names=labels)
         if local_files(data_args.eval_split) is not None:
             held_out_args.dataset = data_args.eval_split
         else:

@@ -9,13 +9,16 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import load_run_config, load_run_model
+from transformers import AutoConfig
+
+from ..artifacts import load_run_config, load_run_model, run_class_head
 from ..config import DataArguments, ModelArguments
 from ..data.loading import build_dataset, build_datasets
 from ..errors import ConfigError
+from ..evaluation.classification import evaluate_classifier
 from ..evaluation.harness import run_lm_eval
 from ..evaluation.metrics import evaluate_against_teacher
-from ..models import load_student, load_teacher, load_tokenizer
+from ..models import ClassHead, load_student, load_teacher, load_tokenizer
 from ..pipeline import make_collator
 
 logger = logging.getLogger(__name__)
@@ -35,23 +38,39 @@ class EvalRequest:
     batch_size: int = 8
 
 
+def _saved_class_head(model_dir: Path, tokenizer) -> ClassHead | None:
+    """The head of a saved sequence classifier (its config's classes), or None for a causal LM."""
+    saved = AutoConfig.from_pretrained(model_dir)
+    if not any(name.endswith("ForSequenceClassification") for name in saved.architectures or []):
+        return None
+    return ClassHead(tuple(saved.id2label[i] for i in range(saved.num_labels)), tokenizer.pad_token_id)
+
+
 def _load_target(request: EvalRequest):
-    """Model, tokenizer, the run's config (None for a model directory)."""
+    """Model, tokenizer, the run's config (for a model directory: None, or its classes when it is a classifier)."""
     target = Path(request.target)
     if (target / "config.yaml").is_file():
         model, tokenizer = load_run_model(target)
         return model, tokenizer, load_run_config(target)
     if not target.is_dir():
         raise ConfigError(f"{target} is neither a run directory (config.yaml) nor a model directory")
-    args = ModelArguments(student_model=str(target))
-    return load_student(args), load_tokenizer(str(target), role="model"), None
+    tokenizer = load_tokenizer(str(target), role="model")
+    head = _saved_class_head(target, tokenizer)
+    config = {"data": {"task": "classification", "class_names": ",".join(head.labels)}} if head else None
+    return load_student(ModelArguments(student_model=str(target)), head), tokenizer, config
+
+
+def _task(config: dict | None) -> str:
+    return ((config or {}).get("data") or {}).get("task", "causal_lm")
 
 
 def _held_out_rows(request: EvalRequest, tokenizer, config: dict | None):
     if request.dataset is not None:
-        data_args = DataArguments(dataset=request.dataset, max_length=config["data"]["max_length"] if config else 512)
+        data = (config or {}).get("data", {})
+        data_args = DataArguments(dataset=request.dataset, max_length=data.get("max_length", 512), task=_task(config),
+                                  class_names=data.get("class_names"))
         return build_dataset(data_args, tokenizer, seed=0)[0]
-    if config is None:
+    if "training" not in (config or {}):
         return None
     data_args = DataArguments(**config["data"])
     if not (data_args.eval_split or data_args.eval_ratio):
@@ -63,7 +82,9 @@ def _teacher(request: EvalRequest, config: dict | None):
     path = request.teacher_model or (config or {}).get("model", {}).get("teacher_model")
     if not path:
         return None
-    return load_teacher(ModelArguments(**{**(config or {}).get("model", {}), "teacher_model": path}), quantized=False)
+    args = ModelArguments(**{**(config or {}).get("model", {}), "teacher_model": path})
+    tokenizer = load_tokenizer(path, role="teacher") if _task(config) == "classification" else None
+    return load_teacher(args, quantized=False, head=run_class_head(config, tokenizer) if tokenizer else None)
 
 
 def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
@@ -75,10 +96,13 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
     held_out = _held_out_rows(request, tokenizer, config)
     if held_out is not None:
         teacher = _teacher(request, config)
-        results["held_out"] = evaluate_against_teacher(model, held_out, make_collator(tokenizer),
-                                                       teacher=teacher.to(device) if teacher is not None else None,
-                                                       batch_size=request.batch_size)
+        evaluate = evaluate_classifier if _task(config) == "classification" else evaluate_against_teacher
+        results["held_out"] = evaluate(model, held_out, make_collator(tokenizer, _task(config)),
+                                       teacher=teacher.to(device) if teacher is not None else None,
+                                       batch_size=request.batch_size)
     if request.tasks:
+        if _task(config) == "classification":
+            raise ConfigError("lm-eval tasks score language models; a classifier is evaluated on held-out rows")
         results["tasks"] = run_lm_eval(model, tokenizer, request.tasks, request.include_path, request.limit,
                                        request.num_fewshot, request.batch_size)
     if not results:
