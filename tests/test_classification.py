@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +251,46 @@ def test_cli_eval_of_a_classification_run(tmp_path, models_dir, classification_d
     assert main(["eval", str(tmp_path / "lora"), "--teacher_model", trained_teacher[0]]) == 0
     result = json.loads((tmp_path / "lora" / "eval.json").read_text())["held_out"]
     assert {"accuracy", "f1", "teacher_agreement", "kl_to_teacher"} <= set(result) and result["texts"] == 48
+
+
+def test_eval_of_a_classifier_directory_equals_one_text_at_a_time(tmp_path, classification_data, trained_teacher):
+    """Batched, padded evaluation must score each text as it scores alone (the head reads the last real token)."""
+    from llmneo.experiments.evaluate import EvalRequest, evaluate_target
+    teacher_dir = trained_teacher[0]
+    scores = evaluate_target(EvalRequest(teacher_dir, dataset=classification_data["test"], batch_size=8))["held_out"]
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    rows = [json.loads(line) for line in open(classification_data["test"], encoding="utf-8")]
+    with torch.no_grad():
+        predictions = [model(**tokenizer(row["text"], return_tensors="pt")).logits.argmax(-1).item() for row in rows]
+    references = [model.config.label2id[row["label"]] for row in rows]
+    assert scores["accuracy"] == pytest.approx(accuracy_score(references, predictions))
+    assert scores["f1"] == pytest.approx(f1_score(references, predictions, zero_division=0))
+    assert not (tmp_path / "eval.json").exists() and not (Path(teacher_dir) / "eval.json").exists()
+
+
+def test_compare_reports_classification_metrics(tmp_path, models_dir, classification_data, trained_teacher):
+    flags = classify_flags(models_dir, classification_data, tmp_path / "unused", "neo", teacher=trained_teacher[0],
+                           max_steps=2)
+    flags = flags[: flags.index("--output_dir")] + flags[flags.index("--output_dir") + 2:]
+    assert main(["compare", *flags, "--methods", "lora,neo", "--output", str(tmp_path / "cmp")]) == 0
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| Method | Trainable params | Peak memory (GiB) | Wall time (s) | Accuracy | F1 |" in report
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv", encoding="utf-8")))
+    assert [row["method"] for row in rows] == ["lora", "neo"]
+    assert all(0.0 <= float(row["accuracy"]) <= 1.0 and row["teacher_agreement"] for row in rows)
+
+
+def test_class_fidelity_kl_equals_the_kl_of_the_two_models(tokenizer):
+    from llmneo.evaluation.classification import class_fidelity_kl
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_labels=3, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    first, second = LlamaForSequenceClassification(config).eval(), LlamaForSequenceClassification(config).eval()
+    batch = tokenizer(["a short text", "another one here"], return_tensors="pt", padding=True)
+    assert class_fidelity_kl(first, first, batch) == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        p, q = (torch.softmax(model(**batch).logits.double(), -1) for model in (first, second))
+    expected = (p * (p.log() - q.log())).sum(-1).mean().item()
+    assert class_fidelity_kl(first, second, batch) == pytest.approx(expected, abs=1e-6)  # fp32 logits

