@@ -57,7 +57,10 @@ def run_settings(config, steps: int, data_report) -> list[tuple[str, object]]:
         ("teacher cache", f"{distill.teacher_cache} ({distill.cache_tail} tail)" if distill.teacher_cache else "none"),
         ("student", config.model.student_model),
         ("data", f"{config.data.dataset} ({data_report.data_format}, {data_report.rows_used} rows used, "
-                 f"{len(data_report.skipped)} skipped, {data_report.answer_tokens} answer tokens)"),
+                 f"{len(data_report.skipped)} skipped, {data_report.answer_tokens} "
+                 f"{'labelled texts' if data_report.class_names else 'answer tokens'})"),
+        ("task", config.data.task if config.data.task == "causal_lm" else
+         f"classification into {', '.join(data_report.class_names)}"),
         ("alpha (CE weight)", distill.alpha if preset.uses_teacher else "CE only"),
         ("temperature", distill.temperature if preset.uses_teacher else "CE only"),
         ("adapter", adapter.adapter if preset.uses_adapter else "none: full fine-tune"),

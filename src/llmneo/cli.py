@@ -11,7 +11,8 @@ from .errors import NeoError
 COMMANDS = {
     "distill": "Distil a teacher into a student (methods sft, lora, kd, neo). `llm-neo distill --help` lists every option.",
     "cache-teacher": "Run the teacher once over the training data and store its top-k distributions for --teacher_cache.",
-    "eval": "Evaluate a run or model: held-out perplexity, top-1 agreement and KL to the teacher; lm-eval tasks.",
+    "eval": "Evaluate a run or model: held-out perplexity, top-1 agreement and KL to the teacher (accuracy, F1, "
+            "agreement and KL for a classifier); lm-eval tasks.",
     "compare": "Train and evaluate sft, lora, kd and neo on the same data, budget and seed (the paper's Table I).",
     "sweep": "Train a LoRA rank x learning-rate grid and plot the chosen metric as a heatmap (Fig. 2).",
     "scaling": "Train on growing data subsets and plot the metric against training tokens (Fig. 4).",
