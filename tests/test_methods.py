@@ -32,8 +32,8 @@ def runs(models_dir, train_file, tmp_path_factory):
     for method in ("sft", "lora", "kd", "neo"):
         calls, loaded = [], []
 
-        def load_teacher(model_args, calls=calls, loaded=loaded):
-            teacher = original_load_teacher(model_args)
+        def load_teacher(model_args, calls=calls, loaded=loaded, **kwargs):
+            teacher = original_load_teacher(model_args, **kwargs)
             teacher.register_forward_hook(lambda *args: calls.append(1))
             loaded.append(teacher)
             return teacher
