@@ -50,7 +50,7 @@ def save_final_weights(model, tokenizer, run_dir: Path, config, initial_adapter:
 def run_settings(config, steps: int, data_report) -> list[tuple[str, object]]:
     """What the model card and the run report say about how the run was made."""
     method, distill, adapter = config.distill.method, config.distill, config.adapter
-    preset = METHODS[method]
+    preset, classes = METHODS[method], data_report.class_names  # classes: set only for --task classification
     return [
         ("method", method),
         ("teacher", config.model.teacher_model or ("(see the cache)" if distill.teacher_cache else "(none: CE only)")),
@@ -58,9 +58,8 @@ def run_settings(config, steps: int, data_report) -> list[tuple[str, object]]:
         ("student", config.model.student_model),
         ("data", f"{config.data.dataset} ({data_report.data_format}, {data_report.rows_used} rows used, "
                  f"{len(data_report.skipped)} skipped, {data_report.answer_tokens} "
-                 f"{'labelled texts' if data_report.class_names else 'answer tokens'})"),
-        ("task", config.data.task if config.data.task == "causal_lm" else
-         f"classification into {', '.join(data_report.class_names)}"),
+                 f"{'labelled texts' if classes else 'answer tokens'})"),
+        ("task", f"classification into {', '.join(classes)}" if classes else config.data.task),
         ("alpha (CE weight)", distill.alpha if preset.uses_teacher else "CE only"),
         ("temperature", distill.temperature if preset.uses_teacher else "CE only"),
         ("adapter", adapter.adapter if preset.uses_adapter else "none: full fine-tune"),
