@@ -23,7 +23,7 @@ from llmneo.adapters.lora import add_lora
 from llmneo.config import AdapterArguments, NeoTrainingArguments
 from llmneo.teacher.cache import TeacherCache
 from llmneo.teacher.capture import CaptureSettings, write_cache
-from llmneo.trainer import NeoTrainer
+from llmneo.training import NeoTrainer
 
 
 def train_tokens_per_second(student, dataset, collator, preset, steps, out, **teacher_side) -> float:

@@ -26,11 +26,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llmneo.losses.chunked import distillation_loss
+from llmneo.losses.contract import LossSettings
+from llmneo.losses.reference import distillation_loss
 from llmneo.losses.divergences import get_divergence
 from llmneo.losses.fused import fused_distillation_loss
 from llmneo.losses.liger import liger_distillation_loss, liger_unavailable_reason
-from llmneo.memory import PeakMemory
+from llmneo.runtime.memory import PeakMemory
 
 GPU_SHAPES = {"student_hidden": [2048, 4096], "teacher_hidden": [4096], "vocab": 128256, "tokens": [1024, 8192, 16384]}
 CPU_SHAPES = {"student_hidden": [128], "teacher_hidden": [256], "vocab": 32000, "tokens": [1024, 4096]}
@@ -40,7 +41,7 @@ def textbook_naive(case, settings):
     student = F.linear(case["hidden"][0, :-1], case["weight"]).float()
     with torch.no_grad():
         teacher = F.linear(case["teacher_hidden"][0, :-1], case["teacher_weight"]).float()
-    temperature, alpha = settings["temperature"], settings["alpha"]
+    temperature, alpha = settings.temperature, settings.alpha
     ce = F.cross_entropy(student, case["labels"][0, 1:])
     kd = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
                   reduction="batchmean", log_target=True) * temperature**2
@@ -50,17 +51,17 @@ def textbook_naive(case, settings):
 def neo_naive(case, settings):
     with torch.no_grad():
         teacher = F.linear(case["teacher_hidden"], case["teacher_weight"])
-    return distillation_loss(F.linear(case["hidden"], case["weight"]), case["labels"], teacher, **settings).loss
+    return distillation_loss(F.linear(case["hidden"], case["weight"]), case["labels"], teacher, settings=settings).loss
 
 
 def fused(case, settings):
     return fused_distillation_loss(case["hidden"], case["weight"], case["labels"], case["teacher_hidden"],
-                                   case["teacher_weight"], **settings).loss
+                                   case["teacher_weight"], settings=settings).loss
 
 
 def liger(case, settings):
     return liger_distillation_loss(case["hidden"], case["weight"], case["labels"], case["teacher_hidden"],
-                                   case["teacher_weight"], **settings).loss
+                                   case["teacher_weight"], settings=settings).loss
 
 
 IMPLEMENTATIONS = {"naive": textbook_naive, "neo-naive": neo_naive, "fused": fused, "liger": liger}
@@ -136,8 +137,8 @@ def available(name, args):
 def run(args):
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    settings = {"alpha": args.alpha, "temperature": args.temperature, "chunk_size": args.chunk_size,
-                "divergence": get_divergence(args.divergence)}
+    settings = LossSettings(alpha=args.alpha, temperature=args.temperature, chunk_size=args.chunk_size,
+                            divergence=get_divergence(args.divergence))
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {dtype}, "
           f"V={args.vocab}, divergence {args.divergence}, chunk {args.chunk_size}, head "
           f"{'trained' if args.train_head else 'frozen'}, median of {args.repeats}")

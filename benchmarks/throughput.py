@@ -29,10 +29,10 @@ from common import PRESETS, StepClock, build_llama, padding_collator, parameter_
 from llmneo.adapters.lora import add_lora
 from llmneo.config import AdapterArguments, NeoTrainingArguments
 from llmneo.data.packing import PackingCollator
-from llmneo.memory import PeakMemory
+from llmneo.runtime.memory import PeakMemory
 from llmneo.teacher.cache import TeacherCache
 from llmneo.teacher.capture import CaptureSettings, write_cache
-from llmneo.trainer import NeoTrainer
+from llmneo.training import NeoTrainer
 
 PEAK_TFLOPS = 790.0
 # (label, method, options): the levers, each switched on against the plain neo row.
@@ -90,7 +90,6 @@ def measure_naive(teacher, preset, dataset, batch, steps, device):
 def measure_trainer(method, options, teacher, preset, dataset, batch, steps, device, scratch):
     options = dict(options)
     use_cache, packing = options.pop("cache", False), options.pop("packing", False)
-    loss_impl = options.pop("loss_impl", "fused")
     student = build_llama(preset["vocab"], preset["student"], preset["dtype"], seed=2)
     if method in ("lora", "neo"):
         student = add_lora(student, AdapterArguments(lora_r=preset["rank"]))
@@ -106,7 +105,7 @@ def measure_trainer(method, options, teacher, preset, dataset, batch, steps, dev
     collator = PackingCollator("sdpa") if packing else padding_collator()
     clock = StepClock()
     trainer = NeoTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock],
-                         loss_impl=loss_impl, **side)
+                         **side)
     with PeakMemory() as memory:
         trainer.train()
     del trainer, student

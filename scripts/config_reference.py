@@ -7,11 +7,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from llmneo.config import CONFIG_CLASSES, NeoTrainingArguments
+from llmneo.config import CONFIG_CLASSES, DistillArguments, NeoTrainingArguments
+
+# The README groups options as the run's config.yaml does: the distillation settings before transformers' own.
+SECTIONS = (*CONFIG_CLASSES[:-1], DistillArguments, NeoTrainingArguments)
 
 
 def rows():
-    for cls in CONFIG_CLASSES:
+    for cls in SECTIONS:
         own = NeoTrainingArguments.__annotations__ if cls is NeoTrainingArguments else None
         for field in dataclasses.fields(cls):
             if own is not None and field.name not in own:

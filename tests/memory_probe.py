@@ -9,7 +9,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from llmneo.losses.chunked import distillation_loss
+from llmneo.losses.contract import LossSettings
+from llmneo.losses.reference import distillation_loss
 from llmneo.losses.fused import fused_distillation_loss
 
 TOKENS, HIDDEN, VOCAB, CHUNK = 8192, 64, 32000, 1024
@@ -35,13 +36,13 @@ def inputs():
 
 
 def fused(hidden, weight, teacher_hidden, teacher_weight, labels):
-    fused_distillation_loss(hidden, weight, labels, teacher_hidden, teacher_weight, chunk_size=CHUNK).loss.backward()
+    fused_distillation_loss(hidden, weight, labels, teacher_hidden, teacher_weight, settings=LossSettings(chunk_size=CHUNK)).loss.backward()
 
 
 def naive(hidden, weight, teacher_hidden, teacher_weight, labels):
     with torch.no_grad():
         teacher_logits = F.linear(teacher_hidden, teacher_weight)
-    distillation_loss(F.linear(hidden, weight), labels, teacher_logits, chunk_size=CHUNK).loss.backward()
+    distillation_loss(F.linear(hidden, weight), labels, teacher_logits, settings=LossSettings(chunk_size=CHUNK)).loss.backward()
 
 
 def main():

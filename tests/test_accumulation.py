@@ -8,7 +8,9 @@ import torch
 from conftest import run_flags
 from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
-from llmneo.pipeline import build_trainer, load_models, load_student_tokenizer, make_collator
+from llmneo.data.collators import make_collator
+from llmneo.models import load_student_tokenizer
+from llmneo.pipeline import build_trainer, load_models
 
 SPLITS = [(8, 1), (4, 2), (1, 8)]  # (micro-batch size, accumulation steps)
 

@@ -17,10 +17,11 @@ from llmneo import pipeline as pipeline_module
 from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.errors import ConfigError
-from llmneo.pipeline import (build_trainer, cache_teacher, distill, load_models, load_student_tokenizer,
-                             make_collator, open_teacher_cache)
-from llmneo.teacher.cache import merge_parts
-from llmneo.teacher.capture import CaptureSettings
+from llmneo.data.collators import make_collator
+from llmneo.models import load_student_tokenizer
+from llmneo.pipeline import build_trainer, distill, load_models
+from llmneo.teacher.cache import merge_parts, open_teacher_cache
+from llmneo.teacher.capture import CaptureSettings, cache_teacher
 
 FULL = 10_000  # top_k larger than the vocabulary: every token is cached
 
@@ -58,7 +59,7 @@ def first_step(models_dir, train_file, tmp_path, loss_impl, **extra):
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    return loss.detach(), trainer._term_sums["kd_loss"].detach(), grads
+    return loss.detach(), trainer.loss_terms()["kd_loss"].detach(), grads
 
 
 @pytest.mark.parametrize("loss_impl", ["fused", "naive"])

@@ -20,6 +20,7 @@ from llmneo.demo.tiny import corpus_texts
 from llmneo.errors import ConfigError, DataError, VocabularyError
 from llmneo.evaluation.classification import classification_scores
 from llmneo.losses.classification import classification_distillation_loss
+from llmneo.losses.contract import LossSettings
 from llmneo.losses.divergences import get_divergence
 from llmneo.pipeline import distill
 
@@ -46,8 +47,8 @@ def test_loss_equals_naive_values_and_gradients(divergence, alpha, temperature):
     teacher = torch.randn(6, 3, generator=generator, dtype=torch.float64) * 3
     labels = torch.tensor([0, 2, 1, 1, 0, 2])
     ours_input = student.clone().requires_grad_(True)
-    ours = classification_distillation_loss(ours_input, labels, teacher, alpha=alpha, temperature=temperature,
-                                            divergence=get_divergence(divergence), num_items=10)
+    settings = LossSettings(alpha=alpha, temperature=temperature, divergence=get_divergence(divergence))
+    ours = classification_distillation_loss(ours_input, labels, teacher, settings=settings, num_items=10)
     ours.loss.backward()
     reference_input = student.clone().requires_grad_(True)
     reference = naive_loss(reference_input, labels, teacher, alpha, temperature, divergence, 10)
@@ -62,9 +63,9 @@ def test_loss_split_into_micro_batches_sums_to_the_whole_batch():
     generator = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(8, 2, generator=generator), torch.randn(8, 2, generator=generator)
     labels = torch.randint(0, 2, (8,), generator=generator)
-    whole = classification_distillation_loss(student, labels, teacher, temperature=2.0)
-    halves = [classification_distillation_loss(student[i:i + 4], labels[i:i + 4], teacher[i:i + 4], temperature=2.0,
-                                               num_items=8) for i in (0, 4)]
+    whole = classification_distillation_loss(student, labels, teacher, settings=LossSettings(temperature=2.0))
+    halves = [classification_distillation_loss(student[i:i + 4], labels[i:i + 4], teacher[i:i + 4],
+                                               settings=LossSettings(temperature=2.0), num_items=8) for i in (0, 4)]
     assert (halves[0].loss + halves[1].loss).item() == pytest.approx(whole.loss.item(), rel=1e-6)
 
 
@@ -255,7 +256,7 @@ def test_cli_eval_of_a_classification_run(tmp_path, models_dir, classification_d
 
 def test_eval_of_a_classifier_directory_equals_one_text_at_a_time(tmp_path, classification_data, trained_teacher):
     """Batched, padded evaluation must score each text as it scores alone (the head reads the last real token)."""
-    from llmneo.experiments.evaluate import EvalRequest, evaluate_target
+    from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
     teacher_dir = trained_teacher[0]
     scores = evaluate_target(EvalRequest(teacher_dir, dataset=classification_data["test"], batch_size=8))["held_out"]
     model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)

@@ -13,7 +13,7 @@ from llmneo.config import CONFIG_CLASSES, option_names, parse_config
 from llmneo.errors import ConfigError, VocabularyError
 from llmneo.models import check_vocabularies, load_student, load_teacher, load_tokenizer
 from llmneo.pipeline import distill
-from llmneo.trainer import NeoTrainer
+from llmneo.training import NeoTrainer
 
 
 def write_yaml(path, data):

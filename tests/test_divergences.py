@@ -8,7 +8,8 @@ import torch
 from conftest import run_flags
 from llmneo.config import parse_config
 from llmneo.errors import ConfigError
-from llmneo.losses.chunked import distillation_loss
+from llmneo.losses.contract import LossSettings
+from llmneo.losses.reference import distillation_loss
 from llmneo.losses.divergences import DIVERGENCES, get_divergence
 from llmneo.pipeline import distill
 
@@ -42,12 +43,12 @@ def naive(name, s_row, t_row, temperature, beta=0.5, skew=0.1, mu=0.5):
         return kl(ps, [skew * b + (1 - skew) * a for a, b in zip(pt, ps, strict=False)])
     if name == "akl":
         order = sorted(range(len(pt)), key=lambda i: -pt[i])
-        head, mass = [], 0.0
-        for i in order:  # the fewest top teacher tokens whose mass reaches mu
-            if mass >= mu:
+        head, mass = [order[0]], pt[order[0]]  # the top-1 token is always head
+        for i in order[1:]:  # then every token while the cumulative teacher mass stays <= mu (authors' get_ratio)
+            mass += pt[i]
+            if mass > mu:
                 break
             head.append(i)
-            mass += pt[i]
         head_gap = sum(abs(pt[i] - ps[i]) for i in head)
         tail_gap = sum(abs(pt[i] - ps[i]) for i in range(len(pt)) if i not in head)
         g_head = head_gap / (head_gap + tail_gap) if head_gap + tail_gap > 0 else 0.5
@@ -141,12 +142,38 @@ def test_akl_head_is_the_fewest_tokens_reaching_mu():
     assert value == pytest.approx(g_head * fkl + (1 - g_head) * rkl, rel=1e-5)
 
 
+def test_akl_token_crossing_mu_is_tail_as_in_the_authors_code():
+    """Teacher [0.4, 0.3, 0.2, 0.1], mu = 0.5: the cumulative mass is 0.4, 0.7, ... so the second token, whose
+    cumulative mass first exceeds mu, is tail (get_ratio: mask = cumsum > mu); only the top-1 token is head.
+    Counting it as head (the fewest tokens reaching mu) would give g_head = 0.4 / 0.8 instead of 0.3 / 0.8."""
+    p_teacher, p_student = [0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.2, 0.5]
+    teacher = torch.tensor([[math.log(p) for p in p_teacher]])
+    student = torch.tensor([[math.log(p) for p in p_student]])
+    value = get_divergence("akl", akl_mu=0.5)(student, teacher).item()
+    head_gap, tail_gap = 0.3, 0.1 + 0.0 + 0.4  # |0.4-0.1| vs |0.3-0.2| + |0.2-0.2| + |0.1-0.5|
+    g_head = head_gap / (head_gap + tail_gap)
+    assert g_head == pytest.approx(0.375)
+    fkl, rkl = kl(p_teacher, p_student), kl(p_student, p_teacher)
+    assert value == pytest.approx(g_head * fkl + (1 - g_head) * rkl, rel=1e-5)
+    assert value != pytest.approx(0.5 * fkl + 0.5 * rkl, rel=1e-3)
+
+
+def test_akl_top1_token_is_head_even_above_mu():
+    """Teacher mass 0.8 on the top token, mu = 0.5: its cumulative mass exceeds mu, yet it is the head."""
+    p_teacher, p_student = [0.8, 0.15, 0.05], [0.5, 0.25, 0.25]
+    value = get_divergence("akl", akl_mu=0.5)(torch.tensor([[math.log(p) for p in p_student]]),
+                                              torch.tensor([[math.log(p) for p in p_teacher]])).item()
+    g_head = 0.3 / (0.3 + 0.1 + 0.2)
+    expected = g_head * kl(p_teacher, p_student) + (1 - g_head) * kl(p_student, p_teacher)
+    assert value == pytest.approx(expected, rel=1e-5)
+
+
 def test_loss_uses_the_chosen_divergence_on_shifted_answer_rows():
     student, teacher = rows(seed=4, n=6)
     student, teacher = student.view(1, 6, 9), teacher.view(1, 6, 9)
     labels = torch.tensor([[-100, -100, 3, 4, -100, 5]])  # predicted from positions 1, 2, 4
-    parts = distillation_loss(student, labels, teacher, alpha=0.0, temperature=2.0,
-                              divergence=get_divergence("reverse_kl"))
+    parts = distillation_loss(student, labels, teacher,
+                              settings=LossSettings(alpha=0.0, temperature=2.0, divergence=get_divergence("reverse_kl")))
     expected = sum(naive("reverse_kl", student[0, t].tolist(), teacher[0, t].tolist(), 2.0) for t in (1, 2, 4)) * 4 / 3
     assert parts.loss.item() == pytest.approx(expected, rel=1e-5)
 

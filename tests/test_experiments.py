@@ -19,7 +19,9 @@ from llmneo.evaluation.harness import TASK_PRESETS, resolve_tasks, run_lm_eval
 from llmneo.evaluation.metrics import evaluate_against_teacher
 from llmneo.experiments import cells as cells_module
 from llmneo.experiments.sweep import sweep
-from llmneo.pipeline import distill, load_student_tokenizer, make_collator
+from llmneo.data.collators import make_collator
+from llmneo.models import load_student_tokenizer
+from llmneo.pipeline import distill
 from llmneo.report import bar_chart, read_metrics
 
 

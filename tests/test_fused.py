@@ -17,11 +17,12 @@ from llmneo.config import parse_config
 from llmneo.demo.tiny import build_tiny_llama
 from llmneo.errors import ConfigError
 from llmneo.losses.backends import choose_loss_impl
-from llmneo.losses.chunked import distillation_loss
+from llmneo.losses.contract import LossSettings
+from llmneo.losses.reference import distillation_loss
 from llmneo.losses.divergences import DIVERGENCES, get_divergence
 from llmneo.losses.fused import fused_distillation_loss
 from llmneo.losses.liger import liger_distillation_loss
-from llmneo import trainer as trainer_module
+from llmneo.losses import backends as backends_module
 from llmneo.pipeline import distill
 
 BATCH, LENGTH, HIDDEN, TEACHER_HIDDEN, VOCAB = 3, 8, 16, 24, 29
@@ -52,10 +53,17 @@ def leaves(case, train_weight):
     return hidden, weight
 
 
+def loss_options(settings: dict) -> dict:
+    """A call's LossSettings (over the shared vocabulary) and its num_items, from flat keywords."""
+    settings = dict(settings)
+    num_items = settings.pop("num_items", None)
+    return {"settings": LossSettings(kd_vocab_size=VOCAB, **settings), "num_items": num_items}
+
+
 def naive_path(case, labels, train_weight, **settings):
     hidden, weight = leaves(case, train_weight)
     teacher_logits = F.linear(case["teacher_hidden"], case["teacher_weight"])
-    parts = distillation_loss(F.linear(hidden, weight), labels, teacher_logits, kd_vocab_size=VOCAB, **settings)
+    parts = distillation_loss(F.linear(hidden, weight), labels, teacher_logits, **loss_options(settings))
     parts.loss.backward()
     return parts, hidden.grad, weight.grad
 
@@ -65,7 +73,7 @@ def fused_path(case, labels, train_weight, teacher_as_logits=False, **settings):
     teacher = {"teacher_hidden": case["teacher_hidden"], "teacher_weight": case["teacher_weight"]}
     if teacher_as_logits:
         teacher = {"teacher_logits": F.linear(case["teacher_hidden"], case["teacher_weight"])}
-    parts = fused_distillation_loss(hidden, weight, labels, **teacher, kd_vocab_size=VOCAB, **settings)
+    parts = fused_distillation_loss(hidden, weight, labels, **teacher, **loss_options(settings))
     parts.loss.backward()
     return parts, hidden.grad, weight.grad
 
@@ -104,7 +112,7 @@ def test_teacher_given_as_logits(name):
 def test_ce_only_equals_naive_and_step_normalisation():
     case, labels = make_case(seed=2)
     hidden, weight = leaves(case, True)
-    parts = fused_distillation_loss(hidden, weight, labels, num_items=30, chunk_size=5)
+    parts = fused_distillation_loss(hidden, weight, labels, num_items=30, settings=LossSettings(chunk_size=5))
     parts.loss.backward()
     ref_hidden, ref_weight = leaves(case, True)
     reference = distillation_loss(F.linear(ref_hidden, ref_weight), labels, num_items=30)
@@ -117,7 +125,7 @@ def test_backward_scales_by_the_incoming_gradient():
     case, labels = make_case(seed=3)
     hidden, weight = leaves(case, True)
     (fused_distillation_loss(hidden, weight, labels, case["teacher_hidden"], case["teacher_weight"],
-                             kd_vocab_size=VOCAB, chunk_size=5).loss * 3.0).backward()
+                             **loss_options({"chunk_size": 5})).loss * 3.0).backward()
     _, ref_hidden_grad, ref_weight_grad = fused_path(case, labels, True, chunk_size=5)
     torch.testing.assert_close(hidden.grad, 3.0 * ref_hidden_grad)
     torch.testing.assert_close(weight.grad, 3.0 * ref_weight_grad)
@@ -128,7 +136,7 @@ def test_values_without_gradients_under_no_grad():
     hidden, weight = leaves(case, True)
     with torch.no_grad():
         parts = fused_distillation_loss(hidden, weight, labels, case["teacher_hidden"], case["teacher_weight"],
-                                        kd_vocab_size=VOCAB, chunk_size=5)
+                                        **loss_options({"chunk_size": 5}))
     reference, _, _ = naive_path(case, labels, True, chunk_size=5)
     assert parts.loss.grad_fn is None
     torch.testing.assert_close(parts.loss, reference.loss.detach(), rtol=1e-5, atol=1e-5)
@@ -144,7 +152,7 @@ def test_liger_backend_equals_naive(name):
                 "divergence": get_divergence(name, jsd_beta=0.3)}
     hidden, weight = leaves(case, True)
     parts = liger_distillation_loss(hidden, weight, labels, case["teacher_hidden"], case["teacher_weight"],
-                                    kd_vocab_size=VOCAB, **settings)
+                                    **loss_options(settings))
     parts.loss.backward()
     assert_same((parts, hidden.grad, weight.grad), naive_path(case, labels, True, **settings))
 
@@ -174,7 +182,7 @@ def count_fused_calls(monkeypatch) -> list:
         calls.append(kwargs.get("teacher_hidden") is not None)
         return fused_distillation_loss(*args, **kwargs)
 
-    monkeypatch.setitem(trainer_module.HEAD_LOSSES, "fused", spy)
+    monkeypatch.setitem(backends_module.LOSS_FUNCTIONS, "fused", spy)
     return calls
 
 

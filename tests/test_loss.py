@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from llmneo.losses.chunked import distillation_loss
+from llmneo.losses.contract import LossSettings
+from llmneo.losses.reference import distillation_loss
 from llmneo.losses.divergences import forward_kl
 
 
@@ -51,7 +52,7 @@ def test_loss_and_gradients_match_naive(alpha, temperature):
     student, teacher, labels = make_inputs()
     ours_in = student.clone().requires_grad_(True)
     naive_in = student.clone().requires_grad_(True)
-    ours = distillation_loss(ours_in, labels, teacher, alpha=alpha, temperature=temperature, chunk_size=4)
+    ours = distillation_loss(ours_in, labels, teacher, settings=LossSettings(alpha=alpha, temperature=temperature, chunk_size=4))
     reference = naive_loss(naive_in, teacher, labels, alpha, temperature)
     ours.loss.backward()
     reference.backward()
@@ -61,7 +62,7 @@ def test_loss_and_gradients_match_naive(alpha, temperature):
 
 def test_parts_are_ce_and_scaled_kd():
     student, teacher, labels = make_inputs(seed=1)
-    parts = distillation_loss(student, labels, teacher, alpha=0.3, temperature=2.0)
+    parts = distillation_loss(student, labels, teacher, settings=LossSettings(alpha=0.3, temperature=2.0))
     ce_only = naive_loss(student, None, labels, 1.0, 1.0)
     kd_only = naive_loss(student, teacher, labels, 0.0, 2.0)
     torch.testing.assert_close(parts.ce, ce_only, atol=1e-5, rtol=1e-5)
@@ -78,7 +79,7 @@ def test_kd_mask_is_shifted_with_the_labels():
     labels = torch.full((1, 6), -100)
     labels[0, 3:5] = torch.tensor([2, 7])  # answer tokens at positions 3, 4: predicted from positions 2, 3
     teacher[0, 2:4] = student[0, 2:4]
-    parts = distillation_loss(student, labels, teacher, alpha=0.0)
+    parts = distillation_loss(student, labels, teacher, settings=LossSettings(alpha=0.0))
     assert parts.kd.item() == pytest.approx(0.0, abs=1e-7)
     unshifted_positions = forward_kl(student[0, 3:5], teacher[0, 3:5]).sum()
     assert unshifted_positions.item() > 0.1  # the wrong positions would give a clearly non-zero KD
@@ -86,8 +87,8 @@ def test_kd_mask_is_shifted_with_the_labels():
 
 def test_normalised_by_given_token_count_and_chunking_invariant():
     student, teacher, labels = make_inputs(seed=2)
-    whole = distillation_loss(student, labels, teacher, num_items=40, chunk_size=1000)
-    tiny_chunks = distillation_loss(student, labels, teacher, num_items=40, chunk_size=1)
+    whole = distillation_loss(student, labels, teacher, num_items=40, settings=LossSettings(chunk_size=1000))
+    tiny_chunks = distillation_loss(student, labels, teacher, num_items=40, settings=LossSettings(chunk_size=1))
     reference = naive_loss(student, teacher, labels, 0.5, 1.0, num_items=40)
     torch.testing.assert_close(whole.loss, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tiny_chunks.loss, reference, atol=1e-5, rtol=1e-5)
@@ -96,7 +97,7 @@ def test_normalised_by_given_token_count_and_chunking_invariant():
 def test_kd_over_shared_vocabulary_only():
     student, teacher, labels = make_inputs(seed=3, vocab=13)
     labels = labels.clamp(max=9).masked_fill(labels == -100, -100)
-    parts = distillation_loss(student, labels, teacher, alpha=0.0, kd_vocab_size=10)
+    parts = distillation_loss(student, labels, teacher, settings=LossSettings(alpha=0.0, kd_vocab_size=10))
     reference = naive_loss(student, teacher, labels, 0.0, 1.0, vocab=10)
     torch.testing.assert_close(parts.loss, reference, atol=1e-5, rtol=1e-5)
 
@@ -110,6 +111,6 @@ def test_forward_kl_zero_teacher_probabilities_are_finite():
 
 def test_ce_only_without_teacher():
     student, _, labels = make_inputs(seed=4)
-    parts = distillation_loss(student, labels, None, alpha=0.5)
+    parts = distillation_loss(student, labels, None, settings=LossSettings(alpha=0.5))
     torch.testing.assert_close(parts.loss, naive_loss(student, None, labels, 1.0, 1.0), atol=1e-5, rtol=1e-5)
     assert parts.kd.item() == 0.0

@@ -12,7 +12,9 @@ from llmneo.config import parse_config
 from llmneo.data.loading import build_datasets
 from llmneo.data.packing import PackingCollator, packed_model_inputs
 from llmneo.demo.tiny import build_tiny_llama
-from llmneo.pipeline import distill, load_student_tokenizer, make_collator
+from llmneo.data.collators import make_collator
+from llmneo.models import load_student_tokenizer
+from llmneo.pipeline import distill
 
 
 def per_sample_losses(logits, labels, rows):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_flags
-from llmneo import planner
+from llmneo.runtime import planner
 from llmneo.config import parse_config
 from llmneo.pipeline import distill
 

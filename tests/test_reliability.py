@@ -18,7 +18,7 @@ from llmneo import cli
 from llmneo.config import parse_config
 from llmneo.errors import ConfigError, NonFiniteError, TrainingOutOfMemory
 from llmneo.pipeline import distill
-from llmneo.resume import resolve_checkpoint
+from llmneo.runtime.resume import resolve_checkpoint
 
 KILLER = """
 import os, signal, sys

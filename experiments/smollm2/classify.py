@@ -29,7 +29,7 @@ from pathlib import Path
 from run import ROOT, prepare_models, write_jsonl
 
 from llmneo import cli
-from llmneo.experiments.evaluate import EvalRequest, evaluate_target
+from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
 
 CLASSES = "rotten,fresh"
 SIZES = {

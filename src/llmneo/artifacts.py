@@ -89,14 +89,6 @@ def run_adapter_dir(path: str | Path) -> Path:
     return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path
 
 
-def run_class_head(config: dict, tokenizer) -> ClassHead | None:
-    """The classification head a run trained (its classes are in the resolved config), or None for causal_lm."""
-    data = config.get("data", {})
-    if data.get("task", "causal_lm") != "classification":
-        return None
-    return ClassHead(tuple(data["class_names"].split(",")), tokenizer.pad_token_id)
-
-
 def load_run_model(run_dir: str | Path):
     """A finished run's student as one standalone model (adapter merged into full weights) and its tokenizer."""
     run_dir = Path(run_dir)
@@ -105,12 +97,12 @@ def load_run_model(run_dir: str | Path):
     model_args = ModelArguments(**{**config["model"], "student_quantization": "none"})  # merge into full weights
     if adapter_dir.is_dir():
         tokenizer = load_tokenizer(str(adapter_dir), role="adapter")
-        base = load_student(model_args, run_class_head(config, tokenizer))
+        base = load_student(model_args, ClassHead.from_run_config(config, tokenizer))
         return load_adapter(base, adapter_dir).merge_and_unload(), tokenizer
     if model_dir.is_dir():
         model_args.student_model = str(model_dir)
         tokenizer = load_tokenizer(str(model_dir), role="run")
-        return load_student(model_args, run_class_head(config, tokenizer)), tokenizer
+        return load_student(model_args, ClassHead.from_run_config(config, tokenizer)), tokenizer
     raise ConfigError(f"{run_dir} holds neither {ADAPTER_DIR}/ nor {MODEL_DIR}/: did the run finish?")
 
 

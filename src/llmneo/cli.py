@@ -42,8 +42,7 @@ def cmd_distill(argv: list[str]) -> int:
 
 def cmd_cache_teacher(argv: list[str]) -> int:
     from .config import parse_config
-    from .pipeline import cache_teacher
-    from .teacher.capture import CaptureSettings
+    from .teacher.capture import CaptureSettings, cache_teacher
 
     defaults = CaptureSettings()
     parser = argparse.ArgumentParser(prog="llm-neo cache-teacher", description=COMMANDS["cache-teacher"],
@@ -87,7 +86,7 @@ def _numbers(text: str, kind):
 def cmd_eval(argv: list[str]) -> int:
     import json
 
-    from .experiments.evaluate import EvalRequest, evaluate_target
+    from .evaluation.evaluate import EvalRequest, evaluate_target
 
     parser = argparse.ArgumentParser(prog="llm-neo eval", description=COMMANDS["eval"], allow_abbrev=False)
     parser.add_argument("target", help="Run directory of `llm-neo distill`, or a model directory.")

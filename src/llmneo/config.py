@@ -101,7 +101,9 @@ class DistillArguments:
     )
     jsd_beta: float = _help("Generalized JSD weight beta: 0 is forward KL, 1 is reverse KL.", 0.5)
     skew_lambda: float = _help("Skew KL mixing weight lambda: KL(p || lambda * p + (1 - lambda) * q).", 0.1)
-    akl_mu: float = _help("Adaptive KL head threshold mu: the head is the fewest top teacher tokens holding mass mu.", 0.5)
+    akl_mu: float = _help(
+        "Adaptive KL head threshold mu: the head is the top teacher tokens whose cumulative mass stays <= mu (always "
+        "at least the top-1 token); the token that crosses mu is tail, as in the AKL authors' code.", 0.5)
     loss_impl: Literal["fused", "naive", "liger"] = _help(
         "Loss implementation: fused (chunked head, no B*T*V logits), naive (full logits from both models), "
         "liger (Liger-Kernel's chunked JSD loss, if installed; forward_kl, reverse_kl, jsd).",
@@ -129,7 +131,10 @@ class DistillArguments:
 
 
 @dataclass
-class NeoTrainingArguments(TrainingArguments):
+class NeoTrainingArguments(TrainingArguments, DistillArguments):
+    """transformers' TrainingArguments plus the distillation settings (DistillArguments' fields), as TRL's trainer
+    configs do: NeoTrainer reads everything it needs from ``self.args``."""
+
     output_dir: str | None = _help("Run directory: config, metrics.jsonl, adapter or weights, model card, checkpoints.", "runs/neo")
     learning_rate: float | None = _help("Peak learning rate; default 2e-4 for adapter methods, 2e-5 for full fine-tuning.")
     lr_scheduler_type: str = _help("Learning-rate schedule (cosine with warmup as in the paper).", "cosine")
@@ -139,7 +144,8 @@ class NeoTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = _help("Kept off: the data pipeline already yields only model inputs.", False)
 
 
-CONFIG_CLASSES = (ModelArguments, DataArguments, AdapterArguments, DistillArguments, NeoTrainingArguments)
+CONFIG_CLASSES = (ModelArguments, DataArguments, AdapterArguments, NeoTrainingArguments)
+DISTILL_FIELDS = tuple(f.name for f in dataclasses.fields(DistillArguments))
 
 
 @dataclass
@@ -147,22 +153,24 @@ class RunConfig:
     model: ModelArguments
     data: DataArguments
     adapter: AdapterArguments
-    distill: DistillArguments
     training: NeoTrainingArguments
 
+    @property
+    def distill(self) -> NeoTrainingArguments:
+        """The distillation settings: they live on the training arguments, which the trainer reads."""
+        return self.training
+
     def to_dict(self) -> dict:
+        """Sections as in a run's config.yaml: model, data, adapter, distill, training."""
+        training = self.training.to_dict()
         return {
             "model": dataclasses.asdict(self.model),
             "data": dataclasses.asdict(self.data),
             "adapter": dataclasses.asdict(self.adapter),
-            "distill": dataclasses.asdict(self.distill),
-            "training": _training_to_dict(self.training),
+            "distill": {name: getattr(self.training, name) for name in DISTILL_FIELDS},
+            "training": {f.name: training[f.name] for f in dataclasses.fields(self.training)
+                         if f.init and f.name not in DISTILL_FIELDS and not f.name.startswith("_")},
         }
-
-
-def _training_to_dict(args: TrainingArguments) -> dict:
-    names = {f.name for f in dataclasses.fields(args) if f.init}
-    return {k: v for k, v in args.to_dict().items() if k in names and not k.startswith("_")}
 
 
 def build_parser(prog: str = "llm-neo distill") -> HfArgumentParser:

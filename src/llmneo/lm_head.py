@@ -44,13 +44,17 @@ class CapturedHidden:
 
 
 @contextmanager
-def capture_final_hidden(model: torch.nn.Module):
+def capture_final_hidden(model: torch.nn.Module, active: bool = True):
     """Inside the block, a forward pass records the head's input and the head computes logits for no position.
 
     The model still runs its own forward (so DDP, PEFT and gradient checkpointing see a normal call) but returns
     logits of length 0: the fused loss builds them chunk by chunk from the recorded hidden states instead.
+    With ``active=False`` nothing is captured and the model returns its logits as usual.
     """
     captured = CapturedHidden()
+    if not active:
+        yield captured
+        return
 
     def record_and_skip(_module, args):
         captured.hidden = args[0]

@@ -1,4 +1,5 @@
-"""Load the teacher and the student, and check that they share a vocabulary."""
+"""Load models and tokenizers (the student, any pretrained model), and check that teacher and student share a
+vocabulary. The frozen teacher is loaded by teacher/loading.py on top of these."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          BitsAndBytesConfig)
 
+from .data.tokenize import ensure_chat_template
 from .errors import ConfigError, VocabularyError
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,17 @@ def _check_path(path: str, role: str) -> None:
 def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "student"):
     _check_path(path, role)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_student_tokenizer(model_args, task: str = "causal_lm"):
+    """The student's tokenizer, the one the data is tokenised with: a pad token (EOS if it has none) and, for
+    causal_lm, a chat template (llm-neo's fallback if it has none)."""
+    tokenizer = load_tokenizer(model_args.student_model, model_args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if task == "causal_lm" and ensure_chat_template(tokenizer):
+        logger.warning("the student tokenizer has no chat template: using llm-neo's fallback template")
+    return tokenizer
 
 
 def check_quantization(model_args) -> None:
@@ -87,6 +101,27 @@ class ClassHead:
     labels: tuple[str, ...]
     pad_token_id: int
 
+    @classmethod
+    def for_classes(cls, names, tokenizer) -> ClassHead:
+        """The head of a run over ``names`` (class names in id order)."""
+        return cls(tuple(names), tokenizer.pad_token_id)
+
+    @classmethod
+    def from_run_config(cls, config: dict, tokenizer) -> ClassHead | None:
+        """The head a run trained (its classes are in the resolved config), or None for a causal_lm run."""
+        data = (config or {}).get("data", {})
+        if data.get("task", "causal_lm") != "classification":
+            return None
+        return cls.for_classes(data["class_names"].split(","), tokenizer)
+
+    @classmethod
+    def from_saved_model(cls, model_dir, tokenizer) -> ClassHead | None:
+        """The head of a saved sequence classifier (its config's classes), or None for a causal LM."""
+        saved = AutoConfig.from_pretrained(model_dir)
+        if not any(name.endswith("ForSequenceClassification") for name in saved.architectures or []):
+            return None
+        return cls.for_classes([saved.id2label[i] for i in range(saved.num_labels)], tokenizer)
+
     def model_kwargs(self, set_labels: bool = True) -> dict:
         """from_pretrained options; ``set_labels=False`` keeps the checkpoint's own classes (to check them)."""
         labels = {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
@@ -119,26 +154,6 @@ def load_pretrained_model(path: str, role: str, dtype: str | None, attn_implemen
     return model
 
 
-def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
-    """Frozen, eval mode, no KV cache: the teacher only ever runs forward passes for the KD term."""
-    teacher.eval()
-    teacher.requires_grad_(False)
-    teacher.config.use_cache = False
-    return teacher
-
-
-def load_teacher(model_args, quantized: bool = True, head: ClassHead | None = None):
-    """The frozen teacher; ``quantized=False`` ignores --teacher_quantization (the fidelity check's reference).
-    With ``head`` it is a trained sequence classifier over exactly those classes."""
-    teacher = load_pretrained_model(model_args.teacher_model, "teacher", model_args.teacher_dtype,
-                             model_args.attn_implementation, model_args.trust_remote_code,
-                             model_args.teacher_quantization if quantized else "none", model_args.allow_pickle,
-                             head.model_kwargs(set_labels=False) if head is not None else None)
-    if head is not None:
-        check_class_head(teacher, head, model_args.teacher_model)
-    return freeze_teacher(teacher)
-
-
 def load_student(model_args, head: ClassHead | None = None):
     """The student; with ``head`` a sequence classifier whose head trains with it (new unless the checkpoint has one)."""
     student = load_pretrained_model(model_args.student_model, "student", model_args.dtype,
@@ -147,19 +162,6 @@ def load_student(model_args, head: ClassHead | None = None):
                              head.model_kwargs() if head is not None else None)
     student.config.use_cache = False
     return student
-
-
-def check_class_head(teacher, head: ClassHead, path: str) -> None:
-    """A classification teacher must bring a trained head over the run's classes, or KD would copy noise."""
-    names = tuple(teacher.config.id2label[i] for i in range(teacher.config.num_labels))
-    if teacher.newly_initialized:
-        raise ConfigError(
-            f"teacher model {path} has no trained classification head ({', '.join(teacher.newly_initialized)} "
-            "missing from its weights): fine-tune it first, e.g. llm-neo distill --task classification --method lora "
-            "--student_model TEACHER, then llm-neo merge")
-    if names != head.labels:
-        raise VocabularyError(f"the teacher {path} classifies into {list(names)} but the data's classes are "
-                              f"{list(head.labels)}: pass --class_names in the teacher's order")
 
 
 def output_vocab_size(model) -> int:

@@ -1,38 +1,36 @@
-"""One distillation run end to end: config -> data -> models -> NeoTrainer -> artifacts."""
+"""One distillation run end to end, read top to bottom in ``distill``: config -> data -> models (teacher online or
+its cache) -> trainer -> artifacts. Each step is a call into the module that owns it; this module only orchestrates.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from peft import prepare_model_for_kbit_training
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, set_seed
+from transformers import set_seed
 
 from .adapters.lora import PEFT_TASK_TYPES, add_lora, lora_config
 from .adapters.store import save_initial_adapter
 from .artifacts import METRICS_FILE, run_settings, save_final_weights, save_resolved_config, write_model_card
+from .data.collators import make_collator
 from .data.loading import DataReport, build_datasets
 from .data.packing import PackingCollator
-from .classifier_trainer import ClassifierTrainer
-from .data.tokenize import IGNORE_INDEX, ensure_chat_template
+from .errors import NonFiniteError, TrainingOutOfMemory
 from .evaluation.classification import class_fidelity_kl
 from .evaluation.metrics import teacher_fidelity_kl
-from .losses.backends import choose_loss_impl
-from .losses.divergences import get_divergence
 from .methods import METHODS
-from .planner import plan_micro_batch
+from .models import (ClassHead, check_quantization, check_vocabularies, is_quantized, load_student,
+                     load_student_tokenizer, load_tokenizer, output_vocab_size)
 from .report import write_run_report
-from .resume import checkpoint_step, cut_metrics, resolve_checkpoint
-from .errors import ConfigError, NonFiniteError, TrainingOutOfMemory, VocabularyError
-from .models import (ClassHead, check_quantization, check_vocabularies, is_quantized, load_student, load_teacher,
-                     load_tokenizer, output_vocab_size)
-from .teacher.cache import TeacherCache, check_fingerprint, model_identity, run_fingerprint
-from .teacher.capture import CaptureSettings, capture_teacher_cache
-from .trainer import MetricsJsonlCallback, NeoTrainer
+from .runtime.planner import plan_micro_batch
+from .runtime.processes import check_processes
+from .runtime.resume import checkpoint_step, cut_metrics, resolve_checkpoint
+from .teacher.cache import cached_vocab_size, open_teacher_cache
+from .teacher.loading import load_teacher
+from .training import ClassifierTrainer, MetricsJsonlCallback, NeoTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +44,7 @@ class RunSummary:
     data_report: DataReport
     config: object  # the RunConfig the run used
     trainable_parameters: int = 0
-    trained_answer_tokens: int = 0  # answer tokens of every micro-batch trained on
-
-
-def load_student_tokenizer(model_args, task: str = "causal_lm"):
-    tokenizer = load_tokenizer(model_args.student_model, model_args.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if task == "causal_lm" and ensure_chat_template(tokenizer):
-        logger.warning("the student tokenizer has no chat template: using llm-neo's fallback template")
-    return tokenizer
-
-
-def make_collator(tokenizer, task: str = "causal_lm"):
-    if task == "classification":
-        return DataCollatorWithPadding(tokenizer)
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    trained_answer_tokens: int = 0  # answer tokens (classification: texts) of every micro-batch trained on
 
 
 def class_head(config, tokenizer, report: DataReport) -> ClassHead | None:
@@ -69,7 +52,7 @@ def class_head(config, tokenizer, report: DataReport) -> ClassHead | None:
     if config.data.task != "classification":
         return None
     config.data.class_names = ",".join(report.class_names)
-    return ClassHead(tuple(report.class_names), tokenizer.pad_token_id)
+    return ClassHead.for_classes(report.class_names, tokenizer)
 
 
 def load_models(config, tokenizer, head: ClassHead | None = None):
@@ -90,66 +73,18 @@ def load_models(config, tokenizer, head: ClassHead | None = None):
     return student, teacher, kd_vocab_size
 
 
-def open_teacher_cache(config, tokenizer, dataset) -> TeacherCache:
-    """The run's teacher cache, verified (every shard's checksum) and matched against this run before training."""
-    cache = TeacherCache(config.distill.teacher_cache)
-    teacher = model_identity(config.model.teacher_model) if config.model.teacher_model else None
-    check_fingerprint(cache.cache_dir, cache.manifest, run_fingerprint(config, tokenizer, dataset), teacher)
-    logger.info("teacher cache %s: top-%d, %s tail, %d rows; the teacher is not loaded", cache.cache_dir,
-                cache.settings["top_k"], config.distill.cache_tail, len(dataset))
-    return cache
-
-
-def cached_vocab_size(cache: TeacherCache, student) -> int:
-    vocab = cache.settings["kd_vocab_size"]
-    if output_vocab_size(student) < vocab:
-        raise VocabularyError(f"the student's output layer covers {output_vocab_size(student)} ids, fewer than the "
-                              f"{vocab} the teacher cache was captured over")
-    return vocab
-
-
-def cache_teacher(config, cache_dir, settings: CaptureSettings) -> dict:
-    """`llm-neo cache-teacher`: the teacher's top-k over the data exactly as `distill` tokenises it."""
-    check_processes(PartialState().num_processes)
-    check_quantization(config.model)
-    if config.data.task == "classification":
-        raise ConfigError("cache-teacher is for --task causal_lm: a classification teacher's few class logits are "
-                          "computed online")
-    tokenizer = load_student_tokenizer(config.model)
-    return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
-
-
 def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks=(), teacher_cache=None,
-                  eval_dataset=None) -> NeoTrainer:
-    run_dir = Path(config.training.output_dir)
-    distill_args, task = config.distill, config.data.task
-    divergence = get_divergence(distill_args.divergence, distill_args.jsd_beta, distill_args.skew_lambda,
-                                distill_args.akl_mu)
-    classifying = task == "classification"
-    loss_impl = "naive" if classifying else choose_loss_impl(distill_args.loss_impl, divergence, student, teacher,
-                                                             kd_vocab_size)
+                  eval_dataset=None) -> NeoTrainer | ClassifierTrainer:
+    """The run's trainer; it reads the loss settings from ``config.training`` (NeoTrainingArguments)."""
+    task = config.data.task
     packing = PackingCollator(config.model.attn_implementation) if config.data.packing else None
-    return (ClassifierTrainer if classifying else NeoTrainer)(
-        model=student,
-        args=config.training,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        data_collator=packing or make_collator(tokenizer, task),
-        eval_collator=make_collator(tokenizer, task),
-        processing_class=tokenizer,
-        callbacks=[MetricsJsonlCallback(str(run_dir / METRICS_FILE)), *callbacks],
-        teacher=teacher,
-        alpha=distill_args.alpha,
-        temperature=distill_args.temperature,
-        kd_chunk_size=distill_args.kd_chunk_size,
-        kd_vocab_size=kd_vocab_size,
-        divergence=divergence,
-        loss_impl=loss_impl,
-        teacher_cache=teacher_cache,
-        cache_tail=distill_args.cache_tail,
-        nonfinite_policy=distill_args.nonfinite_policy,
-        max_bad_steps=distill_args.max_bad_steps,
-    )
+    common = {"model": student, "args": config.training, "train_dataset": dataset, "eval_dataset": eval_dataset,
+              "data_collator": packing or make_collator(tokenizer, task), "eval_collator": make_collator(tokenizer, task),
+              "processing_class": tokenizer, "teacher": teacher, "kd_vocab_size": kd_vocab_size,
+              "callbacks": [MetricsJsonlCallback(str(Path(config.training.output_dir) / METRICS_FILE)), *callbacks]}
+    if task == "classification":
+        return ClassifierTrainer(**common)
+    return NeoTrainer(**common, teacher_cache=teacher_cache)
 
 
 def log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head: ClassHead | None = None) -> float:
@@ -167,17 +102,6 @@ def log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head: ClassHea
                 config.model.teacher_quantization, kl)
     trainer.log({"teacher_fidelity_kl": kl})
     return kl
-
-
-def check_processes(world_size: int) -> None:
-    """Processes started by a launcher must form one distributed run, or each would train alone into the same
-    run directory."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and world_size != launched:
-        raise ConfigError(
-            f"{launched} processes were launched but each sees a world of {world_size}: they do not form one "
-            "distributed run. On a machine without GPUs set ACCELERATE_USE_CPU=true (gloo); on GPUs check the "
-            "accelerate config")
 
 
 def check_before_loading(config) -> None:
@@ -212,8 +136,7 @@ def _save_last_good_step(trainer) -> str:
     if trainer.state.global_step == 0:
         return "No step had finished, so nothing was saved."
     try:
-        trainer.model.zero_grad(set_to_none=True)
-        trainer._save_checkpoint(trainer.model, trial=None)
+        trainer.save_checkpoint_now()
     except Exception as error:  # saving is best effort here: the original failure is what matters
         return f"Saving a checkpoint failed too ({type(error).__name__}: {error})."
     return (f"The last good step was saved as checkpoint-{trainer.state.global_step} "
@@ -250,7 +173,7 @@ def distill(config, callbacks=()) -> RunSummary:
     dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
     student, teacher, kd_vocab_size = load_models(config, tokenizer, head)
     if cache is not None:
-        kd_vocab_size = cached_vocab_size(cache, student)
+        kd_vocab_size = cached_vocab_size(cache, output_vocab_size(student))
     resume = resolve_checkpoint(run_dir, config.training.resume_from_checkpoint)
     if config.training.process_index == 0:
         save_resolved_config(run_dir, config)
@@ -283,4 +206,4 @@ def distill(config, callbacks=()) -> RunSummary:
         write_run_report(run_dir, final_metrics, run_settings(config, trainer.state.global_step, report))
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunSummary(run_dir, weights_dir, trainer.state.global_step, final_metrics, report, config, trainable,
-                      trainer.answer_tokens_seen())
+                      trainer.items_seen())

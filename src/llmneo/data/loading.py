@@ -20,7 +20,8 @@ import datasets
 from ..errors import DataError
 from .classification import encode_labelled_text, label_id, resolve_class_names
 from .formats import detect_format, required_columns, row_to_messages, row_to_text
-from .tokenize import count_answer_tokens, encode_messages, encode_text
+from ..losses.contract import count_answer_tokens
+from .tokenize import encode_messages, encode_text
 
 logger = logging.getLogger(__name__)
 

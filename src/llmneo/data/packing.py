@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DataCollatorWithFlattening
 
-from .tokenize import IGNORE_INDEX
+from ..losses.contract import IGNORE_INDEX
 
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 

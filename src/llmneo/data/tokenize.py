@@ -9,8 +9,7 @@ stop); every other token gets -100. This works for any template that renders con
 from __future__ import annotations
 
 from ..errors import DataError, NeoError
-
-IGNORE_INDEX = -100
+from ..losses.contract import IGNORE_INDEX, count_answer_tokens
 
 # Used when the student tokenizer has no chat template: role headers, and the EOS token after every answer.
 FALLBACK_CHAT_TEMPLATE = (
@@ -75,10 +74,6 @@ def encode_text(tokenizer, text: str, max_length: int) -> tuple[list[int], list[
 def _truncate(input_ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
     input_ids, labels = input_ids[:max_length], labels[:max_length]
     # Position 0 is never a prediction target (logits at t predict token t+1).
-    if not any(label != IGNORE_INDEX for label in labels[1:]):
+    if not count_answer_tokens(labels):
         raise DataError(f"no answer tokens left after truncation to max_length={max_length}")
     return input_ids, labels
-
-
-def count_answer_tokens(labels: list[int]) -> int:
-    return sum(label != IGNORE_INDEX for label in labels[1:])

@@ -17,10 +17,12 @@ from pathlib import Path
 
 from ..adapters.store import load_adapter
 from ..config import parse_config
+from ..data.collators import make_collator
 from ..data.loading import build_dataset
 from ..evaluation.metrics import evaluate_against_teacher
-from ..models import load_student, load_teacher, load_tokenizer
-from ..pipeline import distill, load_student_tokenizer, make_collator
+from ..models import load_student, load_student_tokenizer, load_tokenizer
+from ..pipeline import distill
+from ..teacher.loading import load_teacher
 from ..surgery import prune_layers
 from .tiny import build_tiny_llama, build_tokenizer, corpus_rows, corpus_texts
 

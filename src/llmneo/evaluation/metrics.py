@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..lm_head import output_head
-from ..losses.chunked import IGNORE_INDEX, answer_rows
+from ..losses.contract import answer_mask, answer_rows, answer_targets
 from ..losses.divergences import forward_kl
 from ..teacher.online import answer_logit_chunks, teacher_logits
 
@@ -31,8 +31,8 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_siz
     for batch in DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size,
                             collate_fn=collator):
         batch = {k: v.to(device) for k, v in batch.items()}
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        targets = batch["labels"][:, 1:][mask].split(chunk_size)
+        mask = answer_mask(batch["labels"])
+        targets = answer_targets(batch["labels"], mask).split(chunk_size)
         teacher_chunks = answer_logit_chunks(teacher, batch, mask, chunk_size, kd_vocab_size) if teacher else None
         for rows, target in zip(answer_logit_chunks(student, batch, mask, chunk_size), targets, strict=True):
             totals["nll"] += F.cross_entropy(rows, target, reduction="sum").item()
@@ -53,7 +53,7 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_siz
 @torch.no_grad()
 def teacher_fidelity_kl(reference, quantized, batch: dict, kd_vocab_size: int | None = None) -> float:
     """Mean KL(reference || quantized) per answer token of ``batch``: what quantizing the teacher changed."""
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    mask = answer_mask(batch["labels"])
     rows = [answer_rows(teacher_logits(model, batch["input_ids"], batch.get("attention_mask")), mask)
             for model in (reference, quantized)]
     vocab = kd_vocab_size or rows[0].shape[-1]

@@ -12,11 +12,11 @@ import logging
 import time
 from pathlib import Path
 
-from ..atomic import write_atomically
+from ..runtime.atomic import write_atomically
 from ..config import parse_config
-from ..memory import PeakMemory
+from ..runtime.memory import PeakMemory
 from ..pipeline import distill
-from .evaluate import EvalRequest, evaluate_target, flatten
+from ..evaluation.evaluate import EvalRequest, evaluate_target, flatten
 
 logger = logging.getLogger(__name__)
 

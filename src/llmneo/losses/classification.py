@@ -10,18 +10,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .chunked import LossParts
-from .divergences import forward_kl
+from .contract import LossParts, LossSettings
 
 
 def classification_distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor,
-                                     teacher_logits: torch.Tensor | None = None, *, alpha: float = 0.5,
-                                     temperature: float = 1.0, divergence=forward_kl, num_items=None) -> LossParts:
+                                     teacher_logits: torch.Tensor | None = None, *,
+                                     settings: LossSettings = LossSettings(), num_items=None) -> LossParts:
     """``student_logits``/``teacher_logits``: (B, C); ``labels``: (B,) class ids. Without a teacher: CE only."""
     count = num_items if num_items is not None else labels.numel()
     ce = F.cross_entropy(student_logits.float(), labels, reduction="sum") / count
     if teacher_logits is None:
         return LossParts(ce, ce.detach(), torch.zeros_like(ce))
-    kd = temperature**2 * divergence(student_logits, teacher_logits, temperature).sum() / count
-    loss = alpha * ce + (1.0 - alpha) * kd
-    return LossParts(loss, ce.detach(), kd.detach())
+    kd = settings.temperature**2 * settings.divergence(student_logits, teacher_logits, settings.temperature).sum() / count
+    return LossParts(settings.mix(ce, kd, True), ce.detach(), kd.detach())

@@ -7,7 +7,8 @@ works in fp32 and returns one value per row (N,). The T^2 factor is applied by t
 from __future__ import annotations
 
 import math
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -81,16 +82,18 @@ def skew_reverse_kl(student_logits, teacher_logits, temperature: float = 1.0, sk
 def adaptive_kl(student_logits, teacher_logits, temperature: float = 1.0, mu: float = 0.5) -> torch.Tensor:
     """AKL (Wu et al., 2404.02657): g_head * FKL + g_tail * RKL.
 
-    The head is the fewest top teacher tokens whose teacher mass reaches ``mu``; g_head and g_tail are the shares
-    of sum |p_t - p_s| falling in the head and the tail (computed without gradient, as weights). When the two
+    As in the authors' code (``get_ratio``: ``mask = cumsum > mu``, the top-1 token always head), the head is the
+    top teacher tokens whose cumulative teacher mass stays at or below ``mu``, plus the most likely token: the token
+    whose cumulative mass first exceeds ``mu`` belongs to the tail. g_head and g_tail are the shares of
+    sum |p_t - p_s| falling in the head and the tail (computed without gradient, as weights). When the two
     distributions are equal (0/0) both weights are 1/2.
     """
     student, teacher = _log_probs(student_logits, teacher_logits, temperature)
     with torch.no_grad():
         p_teacher, order = teacher.exp().sort(dim=-1, descending=True)
         gap = (p_teacher - student.exp().gather(-1, order)).abs()
-        mass_before = p_teacher.cumsum(-1) - p_teacher  # teacher mass of the tokens ranked above this one
-        in_head = mass_before < mu
+        in_head = p_teacher.cumsum(-1) <= mu
+        in_head[..., 0] = True
         head_gap, tail_gap = (gap * in_head).sum(-1), (gap * ~in_head).sum(-1)
         total = head_gap + tail_gap
         g_head = torch.where(total > 0, head_gap / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5)
@@ -108,10 +111,27 @@ DIVERGENCES = {
 }
 
 
-def get_divergence(name: str, jsd_beta: float = 0.5, skew_lambda: float = 0.1, akl_mu: float = 0.5):
-    """The divergence called ``name`` with its parameter bound: f(student_logits, teacher_logits, temperature)."""
+@dataclass(frozen=True)
+class Divergence:
+    """A divergence with its parameters bound: ``divergence(student_logits, teacher_logits, temperature)``."""
+
+    name: str
+    function: Callable  # f(student_logits, teacher_logits, temperature, **parameters) -> (rows,)
+    parameters: tuple[tuple[str, float], ...] = ()
+    closed_form_gradient: bool = False  # the fused head computes its gradient in place (no autograd)
+    liger_beta: float | None = None  # the beta of Liger's JSD loss that equals it; None when there is none
+
+    def __call__(self, student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
+        return self.function(student_logits, teacher_logits, temperature, **dict(self.parameters))
+
+
+def get_divergence(name: str = "forward_kl", jsd_beta: float = 0.5, skew_lambda: float = 0.1,
+                   akl_mu: float = 0.5) -> Divergence:
+    """The divergence called ``name`` with its parameter bound."""
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence '{name}'; expected one of {sorted(DIVERGENCES)}")
     parameters = {"jsd": {"beta": jsd_beta}, "skew_forward_kl": {"skew": skew_lambda},
                   "skew_reverse_kl": {"skew": skew_lambda}, "akl": {"mu": akl_mu}}.get(name, {})
-    return partial(DIVERGENCES[name], **parameters)
+    liger_beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": jsd_beta}.get(name)
+    return Divergence(name, DIVERGENCES[name], tuple(parameters.items()), closed_form_gradient=name == "forward_kl",
+                      liger_beta=liger_beta)

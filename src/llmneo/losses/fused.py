@@ -1,41 +1,28 @@
 """The fused chunked head: final hidden states -> CE + divergence and their gradients, without B·T·V logits.
 
-The naive path lets the model build ``lm_head(hidden)`` for every position of the batch, for both models, and
-differentiates the loss through it. Here only the answer positions are gathered (the shift of chunked.py: position
-t predicts label t + 1), and they are walked ``chunk_size`` rows at a time: a chunk's logits are built for both
+The reference path (reference.py) lets the model build ``lm_head(hidden)`` for every position of the batch, for both
+models, and differentiates the loss through it. Here only the answer positions are gathered (contract.py's shift:
+position t predicts label t + 1), and they are walked ``chunk_size`` rows at a time: a chunk's logits are built for both
 models, its loss terms and the gradient w.r.t. those logits are computed at once, and the gradient is pushed
 through the head (to the hidden states, and to the head weight only when it is trainable) before the next chunk.
 The backward pass then only scales the stored gradients.
 
 The default divergence (forward KL) and CE alone have hand-derived gradients computed in place, so a chunk needs
-about two fp32 chunk x V buffers; the other divergences differentiate the naive path's expression with autograd,
+about two fp32 chunk x V buffers; the other divergences differentiate the reference expression with autograd,
 an eighth of the chunk's rows at a time (about two more buffers).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
-from .chunked import IGNORE_INDEX, LossParts, answer_rows
-from .divergences import forward_kl, kl_from_log_probs
+from .contract import LossParts, LossSettings, answer_mask, answer_rows, answer_targets
+from .divergences import kl_from_log_probs
 from .topk import TopKRows, kd_per_row
 
 # Row reductions over a chunk run on eighth-chunk blocks so that their temporaries stay small.
 REDUCTION_BLOCKS = 8
-
-
-@dataclass(frozen=True)
-class HeadSettings:
-    alpha: float  # weight of CE; 1 - alpha weights T^2 * divergence
-    temperature: float
-    chunk_size: int  # answer rows per chunk
-    kd_vocab_size: int | None  # logits compared by the KD term (shared vocabulary); None = all
-    divergence: Callable  # f(student_rows, teacher_rows, temperature) -> (rows,)
-    tail_mode: str = "bucket"  # how cached top-k rows treat the tail (topk.py)
 
 
 def _blocks(rows: int):
@@ -63,7 +50,7 @@ def _ce_only(z, targets):
     return ce, torch.zeros_like(ce), z
 
 
-def _ce_forward_kl(z, teacher, targets, settings: HeadSettings):
+def _ce_forward_kl(z, teacher, targets, settings: LossSettings):
     """CE and forward KL summed over rows; z overwritten with d(alpha CE + (1-alpha) T^2 KL)/dz.
 
     The gradient of T^2 KL(p_t || p_s) w.r.t. z is T (p_s - p_t); of CE it is softmax(z) - onehot. ``teacher``
@@ -96,8 +83,8 @@ def _ce_forward_kl(z, teacher, targets, settings: HeadSettings):
     return ce, kd, z
 
 
-def _ce_divergence_autograd(z, teacher, targets, settings: HeadSettings):
-    """Any divergence: the naive path's expression differentiated with autograd, one row block at a time so its
+def _ce_divergence_autograd(z, teacher, targets, settings: LossSettings):
+    """Any divergence: the reference expression differentiated with autograd, one row block at a time so its
     temporaries stay a fraction of the chunk. z is overwritten with the gradient, block by block."""
     alpha, temperature, vocab = settings.alpha, settings.temperature, settings.kd_vocab_size or z.shape[1]
     ce_sum = kd_sum = z.new_zeros(())
@@ -112,10 +99,10 @@ def _ce_divergence_autograd(z, teacher, targets, settings: HeadSettings):
     return ce_sum, kd_sum, z
 
 
-def _chunk_terms(z, teacher, targets, settings: HeadSettings):
+def _chunk_terms(z, teacher, targets, settings: LossSettings):
     if teacher is None:
         return _ce_only(z, targets)
-    if getattr(settings.divergence, "func", settings.divergence) is forward_kl and not isinstance(teacher, TopKRows):
+    if settings.divergence.closed_form_gradient and not isinstance(teacher, TopKRows):
         return _ce_forward_kl(z, teacher, targets, settings)
     return _ce_divergence_autograd(z, teacher, targets, settings)
 
@@ -157,7 +144,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, teacher_logits, targets, num_items,
-                settings: HeadSettings):
+                settings: LossSettings):
         scale = 1.0 / num_items
         grad_hidden = torch.empty_like(hidden) if any(ctx.needs_input_grad[:2]) else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
@@ -171,7 +158,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight)
         has_teacher = teacher_hidden is not None or teacher_logits is not None
         ce, kd = ce_sum * scale, kd_sum * settings.temperature**2 * scale
-        loss = settings.alpha * ce + (1.0 - settings.alpha) * kd if has_teacher else ce.clone()  # ce: no grad
+        loss = settings.mix(ce, kd, has_teacher).clone()  # a tensor of its own: ce and kd carry no gradient
         ctx.mark_non_differentiable(ce, kd)
         return loss, ce, kd
 
@@ -192,27 +179,21 @@ def fused_distillation_loss(
     teacher_weight: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     *,
-    alpha: float = 0.5,
-    temperature: float = 1.0,
+    settings: LossSettings = LossSettings(),
     num_items: int | torch.Tensor | None = None,
-    chunk_size: int = 1024,
-    kd_vocab_size: int | None = None,
-    divergence: Callable = forward_kl,
     teacher_topk: TopKRows | None = None,
-    tail_mode: str = "bucket",
 ) -> LossParts:
-    """The loss of chunked.distillation_loss from (B, T, H) final hidden states and the lm_head weights.
+    """The loss of reference.distillation_loss from (B, T, H) final hidden states and the lm_head weights.
 
     The teacher side is its final hidden states with its head weight, its logits (B, T, V), cached top-k rows in
     answer order (``teacher_topk``), or nothing for CE only.
     """
     if teacher_hidden is not None and teacher_weight is None:
         raise ValueError("teacher_hidden needs teacher_weight")
-    mask = labels[:, 1:] != IGNORE_INDEX
+    mask = answer_mask(labels)
     if num_items is None:
         num_items = mask.sum()
     num_items = torch.as_tensor(num_items, dtype=torch.float32, device=student_hidden.device)
-    settings = HeadSettings(alpha, temperature, chunk_size, kd_vocab_size, divergence, tail_mode)
     teacher_rows = teacher_topk  # cached rows are already in answer order
     if teacher_logits is not None:
         teacher_rows = answer_rows(teacher_logits, mask)
@@ -222,7 +203,7 @@ def fused_distillation_loss(
         answer_rows(teacher_hidden, mask) if teacher_hidden is not None else None,
         teacher_weight,
         teacher_rows,
-        labels[:, 1:][mask],
+        answer_targets(labels, mask),
         num_items,
         settings,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..atomic import write_atomically
-from ..errors import ConfigError
+from ..runtime.atomic import write_atomically
+from ..errors import ConfigError, VocabularyError
+from ..losses.contract import count_answer_tokens
 from ..losses.topk import TopKRows
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -112,7 +116,7 @@ def data_fingerprint(dataset, dataset_name: str) -> dict:
         digest.update(row["input_ids"].astype("int32").tobytes())
         labels = row["labels"].astype("int32")
         digest.update(labels.tobytes())
-        answer_tokens += int((labels[1:] != -100).sum())
+        answer_tokens += count_answer_tokens(labels)
     return {"dataset": dataset_name, "rows": len(dataset), "answer_tokens": answer_tokens, "sha256": digest.hexdigest()}
 
 
@@ -205,3 +209,22 @@ class TeacherCache:
                 part.append(shard.handle.get_slice(name)[start:end])
         return TopKRows(torch.cat(parts["token_ids"]).to(torch.int64), torch.cat(parts["log_probs"]).float(),
                         torch.cat(parts["log_tail"]).float())
+
+
+def open_teacher_cache(config, tokenizer, dataset) -> TeacherCache:
+    """The run's teacher cache, verified (every shard's checksum) and matched against this run before training."""
+    cache = TeacherCache(config.distill.teacher_cache)
+    teacher = model_identity(config.model.teacher_model) if config.model.teacher_model else None
+    check_fingerprint(cache.cache_dir, cache.manifest, run_fingerprint(config, tokenizer, dataset), teacher)
+    logger.info("teacher cache %s: top-%d, %s tail, %d rows; the teacher is not loaded", cache.cache_dir,
+                cache.settings["top_k"], config.distill.cache_tail, len(dataset))
+    return cache
+
+
+def cached_vocab_size(cache: TeacherCache, student_vocab: int) -> int:
+    """The vocabulary the cache was captured over, which the student's output layer must cover."""
+    vocab = cache.settings["kd_vocab_size"]
+    if student_vocab < vocab:
+        raise VocabularyError(f"the student's output layer covers {student_vocab} ids, fewer than the {vocab} the "
+                              "teacher cache was captured over")
+    return vocab

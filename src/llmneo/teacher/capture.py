@@ -20,13 +20,16 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from ..atomic import write_atomically
+from ..runtime.atomic import write_atomically
+from ..data.collators import make_collator
 from ..data.loading import build_datasets
-from ..data.tokenize import IGNORE_INDEX
 from ..errors import ConfigError
-from ..models import check_vocabularies, load_teacher, load_tokenizer
+from ..losses.contract import answer_mask
+from ..models import check_quantization, check_vocabularies, load_student_tokenizer, load_tokenizer
+from ..runtime.processes import check_processes
 from .cache import (CACHE_DTYPES, FORMAT_VERSION, merge_parts, model_identity, read_manifest, remove_parts,
                     run_fingerprint, sha256_file, shard_name, write_manifest, write_part)
+from .loading import load_teacher
 from .online import answer_logit_chunks
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,18 @@ class CaptureSettings:
     shard_rows: int = 1024  # dataset rows per shard (the unit of resumption)
     batch_size: int = 8  # rows per teacher forward pass
     chunk_rows: int = 1024  # answer positions per logits chunk (bounds the V-wide buffers)
+
+
+def cache_teacher(config, cache_dir: str | Path, settings: CaptureSettings) -> dict:
+    """`llm-neo cache-teacher`: the teacher's top-k over the data exactly as `distill` tokenises it; returns the
+    manifest."""
+    check_processes(PartialState().num_processes)
+    check_quantization(config.model)
+    if config.data.task == "classification":
+        raise ConfigError("cache-teacher is for --task causal_lm: a classification teacher's few class logits are "
+                          "computed online")
+    tokenizer = load_student_tokenizer(config.model)
+    return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
 
 
 def capture_teacher_cache(config, cache_dir: str | Path, settings: CaptureSettings, tokenizer, collator) -> dict:
@@ -152,7 +167,7 @@ def _capture_rows(teacher, dataset, rows: range, collator, settings: CaptureSett
     for start in range(rows.start, rows.stop, settings.batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + settings.batch_size, rows.stop))])
         batch = {key: value.to(device) for key, value in batch.items()}
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        mask = answer_mask(batch["labels"])
         counts += mask.sum(1).tolist()
         for logits in answer_logit_chunks(teacher, batch, mask, settings.chunk_rows, vocab):
             for name, value in _top_k(logits, settings, vocab).items():

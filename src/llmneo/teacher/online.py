@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lm_head import capture_final_hidden, fused_head_unsupported_reason, output_head
-from ..losses.chunked import answer_rows
+from ..losses.contract import answer_rows
 
 
 @torch.no_grad()

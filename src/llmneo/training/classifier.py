@@ -1,22 +1,20 @@
-"""ClassifierTrainer: NeoTrainer for sequence classification, distilling the teacher's class logits."""
+"""ClassifierTrainer: sequence-classification distillation, KD on the teacher's class logits."""
 
 from __future__ import annotations
 
 import torch
 
-from .evaluation.classification import evaluate_classifier
-from .losses.classification import classification_distillation_loss
-from .trainer import NeoTrainer
+from ..evaluation.classification import evaluate_classifier
+from ..losses.classification import classification_distillation_loss
+from .base import DistillationTrainer
 
 
-class ClassifierTrainer(NeoTrainer):
+class ClassifierTrainer(DistillationTrainer):
     """CE on each text's class plus KD to the frozen teacher's class logits, divided by the labelled texts of the
-    whole optimizer step (``num_items_in_batch``: the Trainer counts unshifted labels here). Checkpoints, the
-    non-finite guard and the CE/KD logging are NeoTrainer's."""
+    whole optimizer step (``num_items_in_batch``: the Trainer counts unshifted labels here)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_impl = "classification"
         self._loss_shifts_labels = False  # one label per text, nothing to shift
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -26,10 +24,9 @@ class ClassifierTrainer(NeoTrainer):
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(**model_inputs).logits
-        parts = classification_distillation_loss(outputs.logits, inputs["labels"], teacher_logits, alpha=self.alpha,
-                                                 temperature=self.temperature, divergence=self.divergence,
-                                                 num_items=num_items_in_batch)
-        loss = self._record(model, parts, num_items_in_batch, inputs["labels"].numel())
+        parts = classification_distillation_loss(outputs.logits, inputs["labels"], teacher_logits,
+                                                 settings=self.loss_settings, num_items=num_items_in_batch)
+        loss = self.record_loss(model, parts, num_items_in_batch, inputs["labels"].numel())
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
@@ -37,4 +34,4 @@ class ClassifierTrainer(NeoTrainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         metrics = evaluate_classifier(self.model, dataset, self.eval_collator, teacher=self.teacher,
                                       batch_size=self.args.per_device_eval_batch_size)
-        return self._log_eval(metrics, metric_key_prefix)
+        return self.log_evaluation(metrics, metric_key_prefix)

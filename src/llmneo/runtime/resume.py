@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 from .atomic import write_atomically
-from .errors import ConfigError
-from .trainer import CHECKPOINT_COMPLETE
+from ..errors import ConfigError
+from .checkpoints import is_complete
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def resolve_checkpoint(run_dir: Path, spec: str | None) -> str | None:
     """The checkpoint folder to resume from: ``latest`` is the newest complete one in the run directory."""
     if not spec:
         return None
-    complete = [path for _, path in _checkpoints(run_dir) if (path / CHECKPOINT_COMPLETE).is_file()]
+    complete = [path for _, path in _checkpoints(run_dir) if is_complete(path)]
     if spec in LATEST:
         if not complete:
             raise ConfigError(f"no complete checkpoint in {run_dir} to resume from (save with --save_strategy steps)")
@@ -38,7 +38,7 @@ def resolve_checkpoint(run_dir: Path, spec: str | None) -> str | None:
     path = Path(spec)
     if not path.is_dir():
         raise ConfigError(f"checkpoint {path} does not exist")
-    if not (path / CHECKPOINT_COMPLETE).is_file():
+    if not is_complete(path):
         newest = f"; the newest complete one is {complete[-1]}" if complete else ""
         raise ConfigError(f"checkpoint {path} is incomplete (its save was interrupted){newest}")
     return str(path)

@@ -54,8 +54,7 @@ def _probe(trainer, rows: list[dict]) -> int | None:
         return None
     finally:
         model.zero_grad(set_to_none=True)
-        trainer._term_sums = {key: 0.0 for key in trainer._term_sums}  # the probe is not training
-        trainer._answer_tokens_seen = 0
+        trainer.reset_loss_terms()  # the probe is not training
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -79,8 +78,7 @@ def plan_micro_batch(trainer, dataset, budget_gib: float | None = None) -> Micro
         raise torch.OutOfMemoryError(f"auto_micro_batch: even one row of {len(dataset[longest[0]]['input_ids'])} "
                                      f"tokens needs more than the {budget / 2**30:.1f} GiB budget")
     size, peak, tokens = chosen
-    args.per_device_train_batch_size, args.gradient_accumulation_steps = size, step_rows // size
-    trainer._train_batch_size = args.train_batch_size  # the Trainer sizes its dataloader from this
+    trainer.set_micro_batch(size, step_rows // size)
     plan = MicroBatchPlan(size, step_rows // size, tokens, peak, probed)
     logger.info("auto_micro_batch: micro-batch %d x accumulation %d (%d tokens per micro-batch, peak %.2f GiB of a "
                 "%.2f GiB budget; probed %s)", size, plan.accumulation, tokens, peak / 2**30, budget / 2**30,

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import torch
 
-from transformers import AutoConfig
-
-from ..artifacts import load_run_config, load_run_model, run_class_head
+from ..artifacts import load_run_config, load_run_model
 from ..config import DataArguments, ModelArguments
+from ..data.collators import make_collator
 from ..data.loading import build_dataset, build_datasets
 from ..errors import ConfigError
-from ..evaluation.classification import evaluate_classifier
-from ..evaluation.harness import run_lm_eval
-from ..evaluation.metrics import evaluate_against_teacher
-from ..models import ClassHead, load_student, load_teacher, load_tokenizer
-from ..pipeline import make_collator
+from ..models import ClassHead, load_student, load_tokenizer
+from ..teacher.loading import load_teacher
+from .classification import evaluate_classifier
+from .harness import run_lm_eval
+from .metrics import evaluate_against_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +37,6 @@ class EvalRequest:
     batch_size: int = 8
 
 
-def _saved_class_head(model_dir: Path, tokenizer) -> ClassHead | None:
-    """The head of a saved sequence classifier (its config's classes), or None for a causal LM."""
-    saved = AutoConfig.from_pretrained(model_dir)
-    if not any(name.endswith("ForSequenceClassification") for name in saved.architectures or []):
-        return None
-    return ClassHead(tuple(saved.id2label[i] for i in range(saved.num_labels)), tokenizer.pad_token_id)
-
-
 def _load_target(request: EvalRequest):
     """Model, tokenizer, the run's config (for a model directory: None, or its classes when it is a classifier)."""
     target = Path(request.target)
@@ -55,7 +46,7 @@ def _load_target(request: EvalRequest):
     if not target.is_dir():
         raise ConfigError(f"{target} is neither a run directory (config.yaml) nor a model directory")
     tokenizer = load_tokenizer(str(target), role="model")
-    head = _saved_class_head(target, tokenizer)
+    head = ClassHead.from_saved_model(target, tokenizer)
     config = {"data": {"task": "classification", "class_names": ",".join(head.labels)}} if head else None
     return load_student(ModelArguments(student_model=str(target)), head), tokenizer, config
 
@@ -84,7 +75,7 @@ def _teacher(request: EvalRequest, config: dict | None):
         return None
     args = ModelArguments(**{**(config or {}).get("model", {}), "teacher_model": path})
     tokenizer = load_tokenizer(path, role="teacher") if _task(config) == "classification" else None
-    return load_teacher(args, quantized=False, head=run_class_head(config, tokenizer) if tokenizer else None)
+    return load_teacher(args, quantized=False, head=ClassHead.from_run_config(config, tokenizer) if tokenizer else None)
 
 
 def evaluate_target(request: EvalRequest, write: bool = True) -> dict:

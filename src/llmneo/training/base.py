@@ -1,0 +1,133 @@
+"""DistillationTrainer: what the token-level and the classification trainers share on top of transformers.Trainer.
+
+It places the frozen teacher, reads the loss settings from ``args`` (NeoTrainingArguments), keeps the CE and KD
+terms it logs, guards each optimizer step against non-finite values (runtime/nonfinite.py), marks checkpoints
+complete before rotating older ones (runtime/checkpoints.py), and offers the public methods the planner and the
+pipeline use instead of the Trainer's private state. Subclasses supply ``compute_loss`` and ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+from ..config import NeoTrainingArguments
+from ..losses.contract import LossParts, LossSettings
+from ..runtime.checkpoints import mark_complete_and_rotate
+from ..runtime.nonfinite import NonFiniteGuard
+from ..teacher.placement import place_teacher
+
+TERMS = ("ce_loss", "kd_loss")
+
+
+class DistillationTrainer(Trainer):
+    """A Trainer whose loss joins CE on the labels and KD to a frozen teacher (CE only with ``teacher=None``).
+
+    The loss of a micro-batch is its sum over trained items (answer tokens, or labelled texts) divided by those of
+    the whole optimizer step (``num_items_in_batch``, counted by the Trainer across ranks), so it is already scaled
+    for gradient accumulation.
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, teacher=None, kd_vocab_size: int | None = None, eval_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, NeoTrainingArguments):
+            raise TypeError(f"{type(self).__name__} reads its distillation settings from NeoTrainingArguments, "
+                            f"got {type(self.args).__name__}")
+        self.teacher = place_teacher(teacher, self.accelerator) if teacher is not None else None
+        self.loss_settings = LossSettings.from_args(self.args, kd_vocab_size)
+        self.eval_collator = eval_collator or self.data_collator  # evaluation reads padded rows
+        self.guard = NonFiniteGuard(self.args.nonfinite_policy, self.args.max_bad_steps)
+        self.model_accepts_loss_kwargs = True  # our compute_loss uses num_items_in_batch whatever forward says
+        self.reset_loss_terms()
+
+    # ---- the terms of the loss, as logged ------------------------------------------------------------------------
+
+    def reset_loss_terms(self) -> None:
+        """Forget the CE/KD sums and tokens counted so far (e.g. after a probe that was not training)."""
+        self._term_sums = dict.fromkeys(TERMS, 0.0)
+        self._items_seen = 0  # this rank's, kept as a tensor until read
+        self._term_last_step = 0
+
+    def loss_terms(self) -> dict:
+        """The CE and KD terms summed over the micro-batches trained since the last log."""
+        return dict(self._term_sums)
+
+    def record_loss(self, model, parts: LossParts, num_items_in_batch, items) -> torch.Tensor:
+        """Add a training micro-batch's terms and ``items`` (what it trained on) to the sums; return the loss to
+        back-propagate."""
+        scale = self._rank_scale(num_items_in_batch)
+        if model.training:  # kept as tensors: no device sync until the next log
+            self._term_sums["ce_loss"] += parts.ce * scale
+            self._term_sums["kd_loss"] += parts.kd * scale
+            self._items_seen += items
+        return parts.loss * scale
+
+    def _rank_scale(self, num_items_in_batch) -> int:
+        # DDP averages gradients over ranks while num_items counts every rank's tokens: undo the average.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return self.accelerator.num_processes
+        return 1
+
+    def items_seen(self) -> int:
+        """Items (answer tokens or texts) trained on so far, over all ranks."""
+        seen = torch.as_tensor(self._items_seen, device=self.args.device)
+        return int(self.accelerator.gather(seen).sum().item())
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self.model.training:
+            steps = max(self.state.global_step - self._term_last_step, 1)
+            for key, total in self._term_sums.items():
+                value = torch.as_tensor(total, dtype=torch.float32, device=self.args.device) / steps
+                logs[key] = round(self.accelerator.gather(value).mean().item(), 6)
+                self._term_sums[key] = 0.0
+            self._term_last_step = self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+    def log_evaluation(self, metrics: dict, prefix: str) -> dict:
+        metrics = {f"{prefix}_{key}": round(value, 6) for key, value in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ---- steps: the non-finite guard ------------------------------------------------------------------------------
+
+    @property
+    def bad_steps(self) -> int:
+        """Optimizer steps skipped for non-finite values (policy skip)."""
+        return self.guard.bad_steps
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.guard.observe(loss, inputs.get("row_id"))
+        return loss
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        optimizer.step = self.guard.guard(optimizer.step, self.model, self.args.device,
+                                          lambda: self.state.global_step + 1)
+        return optimizer
+
+    def set_micro_batch(self, micro_batch: int, accumulation: int) -> None:
+        """Train with ``micro_batch`` rows per device and ``accumulation`` micro-batches per optimizer step."""
+        self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps = micro_batch, accumulation
+        self._train_batch_size = self.args.train_batch_size  # the Trainer sizes its dataloader from this
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then the completion marker, and only then the rotation of older checkpoints."""
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            mark_complete_and_rotate(self._get_output_dir(trial=trial), self.state.global_step, limit,
+                                     self.state.best_model_checkpoint)
+
+    def save_checkpoint_now(self) -> None:
+        """Save (and mark complete) a checkpoint of the current step, outside the Trainer's schedule."""
+        self.model.zero_grad(set_to_none=True)
+        self._save_checkpoint(self.model, trial=None)

@@ -1,0 +1,97 @@
+"""NeoTrainer: token-level distillation of a causal LM (CE on the answer tokens plus KD to the teacher's
+next-token distributions), for the four methods sft, lora, kd and neo."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.packing import packed_model_inputs, packed_row_index
+from ..errors import DataError
+from ..evaluation.metrics import evaluate_against_teacher
+from ..lm_head import capture_final_hidden, output_head
+from ..losses.backends import LOSS_FUNCTIONS, READS_HIDDEN_STATES, choose_loss_impl, impl_for_call
+from ..losses.contract import answer_mask
+from ..teacher.online import teacher_final_hidden, teacher_logits
+from .base import DistillationTrainer
+
+
+class NeoTrainer(DistillationTrainer):
+    """``NeoTrainer(model, args, teacher=..., teacher_cache=..., kd_vocab_size=...)``; everything else comes from
+    ``args`` (NeoTrainingArguments). With ``teacher=None`` and no cache the loss is CE only.
+
+    ``args.loss_impl`` (losses/backends.py) picks how the loss is computed: ``fused`` and ``liger`` take both
+    models' final hidden states and never build their full logits; ``naive`` takes the logits. With a
+    ``teacher_cache`` (teacher/cache.py) the teacher side is the cached top-k rows of the batch's ``row_id``s.
+    """
+
+    def __init__(self, *args, teacher_cache=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher_cache = teacher_cache
+        self.loss_impl = choose_loss_impl(self.args.loss_impl, self.loss_settings.divergence, self.model, self.teacher,
+                                          self.loss_settings.kd_vocab_size, self._parameters_sharded())
+        self._loss_shifts_labels = True  # the Trainer counts num_items_in_batch over labels[:, 1:]
+
+    def _parameters_sharded(self) -> bool:
+        plugin = self.accelerator.state.deepspeed_plugin
+        return self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Evaluation that keeps the logits (prediction_loss_only off) needs the model's own outputs.
+        impl = impl_for_call(self.loss_impl, needs_logits=return_outputs and not self.args.prediction_loss_only)
+        hidden_states = impl in READS_HIDDEN_STATES
+        with capture_final_hidden(model, active=hidden_states) as student:
+            outputs = model(**self._model_inputs(inputs, model), use_cache=False)
+        student_side = (student.hidden, output_head(model).weight) if hidden_states else (outputs.logits,)
+        parts = LOSS_FUNCTIONS[impl](*student_side, inputs["labels"], **self._teacher_side(inputs, hidden_states),
+                                     settings=self.loss_settings, num_items=num_items_in_batch)
+        loss = self.record_loss(model, parts, num_items_in_batch, answer_mask(inputs["labels"]).sum())
+        return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _model_inputs(inputs, model) -> dict:
+        """The forward inputs of a batch: padded rows, or one packed row (positions and row boundaries)."""
+        if "position_ids" in inputs:
+            return packed_model_inputs(inputs, model)
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+
+    def _teacher_side(self, inputs, hidden_states: bool) -> dict:
+        """The batch's KD target: cached top-k rows, or the teacher's final hidden states (for the fused and Liger
+        heads) or logits (for the reference loss); nothing for CE-only methods."""
+        if self.teacher_cache is not None:
+            return self._cached_teacher(inputs)
+        if self.teacher is None:
+            return {}
+        teacher_inputs = self._model_inputs(inputs, self.teacher)
+        if hidden_states:
+            return {"teacher_hidden": teacher_final_hidden(self.teacher, **teacher_inputs),
+                    "teacher_weight": output_head(self.teacher).weight}
+        return {"teacher_logits": teacher_logits(self.teacher, **teacher_inputs)}
+
+    def _cached_teacher(self, inputs) -> dict:
+        """The batch's cached top-k rows, after checking they cover exactly its answer positions."""
+        row_ids = inputs["row_id"].tolist()
+        counts = self._answer_tokens_per_row(inputs)
+        for row, count in zip(row_ids, counts, strict=True):
+            cached = self.teacher_cache.row_answer_tokens(row)
+            if cached != count:
+                raise DataError(f"teacher cache {self.teacher_cache.cache_dir} holds {cached} answer tokens for "
+                                f"training row {row} but the batch has {count}: it was captured from other data")
+        return {"teacher_topk": self.teacher_cache.rows(row_ids).to(self.args.device)}
+
+    @staticmethod
+    def _answer_tokens_per_row(inputs) -> list[int]:
+        answers = answer_mask(inputs["labels"])
+        if "position_ids" not in inputs:
+            return answers.sum(1).tolist()
+        row = packed_row_index(inputs["position_ids"])[:-1]  # the row each prediction belongs to
+        return torch.bincount(row[answers[0]], minlength=len(inputs["row_id"])).tolist()
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """llm-neo's offline metrics on the held-out rows (perplexity; with a loaded teacher also top-1 agreement
+        and KL to it), logged like the training metrics, in place of the Trainer's loss-only evaluation."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        metrics = evaluate_against_teacher(self.model, dataset, self.eval_collator, teacher=self.teacher,
+                                           batch_size=self.args.per_device_eval_batch_size,
+                                           kd_vocab_size=self.loss_settings.kd_vocab_size,
+                                           chunk_size=self.loss_settings.chunk_size)
+        return self.log_evaluation(metrics, metric_key_prefix)
