@@ -1,5 +1,9 @@
 """Session fixtures: tiny Llama teachers/students and a BPE tokenizer trained on the shipped corpus, saved with
-`save_pretrained` so the real `from_pretrained` paths run."""
+`save_pretrained` so the real `from_pretrained` paths run; the test markers; the environment of subprocesses.
+
+Markers: ``e2e`` (trains, spawns processes or runs a command end to end; ``pytest -m "not e2e"`` is the unit layer)
+and ``gpu`` (needs CUDA: skipped without it). ``requires_liger`` tests skip when liger-kernel is absent, except in
+CI (``CI=true``), where its absence is an error: the README's install command installs it."""
 
 from __future__ import annotations
 
@@ -8,11 +12,41 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from llmneo.demo.tiny import build_tiny_llama, build_tokenizer, corpus_rows, corpus_texts  # noqa: E402
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+SOURCE_DIR = TESTS_DIR.parent / "src"
+
+
+def checkout_env(**extra: str) -> dict:
+    """The environment for a subprocess that must import this checkout's llmneo (and the tests' helpers), not
+    whatever llmneo is installed."""
+    paths = [str(SOURCE_DIR), str(TESTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}
+
+
+def pytest_collection_modifyitems(config, items):
+    no_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+        if "requires_liger" in item.keywords:
+            _require_liger(item)
+
+
+def _require_liger(item) -> None:
+    try:
+        import liger_kernel.chunked_loss  # noqa: F401
+    except ModuleNotFoundError:
+        if os.environ.get("CI", "").lower() == "true":
+            raise RuntimeError("liger-kernel is missing in CI: the README's install command must install it") from None
+        item.add_marker(pytest.mark.skip(reason="liger-kernel is not installed (pip install --no-deps liger-kernel)"))
 
 
 def save_model(path: Path, model, tokenizer) -> str:

@@ -61,6 +61,7 @@ def test_compute_loss_gradients_independent_of_split(models_dir, train_file, tmp
             torch.testing.assert_close(grad, grads_ref[name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.e2e
 def test_trainer_step_independent_of_split(models_dir, train_file, tmp_path):
     """Through the real Trainer loop (num_items_in_batch counted by the Trainer, SGD so the update is the
     gradient): the same logged loss and the same adapter weights after the step."""

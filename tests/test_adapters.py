@@ -144,6 +144,7 @@ class RecordLogitsAtEnd(TrainerCallback):
         self.final_logits = logits(model, self.ids)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("adapter", ["lora", "moslora", "dora", "rslora", "pissa", "olora"])
 def test_each_adapter_trains_saves_reloads_and_merges(models_dir, train_file, tmp_path, tokenizer, adapter):
     out = tmp_path / "run"
@@ -161,6 +162,7 @@ def test_each_adapter_trains_saves_reloads_and_merges(models_dir, train_file, tm
         assert recorder.before and all(not torch.equal(recorder.before[n], recorder.after[n]) for n in recorder.before)
 
 
+@pytest.mark.e2e
 def test_export_lora_command(models_dir, train_file, tmp_path, tokenizer, capsys):
     out = tmp_path / "run"
     config = parse_config(run_flags(models_dir, train_file, out, adapter="moslora"))

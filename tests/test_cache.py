@@ -2,7 +2,6 @@
 every integrity and mismatch error."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_flags, save_model
+from conftest import checkout_env, run_flags, save_model
 from llmneo import cli
 from llmneo import pipeline as pipeline_module
 from llmneo.config import parse_config
@@ -62,6 +61,7 @@ def first_step(models_dir, train_file, tmp_path, loss_impl, **extra):
     return loss.detach(), trainer.loss_terms()["kd_loss"].detach(), grads
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("loss_impl", ["fused", "naive"])
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 def test_full_cache_equals_online_first_step(models_dir, train_file, tmp_path, exact_cache, loss_impl, tail):
@@ -77,6 +77,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_full_cache_run_matches_online_run_without_loading_the_teacher(models_dir, train_file, tmp_path, exact_cache,
                                                                        monkeypatch):
     distill(parse_config(run_flags(models_dir, train_file, tmp_path / "online")))
@@ -103,6 +104,7 @@ def sharpened_teacher(models_dir, tmp_path, factor: float) -> str:
     return save_model(tmp_path / f"teacher-x{factor:g}", model, AutoTokenizer.from_pretrained(models_dir["teacher"]))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sharpness", [1.0, 8.0])
 def test_small_k_error_against_online_kd(models_dir, train_file, tmp_path, sharpness):
     """The KD term of the first micro-batch from a top-k cache (fp16 storage) against the online one, documented.
@@ -149,13 +151,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.e2e
 def test_killed_capture_resumes_to_byte_identical_shards(models_dir, train_file, tmp_path):
     capture(models_dir, train_file, tmp_path / "straight", "--top_k", "16")
     killed = tmp_path / "killed"
     flags = ["cache-teacher", "--cache_dir", str(killed), "--shard_rows", "8", "--cache_batch_size", "4", "--top_k",
              "16", *run_flags(models_dir, train_file, tmp_path / "unused")]
-    result = subprocess.run([sys.executable, "-c", KILLER, *flags], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    result = subprocess.run([sys.executable, "-c", KILLER, *flags], capture_output=True, text=True, env=checkout_env())
     assert result.returncode == -9, result.stderr[-2000:]
     partial = merge_parts(killed, json.loads((killed / "manifest.json").read_text()))
     assert not partial["complete"] and len(partial["shards"]) == 2  # listed in the process's part file
@@ -169,6 +171,7 @@ def test_killed_capture_resumes_to_byte_identical_shards(models_dir, train_file,
         assert (killed / entry["file"]).read_bytes() == (tmp_path / "straight" / entry["file"]).read_bytes()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("k, dtype", [(8, "float16"), (64, "float16"), (FULL, "float32")])
 def test_bytes_per_answer_token(models_dir, train_file, tmp_path, k, dtype, capsys):
     cache_dir = tmp_path / "cache"
@@ -184,6 +187,7 @@ def test_bytes_per_answer_token(models_dir, train_file, tmp_path, k, dtype, caps
     assert f"{per_token:.1f} bytes per answer token" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_damaged_and_missing_shards(models_dir, train_file, tmp_path, exact_cache):
     damaged = tmp_path / "damaged"
     shutil.copytree(exact_cache, damaged)
@@ -211,6 +215,7 @@ def copy_student(models_dir, tmp_path, tokenizer_from=None, chat_template=None):
     return save_model(tmp_path / "student-copy", model, tokenizer)
 
 
+@pytest.mark.e2e
 def test_every_mismatch_with_the_run_is_named(models_dir, train_file, tmp_path, exact_cache, tokenizer):
     def run(**extra):
         models = {**models_dir, "student": extra.pop("student", models_dir["student"])}
@@ -230,6 +235,7 @@ def test_every_mismatch_with_the_run_is_named(models_dir, train_file, tmp_path, 
         run(student=copy_student(models_dir, tmp_path / "o", tokenizer_from=models_dir["teacher_other_tokenizer"]))
 
 
+@pytest.mark.e2e
 def test_resuming_with_other_settings_is_refused(models_dir, train_file, tmp_path, capsys):
     capture(models_dir, train_file, tmp_path / "cache", "--top_k", "16")
     flags = ["cache-teacher", "--cache_dir", str(tmp_path / "cache"), "--shard_rows", "8", "--cache_batch_size", "4"]

@@ -187,12 +187,14 @@ def trained_teacher(tmp_path_factory, models_dir, classification_data):
     return str(summary.weights_dir), summary
 
 
+@pytest.mark.e2e
 def test_teacher_learns_the_task(trained_teacher):
     _, summary = trained_teacher
     assert summary.final_metrics["eval_accuracy"] >= 0.8
     assert set(summary.final_metrics) >= {"eval_accuracy", "eval_f1", "eval_precision", "eval_recall"}
 
 
+@pytest.mark.e2e
 def test_neo_sst2_recipe_run_end_to_end(tmp_path, models_dir, classification_data, trained_teacher):
     teacher_dir, _ = trained_teacher
     flags = classify_flags(models_dir, classification_data, tmp_path / "neo", "neo", teacher=teacher_dir,
@@ -218,6 +220,7 @@ def test_neo_sst2_recipe_run_end_to_end(tmp_path, models_dir, classification_dat
     torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_accumulation_does_not_change_the_step(tmp_path, models_dir, classification_data, trained_teacher):
     teacher_dir, _ = trained_teacher
     adapters = []
@@ -232,12 +235,14 @@ def test_accumulation_does_not_change_the_step(tmp_path, models_dir, classificat
         torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_teacher_without_a_trained_head_is_refused(tmp_path, models_dir, classification_data):
     flags = classify_flags(models_dir, classification_data, tmp_path / "neo", "neo")
     with pytest.raises(ConfigError, match="has no trained classification head .*score.weight.* fine-tune it first"):
         distill(parse_config(flags))
 
 
+@pytest.mark.e2e
 def test_teacher_with_other_classes_is_refused(tmp_path, models_dir, classification_data, trained_teacher):
     flags = classify_flags(models_dir, classification_data, tmp_path / "neo", "neo", teacher=trained_teacher[0],
                            class_names="statement,question")
@@ -246,6 +251,7 @@ def test_teacher_with_other_classes_is_refused(tmp_path, models_dir, classificat
         distill(parse_config(flags))
 
 
+@pytest.mark.e2e
 def test_cli_eval_of_a_classification_run(tmp_path, models_dir, classification_data, trained_teacher, capsys):
     flags = classify_flags(models_dir, classification_data, tmp_path / "lora", "lora", max_steps=2)
     assert main(["distill", *flags]) == 0
@@ -254,6 +260,7 @@ def test_cli_eval_of_a_classification_run(tmp_path, models_dir, classification_d
     assert {"accuracy", "f1", "teacher_agreement", "kl_to_teacher"} <= set(result) and result["texts"] == 48
 
 
+@pytest.mark.e2e
 def test_eval_of_a_classifier_directory_equals_one_text_at_a_time(tmp_path, classification_data, trained_teacher):
     """Batched, padded evaluation must score each text as it scores alone (the head reads the last real token)."""
     from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
@@ -270,6 +277,7 @@ def test_eval_of_a_classifier_directory_equals_one_text_at_a_time(tmp_path, clas
     assert not (tmp_path / "eval.json").exists() and not (Path(teacher_dir) / "eval.json").exists()
 
 
+@pytest.mark.e2e
 def test_compare_reports_classification_metrics(tmp_path, models_dir, classification_data, trained_teacher):
     flags = classify_flags(models_dir, classification_data, tmp_path / "unused", "neo", teacher=trained_teacher[0],
                            max_steps=2)

@@ -11,7 +11,8 @@ from conftest import run_flags
 from llmneo import cli
 from llmneo.config import CONFIG_CLASSES, option_names, parse_config
 from llmneo.errors import ConfigError, VocabularyError
-from llmneo.models import check_vocabularies, load_student, load_teacher, load_tokenizer
+from llmneo.models import check_vocabularies, load_student, load_tokenizer
+from llmneo.teacher.loading import load_teacher
 from llmneo.pipeline import distill
 from llmneo.training import NeoTrainer
 
@@ -103,6 +104,7 @@ def test_padding_only_vocab_difference_is_aligned(models_dir, caplog):
     assert re.search(rf"differ only by padding \(student {size}, teacher {size + 16}\)", caplog.text)
 
 
+@pytest.mark.e2e
 def test_padded_teacher_trains(models_dir, train_file, tmp_path):
     summary = distill(parse_config(run_flags(models_dir, train_file, tmp_path, teacher=models_dir["teacher_padded"])))
     assert summary.steps == 3

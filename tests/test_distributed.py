@@ -3,7 +3,6 @@ process with doubled accumulation, the same teacher cache as one process, and a 
 processes do not form one run."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_flags
+from conftest import checkout_env, run_flags
 
 DDP_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "ddp.yaml"
 SGD = {"optim": "sgd", "warmup_steps": 0, "lr_scheduler_type": "constant"}
@@ -26,7 +25,7 @@ def free_port() -> int:
 
 
 def launch(args: list[str], processes: int, cpu: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = checkout_env(OMP_NUM_THREADS="1")
     if cpu:
         env["ACCELERATE_USE_CPU"] = "true"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
@@ -39,6 +38,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_two_processes_equal_one_with_doubled_accumulation(models_dir, train_file, tmp_path):
     two = launch(["distill", *run_flags(models_dir, train_file, tmp_path / "two", per_device_train_batch_size=2,
                                         gradient_accumulation_steps=2, **SGD)], processes=2)
@@ -59,6 +59,7 @@ def test_two_processes_equal_one_with_doubled_accumulation(models_dir, train_fil
         torch.testing.assert_close(adapters[0][name], weight, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_two_process_cache_equals_one_process_cache(models_dir, train_file, tmp_path):
     caches = {}
     for processes in (2, 1):
@@ -73,6 +74,7 @@ def test_two_process_cache_equals_one_process_cache(models_dir, train_file, tmp_
         assert (tmp_path / "cache-2" / entry["file"]).read_bytes() == (tmp_path / "cache-1" / entry["file"]).read_bytes()
 
 
+@pytest.mark.e2e
 def test_processes_that_do_not_form_one_run_are_refused(models_dir, train_file, tmp_path):
     result = launch(["distill", *run_flags(models_dir, train_file, tmp_path / "run")], processes=2, cpu=False)
     assert result.returncode != 0

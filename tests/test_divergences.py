@@ -188,6 +188,7 @@ def test_divergence_options_are_validated():
         parse_config(base + ["--divergence", "wasserstein"])
 
 
+@pytest.mark.e2e
 def test_training_with_another_divergence(models_dir, train_file, tmp_path):
     import json
 

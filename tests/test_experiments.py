@@ -103,6 +103,7 @@ def hand_accuracy(model, tokenizer):
     return correct / len(DOCS)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("seed", [31, 32])
 def test_lm_eval_bridge_equals_a_hand_computation(tmp_path, tokenizer, seed):
     import lm_eval  # noqa: F401  - the eval extra, installed by the README's install command
@@ -111,6 +112,7 @@ def test_lm_eval_bridge_equals_a_hand_computation(tmp_path, tokenizer, seed):
     assert results["neo_tiny_mc"]["acc"] == pytest.approx(hand_accuracy(model, tokenizer))
 
 
+@pytest.mark.e2e
 def test_task_presets_and_unknown_tasks(tmp_path, tokenizer):
     import lm_eval  # noqa: F401  - the eval extra, installed by the README's install command
     assert resolve_tasks("llm-neo,neo_tiny_mc") == [*TASK_PRESETS["llm-neo"], "neo_tiny_mc"]
@@ -120,6 +122,7 @@ def test_task_presets_and_unknown_tasks(tmp_path, tokenizer):
         run_lm_eval(build_tiny_llama(tokenizer), tokenizer, "neo_tiny_mcq", include_path=write_task(tmp_path))
 
 
+@pytest.mark.e2e
 def test_eval_command_on_a_run(models_dir, train_file, tmp_path, capsys):
     out = tmp_path / "run"
     summary = distill(parse_config(run_flags(models_dir, train_file, out, eval_ratio=0.25)))
@@ -135,6 +138,7 @@ def test_eval_command_on_a_run(models_dir, train_file, tmp_path, capsys):
     assert json.loads(printed[printed.index("{\n  \"held_out\""):]) == written
 
 
+@pytest.mark.e2e
 def test_run_report_and_curves(models_dir, train_file, tmp_path):
     out = tmp_path / "run"
     distill(parse_config(run_flags(models_dir, train_file, out, eval_ratio=0.25, eval_strategy="steps", eval_steps=2)))
@@ -151,6 +155,7 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.e2e
 def test_compare_writes_table_csv_and_chart(models_dir, train_file, tmp_path):
     out = tmp_path / "compare"
     assert cli.main(["compare", "--output", str(out), *run_flags(models_dir, train_file, tmp_path / "base")]) == 0
@@ -172,6 +177,7 @@ def test_bar_chart_draws_one_bar_per_row(tmp_path):
     assert drawn == {"a": {"sft": 0, "lora": 1, "kd": 2, "neo": 3}, "b": {"sft": 0, "lora": 2, "kd": 4, "neo": 6}}
 
 
+@pytest.mark.e2e
 def test_sweep_resumes_after_a_kill_and_names_the_best(models_dir, train_file, tmp_path, monkeypatch):
     argv = run_flags(models_dir, train_file, tmp_path / "base")
     trained = []
@@ -202,6 +208,7 @@ def test_sweep_resumes_after_a_kill_and_names_the_best(models_dir, train_file, t
     assert matplotlib.image.imread(tmp_path / "sweep" / "sweep_heatmap.png").ndim == 3
 
 
+@pytest.mark.e2e
 def test_scaling_plots_the_metric_against_trained_tokens(models_dir, train_file, tmp_path):
     out = tmp_path / "scaling"
     flags = run_flags(models_dir, train_file, tmp_path / "base", max_steps=-1, num_train_epochs=1)

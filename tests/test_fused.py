@@ -3,7 +3,6 @@ memory, and whole training runs."""
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_flags, save_model
+from conftest import checkout_env, run_flags, save_model
 from llmneo.config import parse_config
 from llmneo.demo.tiny import build_tiny_llama
 from llmneo.errors import ConfigError
@@ -142,9 +141,9 @@ def test_values_without_gradients_under_no_grad():
     torch.testing.assert_close(parts.loss, reference.loss.detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.requires_liger
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd"])
 def test_liger_backend_equals_naive(name):
-    import liger_kernel.chunked_loss  # noqa: F401  - installed by the README's install command
     generator = torch.Generator().manual_seed(5)
     case, labels = make_case(seed=5)
     case["student_weight"] = torch.randn(VOCAB, HIDDEN, generator=generator) * 0.5  # Liger: no student padding
@@ -157,11 +156,12 @@ def test_liger_backend_equals_naive(name):
     assert_same((parts, hidden.grad, weight.grad), naive_path(case, labels, True, **settings))
 
 
+@pytest.mark.e2e
 def test_fused_peak_memory_is_bounded_by_the_chunk():
     """V = 32000, 8192 answer tokens, chunks of 1024: the fused path's extra peak stays below three fp32
     chunk x V buffers and at least 85% below the naive path's, measured as peak RSS in separate processes."""
     probe = Path(__file__).with_name("memory_probe.py")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
+    env = checkout_env(MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
     peaks = {impl: int(subprocess.run([sys.executable, str(probe), impl], env=env, capture_output=True, text=True,
                                       check=True).stdout) for impl in ("fused", "naive")}
     chunk_bytes = 1024 * 32000 * 4
@@ -186,6 +186,7 @@ def count_fused_calls(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["neo", "kd"])
 def test_training_runs_equal_with_fused_and_naive(models_dir, train_file, tmp_path, method, monkeypatch):
     runs, calls = {}, count_fused_calls(monkeypatch)
@@ -204,8 +205,9 @@ def test_training_runs_equal_with_fused_and_naive(models_dir, train_file, tmp_pa
             assert fused_line[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.e2e
+@pytest.mark.requires_liger
 def test_training_with_the_liger_backend_equals_naive(models_dir, train_file, tmp_path):
-    import liger_kernel.chunked_loss  # noqa: F401  - installed by the README's install command
     runs = {}
     for impl in ("liger", "naive"):
         out = tmp_path / impl
@@ -216,6 +218,7 @@ def test_training_with_the_liger_backend_equals_naive(models_dir, train_file, tm
             assert liger_line[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.e2e
 def test_tied_embeddings_train_through_the_fused_head(tokenizer, train_file, tmp_path, monkeypatch):
     """sft on a student whose lm_head is its input embedding: both uses of the weight get their gradient."""
     student = save_model(tmp_path / "tied", build_tiny_llama(tokenizer, seed=6, tie_word_embeddings=True), tokenizer)

@@ -39,7 +39,7 @@ def test_logged_terms_combine_with_alpha_and_temperature(models_dir, train_file,
                                                loss_impl=loss_impl)
     batch = make_collator(tokenizer)([dataset[i] for i in range(4)])
     trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, batch)
+    loss = trainer.compute_loss(trainer.model, batch).detach()
     terms = trainer.loss_terms()
     ce, kd = float(terms["ce_loss"]), float(terms["kd_loss"])
     assert abs(ce - kd) > 0.05  # otherwise swapping the weights would go unnoticed

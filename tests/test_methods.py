@@ -49,6 +49,7 @@ def runs(models_dir, train_file, tmp_path_factory):
     return results
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["lora", "neo"])
 def test_adapter_methods_freeze_base_and_train_adapter(runs, models_dir, method):
     model = runs[method]["model"]
@@ -66,6 +67,7 @@ def test_adapter_methods_freeze_base_and_train_adapter(runs, models_dir, method)
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: non-zero means it trained
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["sft", "kd"])
 def test_full_methods_train_the_student(runs, models_dir, method):
     model = runs[method]["model"]
@@ -74,6 +76,7 @@ def test_full_methods_train_the_student(runs, models_dir, method):
     assert len(changed) == len(base)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["kd", "neo"])
 def test_teacher_is_called_and_stays_bit_identical(runs, models_dir, method):
     (teacher,) = runs[method]["teacher"]
@@ -84,6 +87,7 @@ def test_teacher_is_called_and_stays_bit_identical(runs, models_dir, method):
         assert torch.equal(value, reference[name]), name
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["sft", "lora"])
 def test_ce_methods_never_load_or_call_the_teacher(runs, method):
     assert runs[method]["teacher"] == [] and runs[method]["calls"] == []
@@ -91,6 +95,7 @@ def test_ce_methods_never_load_or_call_the_teacher(runs, method):
     assert all(entry["kd_loss"] == 0 for entry in logged if "kd_loss" in entry)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["sft", "lora", "kd", "neo"])
 def test_run_directory_artifacts(runs, method):
     out = runs[method]["out"]
@@ -116,6 +121,7 @@ def test_run_directory_artifacts(runs, method):
         assert needle in card
 
 
+@pytest.mark.e2e
 def test_resolved_config_round_trips(runs):
     out = runs["neo"]["out"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -124,6 +130,7 @@ def test_resolved_config_round_trips(runs):
     assert reloaded.to_dict() == runs["neo"]["summary"].config.to_dict()
 
 
+@pytest.mark.e2e
 def test_merge_gives_the_same_logits_as_base_plus_adapter(runs, tmp_path):
     model = runs["neo"]["model"].eval()
     merged_dir = merge_run(runs["neo"]["out"], tmp_path / "merged")
@@ -136,6 +143,7 @@ def test_merge_gives_the_same_logits_as_base_plus_adapter(runs, tmp_path):
     assert not hasattr(merged, "peft_config")
 
 
+@pytest.mark.e2e
 def test_merge_of_a_full_weights_run_copies_the_trained_model(runs, tmp_path):
     model = runs["sft"]["model"].eval()
     merged = AutoModelForCausalLM.from_pretrained(merge_run(runs["sft"]["out"], tmp_path / "merged")).eval()
@@ -143,6 +151,7 @@ def test_merge_of_a_full_weights_run_copies_the_trained_model(runs, tmp_path):
         assert torch.equal(value, merged.state_dict()[name]), name
 
 
+@pytest.mark.e2e
 def test_merge_refuses_a_directory_that_is_not_a_run(tmp_path):
     from llmneo.errors import ConfigError
 
@@ -150,6 +159,7 @@ def test_merge_refuses_a_directory_that_is_not_a_run(tmp_path):
         merge_run(tmp_path, tmp_path / "out")
 
 
+@pytest.mark.e2e
 def test_min_lr_ratio_floors_the_cosine_schedule(models_dir, train_file, tmp_path):
     flags = run_flags(models_dir, train_file, tmp_path, method="lora", max_steps=6, warmup_steps=0,
                       min_lr_ratio=0.5, learning_rate=0.01)

@@ -47,6 +47,7 @@ def test_packed_losses_equal_unpacked(models_dir, train_file, tmp_path, tokenize
     assert (expected > 0).all()
 
 
+@pytest.mark.e2e
 def test_packed_training_logs_what_padded_training_logs(models_dir, train_file, tmp_path):
     logs = {}
     for packing in (False, True):

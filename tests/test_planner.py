@@ -17,6 +17,7 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_planned_run_trains_like_the_same_rows_per_step(models_dir, train_file, tmp_path):
     planned = tmp_path / "planned"
     distill(parse_config(run_flags(models_dir, train_file, planned, per_device_train_batch_size=1,
@@ -38,6 +39,9 @@ class FakeTrainer:
 
     def __init__(self):
         self.args = self.Args()
+
+    def set_micro_batch(self, micro_batch, accumulation):
+        self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps = micro_batch, accumulation
 
 
 def test_the_largest_divisor_within_the_budget_is_chosen(monkeypatch):

@@ -2,7 +2,6 @@
 metrics.jsonl continues without duplicates or gaps; incomplete checkpoints are never resumed from."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 from transformers import TrainerCallback
 
-from conftest import run_flags
+from conftest import checkout_env, run_flags
 from llmneo import cli
 from llmneo.config import parse_config
 from llmneo.errors import ConfigError, NonFiniteError, TrainingOutOfMemory
@@ -66,12 +65,13 @@ def uninterrupted(models_dir, train_file, tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mode, when, resumed_from", [("step", 3, 2), ("save", 4, 2)])
 def test_killed_run_resumes_to_the_uninterrupted_result(models_dir, train_file, tmp_path, uninterrupted, mode, when,
                                                          resumed_from):
     out = tmp_path / "killed"
     result = subprocess.run([sys.executable, "-c", KILLER, mode, str(when), *flags(models_dir, train_file, out)],
-                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            capture_output=True, text=True, env=checkout_env(OMP_NUM_THREADS="1"))
     assert result.returncode == -9, result.stderr[-2000:]
     assert resolve_checkpoint(out, "latest").endswith(f"checkpoint-{resumed_from}")
     if mode == "save":
@@ -126,6 +126,7 @@ def config(models_dir, train_file, out, **extra):
     return parse_config(run_flags(models_dir, train_file, out, max_steps=4, **extra))
 
 
+@pytest.mark.e2e
 def test_nonfinite_step_is_skipped_and_counted(models_dir, train_file, tmp_path, caplog):
     summary = distill(config(models_dir, train_file, tmp_path / "run", nonfinite_policy="skip"), [Fault(2)])
     assert summary.steps == 4 and summary.final_metrics["skipped_steps"] == 1
@@ -134,6 +135,7 @@ def test_nonfinite_step_is_skipped_and_counted(models_dir, train_file, tmp_path,
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("extra", [{"nonfinite_policy": "stop"}, {"nonfinite_policy": "skip", "max_bad_steps": 0}])
 def test_nonfinite_step_stops_with_its_rows_and_a_checkpoint(models_dir, train_file, tmp_path, extra):
     with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient at step 2 \(training rows \[\d+(, \d+)*\]\)"
@@ -142,6 +144,7 @@ def test_nonfinite_step_stops_with_its_rows_and_a_checkpoint(models_dir, train_f
     assert (tmp_path / "run" / "checkpoint-1" / "llmneo_checkpoint_complete").is_file()
 
 
+@pytest.mark.e2e
 def test_out_of_memory_names_the_micro_batch_and_the_knobs(models_dir, train_file, tmp_path):
     with pytest.raises(TrainingOutOfMemory, match=r"out of memory at step 3 with up to 256 tokens per micro-batch "
                                                   r"\(4 rows x max_length 64\)\. The last good step was saved as "
@@ -150,6 +153,7 @@ def test_out_of_memory_names_the_micro_batch_and_the_knobs(models_dir, train_fil
     assert resolve_checkpoint(tmp_path / "run", "latest").endswith("checkpoint-2")
 
 
+@pytest.mark.e2e
 def test_pickle_weights_are_refused_unless_allowed(tokenizer, train_file, tmp_path):
     from llmneo.demo.tiny import build_tiny_llama
 

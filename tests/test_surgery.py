@@ -17,6 +17,7 @@ def four_layers(tokenizer, tmp_path):
     return save_model(tmp_path / "source", build_tiny_llama(tokenizer, num_layers=4, seed=51), tokenizer)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("option, kept", [(["--keep", "2"], [0, 3]), (["--drop", "1,2"], [0, 3]),
                                           (["--keep", "3"], [0, 2, 3]), (["--drop", "0"], [1, 2, 3])])
 def test_kept_layers_are_bit_identical_and_the_student_runs(four_layers, tmp_path, tokenizer, option, kept, capsys):
@@ -97,6 +98,7 @@ def write_gguf(model, tokenizer, path):
     writer.close()
 
 
+@pytest.mark.e2e
 def test_import_gguf_round_trip(tokenizer, tmp_path, capsys):
     import gguf  # noqa: F401  - in the test extra
     source = build_tiny_llama(tokenizer, num_layers=2, seed=52).eval()

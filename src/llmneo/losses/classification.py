@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .contract import LossParts, LossSettings
+from .contract import DEFAULT_LOSS_SETTINGS, LossParts, LossSettings
 
 
 def classification_distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor,
                                      teacher_logits: torch.Tensor | None = None, *,
-                                     settings: LossSettings = LossSettings(), num_items=None) -> LossParts:
+                                     settings: LossSettings = DEFAULT_LOSS_SETTINGS, num_items=None) -> LossParts:
     """``student_logits``/``teacher_logits``: (B, C); ``labels``: (B,) class ids. Without a teacher: CE only."""
     count = num_items if num_items is not None else labels.numel()
     ce = F.cross_entropy(student_logits.float(), labels, reduction="sum") / count

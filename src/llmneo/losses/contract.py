@@ -66,3 +66,6 @@ class LossSettings:
     def mix(self, ce: torch.Tensor, kd: torch.Tensor, has_teacher: bool) -> torch.Tensor:
         """The loss from its normalised terms; CE alone when there is no teacher."""
         return self.alpha * ce + (1.0 - self.alpha) * kd if has_teacher else ce
+
+
+DEFAULT_LOSS_SETTINGS = LossSettings()  # frozen: safe to share as a default argument

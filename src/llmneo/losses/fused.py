@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .contract import LossParts, LossSettings, answer_mask, answer_rows, answer_targets
+from .contract import DEFAULT_LOSS_SETTINGS, LossParts, LossSettings, answer_mask, answer_rows, answer_targets
 from .divergences import kl_from_log_probs
 from .topk import TopKRows, kd_per_row
 
@@ -179,7 +179,7 @@ def fused_distillation_loss(
     teacher_weight: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     *,
-    settings: LossSettings = LossSettings(),
+    settings: LossSettings = DEFAULT_LOSS_SETTINGS,
     num_items: int | torch.Tensor | None = None,
     teacher_topk: TopKRows | None = None,
 ) -> LossParts:

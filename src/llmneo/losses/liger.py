@@ -12,7 +12,8 @@ import importlib.util
 
 import torch
 
-from .contract import IGNORE_INDEX, LossParts, LossSettings, answer_mask, answer_rows, answer_targets
+from .contract import (DEFAULT_LOSS_SETTINGS, IGNORE_INDEX, LossParts, LossSettings,
+                       answer_mask, answer_rows, answer_targets)
 from .divergences import Divergence
 
 
@@ -27,7 +28,7 @@ def liger_unavailable_reason(divergence: Divergence, student_vocab: int, kd_voca
 
 
 def liger_distillation_loss(student_hidden, student_weight, labels, teacher_hidden, teacher_weight, *,
-                            settings: LossSettings = LossSettings(), num_items=None) -> LossParts:
+                            settings: LossSettings = DEFAULT_LOSS_SETTINGS, num_items=None) -> LossParts:
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     mask = answer_mask(labels)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .contract import LossParts, LossSettings, answer_mask, answer_rows, answer_targets
+from .contract import DEFAULT_LOSS_SETTINGS, LossParts, LossSettings, answer_mask, answer_rows, answer_targets
 from .topk import TopKRows, kd_per_row
 
 
@@ -21,7 +21,7 @@ def distillation_loss(
     labels: torch.Tensor,
     teacher_logits: torch.Tensor | None = None,
     *,
-    settings: LossSettings = LossSettings(),
+    settings: LossSettings = DEFAULT_LOSS_SETTINGS,
     num_items: int | torch.Tensor | None = None,
     teacher_topk: TopKRows | None = None,
 ) -> LossParts:

