@@ -28,7 +28,7 @@ from .report import write_run_report
 from .runtime.planner import plan_micro_batch
 from .runtime.processes import check_processes
 from .runtime.resume import checkpoint_step, cut_metrics, resolve_checkpoint
-from .teacher.cache import cached_vocab_size, open_teacher_cache
+from .teacher.cache import TeacherCache, cached_vocab_size, open_teacher_cache
 from .teacher.loading import load_teacher
 from .training import ClassifierTrainer, MetricsJsonlCallback, NeoTrainer
 
@@ -47,6 +47,37 @@ class RunSummary:
     trained_answer_tokens: int = 0  # answer tokens (classification: texts) of every micro-batch trained on
 
 
+def distill(config, callbacks=()) -> RunSummary:
+    """Train one method as configured and write the run directory."""
+    check_before_loading(config)
+    set_seed(config.training.seed)
+    tokenizer = load_student_tokenizer(config.model, config.data.task)
+    dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed)
+    log_data(report, held_out)
+    head = class_head(config, tokenizer, report)
+    cache = open_teacher_cache(config, tokenizer, dataset) if config.distill.teacher_cache else None
+    dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
+    student, teacher, kd_vocab_size = load_models(config, tokenizer, head, cache)
+    resume = prepare_run_dir(config)
+    initial_adapter = save_initial_adapter(student, Path(config.training.output_dir)) if saves_adapter(config) else None
+    trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out)
+    if config.distill.auto_micro_batch:
+        plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
+    quantized_teacher = teacher is not None and is_quantized(teacher)
+    fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head) if quantized_teacher else None
+    result = train_or_explain(trainer, config, resume)
+    final_metrics = collect_final_metrics(trainer, result, report, held_out is not None, fidelity)
+    weights_dir = write_artifacts(trainer, config, tokenizer, report, final_metrics, initial_adapter)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return RunSummary(Path(config.training.output_dir), weights_dir, trainer.state.global_step, final_metrics, report,
+                      config, trainable, trainer.items_seen())
+
+
+def log_data(report: DataReport, held_out) -> None:
+    logger.info("data: %d rows used, %d skipped, %d answer tokens%s", report.rows_used, len(report.skipped),
+                report.answer_tokens, f"; {len(held_out)} held-out rows" if held_out is not None else "")
+
+
 def class_head(config, tokenizer, report: DataReport) -> ClassHead | None:
     """The classification head the run trains (None for causal_lm); its classes go into the resolved config."""
     if config.data.task != "classification":
@@ -55,12 +86,15 @@ def class_head(config, tokenizer, report: DataReport) -> ClassHead | None:
     return ClassHead.for_classes(report.class_names, tokenizer)
 
 
-def load_models(config, tokenizer, head: ClassHead | None = None):
-    """Student (with adapter for lora/neo), teacher or None, and the vocabulary size the KD term uses."""
+def load_models(config, tokenizer, head: ClassHead | None = None, cache: TeacherCache | None = None):
+    """Student (with adapter for lora/neo), teacher or None, and the vocabulary size the KD term uses (with a
+    teacher cache: the one it was captured over; the teacher is not loaded)."""
     preset = METHODS[config.distill.method]
     student = load_student(config.model, head)
     teacher, kd_vocab_size = None, None
-    if preset.uses_teacher and config.distill.teacher_cache is None:
+    if cache is not None:
+        kd_vocab_size = cached_vocab_size(cache, output_vocab_size(student))
+    elif preset.uses_teacher and config.distill.teacher_cache is None:
         teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
         teacher = load_teacher(config.model, head=head)
         sizes = (student, teacher) if head is None else (len(tokenizer), len(teacher_tokenizer))  # inputs only
@@ -102,6 +136,24 @@ def log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head: ClassHea
                 config.model.teacher_quantization, kl)
     trainer.log({"teacher_fidelity_kl": kl})
     return kl
+
+
+def prepare_run_dir(config) -> str | None:
+    """Write the resolved config; start metrics.jsonl afresh, or cut it back to the checkpoint resumed from (its
+    path is returned)."""
+    run_dir = Path(config.training.output_dir)
+    resume = resolve_checkpoint(run_dir, config.training.resume_from_checkpoint)
+    if config.training.process_index == 0:
+        save_resolved_config(run_dir, config)
+        if resume is None:
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        else:
+            cut_metrics(run_dir / METRICS_FILE, checkpoint_step(resume))
+    return resume
+
+
+def saves_adapter(config) -> bool:
+    return METHODS[config.distill.method].uses_adapter and config.training.process_index == 0
 
 
 def check_before_loading(config) -> None:
@@ -159,38 +211,10 @@ def last_logged_terms(log_history: list[dict]) -> dict:
     return {key: logged[-1][key] for key in ("ce_loss", "kd_loss")} if logged else {}
 
 
-def distill(config, callbacks=()) -> RunSummary:
-    """Train one method as configured and write the run directory."""
-    run_dir = Path(config.training.output_dir)
-    check_before_loading(config)
-    set_seed(config.training.seed)
-    tokenizer = load_student_tokenizer(config.model, config.data.task)
-    dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed)
-    head = class_head(config, tokenizer, report)
-    logger.info("data: %d rows used, %d skipped, %d answer tokens%s", report.rows_used, len(report.skipped),
-                report.answer_tokens, f"; {len(held_out)} held-out rows" if held_out is not None else "")
-    cache = open_teacher_cache(config, tokenizer, dataset) if config.distill.teacher_cache else None
-    dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
-    student, teacher, kd_vocab_size = load_models(config, tokenizer, head)
-    if cache is not None:
-        kd_vocab_size = cached_vocab_size(cache, output_vocab_size(student))
-    resume = resolve_checkpoint(run_dir, config.training.resume_from_checkpoint)
-    if config.training.process_index == 0:
-        save_resolved_config(run_dir, config)
-        if resume is None:
-            (run_dir / METRICS_FILE).unlink(missing_ok=True)
-        else:
-            cut_metrics(run_dir / METRICS_FILE, checkpoint_step(resume))
-    saves_adapter = METHODS[config.distill.method].uses_adapter and config.training.process_index == 0
-    initial_adapter = save_initial_adapter(student, run_dir) if saves_adapter else None
-    trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out)
-    if config.distill.auto_micro_batch:
-        plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
-    quantized_teacher = teacher is not None and is_quantized(teacher)
-    fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head) if quantized_teacher else None
-    result = train_or_explain(trainer, config, resume)
+def collect_final_metrics(trainer, result, report: DataReport, has_held_out: bool, fidelity: float | None) -> dict:
+    """What the model card and report state about the end of the run."""
     final_metrics = {"train_loss": round(result.training_loss, 6), **last_logged_terms(trainer.state.log_history)}
-    if held_out is not None:
+    if has_held_out:
         final_metrics.update(final_evaluation(trainer))
     if fidelity is not None:
         final_metrics["teacher_fidelity_kl"] = round(fidelity, 6)
@@ -198,12 +222,16 @@ def distill(config, callbacks=()) -> RunSummary:
         final_metrics["skipped_steps"] = trainer.bad_steps
     if report.skipped:
         final_metrics["skipped_rows"] = len(report.skipped)
-    weights_dir = run_dir
-    if trainer.is_world_process_zero():
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter)
-        write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics)
-        write_run_report(run_dir, final_metrics, run_settings(config, trainer.state.global_step, report))
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return RunSummary(run_dir, weights_dir, trainer.state.global_step, final_metrics, report, config, trainable,
-                      trainer.items_seen())
+    return final_metrics
+
+
+def write_artifacts(trainer, config, tokenizer, report: DataReport, final_metrics: dict, initial_adapter) -> Path:
+    """The final adapter or weights, the model card and the run report (main process only); the weights' folder."""
+    run_dir = Path(config.training.output_dir)
+    if not trainer.is_world_process_zero():
+        return run_dir
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter)
+    write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics)
+    write_run_report(run_dir, final_metrics, run_settings(config, trainer.state.global_step, report))
+    return weights_dir
