@@ -8,11 +8,13 @@ from pathlib import Path
 
 import yaml
 
-from .adapters.store import load_adapter, save_adapter
+from .adapters.store import adapter_kind, load_adapter, save_adapter
 from .config import ModelArguments
 from .errors import ConfigError
 from .methods import METHODS
-from .models import ClassHead, load_student, load_tokenizer
+from .models import ClassHead, load_student, load_tokenizer, model_identity
+from .runtime.checkpoints import checkpoint_step, is_complete
+from .runtime.run_dir import require_finished, require_new_output
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +38,12 @@ def load_run_config(run_dir: Path) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def save_final_weights(model, tokenizer, run_dir: Path, config, initial_adapter: Path | None = None) -> Path:
-    """Adapter (PEFT safetensors, see adapters/store.py) or full weights (safetensors) with the tokenizer."""
+def save_final_weights(model, tokenizer, run_dir: Path, config, initial_adapter: Path | None = None,
+                       base: dict | None = None) -> Path:
+    """Adapter (PEFT safetensors, see adapters/store.py; ``base``: the identity of the weights it was trained on) or
+    full weights (safetensors) with the tokenizer."""
     if METHODS[config.distill.method].uses_adapter:
-        target = save_adapter(model, run_dir / ADAPTER_DIR, config.adapter, initial_adapter)
+        target = save_adapter(model, run_dir / ADAPTER_DIR, config.adapter, initial_adapter, base)
     else:
         target = run_dir / MODEL_DIR
         model.save_pretrained(target)
@@ -83,33 +87,66 @@ def write_model_card(run_dir: Path, config, steps: int, data_report, final_metri
     return path
 
 
-def run_adapter_dir(path: str | Path) -> Path:
-    """The adapter directory of a run directory, or ``path`` itself when it is an adapter directory."""
+def run_adapter_dir(path: str | Path, command: str = "export-lora") -> Path:
+    """The adapter directory of a finished run, or ``path`` itself when it is an adapter directory (a checkpoint)."""
     path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        require_finished(path, command)
     return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path
 
 
-def load_run_model(run_dir: str | Path):
-    """A finished run's student as one standalone model (adapter merged into full weights) and its tokenizer."""
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    adapter_dir, model_dir = run_dir / ADAPTER_DIR, run_dir / MODEL_DIR
+def run_weights(path: str | Path, command: str) -> tuple[dict, Path | None, Path | None]:
+    """The run config, adapter dir and full-weights dir of a finished run, or of one of its checkpoints named
+    explicitly (``RUN/checkpoint-K``)."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        require_finished(path, command)
+        return load_run_config(path), path / ADAPTER_DIR, path / MODEL_DIR
+    if path.name.startswith("checkpoint-") and (path.parent / CONFIG_FILE).is_file():
+        if not is_complete(path):
+            raise ConfigError(f"checkpoint {path} is incomplete (its save was interrupted)")
+        kind = adapter_kind(path).get("adapter")
+        if kind in ("pissa", "olora"):
+            raise ConfigError(f"checkpoint {path} holds a {kind} adapter for the base as {kind} modified it: resume "
+                              "the run to finish it (its final save converts the adapter for the original base)")
+        logger.info("using checkpoint %s of run %s (step %d)", path.name, path.parent, checkpoint_step(path))
+        return load_run_config(path.parent), path, path
+    raise ConfigError(f"{path} is not a run directory: {CONFIG_FILE} is missing")
+
+
+def check_base(adapter_dir: Path, student_path: str) -> None:
+    """The base the adapter is merged into must be the one it was trained on."""
+    recorded = adapter_kind(adapter_dir).get("base")
+    if not recorded or "sha256" not in recorded:
+        return
+    current = model_identity(student_path, sample_weights=True)
+    if current != recorded:
+        raise ConfigError(f"the student {student_path} is not the base the adapter in {adapter_dir} was trained on "
+                          "(its config or weights changed since the run): restore that model, or train again")
+
+
+def load_run_model(run_dir: str | Path, command: str = "merge"):
+    """A finished run's student (or a checkpoint's) as one standalone model (adapter merged into full weights) and
+    its tokenizer."""
+    config, adapter_dir, model_dir = run_weights(run_dir, command)
     model_args = ModelArguments(**{**config["model"], "student_quantization": "none"})  # merge into full weights
-    if adapter_dir.is_dir():
+    if (adapter_dir / "adapter_config.json").is_file():
+        check_base(adapter_dir, model_args.student_model)
         tokenizer = load_tokenizer(str(adapter_dir), role="adapter")
         base = load_student(model_args, ClassHead.from_run_config(config, tokenizer))
         return load_adapter(base, adapter_dir).merge_and_unload(), tokenizer
-    if model_dir.is_dir():
+    if (model_dir / "config.json").is_file():
         model_args.student_model = str(model_dir)
         tokenizer = load_tokenizer(str(model_dir), role="run")
         return load_student(model_args, ClassHead.from_run_config(config, tokenizer)), tokenizer
-    raise ConfigError(f"{run_dir} holds neither {ADAPTER_DIR}/ nor {MODEL_DIR}/: did the run finish?")
+    raise ConfigError(f"{run_dir} holds neither an adapter nor model weights")
 
 
 def merge_run(run_dir: str | Path, output: str | Path) -> Path:
     """Write a standalone model (base + adapter merged) that `AutoModelForCausalLM.from_pretrained` (or, for a
     classification run, `AutoModelForSequenceClassification.from_pretrained`) loads."""
-    merged, tokenizer = load_run_model(run_dir)
+    require_new_output(output)
+    merged, tokenizer = load_run_model(run_dir, "merge")
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)
     logger.info("merged model written to %s", output)

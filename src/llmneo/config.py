@@ -136,6 +136,9 @@ class NeoTrainingArguments(TrainingArguments, DistillArguments):
     configs do: NeoTrainer reads everything it needs from ``self.args``."""
 
     output_dir: str | None = _help("Run directory: config, metrics.jsonl, adapter or weights, model card, checkpoints.", "runs/neo")
+    overwrite_output_dir: bool = _help(
+        "Replace the run already in --output_dir (its old contents are removed first); without it such a directory "
+        "is refused.", False)
     learning_rate: float | None = _help("Peak learning rate; default 2e-4 for adapter methods, 2e-5 for full fine-tuning.")
     lr_scheduler_type: str = _help("Learning-rate schedule (cosine with warmup as in the paper).", "cosine")
     warmup_steps: float = _help("Warmup steps; a float in [0, 1) is a fraction of all steps.", 0.1)
@@ -210,7 +213,10 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:  # includes python/object tags, which safe_load refuses to construct
+        raise ConfigError(f"{path} is not valid YAML for llm-neo ({' '.join(str(error).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
     return _flatten_yaml(data, str(path))
@@ -261,6 +267,20 @@ def validate(config: RunConfig) -> None:
         (0.0 <= config.distill.alpha <= 1.0, f"alpha must be in [0, 1], got {config.distill.alpha}"),
         (config.distill.temperature > 0, f"temperature must be > 0, got {config.distill.temperature}"),
         (config.adapter.lora_r > 0, f"lora_r must be > 0, got {config.adapter.lora_r}"),
+        (config.training.learning_rate > 0, f"learning_rate must be > 0, got {config.training.learning_rate}: "
+                                            "a run with it would train nothing"),
+        (config.adapter.lora_alpha > 0, f"lora_alpha must be > 0, got {config.adapter.lora_alpha}: the adapter's "
+                                        "scaling alpha / r would make it do nothing"),
+        (0.0 <= config.adapter.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {config.adapter.lora_dropout}"),
+        (config.training.max_steps > 0 or config.training.num_train_epochs > 0,
+         f"nothing to train: max_steps {config.training.max_steps} and num_train_epochs "
+         f"{config.training.num_train_epochs}; give max_steps > 0 or num_train_epochs > 0"),
+        (config.training.per_device_train_batch_size >= 1,
+         f"per_device_train_batch_size must be >= 1, got {config.training.per_device_train_batch_size}"),
+        (config.training.gradient_accumulation_steps >= 1,
+         f"gradient_accumulation_steps must be >= 1, got {config.training.gradient_accumulation_steps}"),
+        (config.data.max_samples is None or config.data.max_samples >= 1,
+         f"max_samples must be >= 1, got {config.data.max_samples}"),
         (config.data.max_length > 1, f"max_length must be > 1, got {config.data.max_length}"),
         (0.0 <= config.data.eval_ratio < 1.0, f"eval_ratio must be in [0, 1), got {config.data.eval_ratio}"),
         (not (config.data.eval_ratio > 0 and config.data.eval_split), "give eval_split or eval_ratio, not both"),

@@ -3,10 +3,12 @@ vocabulary. The frozen teacher is loaded by teacher/loading.py on top of these."
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
@@ -31,8 +33,14 @@ def resolve_dtype(name: str | None) -> torch.dtype:
 
 
 def _check_path(path: str, role: str) -> None:
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1  # hub ids are "org/name"
-    if looks_local and not os.path.exists(os.path.expanduser(path)):
+    """A missing local-looking path is named at once instead of being tried as a hub id (retries, then a
+    traceback). Hub ids are "org/name"; a path whose first folder exists here is local."""
+    if os.path.exists(os.path.expanduser(path)):
+        return
+    first = path.split("/", 1)[0]
+    looks_local = (path.startswith((".", "/", "~")) or path.count("/") > 1
+                   or ("/" in path and os.path.isdir(first)))
+    if looks_local:
         raise ConfigError(f"{role} model path {path} does not exist")
 
 
@@ -162,6 +170,40 @@ def load_student(model_args, head: ClassHead | None = None):
                              head.model_kwargs() if head is not None else None)
     student.config.use_cache = False
     return student
+
+
+def model_identity(path: str, config=None, sample_weights: bool = False) -> dict:
+    """A model directory's identity without reading its weights: config.json, and each weight file's size and
+    (for safetensors) header, which lists every tensor's name, dtype, shape and offsets. ``sample_weights`` also
+    reads a few blocks of each weight file, so weights of the same shapes but other values differ too."""
+    local = Path(path).expanduser()
+    if not local.is_dir():  # a hub id: its resolved revision
+        if config is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path)
+        return {"path": path, "revision": getattr(config, "_commit_hash", None)}
+    digest = hashlib.sha256()
+    for file in sorted(local.iterdir()):
+        if file.name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+            if file.suffix == ".safetensors":
+                with open(file, "rb") as handle:
+                    digest.update(handle.read(8 + int.from_bytes(handle.read(8), "little")))
+            if sample_weights:
+                _digest_samples(digest, file)
+    return {"path": str(local.resolve()), "sha256": digest.hexdigest()}
+
+
+def _digest_samples(digest, file: Path, block: int = 1 << 16, count: int = 8) -> None:
+    """Blocks spread over the file: cheap even for many GB, and any retraining changes them."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        for index in range(count):
+            handle.seek(max(0, (size - block) * index // max(count - 1, 1)))
+            digest.update(handle.read(block))
 
 
 def output_vocab_size(model) -> int:

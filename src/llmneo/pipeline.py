@@ -4,7 +4,9 @@ its cache) -> trainer -> artifacts. Each step is a call into the module that own
 
 from __future__ import annotations
 
+import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from peft import prepare_model_for_kbit_training
 from transformers import set_seed
 
 from .adapters.lora import PEFT_TASK_TYPES, add_lora, lora_config
-from .adapters.store import save_initial_adapter
+from .adapters.store import KIND_FILE, kind_record, save_initial_adapter
 from .artifacts import METRICS_FILE, run_settings, save_final_weights, save_resolved_config, write_model_card
 from .data.collators import make_collator
 from .data.loading import DataReport, build_datasets
@@ -23,12 +25,16 @@ from .evaluation.classification import class_fidelity_kl
 from .evaluation.metrics import teacher_fidelity_kl
 from .methods import METHODS
 from .models import (ClassHead, check_quantization, check_vocabularies, is_quantized, load_student,
-                     load_student_tokenizer, load_tokenizer, output_vocab_size)
+                     load_student_tokenizer, load_tokenizer, model_identity, output_vocab_size)
 from .report import write_run_report
+from .runtime.checkpoints import checkpoint_step
+from .runtime.identity import IDENTITY_FILE, check_resume, identity_bytes, run_identity
+from .runtime.lock import DirectoryLock
 from .runtime.planner import plan_micro_batch
 from .runtime.processes import check_processes
-from .runtime.resume import checkpoint_step, cut_metrics, resolve_checkpoint
-from .teacher.cache import TeacherCache, cached_vocab_size, open_teacher_cache
+from .runtime.resume import cut_metrics, resolve_checkpoint
+from .runtime.run_dir import claim_output_dir, mark_finished, mark_started
+from .teacher.cache import TeacherCache, cached_vocab_size, data_fingerprint, open_teacher_cache
 from .teacher.loading import load_teacher
 from .training import ClassifierTrainer, MetricsJsonlCallback, NeoTrainer
 
@@ -48,19 +54,27 @@ class RunSummary:
 
 
 def distill(config, callbacks=()) -> RunSummary:
-    """Train one method as configured and write the run directory."""
+    """Train one method as configured and write the run directory, which this process holds locked throughout."""
     check_before_loading(config)
+    with lock_run_dir(config):
+        return train_and_write(config, callbacks)
+
+
+def train_and_write(config, callbacks=()) -> RunSummary:
+    claim_run_dir(config)
     set_seed(config.training.seed)
     tokenizer = load_student_tokenizer(config.model, config.data.task)
     dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed)
     log_data(report, held_out)
     head = class_head(config, tokenizer, report)
+    identity = run_identity(config_sections(config), data_fingerprint(dataset, config.data.dataset))
     cache = open_teacher_cache(config, tokenizer, dataset) if config.distill.teacher_cache else None
     dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
     student, teacher, kd_vocab_size = load_models(config, tokenizer, head, cache)
-    resume = prepare_run_dir(config)
+    resume = prepare_run_dir(config, identity)
     initial_adapter = save_initial_adapter(student, Path(config.training.output_dir)) if saves_adapter(config) else None
-    trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out)
+    trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out,
+                            checkpoint_files(config, identity))
     if config.distill.auto_micro_batch:
         plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
     quantized_teacher = teacher is not None and is_quantized(teacher)
@@ -71,6 +85,44 @@ def distill(config, callbacks=()) -> RunSummary:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunSummary(Path(config.training.output_dir), weights_dir, trainer.state.global_step, final_metrics, report,
                       config, trainable, trainer.items_seen())
+
+
+def lock_run_dir(config):
+    """The main process holds the run directory for the whole run; a second run into it fails at once."""
+    main = config.training.process_index == 0
+    return DirectoryLock(config.training.output_dir, "llm-neo distill") if main else nullcontext()
+
+
+def claim_run_dir(config) -> None:
+    """Refuse an output_dir holding another run (unless --overwrite_output_dir, which clears it first)."""
+    if config.training.process_index == 0:
+        claim_output_dir(config.training.output_dir, config.training.overwrite_output_dir,
+                         resuming=bool(config.training.resume_from_checkpoint))
+
+
+def config_sections(config) -> dict:
+    """The resolved config as config.yaml holds it (JSON types)."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def checkpoint_files(config, identity: dict) -> dict[str, bytes]:
+    """Written into every checkpoint: the run's identity (checked on resume) and, for adapter methods, the
+    adapter kind and its base (so a checkpoint can be merged on its own)."""
+    files = {IDENTITY_FILE: identity_bytes(identity)}
+    if METHODS[config.distill.method].uses_adapter:
+        record = kind_record(config.adapter, student_identity(config))
+        files[KIND_FILE] = (json.dumps(record, indent=2) + "\n").encode("utf-8")
+    return files
+
+
+def student_identity(config) -> dict | None:
+    """The identity of the student's base weights, or None when it cannot be read (a hub id offline)."""
+    try:
+        return model_identity(config.model.student_model, sample_weights=True)
+    except (OSError, ValueError) as error:
+        logger.warning("cannot fingerprint the student %s (%s): merging will not check its base",
+                       config.model.student_model, error)
+        return None
 
 
 def log_data(report: DataReport, held_out) -> None:
@@ -108,13 +160,14 @@ def load_models(config, tokenizer, head: ClassHead | None = None, cache: Teacher
 
 
 def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks=(), teacher_cache=None,
-                  eval_dataset=None) -> NeoTrainer | ClassifierTrainer:
+                  eval_dataset=None, checkpoint_files=None) -> NeoTrainer | ClassifierTrainer:
     """The run's trainer; it reads the loss settings from ``config.training`` (NeoTrainingArguments)."""
     task = config.data.task
     packing = PackingCollator(config.model.attn_implementation) if config.data.packing else None
     common = {"model": student, "args": config.training, "train_dataset": dataset, "eval_dataset": eval_dataset,
               "data_collator": packing or make_collator(tokenizer, task), "eval_collator": make_collator(tokenizer, task),
               "processing_class": tokenizer, "teacher": teacher, "kd_vocab_size": kd_vocab_size,
+              "checkpoint_files": checkpoint_files,
               "callbacks": [MetricsJsonlCallback(str(Path(config.training.output_dir) / METRICS_FILE)), *callbacks]}
     if task == "classification":
         return ClassifierTrainer(**common)
@@ -138,13 +191,16 @@ def log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head: ClassHea
     return kl
 
 
-def prepare_run_dir(config) -> str | None:
-    """Write the resolved config; start metrics.jsonl afresh, or cut it back to the checkpoint resumed from (its
-    path is returned)."""
+def prepare_run_dir(config, identity: dict) -> str | None:
+    """Check a checkpoint to resume against this run's identity; write the resolved config and run.json; start
+    metrics.jsonl afresh, or cut it back to the checkpoint resumed from (its path is returned)."""
     run_dir = Path(config.training.output_dir)
     resume = resolve_checkpoint(run_dir, config.training.resume_from_checkpoint)
+    if resume is not None:
+        check_resume(resume, identity)
     if config.training.process_index == 0:
         save_resolved_config(run_dir, config)
+        mark_started(run_dir, config.distill.method)
         if resume is None:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
         else:
@@ -231,7 +287,8 @@ def write_artifacts(trainer, config, tokenizer, report: DataReport, final_metric
     if not trainer.is_world_process_zero():
         return run_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
-    weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter)
+    weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter, student_identity(config))
     write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics)
     write_run_report(run_dir, final_metrics, run_settings(config, trainer.state.global_step, report))
+    mark_finished(run_dir, trainer.state.global_step)
     return weights_dir

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ConfigError
 from .models import load_tokenizer
+from .runtime.run_dir import require_new_output
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def prune_layers(model, keep: list[int]):
 
 def prune_model_dir(path: str, output: str, keep: int | None = None, drop: list[int] | None = None) -> list[int]:
     """Save the pruned model (safetensors) with the source's tokenizer; returns the kept layer indices."""
+    require_new_output(output)
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     kept = layers_to_keep(model.config.num_hidden_layers, keep, drop)
     pruned = prune_layers(model, kept)
@@ -103,6 +105,7 @@ def import_gguf(source: str, output: str) -> Path:
     transformers refuses to save a model loaded from GGUF, so the weights move into a model built from the same
     configuration without its GGUF quantization record.
     """
+    require_new_output(output)
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError("import-gguf needs the gguf package: pip install gguf")
     path = find_gguf(source)

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import json
 
+import torch
 from peft import LoraConfig, get_peft_model
 
 from ..errors import ConfigError
@@ -95,4 +96,12 @@ PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 
 def add_lora(student, adapter_args, task: str = "causal_lm"):
     """Wrap the student in a PeftModel whose only trainable parameters are the adapter's (and a classifier's head)."""
-    return get_peft_model(student, lora_config(adapter_args, PEFT_TASK_TYPES[task]))
+    try:
+        return get_peft_model(student, lora_config(adapter_args, PEFT_TASK_TYPES[task]))
+    except ValueError as error:
+        if "not found in the base model" not in str(error) and "Target modules" not in str(error):
+            raise
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in student.named_modules()
+                        if isinstance(module, torch.nn.Linear)})
+        raise ConfigError(f"target_modules {adapter_args.target_modules!r} matches no layer of the student; its "
+                          f"linear layers are named {', '.join(names)}") from None

@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
+from ..runtime.run_dir import require_new_output
 from .lora import mutates_base
 from .moslora import fold_mixers, register_moslora
 
@@ -39,11 +40,17 @@ def save_initial_adapter(model, run_dir: Path) -> Path | None:
     return target
 
 
-def save_adapter(model, target: Path, adapter_args, initial_dir: Path | None = None) -> Path:
-    kind = {"adapter": adapter_args.adapter, "mixer_init": adapter_args.mixer_init}
+def kind_record(adapter_args, base: dict | None = None) -> dict:
+    """What ``llmneo_adapter.json`` says: the adapter kind (to rebuild MoSLoRA layers) and the identity of the base
+    weights it was trained on (to refuse merging it into another base)."""
+    return {"adapter": adapter_args.adapter, "mixer_init": adapter_args.mixer_init, "base": base}
+
+
+def save_adapter(model, target: Path, adapter_args, initial_dir: Path | None = None, base: dict | None = None) -> Path:
+    kind = kind_record(adapter_args, base)
     if initial_dir is not None:
         model.save_pretrained(target, path_initial_model_for_weight_conversion=str(initial_dir))
-        kind = {"adapter": "lora", "converted_from": adapter_args.adapter}
+        kind = {"adapter": "lora", "converted_from": adapter_args.adapter, "base": base}
     else:
         model.save_pretrained(target)
     (Path(target) / KIND_FILE).write_text(json.dumps(kind, indent=2) + "\n", encoding="utf-8")
@@ -78,6 +85,7 @@ def export_plain_lora(adapter_dir: Path, output: Path) -> Path:
         raise ConfigError(f"{adapter_dir} holds no {WEIGHTS_FILE}")
     if output.resolve() == adapter_dir.resolve():
         raise ConfigError("export-lora writes a new directory: --output must differ from the adapter directory")
+    require_new_output(output)
     output.mkdir(parents=True, exist_ok=True)
     for item in adapter_dir.iterdir():
         if item.is_file() and item.name not in (WEIGHTS_FILE, KIND_FILE):

@@ -62,15 +62,28 @@ def _load_local(path: str) -> datasets.Dataset:
     builder = BUILDERS.get(os.path.splitext(path)[1].lower())
     if builder is None:
         raise DataError(f"unsupported file type; expected one of {sorted(BUILDERS)}", source=path)
+    if os.path.getsize(path) == 0:
+        raise DataError("the file is empty: it has no rows", source=path)
     if builder in ("json", "csv"):
         _check_utf8(path)  # Arrow would read invalid bytes and fail later, far from the file
+    if builder == "csv" and not _has_data_line(path):
+        raise DataError("the file has no rows (only a header)", source=path)
     try:
         data = datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as error:  # Arrow could not read the file: find the offending row for a precise message
         if builder != "json":
             raise DataError(f"cannot read the file: {error}", source=path) from error
         data = _load_json_rows(path, error)
+    if len(data) == 0:
+        raise DataError("the file has no rows" + (" (only a header)" if builder == "csv" else ""), source=path)
     return data.add_column("_source", [path] * len(data)).add_column("_row", list(range(1, len(data) + 1)))
+
+
+def _has_data_line(path: str) -> bool:
+    """Whether a CSV file has a non-empty line after its header."""
+    with open(path, encoding="utf-8") as handle:
+        lines = (line for line in handle if line.strip())
+        return next(lines, None) is not None and next(lines, None) is not None
 
 
 def _check_utf8(path: str, block: int = 1 << 24) -> None:

@@ -29,8 +29,9 @@ from .tiny import build_tiny_llama, build_tokenizer, corpus_rows, corpus_texts
 HELD_OUT_ROWS = 200
 TEACHER_SHAPE = {"hidden_size": 64, "num_layers": 4, "num_heads": 4}
 STUDENT_LAYERS = [0, 3]
+# The demo owns its scratch folder: running it again replaces its own runs.
 COMMON_FLAGS = ["--per_device_train_batch_size", "32", "--logging_steps", "20", "--disable_tqdm", "true",
-                "--max_length", "96"]
+                "--max_length", "96", "--overwrite_output_dir", "true"]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

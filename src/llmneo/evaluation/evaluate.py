@@ -41,10 +41,10 @@ def _load_target(request: EvalRequest):
     """Model, tokenizer, the run's config (for a model directory: None, or its classes when it is a classifier)."""
     target = Path(request.target)
     if (target / "config.yaml").is_file():
-        model, tokenizer = load_run_model(target)
+        model, tokenizer = load_run_model(target, "eval")
         return model, tokenizer, load_run_config(target)
-    if not target.is_dir():
-        raise ConfigError(f"{target} is neither a run directory (config.yaml) nor a model directory")
+    if not (target / "config.json").is_file():
+        raise ConfigError(f"{target} is neither a run directory (config.yaml) nor a model directory (config.json)")
     tokenizer = load_tokenizer(str(target), role="model")
     head = ClassHead.from_saved_model(target, tokenizer)
     config = {"data": {"task": "classification", "class_names": ",".join(head.labels)}} if head else None

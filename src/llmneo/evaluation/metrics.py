@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..lm_head import output_head
-from ..losses.contract import answer_mask, answer_rows, answer_targets
+from ..losses.contract import answer_mask, answer_row_index, answer_rows, answer_targets
 from ..losses.divergences import forward_kl
+from ..runtime.nonfinite import check_finite_rows
 from ..teacher.online import answer_logit_chunks, teacher_logits
 
 
@@ -28,17 +29,21 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_siz
     was_training = student.training
     student.eval()
     totals = {"nll": 0.0, "agree": 0.0, "kl": 0.0, "tokens": 0}
-    for batch in DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size,
-                            collate_fn=collator):
+    loader = DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size, collate_fn=collator)
+    for number, batch in enumerate(loader):
         batch = {k: v.to(device) for k, v in batch.items()}
         mask = answer_mask(batch["labels"])
         targets = answer_targets(batch["labels"], mask).split(chunk_size)
+        row_of = (answer_row_index(mask) + number * batch_size).split(chunk_size)  # held-out row of each position
         teacher_chunks = answer_logit_chunks(teacher, batch, mask, chunk_size, kd_vocab_size) if teacher else None
-        for rows, target in zip(answer_logit_chunks(student, batch, mask, chunk_size), targets, strict=True):
+        for rows, target, row in zip(answer_logit_chunks(student, batch, mask, chunk_size), targets, row_of,
+                                     strict=True):
+            check_finite_rows(rows, row, "the student's logits on the held-out rows")
             totals["nll"] += F.cross_entropy(rows, target, reduction="sum").item()
             totals["tokens"] += target.numel()
             if teacher_chunks is not None:
                 reference = next(teacher_chunks)
+                check_finite_rows(reference, row, "the teacher's logits on the held-out rows")
                 vocab = reference.shape[-1]
                 totals["agree"] += (rows[:, :vocab].argmax(-1) == reference.argmax(-1)).sum().item()
                 totals["kl"] += forward_kl(rows[:, :vocab], reference).sum().item()

@@ -30,7 +30,8 @@ def run_cell(argv: list[str], cell_dir: Path, label: dict, eval_options: dict | 
     if result_path.is_file():
         logger.info("cell %s finished before: skipped", cell_dir)
         return json.loads(result_path.read_text(encoding="utf-8"))
-    config = parse_config([*argv, "--output_dir", str(cell_dir)])
+    # The experiment owns its cells: an unfinished cell is trained again from the start.
+    config = parse_config([*argv, "--output_dir", str(cell_dir), "--overwrite_output_dir", "true"])
     logger.info("cell %s: training %s", cell_dir, label)
     with PeakMemory() as memory:
         started = time.perf_counter()

@@ -27,6 +27,11 @@ def answer_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[:, :-1][mask]
 
 
+def answer_row_index(mask: torch.Tensor) -> torch.Tensor:
+    """For each answer row (in ``answer_rows`` order), the batch row it comes from."""
+    return mask.nonzero()[:, 0]
+
+
 def answer_targets(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The answer tokens those rows predict, in the same order."""
     return labels[:, 1:][mask]

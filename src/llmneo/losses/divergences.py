@@ -20,9 +20,10 @@ def _log_probs(student_logits, teacher_logits, temperature):
 
 
 def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row from log-probabilities; tokens with p = 0 contribute 0 (not 0 * inf = nan)."""
+    """KL(p || q) per row from log-probabilities; tokens with p = 0 contribute 0 (not 0 * inf = nan). A non-finite
+    p (NaN) stays NaN: it must not pass for a perfect match."""
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    return torch.where(p == 0, 0.0, p * (log_p - log_q)).sum(-1)
 
 
 def _log_mix(weight: float, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

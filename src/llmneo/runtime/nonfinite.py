@@ -55,3 +55,13 @@ class NonFiniteGuard:
                                  f"run (policy {self.policy}, max_bad_steps {self.max_bad_steps})")
         logger.warning("non-finite loss or gradient at %s: update skipped (%d of at most %d)", where,
                        self.bad_steps, self.max_bad_steps)
+
+
+def check_finite_rows(values: torch.Tensor, rows: torch.Tensor, what: str) -> None:
+    """``values``: (N, V) logits of N answer positions; ``rows[i]``: the data row position i belongs to. Non-finite
+    logits would make a KL or a cached distribution silently wrong: name the rows instead."""
+    finite = torch.isfinite(values).all(-1)
+    if not bool(finite.all()):
+        bad = sorted(set(rows[~finite].tolist()))
+        raise NonFiniteError(f"{what} are not finite (NaN or inf) at {int((~finite).sum())} answer positions of "
+                             f"rows {bad[:20]}{' ...' if len(bad) > 20 else ''}")

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from ..runtime.atomic import write_atomically
 from ..errors import ConfigError, VocabularyError
+from ..models import model_identity
 from ..losses.contract import count_answer_tokens
 from ..losses.topk import TopKRows
 
@@ -81,28 +82,6 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def model_identity(path: str, config=None) -> dict:
-    """A model directory's identity without reading its weights: config.json, and each weight file's size and
-    (for safetensors) header, which lists every tensor's name, dtype, shape and offsets."""
-    local = Path(path).expanduser()
-    if not local.is_dir():  # a hub id: its resolved revision
-        if config is None:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(path)
-        return {"path": path, "revision": getattr(config, "_commit_hash", None)}
-    digest = hashlib.sha256()
-    for file in sorted(local.iterdir()):
-        if file.name == "config.json":
-            digest.update(file.read_bytes())
-        elif file.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
-            digest.update(f"{file.name}:{file.stat().st_size}".encode())
-            if file.suffix == ".safetensors":
-                with open(file, "rb") as handle:
-                    digest.update(handle.read(8 + int.from_bytes(handle.read(8), "little")))
-    return {"path": str(local.resolve()), "sha256": digest.hexdigest()}
-
-
 def tokenizer_sha256(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
@@ -116,7 +95,7 @@ def data_fingerprint(dataset, dataset_name: str) -> dict:
         digest.update(row["input_ids"].astype("int32").tobytes())
         labels = row["labels"].astype("int32")
         digest.update(labels.tobytes())
-        answer_tokens += count_answer_tokens(labels)
+        answer_tokens += count_answer_tokens(labels) if labels.ndim else 1  # a class id: one labelled text
     return {"dataset": dataset_name, "rows": len(dataset), "answer_tokens": answer_tokens, "sha256": digest.hexdigest()}
 
 
@@ -173,7 +152,8 @@ class TeacherCache:
         if manifest.get("version") != FORMAT_VERSION:
             raise ConfigError(f"teacher cache {self.cache_dir} has format version {manifest.get('version')}, "
                               f"this llm-neo reads version {FORMAT_VERSION}")
-        if not manifest.get("complete"):
+        listed = sum(shard["rows"] for shard in manifest["shards"])
+        if not manifest.get("complete") or listed != manifest["fingerprint"]["data"]["rows"]:
             done = sum(shard["rows"] for shard in merge_parts(self.cache_dir, manifest)["shards"])
             raise ConfigError(f"teacher cache {self.cache_dir} is incomplete ({done} of "
                               f"{manifest['fingerprint']['data']['rows']} rows): re-run the same "

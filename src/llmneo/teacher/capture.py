@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import nullcontext
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,14 +21,16 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from ..runtime.atomic import write_atomically
 from ..data.collators import make_collator
 from ..data.loading import build_datasets
 from ..errors import ConfigError
-from ..losses.contract import answer_mask
-from ..models import check_quantization, check_vocabularies, load_student_tokenizer, load_tokenizer
+from ..losses.contract import answer_mask, answer_row_index
+from ..models import check_quantization, check_vocabularies, load_student_tokenizer, load_tokenizer, model_identity
+from ..runtime.atomic import write_atomically
+from ..runtime.lock import DirectoryLock
+from ..runtime.nonfinite import check_finite_rows
 from ..runtime.processes import check_processes
-from .cache import (CACHE_DTYPES, FORMAT_VERSION, merge_parts, model_identity, read_manifest, remove_parts,
+from .cache import (CACHE_DTYPES, FORMAT_VERSION, merge_parts, read_manifest, remove_parts,
                     run_fingerprint, sha256_file, shard_name, write_manifest, write_part)
 from .loading import load_teacher
 from .online import answer_logit_chunks
@@ -53,7 +56,8 @@ def cache_teacher(config, cache_dir: str | Path, settings: CaptureSettings) -> d
         raise ConfigError("cache-teacher is for --task causal_lm: a classification teacher's few class logits are "
                           "computed online")
     tokenizer = load_student_tokenizer(config.model)
-    return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
+    with DirectoryLock(cache_dir, "llm-neo cache-teacher") if PartialState().is_main_process else nullcontext():
+        return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
 
 
 def capture_teacher_cache(config, cache_dir: str | Path, settings: CaptureSettings, tokenizer, collator) -> dict:
@@ -109,6 +113,7 @@ def _start_manifest(cache_dir: Path, fingerprint: dict, stored: dict) -> None:
             raise ConfigError(f"{cache_dir} holds a cache captured with other {key} ({', '.join(changed)} differ): "
                               "use another --cache_dir, or delete this one to start over")
     manifest["shards"] = _verified(cache_dir, merge_parts(cache_dir, manifest)["shards"])
+    manifest["complete"] = False  # complete again only when _finish_manifest has every shard
     write_manifest(cache_dir, manifest)
     remove_parts(cache_dir)
 
@@ -169,7 +174,10 @@ def _capture_rows(teacher, dataset, rows: range, collator, settings: CaptureSett
         batch = {key: value.to(device) for key, value in batch.items()}
         mask = answer_mask(batch["labels"])
         counts += mask.sum(1).tolist()
-        for logits in answer_logit_chunks(teacher, batch, mask, settings.chunk_rows, vocab):
+        row_of = (answer_row_index(mask) + start).split(settings.chunk_rows)  # the training row of each position
+        for logits, row in zip(answer_logit_chunks(teacher, batch, mask, settings.chunk_rows, vocab), row_of,
+                               strict=True):
+            check_finite_rows(logits, row, "the teacher's logits on training rows")
             for name, value in _top_k(logits, settings, vocab).items():
                 parts[name].append(value.cpu())
     offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)

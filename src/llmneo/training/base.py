@@ -8,6 +8,9 @@ pipeline use instead of the Trainer's private state. Subclasses supply ``compute
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import Trainer
 
@@ -18,7 +21,7 @@ from ..runtime.nonfinite import NonFiniteGuard
 from ..teacher.placement import place_teacher
 
 TERMS = ("ce_loss", "kd_loss")
-
+LOSS_SUM_FILE = "llmneo_train_loss.json"  # in each checkpoint: the sum of step losses so far, for train_loss
 
 class DistillationTrainer(Trainer):
     """A Trainer whose loss joins CE on the labels and KD to a frozen teacher (CE only with ``teacher=None``).
@@ -30,7 +33,10 @@ class DistillationTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teacher=None, kd_vocab_size: int | None = None, eval_collator=None, **kwargs):
+    def __init__(self, *args, teacher=None, kd_vocab_size: int | None = None, eval_collator=None,
+                 checkpoint_files: dict[str, bytes] | None = None, **kwargs):
+        """``checkpoint_files``: name -> content written into every checkpoint before it is marked complete (the
+        run's identity, the adapter kind)."""
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, NeoTrainingArguments):
             raise TypeError(f"{type(self).__name__} reads its distillation settings from NeoTrainingArguments, "
@@ -40,6 +46,8 @@ class DistillationTrainer(Trainer):
         self.eval_collator = eval_collator or self.data_collator  # evaluation reads padded rows
         self.guard = NonFiniteGuard(self.args.nonfinite_policy, self.args.max_bad_steps)
         self.model_accepts_loss_kwargs = True  # our compute_loss uses num_items_in_batch whatever forward says
+        self.checkpoint_files = dict(checkpoint_files or {})
+        self._loss_sum_before = 0.0  # step losses summed by the run this one resumes
         self.reset_loss_terms()
 
     # ---- the terms of the loss, as logged ------------------------------------------------------------------------
@@ -75,7 +83,35 @@ class DistillationTrainer(Trainer):
         seen = torch.as_tensor(self._items_seen, device=self.args.device)
         return int(self.accelerator.gather(seen).sum().item())
 
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """The Trainer's train(); after a resume, ``train_loss`` covers every step of the run, not only the resumed
+        part (the step losses summed before are read from the checkpoint)."""
+        self._loss_sum_before = _read_loss_sum(resume_from_checkpoint)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if resume_from_checkpoint:
+            output = output._replace(training_loss=self._run_train_loss(),
+                                     metrics={**output.metrics, "train_loss": self._run_train_loss()})
+        return output
+
+    def _run_epoch(self, *args, **kwargs):
+        # The Trainer would run one more step when resumed at a checkpoint of its last step.
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _loss_sum(self) -> float:
+        """Step losses summed over the whole run so far (this process's share of the last, unlogged steps)."""
+        unlogged = getattr(self, "_tr_loss", None)
+        return (self._loss_sum_before + getattr(self, "_total_loss_scalar", 0.0)
+                + (float(unlogged.item()) if unlogged is not None else 0.0))
+
+    def _run_train_loss(self) -> float:
+        return (self._loss_sum_before + self._total_loss_scalar) / max(self.state.global_step, 1)
+
     def log(self, logs: dict, *args, **kwargs) -> None:
+        if "train_loss" in logs and self._loss_sum_before:  # the end-of-train summary of a resumed run
+            logs["train_loss"] = self._run_train_loss()
         if "loss" in logs and self.model.training:
             steps = max(self.state.global_step - self._term_last_step, 1)
             for key, total in self._term_sums.items():
@@ -124,10 +160,16 @@ class DistillationTrainer(Trainer):
         finally:
             self.args.save_total_limit = limit
         if self.args.should_save:
+            loss_sum = json.dumps({"step": self.state.global_step, "loss_sum": self._loss_sum()}).encode()
             mark_complete_and_rotate(self._get_output_dir(trial=trial), self.state.global_step, limit,
-                                     self.state.best_model_checkpoint)
+                                     self.state.best_model_checkpoint, {**self.checkpoint_files, LOSS_SUM_FILE: loss_sum})
 
     def save_checkpoint_now(self) -> None:
         """Save (and mark complete) a checkpoint of the current step, outside the Trainer's schedule."""
         self.model.zero_grad(set_to_none=True)
         self._save_checkpoint(self.model, trial=None)
+
+
+def _read_loss_sum(checkpoint) -> float:
+    path = Path(checkpoint) / LOSS_SUM_FILE if isinstance(checkpoint, (str, Path)) else None
+    return float(json.loads(path.read_text(encoding="utf-8"))["loss_sum"]) if path and path.is_file() else 0.0

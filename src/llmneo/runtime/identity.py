@@ -1,0 +1,78 @@
+"""What makes a run the same run: its resolved options, minus those that are safe to change on resume, plus a
+fingerprint of its tokenized training rows. Every checkpoint records it; resuming compares and names each
+difference."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_FILE = "llmneo_run_identity.json"
+
+# Options that may change when a run is resumed: they decide how the run is watched, saved or fed, not what it
+# computes. Everything else must be equal to the checkpoint's.
+RESUMABLE_OPTIONS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "run_name", "report_to", "disable_tqdm",
+    "logging_dir", "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter",
+    "eval_strategy", "eval_steps", "eval_delay", "per_device_eval_batch_size", "eval_accumulation_steps",
+    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_safetensors",
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "nonfinite_policy", "max_bad_steps", "kd_chunk_size", "auto_micro_batch_budget_gib",
+})
+# Options that may grow on resume (train for longer), never shrink.
+EXTENDABLE_OPTIONS = ("max_steps", "num_train_epochs")
+
+
+def run_identity(config_sections: dict, data: dict) -> dict:
+    """The identity of a run from its resolved config (config.yaml's sections) and its data fingerprint."""
+    flat = {key: value for section in config_sections.values() for key, value in section.items()
+            if key not in RESUMABLE_OPTIONS}
+    return json.loads(json.dumps({"options": flat, "data": data}, default=str))
+
+
+def identity_bytes(identity: dict) -> bytes:
+    return (json.dumps(identity, indent=1, sort_keys=True) + "\n").encode("utf-8")
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    """Each option (and the data) that differs between a checkpoint's identity and this run's, as 'name: a -> b'."""
+    old, new = saved.get("options", {}), current.get("options", {})
+    changed = []
+    for name in sorted({*old, *new}):
+        before, after = old.get(name), new.get(name)
+        if before == after or (name in EXTENDABLE_OPTIONS and _extends(before, after)):
+            continue
+        changed.append(f"{name}: {before!r} -> {after!r}")
+    if saved.get("data", {}).get("sha256") != current.get("data", {}).get("sha256"):
+        then, now = saved.get("data", {}), current.get("data", {})
+        changed.append(f"training data: {then.get('rows')} rows / {then.get('answer_tokens')} answer tokens of "
+                       f"{then.get('dataset')} -> {now.get('rows')} rows / {now.get('answer_tokens')} answer tokens of "
+                       f"{now.get('dataset')}")
+    return changed
+
+
+def _extends(before, after) -> bool:
+    try:
+        return before is not None and after is not None and (float(after) >= float(before) or float(after) < 0)
+    except (TypeError, ValueError):
+        return False
+
+
+def check_resume(checkpoint: str | Path, current: dict) -> None:
+    """Refuse to resume ``checkpoint`` when it belongs to a run with other settings or data."""
+    path = Path(checkpoint) / IDENTITY_FILE
+    if not path.is_file():
+        logger.warning("%s records no run identity (written by an older llm-neo): its settings cannot be checked "
+                       "against this run's", checkpoint)
+        return
+    changed = differences(json.loads(path.read_text(encoding="utf-8")), current)
+    if changed:
+        raise ConfigError(f"cannot resume {checkpoint}: it belongs to a run with other settings ("
+                          + "; ".join(changed) + "). Resume with the run's own settings (only "
+                          "logging, evaluation, saving and data-loader options, and max_steps / num_train_epochs "
+                          "upward, may change), or start a new run in another --output_dir")

@@ -1,0 +1,118 @@
+"""A run directory belongs to one run: ``run.json`` says which (method, start, status), a directory that holds
+another run is refused (or cleared with ``--overwrite_output_dir``), and only a finished run is merged or
+evaluated."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import ConfigError
+from .atomic import write_atomically
+from .checkpoints import complete_checkpoints
+from .lock import LOCK_FILE
+
+RUN_FILE = "run.json"
+# What marks a directory as holding a run (written by this or an earlier llm-neo).
+RUN_MARKERS = (RUN_FILE, "config.yaml", "metrics.jsonl", "adapter", "model")
+
+
+def read_run_state(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _write_run_state(run_dir: Path, state: dict) -> None:
+    write_atomically(Path(run_dir) / RUN_FILE, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
+
+
+def mark_started(run_dir: str | Path, method: str) -> None:
+    _write_run_state(Path(run_dir), {"status": "running", "method": method, "started": _now()})
+
+
+def mark_finished(run_dir: str | Path, steps: int) -> None:
+    state = read_run_state(run_dir) or {}
+    _write_run_state(Path(run_dir), {**state, "status": "finished", "steps": steps, "finished": _now()})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    run_dir = Path(run_dir)
+    return run_dir.is_dir() and (any((run_dir / name).exists() for name in RUN_MARKERS)
+                                 or any(run_dir.glob("checkpoint-*")))
+
+
+def run_status(run_dir: str | Path) -> tuple[str, int]:
+    """("finished", steps) or ("interrupted", newest complete checkpoint step, 0 when none)."""
+    state = read_run_state(run_dir)
+    if state is not None and state.get("status") == "finished":
+        return "finished", int(state.get("steps", 0))
+    legacy_finished = state is None and any((Path(run_dir) / name).is_dir() for name in ("adapter", "model"))
+    if legacy_finished:  # written before run.json existed: its weights are only saved at the end
+        return "finished", 0
+    checkpoints = complete_checkpoints(run_dir)
+    return "interrupted", checkpoints[-1][0] if checkpoints else 0
+
+
+def describe_run(run_dir: str | Path) -> str:
+    """One line naming the run a directory holds: status, method and date."""
+    state = read_run_state(run_dir) or {}
+    status, step = run_status(run_dir)
+    method = state.get("method") or _method_from_config(run_dir) or "unknown-method"
+    when = state.get("finished") or state.get("started") or "an unknown date"
+    if status == "finished":
+        return f"a finished {method} run ({step} steps, {when})" if step else f"a finished {method} run"
+    return f"an interrupted {method} run (newest complete checkpoint at step {step}, started {when})"
+
+
+def _method_from_config(run_dir: str | Path) -> str | None:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    return ((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("distill") or {}).get("method")
+
+
+def claim_output_dir(run_dir: str | Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse a directory that holds another run; with ``overwrite`` remove its contents first."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} is a file, not a directory")
+    if resuming or not holds_run(run_dir):
+        return
+    if not overwrite:
+        raise ConfigError(f"output_dir {run_dir} already holds {describe_run(run_dir)}: choose another --output_dir, "
+                          "pass --overwrite_output_dir true to replace it, or --resume_from_checkpoint latest to "
+                          "continue it")
+    for item in run_dir.iterdir():
+        if item.name == LOCK_FILE:
+            continue
+        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+
+
+def require_finished(run_dir: str | Path, command: str) -> None:
+    """``merge``, ``eval`` and ``export-lora`` read only runs that finished."""
+    status, step = run_status(run_dir)
+    if status == "finished":
+        return
+    verb = command if command in ("merge", "export-lora") else "merge"  # eval reads merged models
+    checkpoint = Path(run_dir) / f"checkpoint-{step}"
+    explicit = f", or {verb} checkpoint-{step} explicitly (llm-neo {verb} {checkpoint} --output DIR)" if step else ""
+    raise ConfigError(f"{run_dir} holds a run that did not finish (interrupted at step {step}): resume it with "
+                      f"llm-neo distill ... --resume_from_checkpoint latest{explicit}")
+
+
+def require_new_output(path: str | Path, option: str = "--output") -> None:
+    """Commands that write a model somewhere new refuse a path that is a file or a non-empty directory: writing
+    into it would report success over someone else's files, or mix old and new ones."""
+    path = Path(path)
+    if path.is_file():
+        raise ConfigError(f"{option} {path} is an existing file: give a directory path")
+    if path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"{option} {path} already exists and is not empty: choose another {option}, or remove it")
