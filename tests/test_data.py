@@ -122,7 +122,7 @@ def test_skip_bad_rows_skips_and_counts(tmp_path, tokenizer):
 
 def test_malformed_json_line_is_named(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "rows.jsonl", [GOOD, "", '{"conversations": [', GOOD])  # a blank line is no row
-    with pytest.raises(DataError, match=r"rows.jsonl, row 2: malformed JSON \(line 3\): Expecting value"):
+    with pytest.raises(DataError, match=r"rows.jsonl, row 3: malformed JSON: Expecting value"):
         build_dataset(DataArguments(dataset=path), tokenizer, seed=0)
 
 

@@ -394,3 +394,55 @@ def test_data_files_without_rows_are_named(models_dir, tmp_path, name, content, 
     path.write_text(content)
     with pytest.raises(Exception, match=f"file {path}: {message}"):
         distill(parse_config(run_flags(models_dir, str(path), tmp_path / "run")))
+
+
+def test_skip_bad_rows_skips_malformed_json_lines_and_rows_are_lines(tokenizer, tmp_path):
+    from llmneo.config import DataArguments
+    from llmneo.data.loading import build_dataset
+
+    good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there."}]}
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([json.dumps(good), "", '{"conversations": [', json.dumps(good), ""]) + "\n")
+    with pytest.raises(Exception, match=r"rows.jsonl, row 3: malformed JSON: Expecting value"):
+        build_dataset(DataArguments(dataset=str(path)), tokenizer, seed=0)
+    dataset, report = build_dataset(DataArguments(dataset=str(path), skip_bad_rows=True), tokenizer, seed=0)
+    assert len(dataset) == 2 and report.rows_used == 2
+    assert report.skipped == [f"file {path}, row 3: malformed JSON: Expecting value"]
+    missing = tmp_path / "missing.jsonl"  # Arrow reads it: the row number is still the line the editor shows
+    missing.write_text("\n".join([json.dumps(good), "", "", json.dumps({"conversations": [{"from": "human"}]})]) + "\n")
+    with pytest.raises(Exception, match=r"missing.jsonl, row 4, field 'conversations\[0\]\.value'"):
+        build_dataset(DataArguments(dataset=str(missing)), tokenizer, seed=0)
+
+
+def test_a_hub_id_is_refused_at_once_when_the_hub_is_offline(train_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.time()
+    with pytest.raises(ConfigError, match=r"student model someorg/no-such-model is not a local path, and the hub is "
+                                          r"offline \(HF_HUB_OFFLINE\) with no copy of it in the hub cache"):
+        distill(parse_config(["--method", "lora", "--student_model", "someorg/no-such-model", "--dataset", train_file,
+                              "--output_dir", str(tmp_path / "run")]))
+    assert time.time() - started < 5
+
+
+@pytest.mark.e2e
+def test_disk_full_names_the_file_and_the_checkpoint(models_dir, train_file, tmp_path, monkeypatch):
+    import errno
+
+    from llmneo.errors import DiskFullError
+    from llmneo.runtime import checkpoints
+
+    write = checkpoints.write_atomically
+
+    def full_at_step_4(path, data):
+        if "checkpoint-4" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write(path, data)
+
+    monkeypatch.setattr(checkpoints, "write_atomically", full_at_step_4)
+    run = tmp_path / "run"
+    with pytest.raises(DiskFullError, match=r"disk full writing .*checkpoint-4/.*; the last complete checkpoint is "
+                                            r"checkpoint-2: free some space, then resume with"):
+        distill(run_config(models_dir, train_file, run))
+    monkeypatch.setattr(checkpoints, "write_atomically", write)
+    summary = distill(run_config(models_dir, train_file, run, resume_from_checkpoint="latest"))
+    assert summary.steps == 6

@@ -36,3 +36,7 @@ class NonFiniteError(NeoError):
 
 class TrainingOutOfMemory(NeoError):
     """The device ran out of memory during training."""
+
+
+class DiskFullError(NeoError):
+    """The disk filled up while a run was writing; names the file and the checkpoint to resume from."""

@@ -42,6 +42,22 @@ def _check_path(path: str, role: str) -> None:
                    or ("/" in path and os.path.isdir(first)))
     if looks_local:
         raise ConfigError(f"{role} model path {path} does not exist")
+    if _hub_offline() and not _in_hub_cache(path):
+        raise ConfigError(f"{role} model {path} is not a local path, and the hub is offline (HF_HUB_OFFLINE) with no "
+                          "copy of it in the hub cache")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repository id either
+        return False
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "student"):

@@ -4,6 +4,7 @@ its cache) -> trainer -> artifacts. Each step is a call into the module that own
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from contextlib import nullcontext
@@ -20,14 +21,14 @@ from .artifacts import METRICS_FILE, run_settings, save_final_weights, save_reso
 from .data.collators import make_collator
 from .data.loading import DataReport, build_datasets
 from .data.packing import PackingCollator
-from .errors import NonFiniteError, TrainingOutOfMemory
+from .errors import DiskFullError, NonFiniteError, TrainingOutOfMemory
 from .evaluation.classification import class_fidelity_kl
 from .evaluation.metrics import teacher_fidelity_kl
 from .methods import METHODS
 from .models import (ClassHead, check_quantization, check_vocabularies, is_quantized, load_student,
                      load_student_tokenizer, load_tokenizer, model_identity, output_vocab_size)
 from .report import write_run_report
-from .runtime.checkpoints import checkpoint_step
+from .runtime.checkpoints import checkpoint_step, complete_checkpoints
 from .runtime.identity import IDENTITY_FILE, check_resume, identity_bytes, run_identity
 from .runtime.lock import DirectoryLock
 from .runtime.planner import plan_micro_batch
@@ -57,7 +58,19 @@ def distill(config, callbacks=()) -> RunSummary:
     """Train one method as configured and write the run directory, which this process holds locked throughout."""
     check_before_loading(config)
     with lock_run_dir(config):
-        return train_and_write(config, callbacks)
+        try:
+            return train_and_write(config, callbacks)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise DiskFullError(disk_full_message(error, config.training.output_dir)) from None
+
+
+def disk_full_message(error: OSError, run_dir) -> str:
+    complete = complete_checkpoints(run_dir)
+    resume = (f"the last complete checkpoint is {complete[-1][1].name}: free some space, then resume with "
+              "--resume_from_checkpoint latest" if complete else "no checkpoint was complete yet")
+    return f"disk full writing {error.filename or run_dir}; {resume}"
 
 
 def train_and_write(config, callbacks=()) -> RunSummary:

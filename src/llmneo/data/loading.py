@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 JSON_MARKER = "_json_values"  # set on rows whose values are JSON text (files Arrow could not type)
+LINE_ERROR = "_line_error"  # why a line could not be read as a row at all (kept only with --skip_bad_rows)
 
 
 @dataclass
@@ -58,7 +59,7 @@ def local_files(spec: str) -> list[str] | None:
     return files
 
 
-def _load_local(path: str) -> datasets.Dataset:
+def _load_local(path: str, skip_bad_rows: bool = False) -> datasets.Dataset:
     builder = BUILDERS.get(os.path.splitext(path)[1].lower())
     if builder is None:
         raise DataError(f"unsupported file type; expected one of {sorted(BUILDERS)}", source=path)
@@ -73,10 +74,23 @@ def _load_local(path: str) -> datasets.Dataset:
     except Exception as error:  # Arrow could not read the file: find the offending row for a precise message
         if builder != "json":
             raise DataError(f"cannot read the file: {error}", source=path) from error
-        data = _load_json_rows(path, error)
+        data = _load_json_rows(path, skip_bad_rows)
     if len(data) == 0:
         raise DataError("the file has no rows" + (" (only a header)" if builder == "csv" else ""), source=path)
-    return data.add_column("_source", [path] * len(data)).add_column("_row", list(range(1, len(data) + 1)))
+    numbers = _jsonl_line_numbers(path) if builder == "json" else None
+    if numbers is None or len(numbers) != len(data):
+        numbers = list(range(1, len(data) + 1))
+    return data.add_column("_source", [path] * len(data)).add_column("_row", numbers)
+
+
+def _jsonl_line_numbers(path: str) -> list[int] | None:
+    """The 1-based line of each row of a JSON Lines file (blank lines hold no row), so that a row number is the line
+    an editor shows; None for a file holding one JSON array."""
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    if "".join(lines).lstrip().startswith("["):
+        return None
+    return [number for number, line in enumerate(lines, start=1) if line.strip()]
 
 
 def _has_data_line(path: str) -> bool:
@@ -102,8 +116,9 @@ def _check_utf8(path: str, block: int = 1 << 24) -> None:
         raise DataError(f"not valid UTF-8 (truncated character at byte {offset})", source=path) from None
 
 
-def _load_json_rows(path: str, arrow_error: Exception) -> datasets.Dataset:
-    """Read a JSON/JSONL file row by row to name the row that Arrow could not read."""
+def _load_json_rows(path: str, skip_bad_rows: bool = False) -> datasets.Dataset:
+    """Read a JSON/JSONL file row by row to name the row that Arrow could not read. A malformed line stops the
+    load, or with ``skip_bad_rows`` becomes a row marked with its error (skipped and counted later)."""
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     stripped = text.lstrip()
@@ -113,22 +128,33 @@ def _load_json_rows(path: str, arrow_error: Exception) -> datasets.Dataset:
         except json.JSONDecodeError as error:
             raise DataError(f"malformed JSON at line {error.lineno}: {error.msg}", source=path) from error
     else:
-        rows = []
+        rows, errors = [], []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"malformed JSON (line {number}): {error.msg}", source=path, row=len(rows) + 1) from error
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"expected an object, got {type(row).__name__}", source=path, row=number)
-    logger.info("%s: Arrow could not read it (%s); reading it row by row", path, arrow_error)
+                if not skip_bad_rows:
+                    raise DataError(f"malformed JSON: {error.msg}", source=path, row=number) from error
+                rows.append({})
+                errors.append(f"malformed JSON: {error.msg}")
+                continue
+            if not isinstance(row, dict):
+                raise DataError(f"expected an object, got {type(row).__name__}", source=path, row=number)
+            rows.append(row)
+            errors.append("")
+    if stripped.startswith("["):
+        for number, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                raise DataError(f"expected an object, got {type(row).__name__}", source=path, row=number)
+        errors = [""] * len(rows)
+    logger.info("%s: Arrow could not type its rows; reading it row by row", path)
     # Mixed types across rows are what Arrow refuses: keep every value as JSON text, decoded again per row.
     columns = sorted({key for row in rows for key in row})
     encoded = {key: [json.dumps(row.get(key)) for row in rows] for key in columns}
     encoded[JSON_MARKER] = [True] * len(rows)
+    encoded[LINE_ERROR] = errors
     return datasets.Dataset.from_dict(encoded)
 
 
@@ -138,7 +164,7 @@ def load_rows(data_args, seed: int) -> tuple[datasets.Dataset, str]:
     if files is None:
         data = _load_named(data_args)
     else:
-        data = _concatenate([_load_local(path) for path in files])
+        data = _concatenate([_load_local(path, data_args.skip_bad_rows) for path in files])
     fmt = data_args.data_format
     if fmt == "auto":
         fmt = "classification" if data_args.task == "classification" else detect_format(data.column_names, data_args.dataset)
@@ -182,6 +208,9 @@ def _encoder(tokenizer, fmt: str, max_length: int, class_names: list[str] | None
         return encode_messages(tokenizer, row_to_messages(row, fmt), max_length)
 
     def encode(row: dict) -> dict:
+        if row.get(LINE_ERROR):
+            return {"input_ids": [], "labels": empty_labels,
+                    "_error": f"file {row['_source']}, row {row['_row']}: {row[LINE_ERROR]}"}
         if row.get(JSON_MARKER):
             row = {key: value if key.startswith("_") else json.loads(value) for key, value in row.items()}
         try:
