@@ -62,7 +62,7 @@ def fine_tune_teacher(base: Path, work: Path, train: str, held_out: str, size: d
     flags = ["distill", "--method", "lora", "--student_model", str(base), "--dataset", train, "--eval_split", held_out,
              "--lora_r", "16", "--target_modules", "all-linear", "--learning_rate", "1e-3", "--num_train_epochs",
              str(size["epochs"]), "--per_device_train_batch_size", str(size["batch"]), "--seed", str(seed),
-             "--output_dir", str(run), *COMMON]
+             "--output_dir", str(run), "--overwrite_output_dir", "true", *COMMON]  # the script owns this run
     assert cli.main(flags) == 0
     assert cli.main(["merge", str(run), "--output", str(merged)]) == 0
     return merged
