@@ -446,3 +446,17 @@ def test_disk_full_names_the_file_and_the_checkpoint(models_dir, train_file, tmp
     monkeypatch.setattr(checkpoints, "write_atomically", write)
     summary = distill(run_config(models_dir, train_file, run, resume_from_checkpoint="latest"))
     assert summary.steps == 6
+
+
+@pytest.mark.e2e
+def test_cache_teacher_holds_its_directory(models_dir, train_file, tmp_path, capsys):
+    from llmneo.runtime.lock import DirectoryLock
+
+    cache_dir = tmp_path / "cache"
+    flags = ["cache-teacher", "--cache_dir", str(cache_dir), *run_flags(models_dir, train_file, tmp_path / "unused")]
+    with DirectoryLock(cache_dir, "llm-neo cache-teacher"):
+        assert cli.main(flags) == 1
+        assert f"{cache_dir} is in use by another llm-neo process (llm-neo cache-teacher with pid {os.getpid()}" in \
+            capsys.readouterr().err
+        assert not (cache_dir / "manifest.json").exists()
+    assert cli.main(flags) == 0
