@@ -129,3 +129,51 @@ def test_import_gguf_names_what_it_cannot_use(tmp_path):
     (tmp_path / "b.gguf").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"must hold exactly one .gguf file \(found: a.gguf, b.gguf\)"):
         find_gguf(str(tmp_path))
+
+
+@pytest.fixture
+def identity_layer_model(tokenizer, tmp_path):
+    """A 4-layer model whose layer 2 is an exact identity (its attention and MLP output projections are zero)."""
+    model = build_tiny_llama(tokenizer, num_layers=4, seed=52)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    return save_model(tmp_path / "identity-source", model, tokenizer)
+
+
+@pytest.mark.parametrize("strategy", ["block-influence", "greedy"])
+def test_calibrated_strategies_remove_the_identity_layer_first(identity_layer_model, train_file, tmp_path, strategy,
+                                                               capsys):
+    import json
+
+    out = tmp_path / strategy
+    assert cli.main(["prune-layers", identity_layer_model, "--keep", "2", "--strategy", strategy, "--calibration",
+                     train_file, "--calibration_rows", "16", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["strategy"] == strategy and record["removed"][0] == 2 and len(record["kept"]) == 2
+    assert 2 not in record["kept"] and record["kept"] == sorted(record["kept"])
+    assert set(record["scores"]) == {"0", "1", "2", "3"}
+    assert min(record["scores"], key=record["scores"].get) == "2"
+    assert record["scores"]["2"] == pytest.approx(0.0, abs=1e-5)
+    assert [step["layers"] for step in record["steps"]] == [3, 2]
+    assert record["steps"][0]["kl"] == pytest.approx(0.0, abs=1e-5)  # removing an identity changes nothing
+    assert "removed layer   2: 3 layers left, calibration KL 0.0000" in printed
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+
+
+def test_greedy_is_the_default_with_calibration_and_even_without(identity_layer_model, train_file, tmp_path):
+    import json
+
+    assert cli.main(["prune-layers", identity_layer_model, "--keep", "3", "--calibration", train_file,
+                     "--calibration_rows", "8", "--output", str(tmp_path / "calibrated")]) == 0
+    assert json.loads((tmp_path / "calibrated" / "pruning.json").read_text())["strategy"] == "greedy"
+    assert cli.main(["prune-layers", identity_layer_model, "--keep", "3", "--output", str(tmp_path / "plain")]) == 0
+    record = json.loads((tmp_path / "plain" / "pruning.json").read_text())
+    assert record["strategy"] == "even" and record["kept"] == [0, 2, 3]
+
+
+def test_calibrated_strategies_need_data_and_keep(identity_layer_model, tmp_path, capsys):
+    assert cli.main(["prune-layers", identity_layer_model, "--keep", "2", "--strategy", "greedy", "--output",
+                     str(tmp_path / "x")]) == 1
+    assert "--strategy greedy chooses the layers from --calibration data with --keep N" in capsys.readouterr().err

@@ -163,17 +163,32 @@ def cmd_import_gguf(argv: list[str]) -> int:
 
 
 def cmd_prune_layers(argv: list[str]) -> int:
-    from .surgery import prune_model_dir
+    from .pruning import STRATEGIES, prune_model_dir
 
     parser = argparse.ArgumentParser(prog="llm-neo prune-layers", description=COMMANDS["prune-layers"],
                                      allow_abbrev=False)
     parser.add_argument("model", help="Model directory (or hub id) to prune.")
-    parser.add_argument("--keep", type=int, help="Keep N layers, evenly spaced from the first to the last.")
+    parser.add_argument("--keep", type=int, help="Keep N layers, chosen by --strategy.")
     parser.add_argument("--drop", help="Drop these layer indices (0-based, comma-separated) instead.")
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="even (spaced evenly), block-influence (ShortGPT: drop the layers that change their input "
+                             "least) or greedy (drop, one at a time, the layer whose removal changes the outputs "
+                             "least); default greedy with --calibration, else even.")
+    parser.add_argument("--calibration", help="Rows to measure layers on (any `distill --dataset` file or id).")
+    parser.add_argument("--calibration_rows", type=int, default=64, help="Calibration rows used.")
+    parser.add_argument("--calibration_max_length", type=int, default=256, help="Tokens per calibration row.")
     parser.add_argument("--output", required=True, help="Directory for the pruned model (safetensors + tokenizer).")
     args = parser.parse_args(argv)
-    kept = prune_model_dir(args.model, args.output, args.keep, _numbers(args.drop, int) if args.drop else None)
-    print(f"kept layers {kept}; pruned model written to {args.output}")
+    result = prune_model_dir(args.model, args.output, args.keep, _numbers(args.drop, int) if args.drop else None,
+                             args.strategy, args.calibration, args.calibration_rows, args.calibration_max_length)
+    if result.scores:
+        print("layer  score  (" + ("1 - cos(in, out)" if result.strategy == "block-influence" else
+                                    "calibration KL without it") + ")")
+        print("\n".join(f"{index:>5}  {score:.4f}" for index, score in sorted(result.scores.items())))
+    for step in result.steps:
+        print(f"removed layer {step['removed']:>3}: {step['layers']} layers left, calibration KL {step['kl']:.4f}, "
+              f"CE {step['ce']:.4f}")
+    print(f"kept layers {result.kept} ({result.strategy}); pruned model written to {args.output}")
     return 0
 
 

@@ -16,7 +16,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ConfigError
-from .models import load_tokenizer
 from .runtime.run_dir import require_new_output
 
 logger = logging.getLogger(__name__)
@@ -66,18 +65,6 @@ def prune_layers(model, keep: list[int]):
         renamed[key] = value
     pruned.load_state_dict(renamed, strict=True)
     return pruned
-
-
-def prune_model_dir(path: str, output: str, keep: int | None = None, drop: list[int] | None = None) -> list[int]:
-    """Save the pruned model (safetensors) with the source's tokenizer; returns the kept layer indices."""
-    require_new_output(output)
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-    kept = layers_to_keep(model.config.num_hidden_layers, keep, drop)
-    pruned = prune_layers(model, kept)
-    pruned.save_pretrained(output)
-    load_tokenizer(path, role="source").save_pretrained(output)
-    logger.info("kept layers %s of %d; student written to %s", kept, model.config.num_hidden_layers, Path(output))
-    return kept
 
 
 def find_gguf(source: str) -> Path:
