@@ -18,6 +18,7 @@ COMMANDS = {
     "scaling": "Train on growing data subsets and plot the metric against training tokens (Fig. 4).",
     "import-gguf": "Turn a GGUF model (file, folder or pip package) into a safetensors model directory with its tokenizer.",
     "prune-layers": "Make a depth-pruned student: keep some of a model's decoder layers, unchanged, with its tokenizer.",
+    "generate": "Print what a model, a run's student (or, with --teacher, its teacher) answers to prompts (greedy).",
     "merge": "Merge a run's adapter into its base student and save a standalone model.",
     "export-lora": "Write a run's adapter as a plain PEFT LoRA (MoSLoRA's mixer folded into B) for any LoRA loader.",
     "demo": "Offline end-to-end demo on tiny models built from shipped text (2 CPU cores, < 5 minutes).",
@@ -192,6 +193,23 @@ def cmd_prune_layers(argv: list[str]) -> int:
     return 0
 
 
+def cmd_generate(argv: list[str]) -> int:
+    from .generation import answer_prompts, load_for_generation, read_prompts
+
+    parser = argparse.ArgumentParser(prog="llm-neo generate", description=COMMANDS["generate"], allow_abbrev=False)
+    parser.add_argument("target", help="Run directory of `llm-neo distill` (its merged student), or a model directory.")
+    parser.add_argument("--prompt", help="One prompt (a user turn).")
+    parser.add_argument("--prompts", help="A file with one prompt per line.")
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="Tokens generated per answer at most.")
+    parser.add_argument("--teacher", action="store_true", help="Answer with the run's teacher instead.")
+    args = parser.parse_args(argv)
+    prompts = read_prompts(args.prompt, args.prompts)
+    model, tokenizer = load_for_generation(args.target, args.teacher)
+    for prompt, answer in zip(prompts, answer_prompts(model, tokenizer, prompts, args.max_new_tokens), strict=True):
+        print(f"### prompt\n{prompt}\n### answer\n{answer}\n")
+    return 0
+
+
 def cmd_merge(argv: list[str]) -> int:
     from .artifacts import merge_run
 
@@ -230,7 +248,7 @@ def cmd_demo(argv: list[str]) -> int:
 HANDLERS = {
     "distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "eval": cmd_eval, "compare": cmd_compare,
     "sweep": cmd_sweep, "scaling": cmd_scaling, "import-gguf": cmd_import_gguf, "prune-layers": cmd_prune_layers,
-    "merge": cmd_merge, "export-lora": cmd_export_lora, "demo": cmd_demo,
+    "generate": cmd_generate, "merge": cmd_merge, "export-lora": cmd_export_lora, "demo": cmd_demo,
 }
 
 

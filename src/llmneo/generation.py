@@ -1,0 +1,82 @@
+"""`llm-neo generate`: what a model, a run's student or its teacher answers, greedily, through the chat template.
+
+Metrics say how close a student is; answers say whether it talks. Prompts are single user turns rendered with the
+model's own chat template (llm-neo's fallback template when it has none), as training rows are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .artifacts import CONFIG_FILE, load_run_config, load_run_model
+from .config import ModelArguments
+from .errors import ConfigError
+from .models import load_pretrained_model, load_student_tokenizer
+
+
+def load_for_generation(target: str, teacher: bool = False):
+    """The model and tokenizer to generate with: a run's merged student (or, with ``teacher``, its teacher), or a
+    model directory."""
+    path = Path(target)
+    if (path / CONFIG_FILE).is_file():
+        config = load_run_config(path)
+        if (config.get("data") or {}).get("task") == "classification":
+            raise ConfigError(f"{path} holds a classifier: generate is for causal language models (use llm-neo eval)")
+        if teacher:
+            model_path = config["model"].get("teacher_model")
+            if not model_path:
+                raise ConfigError(f"the run in {path} has no teacher_model (a CE-only method or a teacher cache)")
+            return _load_model_dir(model_path, config["model"])
+        model, tokenizer = load_run_model(path, "generate")
+        return model.eval(), tokenizer
+    if teacher:
+        raise ConfigError("--teacher needs a run directory (it names its teacher)")
+    return _load_model_dir(target, {})
+
+
+def _load_model_dir(path: str, model_options: dict):
+    options = {key: value for key, value in model_options.items() if key in ("dtype", "attn_implementation",
+                                                                               "allow_pickle", "trust_remote_code")}
+    args = ModelArguments(student_model=path, **options)
+    tokenizer = load_student_tokenizer(args)
+    model = load_pretrained_model(path, "model", args.dtype, args.attn_implementation, args.trust_remote_code,
+                                  allow_pickle=args.allow_pickle)
+    return model.eval(), tokenizer
+
+
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """(1, T) token ids of one user turn followed by the assistant's generation prompt."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+@torch.no_grad()
+def continue_greedily(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 128) -> str:
+    """The model's greedy continuation of ``input_ids`` (1, T), decoded without special tokens."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int = 128) -> list[str]:
+    return [continue_greedily(model, tokenizer, prompt_ids(tokenizer, prompt), max_new_tokens) for prompt in prompts]
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    """``--prompt`` or ``--prompts FILE`` (one prompt per non-empty line)."""
+    if (prompt is None) == (prompts_file is None):
+        raise ConfigError("give exactly one of --prompt TEXT and --prompts FILE")
+    if prompt is not None:
+        return [prompt]
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise ConfigError(f"prompts file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompts file {path} holds no prompts (one per line)")
+    return prompts
