@@ -50,3 +50,46 @@ def test_generate_with_a_run_and_its_teacher(models_dir, train_file, tmp_path, c
 def test_generate_needs_exactly_one_prompt_source(models_dir, capsys):
     assert cli.main(["generate", models_dir["teacher"]]) == 1
     assert "give exactly one of --prompt TEXT and --prompts FILE" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_every_run_with_held_out_rows_reports_before_and_after(models_dir, train_file, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    summary = distill(parse_config(run_flags(models_dir, train_file, run, eval_ratio=0.25)))
+    printed = capsys.readouterr().out
+    before = json.loads((run / "before.json").read_text())
+    after = {key.removeprefix("eval_"): value for key, value in summary.final_metrics.items()
+             if key.startswith("eval_")}
+    assert set(before["metrics"]) >= {"perplexity", "top1_agreement", "kl_to_teacher"}
+    assert before["metrics"]["kl_to_teacher"] != after["kl_to_teacher"]
+    assert f"{'held-out':<18}{'before training':>18}{'after training':>18}" in printed
+    for name in ("perplexity", "top1_agreement", "kl_to_teacher"):
+        assert f"{name:<18}" in printed
+        assert f"| {name} | {before['metrics'][name]:.4g} | {after[name]:.4g} |" in (run / "README.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "## Held-out metrics before and after training" in report
+    assert "## Answers to held-out prompts (greedy)" in report and report.count("### Prompt ") == 3
+    assert report.count("**teacher:**") == report.count("**student before:**") == report.count("**student after:**") == 3
+    assert len(before["samples"]["teacher"]) == 3
+
+
+@pytest.mark.e2e
+def test_eval_measures_like_for_like_with_max_length_and_max_samples(models_dir, train_file, tmp_path):
+    from llmneo.config import DataArguments
+    from llmneo.data.loading import build_datasets
+    from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
+    from llmneo.losses.contract import count_answer_tokens
+    from llmneo.models import load_student_tokenizer
+
+    run = tmp_path / "run"
+    config = parse_config(run_flags(models_dir, train_file, run, eval_ratio=0.25))
+    distill(config)
+    whole = evaluate_target(EvalRequest(target=str(run)), write=False)["held_out"]
+    cut = evaluate_target(EvalRequest(target=str(run), max_samples=3, max_length=48), write=False)["held_out"]
+    tokenizer = load_student_tokenizer(config.model)
+    data = DataArguments(**{**config.data.__dict__, "max_length": 48})
+    rows = build_datasets(data, tokenizer, config.training.seed)[1].select(range(3))
+    assert cut["answer_tokens"] == sum(count_answer_tokens(labels) for labels in rows["labels"])
+    assert cut["answer_tokens"] < whole["answer_tokens"]

@@ -13,6 +13,7 @@ from .config import ModelArguments
 from .errors import ConfigError
 from .methods import METHODS
 from .models import ClassHead, load_student, load_tokenizer, model_identity
+from .report import before_after_markdown
 from .runtime.checkpoints import checkpoint_step, is_complete
 from .runtime.run_dir import require_finished, require_new_output
 
@@ -73,12 +74,14 @@ def run_settings(config, steps: int, data_report) -> list[tuple[str, object]]:
     ]
 
 
-def write_model_card(run_dir: Path, config, steps: int, data_report, final_metrics: dict) -> Path:
+def write_model_card(run_dir: Path, config, steps: int, data_report, final_metrics: dict,
+                     before_after: list[tuple] | None = None) -> Path:
     method, preset = config.distill.method, METHODS[config.distill.method]
     rows = run_settings(config, steps, data_report)
     rows += [(f"final {key}", value) for key, value in final_metrics.items()]
     lines = [f"# llm-neo run: {method}", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows]
+    lines += before_after_markdown(before_after or [])
     lines += ["", f"Weights: `{ADAPTER_DIR if preset.uses_adapter else MODEL_DIR}/` (safetensors). "
                   f"Config: `{CONFIG_FILE}`. Metrics: `{METRICS_FILE}` (plotted in `training_curves.png`, "
                   "summarised in `report.md`).", ""]

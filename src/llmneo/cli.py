@@ -93,10 +93,13 @@ def cmd_eval(argv: list[str]) -> int:
     parser.add_argument("target", help="Run directory of `llm-neo distill`, or a model directory.")
     parser.add_argument("--dataset", help="Held-out rows for a model directory (a run uses its eval split).")
     parser.add_argument("--teacher_model", help="Teacher for agreement and KL (a run uses its own).")
+    parser.add_argument("--max_length", type=int, help="Truncate held-out rows to this many tokens (default: the "
+                                                        "run's max_length, else 512), to compare like for like.")
+    parser.add_argument("--max_samples", type=int, help="Evaluate only the first this many held-out rows.")
     _add_eval_options(parser)
     args = parser.parse_args(argv)
     request = EvalRequest(target=args.target, dataset=args.dataset, teacher_model=args.teacher_model,
-                          **_eval_options(args))
+                          max_length=args.max_length, max_samples=args.max_samples, **_eval_options(args))
     print(json.dumps(evaluate_target(request), indent=2))
     return 0
 

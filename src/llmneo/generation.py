@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .artifacts import CONFIG_FILE, load_run_config, load_run_model
 from .config import ModelArguments
 from .errors import ConfigError
+from .evaluation.answers import continue_greedily, prompt_ids
 from .models import load_pretrained_model, load_student_tokenizer
 
 
@@ -44,23 +43,6 @@ def _load_model_dir(path: str, model_options: dict):
     model = load_pretrained_model(path, "model", args.dtype, args.attn_implementation, args.trust_remote_code,
                                   allow_pickle=args.allow_pickle)
     return model.eval(), tokenizer
-
-
-def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
-    """(1, T) token ids of one user turn followed by the assistant's generation prompt."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-
-
-@torch.no_grad()
-def continue_greedily(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 128) -> str:
-    """The model's greedy continuation of ``input_ids`` (1, T), decoded without special tokens."""
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
 def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int = 128) -> list[str]:

@@ -27,7 +27,9 @@ from .evaluation.metrics import teacher_fidelity_kl
 from .methods import METHODS
 from .models import (ClassHead, check_quantization, check_vocabularies, is_quantized, load_student,
                      load_student_tokenizer, load_tokenizer, model_identity, output_vocab_size)
-from .report import write_run_report
+from .evaluation.answers import answers, held_out_prompts
+from .report import before_after_console, before_after_rows, write_run_report
+from .runtime.atomic import write_atomically
 from .runtime.checkpoints import checkpoint_step, complete_checkpoints
 from .runtime.identity import IDENTITY_FILE, check_resume, identity_bytes, run_identity
 from .runtime.lock import DirectoryLock
@@ -40,6 +42,9 @@ from .teacher.loading import load_teacher
 from .training import ClassifierTrainer, MetricsJsonlCallback, NeoTrainer
 
 logger = logging.getLogger(__name__)
+
+BEFORE_FILE = "before.json"  # the student's held-out metrics and answers before the first step
+SAMPLE_PROMPTS = 3  # held-out prompts answered in report.md
 
 
 @dataclass
@@ -92,9 +97,12 @@ def train_and_write(config, callbacks=()) -> RunSummary:
         plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
     quantized_teacher = teacher is not None and is_quantized(teacher)
     fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head) if quantized_teacher else None
+    before = measure_before(trainer, config, tokenizer, held_out, resume)
     result = train_or_explain(trainer, config, resume)
     final_metrics = collect_final_metrics(trainer, result, report, held_out is not None, fidelity)
-    weights_dir = write_artifacts(trainer, config, tokenizer, report, final_metrics, initial_adapter)
+    comparison, samples = compare_with_before(trainer, tokenizer, before, final_metrics)
+    weights_dir = write_artifacts(trainer, config, tokenizer, report, final_metrics, initial_adapter, comparison,
+                                  samples)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunSummary(Path(config.training.output_dir), weights_dir, trainer.state.global_step, final_metrics, report,
                       config, trainable, trainer.items_seen())
@@ -294,14 +302,52 @@ def collect_final_metrics(trainer, result, report: DataReport, has_held_out: boo
     return final_metrics
 
 
-def write_artifacts(trainer, config, tokenizer, report: DataReport, final_metrics: dict, initial_adapter) -> Path:
+def measure_before(trainer, config, tokenizer, held_out, resume) -> dict | None:
+    """The student's held-out metrics (and, for causal_lm, its and the teacher's answers to a few held-out prompts)
+    before the first step, kept in before.json so that a resumed run reports the same starting point."""
+    if held_out is None:
+        return None
+    path = Path(config.training.output_dir) / BEFORE_FILE
+    if resume is not None and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    metrics = {key.removeprefix("before_"): value for key, value in trainer.evaluate(metric_key_prefix="before").items()}
+    before = {"metrics": metrics, "samples": {}}
+    if config.data.task == "causal_lm" and trainer.is_world_process_zero():
+        prompts = held_out_prompts(held_out, SAMPLE_PROMPTS)
+        before["prompt_ids"] = [ids[0].tolist() for ids in prompts]
+        before["samples"] = {"prompts": [tokenizer.decode(ids[0], skip_special_tokens=True) for ids in prompts],
+                             "student before": answers(trainer.model, tokenizer, prompts)}
+        if trainer.teacher is not None:
+            before["samples"]["teacher"] = answers(trainer.teacher, tokenizer, prompts)
+    if trainer.is_world_process_zero():
+        write_atomically(path, (json.dumps(before, indent=1) + "\n").encode("utf-8"))
+    return before
+
+
+def compare_with_before(trainer, tokenizer, before: dict | None, final_metrics: dict):
+    """The before/after table (printed on the console) and the answers after training next to those before."""
+    if before is None:
+        return None, None
+    comparison = before_after_rows(before["metrics"], final_metrics)
+    samples = dict(before.get("samples") or {})
+    if before.get("prompt_ids") and trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        samples["student after"] = answers(model, tokenizer, [torch.tensor([ids]) for ids in before["prompt_ids"]])
+    if trainer.is_world_process_zero() and comparison:
+        print("\n" + before_after_console(comparison) + "\n", flush=True)
+    return comparison, samples
+
+
+def write_artifacts(trainer, config, tokenizer, report: DataReport, final_metrics: dict, initial_adapter,
+                    comparison=None, samples=None) -> Path:
     """The final adapter or weights, the model card and the run report (main process only); the weights' folder."""
     run_dir = Path(config.training.output_dir)
     if not trainer.is_world_process_zero():
         return run_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
     weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter, student_identity(config))
-    write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics)
-    write_run_report(run_dir, final_metrics, run_settings(config, trainer.state.global_step, report))
+    write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics, comparison)
+    write_run_report(run_dir, final_metrics, run_settings(config, trainer.state.global_step, report), comparison,
+                     samples)
     mark_finished(run_dir, trainer.state.global_step)
     return weights_dir

@@ -53,19 +53,60 @@ def plot_training_curves(entries: list[dict], path: Path) -> dict[str, tuple[lis
     return drawn
 
 
-def write_run_report(run_dir: Path, final_metrics: dict, card_rows: list[tuple[str, object]]) -> Path:
-    """training_curves.png and a short report.md (settings, final and eval metrics) in the run directory."""
+def write_run_report(run_dir: Path, final_metrics: dict, card_rows: list[tuple[str, object]],
+                     before_after: list[tuple] | None = None, samples: dict | None = None) -> Path:
+    """training_curves.png and a short report.md (settings, before/after and final metrics, answers to held-out
+    prompts) in the run directory."""
     run_dir = Path(run_dir)
     entries = read_metrics(run_dir / "metrics.jsonl")
     plot_training_curves(entries, run_dir / CURVES_FILE)
     lines = ["# Run report", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in card_rows]
+    lines += before_after_markdown(before_after or [])
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {_format(value)} |" for key, value in final_metrics.items()]
+    lines += answers_markdown(samples or {})
     lines += ["", f"![training curves]({CURVES_FILE})", ""]
     path = run_dir / REPORT_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+COUNT_KEYS = ("answer_tokens", "texts")  # how much was measured, not how well
+
+
+def before_after_rows(before: dict, final_metrics: dict) -> list[tuple[str, float, float]]:
+    """(metric, before training, after training) for each held-out metric measured both times."""
+    after = {key.removeprefix("eval_"): value for key, value in final_metrics.items() if key.startswith("eval_")}
+    return [(name, before[name], value) for name, value in after.items()
+            if name in before and name not in COUNT_KEYS and isinstance(value, (int, float))]
+
+
+def before_after_markdown(rows: list[tuple]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Held-out metrics before and after training", "", "| metric | before | after |", "|---|---|---|"]
+    return lines + [f"| {name} | {_format(before)} | {_format(after)} |" for name, before, after in rows]
+
+
+def before_after_console(rows: list[tuple]) -> str:
+    """The same comparison as a plain-text table for the console."""
+    lines = [f"{'held-out':<18}{'before training':>18}{'after training':>18}"]
+    lines += [f"{name:<18}{_format(before):>18}{_format(after):>18}" for name, before, after in rows]
+    return "\n".join(lines)
+
+
+def answers_markdown(samples: dict) -> list[str]:
+    """Held-out prompts with the teacher's and the student's answers before and after training."""
+    if not samples.get("prompts"):
+        return []
+    lines = ["", "## Answers to held-out prompts (greedy)"]
+    for index, prompt in enumerate(samples["prompts"]):
+        lines += ["", f"### Prompt {index + 1}", "", "```", prompt.strip(), "```"]
+        for who in ("teacher", "student before", "student after"):
+            if samples.get(who):
+                lines += [f"**{who}:**", "", "```", samples[who][index].strip() or "(empty)", "```"]
+    return lines
 
 
 def _format(value) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..losses.divergences import forward_kl
 
@@ -33,14 +34,15 @@ def class_logits(model, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_classifier(student, dataset, collator, teacher=None, batch_size: int = 8) -> dict[str, float]:
+def evaluate_classifier(student, dataset, collator, teacher=None, batch_size: int = 8,
+                        progress: bool = False) -> dict[str, float]:
     """Scores of ``student`` on the labelled ``dataset``; with ``teacher`` also teacher_agreement and kl_to_teacher."""
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
     predictions, references, agree, kl = [], [], 0, 0.0
-    for batch in DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size,
-                            collate_fn=collator):
+    loader = DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size, collate_fn=collator)
+    for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):
         batch = {key: value.to(device) for key, value in batch.items()}
         logits = class_logits(student, batch)
         predictions.append(logits.argmax(-1).cpu())

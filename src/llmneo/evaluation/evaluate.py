@@ -33,6 +33,8 @@ class EvalRequest:
     tasks: str | None = None  # lm-eval tasks or preset, comma-separated
     include_path: str | None = None  # folder of custom lm-eval task YAMLs
     limit: float | None = None  # lm-eval: examples per task (or a fraction)
+    max_length: int | None = None  # truncate held-out rows to this many tokens (default: the run's, else 512)
+    max_samples: int | None = None  # evaluate only the first this many held-out rows
     num_fewshot: int | None = None  # lm-eval: few-shot examples
     batch_size: int = 8
 
@@ -56,14 +58,24 @@ def _task(config: dict | None) -> str:
 
 
 def _held_out_rows(request: EvalRequest, tokenizer, config: dict | None):
+    rows = _all_held_out_rows(request, tokenizer, config)
+    if rows is not None and request.max_samples is not None:
+        if request.max_samples < 1:
+            raise ConfigError(f"max_samples must be >= 1, got {request.max_samples}")
+        rows = rows.select(range(min(request.max_samples, len(rows))))
+    return rows
+
+
+def _all_held_out_rows(request: EvalRequest, tokenizer, config: dict | None):
+    data = (config or {}).get("data", {})
+    max_length = request.max_length or data.get("max_length", 512)
     if request.dataset is not None:
-        data = (config or {}).get("data", {})
-        data_args = DataArguments(dataset=request.dataset, max_length=data.get("max_length", 512), task=_task(config),
+        data_args = DataArguments(dataset=request.dataset, max_length=max_length, task=_task(config),
                                   class_names=data.get("class_names"))
         return build_dataset(data_args, tokenizer, seed=0)[0]
     if "training" not in (config or {}):
         return None
-    data_args = DataArguments(**config["data"])
+    data_args = DataArguments(**{**config["data"], "max_length": max_length})
     if not (data_args.eval_split or data_args.eval_ratio):
         return None
     return build_datasets(data_args, tokenizer, config["training"]["seed"])[1]
@@ -90,7 +102,7 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
         evaluate = evaluate_classifier if _task(config) == "classification" else evaluate_against_teacher
         results["held_out"] = evaluate(model, held_out, make_collator(tokenizer, _task(config)),
                                        teacher=teacher.to(device) if teacher is not None else None,
-                                       batch_size=request.batch_size)
+                                       batch_size=request.batch_size, progress=True)
     if request.tasks:
         if _task(config) == "classification":
             raise ConfigError("lm-eval tasks score language models; a classifier is evaluated on held-out rows")

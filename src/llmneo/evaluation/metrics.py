@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..lm_head import output_head
 from ..losses.contract import answer_mask, answer_row_index, answer_rows, answer_targets
@@ -21,7 +22,8 @@ from ..teacher.online import answer_logit_chunks, teacher_logits
 
 @torch.no_grad()
 def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_size: int = 8,
-                             kd_vocab_size: int | None = None, chunk_size: int = 1024) -> dict[str, float]:
+                             kd_vocab_size: int | None = None, chunk_size: int = 1024,
+                             progress: bool = False) -> dict[str, float]:
     """Per answer token: perplexity of the student; with a teacher also top-1 agreement and KL(teacher || student)."""
     device = next(student.parameters()).device
     if teacher is not None and kd_vocab_size is None:
@@ -30,7 +32,7 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_siz
     student.eval()
     totals = {"nll": 0.0, "agree": 0.0, "kl": 0.0, "tokens": 0}
     loader = DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size, collate_fn=collator)
-    for number, batch in enumerate(loader):
+    for number, batch in enumerate(tqdm(loader, desc="evaluating", unit="batch", disable=not progress)):
         batch = {k: v.to(device) for k, v in batch.items()}
         mask = answer_mask(batch["labels"])
         targets = answer_targets(batch["labels"], mask).split(chunk_size)

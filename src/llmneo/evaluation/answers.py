@@ -1,0 +1,46 @@
+"""Answers people can read: greedy continuations of prompts, and a few held-out prompts answered by the teacher
+and by the student before and after training (written into a run's report.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..losses.contract import IGNORE_INDEX
+
+
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """(1, T) token ids of one user turn followed by the assistant's generation prompt."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+@torch.no_grad()
+def continue_greedily(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 128) -> str:
+    """The model's greedy continuation of ``input_ids`` (1, T), decoded without special tokens."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def held_out_prompts(dataset, count: int = 3) -> list[torch.Tensor]:
+    """The first ``count`` held-out rows cut before their first answer token: each conversation's opening prompt,
+    rendered by the chat template exactly as in training."""
+    prompts = []
+    for row in dataset.select(range(min(count, len(dataset)))):
+        labels = row["labels"]
+        first = next((i for i, label in enumerate(labels) if i > 0 and label != IGNORE_INDEX), len(labels))
+        prompts.append(torch.tensor([row["input_ids"][:first]]))
+    return prompts
+
+
+def answers(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers of ``model`` (put in eval mode for the call) to token-id prompts."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [continue_greedily(model, tokenizer, ids, max_new_tokens) for ids in prompts]
+    finally:
+        model.train(was_training)
