@@ -17,7 +17,6 @@ Learning rates are fixed up front (adapters 1e-3, full fine-tuning 1e-4) and nev
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import csv
 import importlib.util
@@ -26,7 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from run import ROOT, prepare_models, write_jsonl
+from run import ROOT, parse_arguments, prepare_models, write_jsonl
 
 from llmneo import cli
 from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
@@ -69,13 +68,7 @@ def fine_tune_teacher(base: Path, work: Path, train: str, held_out: str, size: d
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=list(SIZES), default="cpu")
-    parser.add_argument("--work", default="runs/smollm2")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default="sft,lora,kd,neo")
-    args = parser.parse_args()
-    size, work = SIZES[args.size], Path(args.work)
+    args, size, work = parse_arguments(__doc__.split("\n\n")[0], SIZES)
     base, student = prepare_models(work, size["keep"])
     rows = rotten_tomatoes(args.seed)
     held_out_rows, train_rows = rows[: size["held_out"]], rows[size["held_out"]:][: size["train"]]

@@ -71,14 +71,19 @@ def prepare_models(work: Path, keep: int) -> tuple[Path, Path]:
     return teacher, student
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=list(SIZES), default="cpu")
+def parse_arguments(description: str, sizes: dict):
+    """The options both SmolLM2 experiments take; returns them with the chosen size and the work folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", choices=list(sizes), default="cpu")
     parser.add_argument("--work", default="runs/smollm2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="sft,lora,kd,neo")
     args = parser.parse_args()
-    size, work = SIZES[args.size], Path(args.work)
+    return args, sizes[args.size], Path(args.work)
+
+
+def main():
+    args, size, work = parse_arguments(__doc__.split("\n\n")[0], SIZES)
     teacher, student = prepare_models(work, size["keep"])
     rows = sharegpt_conversations(size["train"] + size["held_out"], args.seed)
     train = write_jsonl(work / "data" / "train.jsonl", rows[: size["train"]])

@@ -26,9 +26,14 @@ MODEL_DIR = "model"  # full weights of sft/kd runs
 CARD_FILE = "README.md"
 
 
+def resolved_config(config) -> dict:
+    """The resolved config as config.yaml holds it: its sections, in JSON types."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
 def save_resolved_config(run_dir: Path, config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(json.loads(json.dumps(config.to_dict(), default=str)), sort_keys=False)
+    text = yaml.safe_dump(resolved_config(config), sort_keys=False)
     (run_dir / CONFIG_FILE).write_text(text, encoding="utf-8")
 
 
@@ -98,7 +103,7 @@ def run_adapter_dir(path: str | Path, command: str = "export-lora") -> Path:
     return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path
 
 
-def run_weights(path: str | Path, command: str) -> tuple[dict, Path | None, Path | None]:
+def run_weights(path: str | Path, command: str) -> tuple[dict, Path, Path]:
     """The run config, adapter dir and full-weights dir of a finished run, or of one of its checkpoints named
     explicitly (``RUN/checkpoint-K``)."""
     path = Path(path)

@@ -17,7 +17,8 @@ from transformers import set_seed
 
 from .adapters.lora import PEFT_TASK_TYPES, add_lora, lora_config
 from .adapters.store import KIND_FILE, kind_record, save_initial_adapter
-from .artifacts import METRICS_FILE, run_settings, save_final_weights, save_resolved_config, write_model_card
+from .artifacts import (METRICS_FILE, resolved_config, run_settings, save_final_weights, save_resolved_config,
+                        write_model_card)
 from .data.collators import make_collator
 from .data.loading import DataReport, build_datasets
 from .data.packing import PackingCollator
@@ -85,14 +86,16 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed)
     log_data(report, held_out)
     head = class_head(config, tokenizer, report)
-    identity = run_identity(config_sections(config), data_fingerprint(dataset, config.data.dataset))
-    cache = open_teacher_cache(config, tokenizer, dataset) if config.distill.teacher_cache else None
+    data = data_fingerprint(dataset, config.data.dataset)
+    identity = run_identity(resolved_config(config), data)
+    base = student_identity(config) if METHODS[config.distill.method].uses_adapter else None
+    cache = open_teacher_cache(config, tokenizer, dataset, data) if config.distill.teacher_cache else None
     dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
     student, teacher, kd_vocab_size = load_models(config, tokenizer, head, cache)
     resume = prepare_run_dir(config, identity)
     initial_adapter = save_initial_adapter(student, Path(config.training.output_dir)) if saves_adapter(config) else None
     trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out,
-                            checkpoint_files(config, identity))
+                            checkpoint_files(config, identity, base))
     if config.distill.auto_micro_batch:
         plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
     quantized_teacher = teacher is not None and is_quantized(teacher)
@@ -101,8 +104,8 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     result = train_or_explain(trainer, config, resume)
     final_metrics = collect_final_metrics(trainer, result, report, held_out is not None, fidelity)
     comparison, samples = compare_with_before(trainer, tokenizer, before, final_metrics)
-    weights_dir = write_artifacts(trainer, config, tokenizer, report, final_metrics, initial_adapter, comparison,
-                                  samples)
+    weights_dir = write_artifacts(trainer, config, tokenizer, report, final_metrics, initial_adapter, base,
+                                  comparison, samples)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunSummary(Path(config.training.output_dir), weights_dir, trainer.state.global_step, final_metrics, report,
                       config, trainable, trainer.items_seen())
@@ -121,17 +124,12 @@ def claim_run_dir(config) -> None:
                          resuming=bool(config.training.resume_from_checkpoint))
 
 
-def config_sections(config) -> dict:
-    """The resolved config as config.yaml holds it (JSON types)."""
-    return json.loads(json.dumps(config.to_dict(), default=str))
-
-
-def checkpoint_files(config, identity: dict) -> dict[str, bytes]:
+def checkpoint_files(config, identity: dict, base: dict | None) -> dict[str, bytes]:
     """Written into every checkpoint: the run's identity (checked on resume) and, for adapter methods, the
-    adapter kind and its base (so a checkpoint can be merged on its own)."""
+    adapter kind and its ``base`` (so a checkpoint can be merged on its own)."""
     files = {IDENTITY_FILE: identity_bytes(identity)}
     if METHODS[config.distill.method].uses_adapter:
-        record = kind_record(config.adapter, student_identity(config))
+        record = kind_record(config.adapter, base)
         files[KIND_FILE] = (json.dumps(record, indent=2) + "\n").encode("utf-8")
     return files
 
@@ -339,13 +337,13 @@ def compare_with_before(trainer, tokenizer, before: dict | None, final_metrics: 
 
 
 def write_artifacts(trainer, config, tokenizer, report: DataReport, final_metrics: dict, initial_adapter,
-                    comparison=None, samples=None) -> Path:
+                    base: dict | None = None, comparison=None, samples=None) -> Path:
     """The final adapter or weights, the model card and the run report (main process only); the weights' folder."""
     run_dir = Path(config.training.output_dir)
     if not trainer.is_world_process_zero():
         return run_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
-    weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter, student_identity(config))
+    weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter, base)
     write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics, comparison)
     write_run_report(run_dir, final_metrics, run_settings(config, trainer.state.global_step, report), comparison,
                      samples)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .atomic import write_atomically
-from .checkpoints import complete_checkpoints
+from .checkpoints import checkpoints, complete_checkpoints
 from .lock import LOCK_FILE
 
 RUN_FILE = "run.json"
@@ -43,8 +43,7 @@ def _now() -> str:
 
 def holds_run(run_dir: str | Path) -> bool:
     run_dir = Path(run_dir)
-    return run_dir.is_dir() and (any((run_dir / name).exists() for name in RUN_MARKERS)
-                                 or any(run_dir.glob("checkpoint-*")))
+    return run_dir.is_dir() and (any((run_dir / name).exists() for name in RUN_MARKERS) or bool(checkpoints(run_dir)))
 
 
 def run_status(run_dir: str | Path) -> tuple[str, int]:
@@ -55,8 +54,8 @@ def run_status(run_dir: str | Path) -> tuple[str, int]:
     legacy_finished = state is None and any((Path(run_dir) / name).is_dir() for name in ("adapter", "model"))
     if legacy_finished:  # written before run.json existed: its weights are only saved at the end
         return "finished", 0
-    checkpoints = complete_checkpoints(run_dir)
-    return "interrupted", checkpoints[-1][0] if checkpoints else 0
+    complete = complete_checkpoints(run_dir)
+    return "interrupted", complete[-1][0] if complete else 0
 
 
 def describe_run(run_dir: str | Path) -> str:
@@ -80,10 +79,9 @@ def _method_from_config(run_dir: str | Path) -> str | None:
 
 
 def claim_output_dir(run_dir: str | Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse a directory that holds another run; with ``overwrite`` remove its contents first."""
+    """Refuse a directory that holds another run; with ``overwrite`` remove its contents first. (The directory
+    itself was checked and created by the run's DirectoryLock.)"""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"output_dir {run_dir} is a file, not a directory")
     if resuming or not holds_run(run_dir):
         return
     if not overwrite:

@@ -99,13 +99,14 @@ def data_fingerprint(dataset, dataset_name: str) -> dict:
     return {"dataset": dataset_name, "rows": len(dataset), "answer_tokens": answer_tokens, "sha256": digest.hexdigest()}
 
 
-def run_fingerprint(config, tokenizer, dataset) -> dict:
-    """Everything the cached rows depend on apart from the teacher (added by the capture)."""
+def run_fingerprint(config, tokenizer, dataset, data: dict | None = None) -> dict:
+    """Everything the cached rows depend on apart from the teacher (added by the capture); ``data``: the rows'
+    ``data_fingerprint`` when the caller has it already."""
     return {
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "chat_template_sha256": _sha256_text(tokenizer.chat_template or ""),
         "max_length": config.data.max_length,
-        "data": data_fingerprint(dataset, config.data.dataset),
+        "data": data or data_fingerprint(dataset, config.data.dataset),
     }
 
 
@@ -191,11 +192,12 @@ class TeacherCache:
                         torch.cat(parts["log_tail"]).float())
 
 
-def open_teacher_cache(config, tokenizer, dataset) -> TeacherCache:
-    """The run's teacher cache, verified (every shard's checksum) and matched against this run before training."""
+def open_teacher_cache(config, tokenizer, dataset, data: dict | None = None) -> TeacherCache:
+    """The run's teacher cache, verified (every shard's checksum) and matched against this run before training
+    (``data``: the rows' ``data_fingerprint``, if already computed)."""
     cache = TeacherCache(config.distill.teacher_cache)
     teacher = model_identity(config.model.teacher_model) if config.model.teacher_model else None
-    check_fingerprint(cache.cache_dir, cache.manifest, run_fingerprint(config, tokenizer, dataset), teacher)
+    check_fingerprint(cache.cache_dir, cache.manifest, run_fingerprint(config, tokenizer, dataset, data), teacher)
     logger.info("teacher cache %s: top-%d, %s tail, %d rows; the teacher is not loaded", cache.cache_dir,
                 cache.settings["top_k"], config.distill.cache_tail, len(dataset))
     return cache

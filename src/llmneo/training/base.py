@@ -88,7 +88,7 @@ class DistillationTrainer(Trainer):
         part (the step losses summed before are read from the checkpoint)."""
         self._loss_sum_before = _read_loss_sum(resume_from_checkpoint)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        if resume_from_checkpoint:
+        if self._loss_sum_before:  # the same condition as the logged summary's (log)
             output = output._replace(training_loss=self._run_train_loss(),
                                      metrics={**output.metrics, "train_loss": self._run_train_loss()})
         return output
