@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ class EvalRequest:
     max_samples: int | None = None  # evaluate only the first this many held-out rows
     num_fewshot: int | None = None  # lm-eval: few-shot examples
     batch_size: int = 8
+    bootstrap: int = 1000  # resamples of the held-out rows for 95% intervals (0: none); language models only
 
 
 def _load_target(request: EvalRequest):
@@ -99,7 +101,9 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
     held_out = _held_out_rows(request, tokenizer, config)
     if held_out is not None:
         teacher = _teacher(request, config)
-        evaluate = evaluate_classifier if _task(config) == "classification" else evaluate_against_teacher
+        classifying = _task(config) == "classification"
+        evaluate = evaluate_classifier if classifying else partial(evaluate_against_teacher,
+                                                                   bootstrap=request.bootstrap)
         results["held_out"] = evaluate(model, held_out, make_collator(tokenizer, _task(config)),
                                        teacher=teacher.to(device) if teacher is not None else None,
                                        batch_size=request.batch_size, progress=True)

