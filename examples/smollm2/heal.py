@@ -25,9 +25,11 @@ import json
 import time
 from pathlib import Path
 
-from run import sharegpt_conversations, write_jsonl
+from run import ROOT, sharegpt_conversations, write_jsonl
 
 from llmneo import cli
+from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
+from llmneo.generation import answer_prompts, load_for_generation
 
 SIZE = {"keep": 20, "train": 1500, "validation": 60, "held_out": 100, "max_length": 256, "batch": 8, "rank": 32,
         "top_k": 64, "sweep_steps": 25, "fidelity_steps": 12}
@@ -157,6 +159,33 @@ def train(layout: Layout, args) -> None:
             distill(layout, f"{method}-s{seed}", method, rate, seed,
                     ["--num_train_epochs", "1", "--eval_strategy", "steps", "--eval_steps", "47",
                      "--include_num_input_tokens_seen", "non_padding"])
+
+
+def evaluate(layout: Layout, args) -> None:
+    """Held-out metrics with bootstrap intervals and the five answers, for the teacher, the pruned student and every
+    finished training run (kept in results.json; a model already there is not measured again)."""
+    results = json.loads(layout.results.read_text()) if layout.results.is_file() else {}
+    targets = {"teacher": layout.teacher, "student before": layout.student}
+    targets.update({f"{method}-s{seed}": layout.run(f"{method}-s{seed}") for seed in args.seeds
+                    for method in args.methods if finished(layout.run(f"{method}-s{seed}"))})
+    for name, target in targets.items():
+        if name in results:
+            continue
+        request = EvalRequest(target=str(target), dataset=str(layout.data["held_out"]),
+                              teacher_model=str(layout.teacher), max_length=SIZE["max_length"], bootstrap=1000)
+        metrics = evaluate_target(request, write=False)["held_out"]
+        model, tokenizer = load_for_generation(str(target))
+        results[name] = {"held_out": metrics, "answers": answer_prompts(model, tokenizer, PROMPTS, max_new_tokens=64)}
+        layout.results.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        print(name, {key: round(value, 4) for key, value in metrics.items()}, flush=True)
+
+
+def publish(layout: Layout, args) -> None:
+    """docs/results/smollm2/heal-cpu.md and its validation curve, from the runs and results.json."""
+    from heal_report import write_report
+
+    write_report(layout, SIZE, PROMPTS, ADAPTER_SWEEP, FULL_LEARNING_RATE, chosen_adapter_rate(layout),
+                 validation_points, ROOT / "docs" / "results" / "smollm2")
 
 
 def main():

@@ -1,0 +1,142 @@
+"""The healing experiment's results page: cache fidelity, the learning-rate sweep, held-out metrics with bootstrap
+intervals, the validation curve against tokens trained, and the answers (used by heal.py's publish stage)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COMMAND = "python examples/smollm2/heal.py"
+
+
+def read_log(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def tokens_by_step(run: Path) -> dict[int, int]:
+    """Non-padding input tokens seen by the end of each logged step."""
+    return {entry["step"]: int(entry["num_input_tokens_seen"]) for entry in read_log(run)
+            if "num_input_tokens_seen" in entry}
+
+
+def curve(run: Path, validation_points) -> list[tuple[int, float]]:
+    """(tokens trained, validation perplexity) from the student before training to the end."""
+    seen = tokens_by_step(run)
+    points = []
+    for entry in validation_points(run):
+        perplexity = next(value for key, value in entry.items() if key.endswith("_perplexity"))
+        points.append((seen.get(entry.get("step", 0), 0), perplexity))
+    return points
+
+
+def fidelity_lines(layout) -> list[str]:
+    online, cached = (read_log(layout.run(f"fidelity-{kind}")) for kind in ("online", "cached"))
+    steps = [(a, b) for a, b in zip(online, cached, strict=False) if "kd_loss" in a and "kd_loss" in b]
+    lines = ["| step | KD online | KD from cache | relative difference | CE online | CE from cache |",
+             "|---|---|---|---|---|---|"]
+    for a, b in steps:
+        gap = abs(b["kd_loss"] - a["kd_loss"]) / max(abs(a["kd_loss"]), 1e-12)
+        lines.append(f"| {a['step']} | {a['kd_loss']:.4f} | {b['kd_loss']:.4f} | {gap:.2%} | {a['ce_loss']:.4f} "
+                     f"| {b['ce_loss']:.4f} |")
+    return lines
+
+
+def interval(metrics: dict, name: str, fmt: str) -> str:
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    text = format(metrics[name], fmt)
+    return f"{text} [{format(low, fmt)}, {format(high, fmt)}]" if low is not None else text
+
+
+def results_lines(layout, results: dict) -> list[str]:
+    lines = ["| model | wall time (s) | tokens trained | held-out PPL [95% CI] | top-1 agreement [95% CI] | "
+             "KL(teacher‖student) [95% CI] |", "|---|---|---|---|---|---|"]
+    for name, entry in results.items():
+        run = layout.run(name)
+        wall = (run / "wall_time_s.txt").read_text().strip() if (run / "wall_time_s.txt").is_file() else "—"
+        seen = tokens_by_step(run) if (run / "metrics.jsonl").is_file() else {}
+        tokens = f"{max(seen.values()):,}" if seen else "—"
+        metrics = entry["held_out"]
+        lines.append(f"| {name} | {wall} | {tokens} | {interval(metrics, 'perplexity', '.2f')} | "
+                     f"{interval(metrics, 'top1_agreement', '.3f')} | {interval(metrics, 'kl_to_teacher', '.3f')} |")
+    return lines
+
+
+def seed_summary(results: dict) -> list[str]:
+    """Mean and spread over seeds of each method's held-out perplexity."""
+    by_method: dict[str, list[float]] = {}
+    for name, entry in results.items():
+        if "-s" in name:
+            by_method.setdefault(name.rsplit("-s", 1)[0], []).append(entry["held_out"]["perplexity"])
+    lines = ["| method | seeds | mean held-out PPL | min | max |", "|---|---|---|---|---|"]
+    for method, values in by_method.items():
+        lines.append(f"| {method} | {len(values)} | {statistics.mean(values):.2f} | {min(values):.2f} | "
+                     f"{max(values):.2f} |")
+    return lines
+
+
+def plot_curves(layout, names: list[str], validation_points, path: Path, teacher_perplexity: float) -> None:
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        points = curve(layout.run(name), validation_points)
+        axes.plot([tokens for tokens, _ in points], [value for _, value in points], marker="o", label=name)
+    axes.axhline(teacher_perplexity, color="black", linestyle="--", label="teacher")
+    axes.axhline(3 * teacher_perplexity, color="grey", linestyle=":", label="3 × teacher")
+    axes.set_yscale("log")
+    axes.set_xlabel("input tokens trained (non-padding)")
+    axes.set_ylabel("validation perplexity (answer tokens)")
+    axes.set_title("Healing the greedy 20-of-30-layer SmolLM2 student")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def answer_lines(results: dict, prompts: list[str]) -> list[str]:
+    lines = []
+    for index, prompt in enumerate(prompts):
+        lines += ["", f"### {prompt}"]
+        for name, entry in results.items():
+            lines.append(f"- **{name}:** {' '.join(entry['answers'][index].split()) or '(empty)'}")
+    return lines
+
+
+def write_report(layout, size: dict, prompts, sweep_rates, full_rate, adapter_rate, validation_points,
+                 docs: Path) -> None:
+    results = json.loads(layout.results.read_text(encoding="utf-8"))
+    trained = [name for name in results if layout.run(name).is_dir()]
+    docs.mkdir(parents=True, exist_ok=True)
+    plot_curves(layout, trained, validation_points, docs / "heal-cpu-curve.png",
+                results["teacher"]["held_out"]["perplexity"])
+    sweep = [f"| {rate:g} | {curve(layout.run(f'sweep-neo-lr{rate:g}'), validation_points)[-1][1]:.2f} |"
+             for rate in sweep_rates]
+    lines = [
+        "# Healing the greedy 20-of-30-layer SmolLM2 student", "",
+        f"Command: `{COMMAND}` (all stages; each is resumable and skips finished runs). Teacher: SmolLM2-135M-Instruct "
+        "(the packaged GGUF, imported). Student: the teacher pruned greedily to 20 of 30 layers "
+        "(docs/results/smollm2/pruning-cpu.md). Data: ShareGPT conversations, prompts under "
+        f"{2 * size['max_length']} characters, split into {size['train']} training, {size['validation']} validation "
+        f"and {size['held_out']} held-out conversations (disjoint, none of them a pruning calibration row), "
+        f"max_length {size['max_length']}, batch {size['batch']}, one epoch for every method (the same rows and "
+        f"steps: an equal token budget), LoRA r = {size['rank']} (α_lora = {2 * size['rank']}) on every linear "
+        f"layer, α = 0.5, T = 1, warmup 10 steps then cosine. KD and Neo read one teacher cache (top-{size['top_k']} "
+        "log-probabilities in float16 plus one tail bucket for the rest of the vocabulary).", "",
+        "## The cached KD term tracks the online one",
+        f"Neo for {size['fidelity_steps']} steps from the same seed, once with the teacher online and once from the "
+        "cache:", "", *fidelity_lines(layout), "",
+        "## Learning rate, chosen on the validation rows",
+        f"Neo for {size['sweep_steps']} steps at each adapter learning rate (validation perplexity at the end); "
+        f"{adapter_rate:g} was taken for lora and neo. Full fine-tuning (sft, kd) uses {full_rate:g}, fixed up front.",
+        "", "| adapter learning rate | validation perplexity |", "|---|---|", *sweep, "",
+        "## Held-out results (bootstrap 95% intervals over the held-out conversations)", "",
+        *results_lines(layout, results), "", "Over seeds:", "", *seed_summary(results), "",
+        "## Validation perplexity against tokens trained", "", "![curve](heal-cpu-curve.png)", "",
+        "## Answers (greedy, 64 new tokens, through the chat template)", *answer_lines(results, prompts), ""]
+    (docs / "heal-cpu.md").write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(lines))
