@@ -70,33 +70,40 @@ def fine_tune_teacher(base: Path, work: Path, train: str, held_out: str, size: d
 def main():
     args, size, work = parse_arguments(__doc__.split("\n\n")[0], SIZES)
     base, student = prepare_models(work, size["keep"])
+    student = Path(args.student) if args.student else student
+    name = f"classify-{args.size}" + (f"-{student.name}" if args.student else "")
     rows = rotten_tomatoes(args.seed)
     held_out_rows, train_rows = rows[: size["held_out"]], rows[size["held_out"]:][: size["train"]]
     data = work / "rotten_tomatoes"
     train, held_out = write_jsonl(data / "train.jsonl", train_rows), write_jsonl(data / "held_out.jsonl", held_out_rows)
     teacher = fine_tune_teacher(base, work / f"classify-{args.size}", train, held_out, size, args.seed)
     teacher_scores = evaluate_target(EvalRequest(str(teacher), dataset=held_out, batch_size=32))["held_out"]
-    out = work / f"classify-{args.size}" / "compare"
+    out = work / name / "compare"
     flags = ["compare", "--recipe", "sst2", "--teacher_quantization", size["teacher_quantization"], "--output", str(out),
              "--methods", args.methods, "--adapter_learning_rate", "1e-3", "--full_learning_rate", "1e-4",
              "--teacher_model", str(teacher), "--student_model", str(student), "--dataset", train, "--eval_split",
              held_out, "--num_train_epochs", str(size["epochs"]), "--per_device_train_batch_size", str(size["batch"]),
              "--seed", str(args.seed), "--eval_batch_size", "32", *COMMON]
     assert cli.main(flags) == 0
-    publish(out, teacher_scores, args.size, len(train_rows), len(held_out_rows))
+    publish(out, teacher_scores, name, held_out_rows, len(train_rows))
 
 
-def publish(out: Path, teacher_scores: dict, size: str, train_rows: int, held_out_rows: int) -> None:
-    """Copy the comparison (table, CSV, chart) and the teacher's own held-out scores to docs/results/smollm2/."""
+def publish(out: Path, teacher_scores: dict, name: str, held_out_rows: list[dict], train_rows: int) -> None:
+    """Copy the comparison (table, CSV, chart) to docs/results/smollm2/ with the teacher's own held-out scores and
+    the majority-class baseline beside it."""
     docs = ROOT / "docs" / "results" / "smollm2"
     docs.mkdir(parents=True, exist_ok=True)
-    for name in ("compare.csv", "compare.png"):
-        shutil.copy2(out / name, docs / name.replace("compare", f"classify-{size}"))
-    report = (out / "report.md").read_text(encoding="utf-8").replace("(compare.png)", f"(classify-{size}.png)")
-    report += (f"\nTeacher (fine-tuned SmolLM2-135M classifier) on the same {held_out_rows} held-out snippets: "
-               + ", ".join(f"{key} {value:.4f}" for key, value in teacher_scores.items() if key != "texts")
-               + f". Training rows: {train_rows}.\n")
-    (docs / f"classify-{size}.md").write_text(report, encoding="utf-8")
+    for suffix in ("csv", "png"):
+        shutil.copy2(out / f"compare.{suffix}", docs / f"{name}.{suffix}")
+    report = (out / "report.md").read_text(encoding="utf-8").replace("(compare.png)", f"({name}.png)")
+    fresh = sum(row["label"] == "fresh" for row in held_out_rows) / len(held_out_rows)
+    report += "\n".join([
+        "", f"On the same {len(held_out_rows)} held-out snippets ({train_rows} training rows):", "",
+        "| Reference | Accuracy | F1 | Precision | Recall |", "|---|---|---|---|---|",
+        "| Teacher (fine-tuned SmolLM2-135M classifier) | " + " | ".join(
+            f"{teacher_scores[key]:.4f}" for key in ("accuracy", "f1", "precision", "recall")) + " |",
+        f"| Majority class (always fresh) | {fresh:.4f} | {2 * fresh / (1 + fresh):.4f} | {fresh:.4f} | 1.0000 |", ""])
+    (docs / f"{name}.md").write_text(report, encoding="utf-8")
     print(f"results copied to {docs}", file=sys.stderr)
 
 

@@ -78,6 +78,8 @@ def parse_arguments(description: str, sizes: dict):
     parser.add_argument("--work", default="runs/smollm2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="sft,lora,kd,neo")
+    parser.add_argument("--student", help="A student model directory to use instead of the evenly pruned one (e.g. "
+                                          "runs/smollm2/pruning/keep20-greedy); results are named after it.")
     args = parser.parse_args()
     return args, sizes[args.size], Path(args.work)
 
@@ -85,10 +87,12 @@ def parse_arguments(description: str, sizes: dict):
 def main():
     args, size, work = parse_arguments(__doc__.split("\n\n")[0], SIZES)
     teacher, student = prepare_models(work, size["keep"])
+    student = Path(args.student) if args.student else student
+    name = f"compare-{args.size}" + (f"-{student.name}" if args.student else "")
     rows = sharegpt_conversations(size["train"] + size["held_out"], args.seed)
     train = write_jsonl(work / "data" / "train.jsonl", rows[: size["train"]])
     held_out = write_jsonl(work / "data" / "held_out.jsonl", rows[size["train"]:])
-    out = work / f"compare-{args.size}"
+    out = work / name
     flags = ["compare", "--output", str(out), "--methods", args.methods, "--adapter_learning_rate", "1e-3",
              "--full_learning_rate", "1e-4", "--teacher_model", str(teacher), "--student_model", str(student),
              "--dataset", train, "--eval_split", held_out, "--skip_bad_rows", "true", "--max_length",
@@ -98,10 +102,10 @@ def main():
     assert cli.main(flags) == 0
     docs = ROOT / "docs" / "results" / "smollm2"
     docs.mkdir(parents=True, exist_ok=True)
-    for name in ("compare.csv", "compare.png"):
-        shutil.copy2(out / name, docs / name.replace("compare", f"compare-{args.size}"))
-    report = (out / "report.md").read_text(encoding="utf-8").replace("(compare.png)", f"(compare-{args.size}.png)")
-    (docs / f"compare-{args.size}.md").write_text(report, encoding="utf-8")
+    for file in ("compare.csv", "compare.png"):
+        shutil.copy2(out / file, docs / file.replace("compare", name))
+    report = (out / "report.md").read_text(encoding="utf-8").replace("(compare.png)", f"({name}.png)")
+    (docs / f"{name}.md").write_text(report, encoding="utf-8")
     print(f"results copied to {docs}")
 
 
