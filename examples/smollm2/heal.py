@@ -157,8 +157,7 @@ def train(layout: Layout, args) -> None:
         for method in args.methods:
             rate = adapter_rate if method in ("lora", "neo") else FULL_LEARNING_RATE
             distill(layout, f"{method}-s{seed}", method, rate, seed,
-                    ["--num_train_epochs", "1", "--eval_strategy", "steps", "--eval_steps", "47",
-                     "--include_num_input_tokens_seen", "non_padding"])
+                    ["--num_train_epochs", "1", "--eval_strategy", "steps", "--eval_steps", "47"])
 
 
 def evaluate(layout: Layout, args) -> None:

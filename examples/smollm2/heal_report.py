@@ -20,19 +20,12 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def tokens_by_step(run: Path) -> dict[int, int]:
-    """Non-padding input tokens seen by the end of each logged step."""
-    return {entry["step"]: int(entry["num_input_tokens_seen"]) for entry in read_log(run)
-            if "num_input_tokens_seen" in entry}
-
-
-def curve(run: Path, validation_points) -> list[tuple[int, float]]:
-    """(tokens trained, validation perplexity) from the student before training to the end."""
-    seen = tokens_by_step(run)
+def curve(run: Path, validation_points, batch: int) -> list[tuple[int, float]]:
+    """(conversations trained, validation perplexity) from the student before training to the end."""
     points = []
     for entry in validation_points(run):
         perplexity = next(value for key, value in entry.items() if key.endswith("_perplexity"))
-        points.append((seen.get(entry.get("step", 0), 0), perplexity))
+        points.append((entry.get("step", 0) * batch, perplexity))
     return points
 
 
@@ -45,7 +38,10 @@ def fidelity_lines(layout) -> list[str]:
         gap = abs(b["kd_loss"] - a["kd_loss"]) / max(abs(a["kd_loss"]), 1e-12)
         lines.append(f"| {a['step']} | {a['kd_loss']:.4f} | {b['kd_loss']:.4f} | {gap:.2%} | {a['ce_loss']:.4f} "
                      f"| {b['ce_loss']:.4f} |")
-    return lines
+    ends = [next(entry["eval_perplexity"] for entry in reversed(log) if "eval_perplexity" in entry)
+            for log in (online, cached)]
+    return lines + ["", f"Validation perplexity after the last step: {ends[0]:.2f} online, {ends[1]:.2f} from the "
+                        "cache."]
 
 
 def interval(metrics: dict, name: str, fmt: str) -> str:
@@ -55,13 +51,13 @@ def interval(metrics: dict, name: str, fmt: str) -> str:
 
 
 def results_lines(layout, results: dict) -> list[str]:
-    lines = ["| model | wall time (s) | tokens trained | held-out PPL [95% CI] | top-1 agreement [95% CI] | "
+    lines = ["| model | wall time (s) | optimizer steps | held-out PPL [95% CI] | top-1 agreement [95% CI] | "
              "KL(teacher‖student) [95% CI] |", "|---|---|---|---|---|---|"]
     for name, entry in results.items():
         run = layout.run(name)
         wall = (run / "wall_time_s.txt").read_text().strip() if (run / "wall_time_s.txt").is_file() else "—"
-        seen = tokens_by_step(run) if (run / "metrics.jsonl").is_file() else {}
-        tokens = f"{max(seen.values()):,}" if seen else "—"
+        steps = max((entry.get("step", 0) for entry in read_log(run)), default=0) if run.is_dir() else 0
+        tokens = str(steps) if steps else "—"
         metrics = entry["held_out"]
         lines.append(f"| {name} | {wall} | {tokens} | {interval(metrics, 'perplexity', '.2f')} | "
                      f"{interval(metrics, 'top1_agreement', '.3f')} | {interval(metrics, 'kl_to_teacher', '.3f')} |")
@@ -81,15 +77,13 @@ def seed_summary(results: dict) -> list[str]:
     return lines
 
 
-def plot_curves(layout, names: list[str], validation_points, path: Path, teacher_perplexity: float) -> None:
+def plot_curves(layout, names: list[str], validation_points, path: Path, batch: int) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for name in names:
-        points = curve(layout.run(name), validation_points)
+        points = curve(layout.run(name), validation_points, batch)
         axes.plot([tokens for tokens, _ in points], [value for _, value in points], marker="o", label=name)
-    axes.axhline(teacher_perplexity, color="black", linestyle="--", label="teacher")
-    axes.axhline(3 * teacher_perplexity, color="grey", linestyle=":", label="3 × teacher")
     axes.set_yscale("log")
-    axes.set_xlabel("input tokens trained (non-padding)")
+    axes.set_xlabel("training conversations seen")
     axes.set_ylabel("validation perplexity (answer tokens)")
     axes.set_title("Healing the greedy 20-of-30-layer SmolLM2 student")
     axes.legend(fontsize=8)
@@ -112,9 +106,8 @@ def write_report(layout, size: dict, prompts, sweep_rates, full_rate, adapter_ra
     results = json.loads(layout.results.read_text(encoding="utf-8"))
     trained = [name for name in results if layout.run(name).is_dir()]
     docs.mkdir(parents=True, exist_ok=True)
-    plot_curves(layout, trained, validation_points, docs / "heal-cpu-curve.png",
-                results["teacher"]["held_out"]["perplexity"])
-    sweep = [f"| {rate:g} | {curve(layout.run(f'sweep-neo-lr{rate:g}'), validation_points)[-1][1]:.2f} |"
+    plot_curves(layout, trained, validation_points, docs / "heal-cpu-curve.png", size["batch"])
+    sweep = [f"| {rate:g} | {curve(layout.run(f'sweep-neo-lr{rate:g}'), validation_points, 1)[-1][1]:.2f} |"
              for rate in sweep_rates]
     lines = [
         "# Healing the greedy 20-of-30-layer SmolLM2 student", "",
@@ -136,7 +129,7 @@ def write_report(layout, size: dict, prompts, sweep_rates, full_rate, adapter_ra
         "", "| adapter learning rate | validation perplexity |", "|---|---|", *sweep, "",
         "## Held-out results (bootstrap 95% intervals over the held-out conversations)", "",
         *results_lines(layout, results), "", "Over seeds:", "", *seed_summary(results), "",
-        "## Validation perplexity against tokens trained", "", "![curve](heal-cpu-curve.png)", "",
+        "## Validation perplexity against conversations trained", "", "![curve](heal-cpu-curve.png)", "",
         "## Answers (greedy, 64 new tokens, through the chat template)", *answer_lines(results, prompts), ""]
     (docs / "heal-cpu.md").write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
