@@ -53,6 +53,7 @@ class Layout:
         self.data = {split: self.root / "data" / f"{split}.jsonl" for split in ("train", "validation", "held_out")}
         self.cache = self.root / "teacher-cache"
         self.results = self.root / "results.json"
+        self.teacher_validation = self.root / "teacher-validation.json"
 
     def run(self, name: str) -> Path:
         return self.root / "runs" / name
@@ -163,6 +164,11 @@ def train(layout: Layout, args) -> None:
 def evaluate(layout: Layout, args) -> None:
     """Held-out metrics with bootstrap intervals and the five answers, for the teacher, the pruned student and every
     finished training run (kept in results.json; a model already there is not measured again)."""
+    if not layout.teacher_validation.is_file():  # the level the validation curves head for
+        request = EvalRequest(target=str(layout.teacher), dataset=str(layout.data["validation"]),
+                              max_length=SIZE["max_length"], bootstrap=0)
+        metrics = evaluate_target(request, write=False)["held_out"]
+        layout.teacher_validation.write_text(json.dumps(metrics) + "\n", encoding="utf-8")
     results = json.loads(layout.results.read_text()) if layout.results.is_file() else {}
     targets = {"teacher": layout.teacher, "student before": layout.student}
     targets.update({f"{method}-s{seed}": layout.run(f"{method}-s{seed}") for seed in args.seeds

@@ -82,6 +82,9 @@ def plot_curves(layout, names: list[str], validation_points, path: Path, batch: 
     for name in names:
         points = curve(layout.run(name), validation_points, batch)
         axes.plot([tokens for tokens, _ in points], [value for _, value in points], marker="o", label=name)
+    teacher = json.loads(layout.teacher_validation.read_text())["perplexity"]
+    axes.axhline(teacher, color="black", linestyle="--", label="teacher")
+    axes.axhline(3 * teacher, color="grey", linestyle=":", label="3 × teacher")
     axes.set_yscale("log")
     axes.set_xlabel("training conversations seen")
     axes.set_ylabel("validation perplexity (answer tokens)")
