@@ -93,3 +93,26 @@ def test_eval_measures_like_for_like_with_max_length_and_max_samples(models_dir,
     rows = build_datasets(data, tokenizer, config.training.seed)[1].select(range(3))
     assert cut["answer_tokens"] == sum(count_answer_tokens(labels) for labels in rows["labels"])
     assert cut["answer_tokens"] < whole["answer_tokens"]
+
+
+@pytest.mark.e2e
+def test_eval_skips_held_out_rows_without_answer_tokens_only_when_asked(models_dir, tmp_path, capsys):
+    import json
+
+    from conftest import write_jsonl
+    from llmneo.demo.tiny import corpus_rows
+
+    long_prompt = {"conversations": [{"from": "human", "value": "tell me more " * 40},
+                                     {"from": "gpt", "value": "No."}]}
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [*corpus_rows()[:3], long_prompt])
+    flags = ["eval", models_dir["student"], "--dataset", held_out, "--max_length", "64", "--bootstrap", "0"]
+    assert cli.main(flags) == 1
+    error = capsys.readouterr().err
+    assert "row 4, field 'conversations': no answer tokens left" in error, [line for line in error.splitlines() if "no answer" in line]
+    assert cli.main([*flags, "--skip_bad_rows"]) == 0
+    printed = capsys.readouterr().out
+    kept = json.loads(printed[printed.index("{\n"):])["held_out"]
+    assert cli.main(["eval", models_dir["student"], "--dataset", write_jsonl(tmp_path / "three.jsonl", corpus_rows()[:3]),
+                     "--max_length", "64", "--bootstrap", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert kept == json.loads(printed[printed.index("{\n"):])["held_out"]

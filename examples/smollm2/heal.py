@@ -166,7 +166,8 @@ def evaluate(layout: Layout, args) -> None:
     finished training run (kept in results.json; a model already there is not measured again)."""
     if not layout.teacher_validation.is_file():  # the level the validation curves head for
         request = EvalRequest(target=str(layout.teacher), dataset=str(layout.data["validation"]),
-                              max_length=SIZE["max_length"], bootstrap=0)
+                              max_length=SIZE["max_length"], bootstrap=0,
+                              skip_bad_rows=True)
         metrics = evaluate_target(request, write=False)["held_out"]
         layout.teacher_validation.write_text(json.dumps(metrics) + "\n", encoding="utf-8")
     results = json.loads(layout.results.read_text()) if layout.results.is_file() else {}
@@ -177,7 +178,8 @@ def evaluate(layout: Layout, args) -> None:
         if name in results:
             continue
         request = EvalRequest(target=str(target), dataset=str(layout.data["held_out"]),
-                              teacher_model=str(layout.teacher), max_length=SIZE["max_length"], bootstrap=1000)
+                              teacher_model=str(layout.teacher), max_length=SIZE["max_length"], bootstrap=1000,
+                              skip_bad_rows=True)
         metrics = evaluate_target(request, write=False)["held_out"]
         model, tokenizer = load_for_generation(str(target))
         results[name] = {"held_out": metrics, "answers": answer_prompts(model, tokenizer, PROMPTS, max_new_tokens=64)}

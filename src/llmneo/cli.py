@@ -96,6 +96,8 @@ def cmd_eval(argv: list[str]) -> int:
     parser.add_argument("--max_length", type=int, help="Truncate held-out rows to this many tokens (default: the "
                                                         "run's max_length, else 512), to compare like for like.")
     parser.add_argument("--max_samples", type=int, help="Evaluate only the first this many held-out rows.")
+    parser.add_argument("--skip_bad_rows", action="store_true", help="Skip (and count) --dataset rows that cannot "
+                        "be used, e.g. with no answer tokens left after truncation, instead of stopping.")
     parser.add_argument("--bootstrap", type=int, default=1000, help="Resamples of the held-out rows for the 95%% "
                         "intervals of perplexity, agreement and KL (0: no intervals).")
     _add_eval_options(parser)
@@ -104,6 +106,7 @@ def cmd_eval(argv: list[str]) -> int:
         parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
     request = EvalRequest(target=args.target, dataset=args.dataset, teacher_model=args.teacher_model,
                           max_length=args.max_length, max_samples=args.max_samples, bootstrap=args.bootstrap,
+                          skip_bad_rows=args.skip_bad_rows,
                           **_eval_options(args))
     print(json.dumps(evaluate_target(request), indent=2))
     return 0

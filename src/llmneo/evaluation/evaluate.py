@@ -38,6 +38,7 @@ class EvalRequest:
     max_samples: int | None = None  # evaluate only the first this many held-out rows
     num_fewshot: int | None = None  # lm-eval: few-shot examples
     batch_size: int = 8
+    skip_bad_rows: bool = False  # skip (and count) --dataset rows that cannot be used, as `distill` does
     bootstrap: int = 1000  # resamples of the held-out rows for 95% intervals (0: none); language models only
 
 
@@ -73,7 +74,7 @@ def _all_held_out_rows(request: EvalRequest, tokenizer, config: dict | None):
     max_length = request.max_length or data.get("max_length", 512)
     if request.dataset is not None:
         data_args = DataArguments(dataset=request.dataset, max_length=max_length, task=_task(config),
-                                  class_names=data.get("class_names"))
+                                  class_names=data.get("class_names"), skip_bad_rows=request.skip_bad_rows)
         return build_dataset(data_args, tokenizer, seed=0)[0]
     if "training" not in (config or {}):
         return None
