@@ -131,7 +131,11 @@ def write_report(layout, size: dict, prompts, sweep_rates, full_rate, adapter_ra
         f"{adapter_rate:g} was taken for lora and neo. Full fine-tuning (sft, kd) uses {full_rate:g}, fixed up front.",
         "", "| adapter learning rate | validation perplexity |", "|---|---|", *sweep, "",
         "## Held-out results (bootstrap 95% intervals over the held-out conversations)", "",
-        *results_lines(layout, results), "", "Over seeds:", "", *seed_summary(results), "",
+        *results_lines(layout, results), "",
+        "Wall time covers the whole run: loading, the before and after evaluations, the answers and training. A run "
+        "that shared the 2 cores with a held-out evaluation (lora-s0 and neo-s1 here) took longer than one that ran "
+        "alone (neo-s0), so compare costs only between runs that had the machine to themselves.", "",
+        "Over seeds:", "", *seed_summary(results), "",
         "## Validation perplexity against conversations trained", "", "![curve](heal-cpu-curve.png)", "",
         "## Answers (greedy, 64 new tokens, through the chat template)", *answer_lines(results, prompts), ""]
     (docs / "heal-cpu.md").write_text("\n".join(lines), encoding="utf-8")

@@ -30,5 +30,5 @@ def bootstrap_intervals(row_sums: dict[str, np.ndarray], row_tokens: np.ndarray,
         low, high = np.percentile(means, [tail, 100 - tail])
         if name == "nll":
             low, high = math.exp(low), math.exp(high)
-        intervals[f"{METRIC_OF_SUM[name]}_ci_low"], intervals[f"{METRIC_OF_SUM[name]}_ci_high"] = low, high
+        intervals[f"{METRIC_OF_SUM[name]}_ci_low"], intervals[f"{METRIC_OF_SUM[name]}_ci_high"] = float(low), float(high)
     return intervals
