@@ -34,6 +34,8 @@ from run import ROOT, sharegpt_conversations, write_jsonl
 from llmneo import cli
 from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
 from llmneo.generation import answer_prompts, load_for_generation
+from llmneo.report import read_metrics
+from llmneo.runtime.run_dir import run_status
 
 SIZE = {"keep": 20, "train": 1500, "validation": 60, "held_out": 100, "max_length": 256, "batch": 8, "rank": 32,
         "top_k": 64, "sweep_steps": 25, "fidelity_steps": 12}
@@ -117,7 +119,7 @@ def distill(layout: Layout, name: str, method: str, learning_rate: float, seed: 
 
 
 def finished(out: Path) -> bool:
-    return (out / "run.json").is_file() and bool(json.loads((out / "run.json").read_text()).get("finished"))
+    return out.is_dir() and run_status(out)[0] == "finished"
 
 
 def fidelity(layout: Layout, args) -> None:
@@ -145,9 +147,7 @@ def chosen_adapter_rate(layout: Layout) -> float:
 
 def validation_points(out: Path) -> list[dict]:
     """The run's evaluations on the validation rows, in order (the first is the student before training)."""
-    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
-    return [record for record in records if any(key.endswith("_perplexity") for key in record)]
+    return [record for record in read_metrics(out / "metrics.jsonl") if any(key.endswith("_perplexity") for key in record)]
 
 
 def final_metrics(out: Path) -> dict:

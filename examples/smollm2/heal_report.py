@@ -12,12 +12,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from llmneo.report import read_metrics  # noqa: E402
+
 COMMAND = "python examples/smollm2/heal.py"
 
 
 def read_log(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_metrics(run / "metrics.jsonl")
 
 
 def curve(run: Path, validation_points, batch: int) -> list[tuple[int, float]]:

@@ -38,11 +38,11 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_siz
         _add_batch(sums, student, teacher, {k: v.to(device) for k, v in batch.items()}, number * batch_size,
                    chunk_size, kd_vocab_size)
     student.train(was_training)
-    tokens = int(sums["tokens"].sum().item())
     totals = {name: values.sum().item() for name, values in sums.items()}
-    metrics = {"perplexity": math.exp(totals["nll"] / max(tokens, 1)), "answer_tokens": tokens}
+    tokens = max(totals["tokens"], 1)
+    metrics = {"perplexity": math.exp(totals["nll"] / tokens), "answer_tokens": int(totals["tokens"])}
     if teacher is not None:
-        metrics.update(top1_agreement=totals["agree"] / max(tokens, 1), kl_to_teacher=totals["kl"] / max(tokens, 1))
+        metrics.update(top1_agreement=totals["agree"] / tokens, kl_to_teacher=totals["kl"] / tokens)
     summed = ("nll", "agree", "kl") if teacher is not None else ("nll",)
     metrics.update(bootstrap_intervals({name: sums[name].numpy() for name in summed}, sums["tokens"].numpy(),
                                        resamples=bootstrap))
