@@ -39,12 +39,16 @@ def train_tokens_per_second(student, dataset, collator, preset, steps, out, **te
     return steps * preset["batch"] * preset["seq"] / seconds
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="llama" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--top_k", type=int, default=64)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     preset = PRESETS[args.preset]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = args.steps * preset["batch"]

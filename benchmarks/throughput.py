@@ -130,16 +130,25 @@ def available(options, device) -> str | None:
     return None
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="llama" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", help="micro-batch x sequence length, comma-separated (default: the preset's)")
     parser.add_argument("--steps", type=int, default=4)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
+    try:
+        args.shapes = [tuple(map(int, shape.split("x"))) for shape in
+                       (args.shapes or f"{preset['batch']}x{preset['seq']}").split(",")]
+    except ValueError:
+        parser.error(f"--shapes takes BATCHxSEQ[,BATCHxSEQ...], got {args.shapes}")
+    return args
+
+
+def main():
+    args = parse_args()
+    preset, shapes = PRESETS[args.preset], args.shapes
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = [tuple(map(int, shape.split("x"))) for shape in (args.shapes or f"{preset['batch']}x{preset['seq']}"
-                                                               ).split(",")]
     teacher = build_llama(preset["vocab"], preset["teacher"], preset["dtype"], seed=1).eval().requires_grad_(False)
     teacher = teacher.to(device)
     print(f"preset {args.preset} on {device}: teacher {preset['teacher']}, student {preset['student']} "
