@@ -284,7 +284,7 @@ def recipe(work: Workspace) -> list[Step]:
             Step("recipe", "--recipe sst2 with its 4-bit teacher", modules=("bitsandbytes",),
                  argv=[*LLMNEO, "distill", "--recipe", "sst2",
                        *distill_flags(work, "recipe-sst2", teacher_model=str(teacher_run / "model"), max_steps=12,
-                                      learning_rate=5e-3, **classes)],
+                                      learning_rate=5e-3, lora_r=4, **classes)],  # the recipe's r
                  judge=lambda _: fidelity(work.run("recipe-sst2")) | {"steps": 12})]
 
 

@@ -39,8 +39,9 @@ from llmneo.runtime.run_dir import run_status
 
 SIZE = {"keep": 20, "train": 1500, "validation": 60, "held_out": 100, "max_length": 256, "batch": 8, "rank": 32,
         "top_k": 64, "sweep_steps": 25, "fidelity_steps": 12}
-ADAPTER_SWEEP = (3e-4, 1e-3, 3e-3)  # chosen on the validation rows by the sweep stage
-FULL_LEARNING_RATE = 1e-4  # full fine-tuning (sft, kd): fixed up front, not swept (see the results page)
+SWEEPS = {"neo": (3e-4, 1e-3, 3e-3),  # adapter rates (lora, neo), chosen on the validation rows by the sweep stage
+          "kd": (3e-5, 1e-4, 3e-4)}  # full fine-tuning rates (sft, kd), chosen the same way
+SWEPT_FOR = {"lora": "neo", "neo": "neo", "sft": "kd", "kd": "kd"}  # the sweep whose winner each method trains at
 STAGES = ("prepare", "cache", "fidelity", "sweep", "train", "evaluate", "publish")
 PROMPTS = ["What is the capital of France?", "Give me three tips for staying healthy.",
            "Write a haiku about the sea.", "Explain what a list comprehension is in Python.",
@@ -130,19 +131,24 @@ def fidelity(layout: Layout, args) -> None:
 
 
 def sweep(layout: Layout, args) -> None:
-    """Neo at each adapter learning rate for a few steps, scored on the validation rows (never the held-out ones)."""
-    for rate in ADAPTER_SWEEP:
-        distill(layout, f"sweep-neo-lr{rate:g}", "neo", rate, 0,
-                ["--max_steps", str(SIZE["sweep_steps"]), "--eval_strategy", "no"])
+    """Neo at each adapter learning rate and kd at each full fine-tuning rate, for a few steps each, scored on the
+    validation rows (never the held-out ones)."""
+    for method, rates in SWEEPS.items():
+        for rate in rates:
+            distill(layout, f"sweep-{method}-lr{rate:g}", method, rate, 0,
+                    ["--max_steps", str(SIZE["sweep_steps"]), "--eval_strategy", "no"])
 
 
-def chosen_adapter_rate(layout: Layout) -> float:
-    """The swept rate with the lowest validation perplexity at the end of its run."""
-    scores = {rate: final_metrics(layout.run(f"sweep-neo-lr{rate:g}"))["perplexity"] for rate in ADAPTER_SWEEP
-              if finished(layout.run(f"sweep-neo-lr{rate:g}"))}
-    if not scores:
-        raise SystemExit("run the sweep stage first")
-    return min(scores, key=scores.get)
+def chosen_rates(layout: Layout) -> dict[str, float]:
+    """Per swept method, the rate with the lowest validation perplexity at the end of its sweep run."""
+    chosen = {}
+    for method, rates in SWEEPS.items():
+        runs = {rate: layout.run(f"sweep-{method}-lr{rate:g}") for rate in rates}
+        scores = {rate: final_metrics(run)["perplexity"] for rate, run in runs.items() if finished(run)}
+        if len(scores) < len(rates):
+            raise SystemExit(f"run the sweep stage first ({method}: {len(scores)} of {len(rates)} rates finished)")
+        chosen[method] = min(scores, key=scores.get)
+    return chosen
 
 
 def validation_points(out: Path) -> list[dict]:
@@ -157,11 +163,10 @@ def final_metrics(out: Path) -> dict:
 
 def train(layout: Layout, args) -> None:
     """Every method and seed for one epoch over the training rows (the same token budget), with a validation curve."""
-    adapter_rate = chosen_adapter_rate(layout)
+    rates = chosen_rates(layout)
     for seed in args.seeds:
         for method in args.methods:
-            rate = adapter_rate if method in ("lora", "neo") else FULL_LEARNING_RATE
-            distill(layout, f"{method}-s{seed}", method, rate, seed,
+            distill(layout, f"{method}-s{seed}", method, rates[SWEPT_FOR[method]], seed,
                     ["--num_train_epochs", "1", "--eval_strategy", "steps", "--eval_steps", "47"])
 
 
@@ -195,8 +200,7 @@ def publish(layout: Layout, args) -> None:
     """docs/results/smollm2/heal-cpu.md and its validation curve, from the runs and results.json."""
     from heal_report import write_report
 
-    write_report(layout, SIZE, PROMPTS, ADAPTER_SWEEP, FULL_LEARNING_RATE, chosen_adapter_rate(layout),
-                 validation_points, ROOT / "docs" / "results" / "smollm2")
+    write_report(layout, SIZE, PROMPTS, SWEEPS, chosen_rates(layout), validation_points, ROOT / "docs" / "results" / "smollm2")
 
 
 def main():

@@ -105,14 +105,22 @@ def answer_lines(results: dict, prompts: list[str]) -> list[str]:
     return lines
 
 
-def write_report(layout, size: dict, prompts, sweep_rates, full_rate, adapter_rate, validation_points,
-                 docs: Path) -> None:
+def sweep_lines(layout, sweeps: dict, chosen: dict, validation_points) -> list[str]:
+    """One row per swept rate: the method it was swept with, the rate, and the validation perplexity at the end."""
+    rows = ["| swept with | learning rate | validation perplexity |", "|---|---|---|"]
+    for method, rates in sweeps.items():
+        for rate in rates:
+            final = curve(layout.run(f"sweep-{method}-lr{rate:g}"), validation_points, 1)[-1][1]
+            mark = " (chosen)" if rate == chosen[method] else ""
+            rows.append(f"| {method} | {rate:g}{mark} | {final:.2f} |")
+    return rows
+
+
+def write_report(layout, size: dict, prompts, sweeps: dict, chosen: dict, validation_points, docs: Path) -> None:
     results = json.loads(layout.results.read_text(encoding="utf-8"))
     trained = [name for name in results if layout.run(name).is_dir()]
     docs.mkdir(parents=True, exist_ok=True)
     plot_curves(layout, trained, validation_points, docs / "heal-cpu-curve.png", size["batch"])
-    sweep = [f"| {rate:g} | {curve(layout.run(f'sweep-neo-lr{rate:g}'), validation_points, 1)[-1][1]:.2f} |"
-             for rate in sweep_rates]
     lines = [
         "# Healing the greedy 20-of-30-layer SmolLM2 student", "",
         f"Command: `{COMMAND}` (all stages; each is resumable and skips finished runs). Teacher: SmolLM2-135M-Instruct "
@@ -128,9 +136,10 @@ def write_report(layout, size: dict, prompts, sweep_rates, full_rate, adapter_ra
         f"Neo for {size['fidelity_steps']} steps from the same seed, once with the teacher online and once from the "
         "cache:", "", *fidelity_lines(layout), "",
         "## Learning rate, chosen on the validation rows",
-        f"Neo for {size['sweep_steps']} steps at each adapter learning rate (validation perplexity at the end); "
-        f"{adapter_rate:g} was taken for lora and neo. Full fine-tuning (sft, kd) uses {full_rate:g}, fixed up front.",
-        "", "| adapter learning rate | validation perplexity |", "|---|---|", *sweep, "",
+        f"{size['sweep_steps']} steps at each rate from the same seed, scored by validation perplexity at the end: "
+        f"neo for the adapter rates ({chosen['neo']:g} was taken for lora and neo), kd for the full fine-tuning "
+        f"rates ({chosen['kd']:g} was taken for sft and kd).", "", *sweep_lines(layout, sweeps, chosen,
+                                                                                 validation_points), "",
         "## Held-out results (bootstrap 95% intervals over the held-out conversations)", "",
         *results_lines(layout, results), "",
         "Wall time covers the whole run: loading, the before and after evaluations, the answers and training. A run "
