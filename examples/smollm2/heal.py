@@ -35,14 +35,16 @@ from llmneo import cli
 from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
 from llmneo.generation import answer_prompts, load_for_generation
 from llmneo.report import read_metrics
+from llmneo.runtime.memory import PeakMemory
 from llmneo.runtime.run_dir import run_status
 
 SIZE = {"keep": 20, "train": 1500, "validation": 60, "held_out": 100, "max_length": 256, "batch": 8, "rank": 32,
-        "top_k": 64, "sweep_steps": 25, "fidelity_steps": 12}
+        "top_k": 64, "sweep_steps": 25, "fidelity_steps": 12,
+        "memory_steps": 4}
 SWEEPS = {"neo": (3e-4, 1e-3, 3e-3),  # adapter rates (lora, neo), chosen on the validation rows by the sweep stage
           "kd": (3e-5, 1e-4, 3e-4)}  # full fine-tuning rates (sft, kd), chosen the same way
 SWEPT_FOR = {"lora": "neo", "neo": "neo", "sft": "kd", "kd": "kd"}  # the sweep whose winner each method trains at
-STAGES = ("prepare", "cache", "fidelity", "sweep", "train", "evaluate", "publish")
+STAGES = ("prepare", "cache", "fidelity", "sweep", "train", "memory", "evaluate", "publish")
 PROMPTS = ["What is the capital of France?", "Give me three tips for staying healthy.",
            "Write a haiku about the sea.", "Explain what a list comprehension is in Python.",
            "How do I politely decline a meeting invitation?"]
@@ -61,6 +63,7 @@ class Layout:
         self.cache = self.root / "teacher-cache"
         self.results = self.root / "results.json"
         self.teacher_validation = self.root / "teacher-validation.json"
+        self.memory = self.root / "memory.json"
 
     def run(self, name: str) -> Path:
         return self.root / "runs" / name
@@ -168,6 +171,22 @@ def train(layout: Layout, args) -> None:
         for method in args.methods:
             distill(layout, f"{method}-s{seed}", method, rates[SWEPT_FOR[method]], seed,
                     ["--num_train_epochs", "1", "--eval_strategy", "steps", "--eval_steps", "47"])
+
+
+def memory(layout: Layout, args) -> None:
+    """Peak memory of each method's training: a few steps with the run's settings, each measured on its own (the
+    process's peak RSS, reset before each; training runs share a process with other work, so they are not used)."""
+    peaks = json.loads(layout.memory.read_text()) if layout.memory.is_file() else {}
+    rates = chosen_rates(layout)
+    for method in args.methods:
+        if method in peaks:
+            continue
+        with PeakMemory(cuda=False) as peak:
+            distill(layout, f"memory-{method}", method, rates[SWEPT_FOR[method]], 0,
+                    ["--max_steps", str(SIZE["memory_steps"]), "--eval_strategy", "no"])
+        peaks[method] = round(peak.peak_bytes / 2**30, 2)
+        layout.memory.write_text(json.dumps(peaks, indent=1) + "\n", encoding="utf-8")
+        print(f"{method}: peak RSS {peaks[method]} GiB", flush=True)
 
 
 def evaluate(layout: Layout, args) -> None:

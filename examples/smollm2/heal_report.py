@@ -52,15 +52,17 @@ def interval(metrics: dict, name: str, fmt: str) -> str:
 
 
 def results_lines(layout, results: dict) -> list[str]:
-    lines = ["| model | wall time (s) | optimizer steps | held-out PPL [95% CI] | top-1 agreement [95% CI] | "
-             "KL(teacher‖student) [95% CI] |", "|---|---|---|---|---|---|"]
+    peaks = json.loads(layout.memory.read_text()) if layout.memory.is_file() else {}
+    lines = ["| model | wall time (s) | peak RSS (GiB) | optimizer steps | held-out PPL [95% CI] | "
+             "top-1 agreement [95% CI] | KL(teacher‖student) [95% CI] |", "|---|---|---|---|---|---|---|"]
     for name, entry in results.items():
         run = layout.run(name)
         wall = (run / "wall_time_s.txt").read_text().strip() if (run / "wall_time_s.txt").is_file() else "—"
+        peak = peaks.get(name.rsplit("-s", 1)[0], "—") if run.is_dir() else "—"
         steps = max((entry.get("step", 0) for entry in read_log(run)), default=0) if run.is_dir() else 0
         tokens = str(steps) if steps else "—"
         metrics = entry["held_out"]
-        lines.append(f"| {name} | {wall} | {tokens} | {interval(metrics, 'perplexity', '.2f')} | "
+        lines.append(f"| {name} | {wall} | {peak} | {tokens} | {interval(metrics, 'perplexity', '.2f')} | "
                      f"{interval(metrics, 'top1_agreement', '.3f')} | {interval(metrics, 'kl_to_teacher', '.3f')} |")
     return lines
 
@@ -143,8 +145,10 @@ def write_report(layout, size: dict, prompts, sweeps: dict, chosen: dict, valida
         "## Held-out results (bootstrap 95% intervals over the held-out conversations)", "",
         *results_lines(layout, results), "",
         "Wall time covers the whole run: loading, the before and after evaluations, the answers and training. A run "
-        "that shared the 2 cores with a held-out evaluation (lora-s0 and neo-s1 here) took longer than one that ran "
-        "alone (neo-s0), so compare costs only between runs that had the machine to themselves.", "",
+        "that shared the 2 cores with other work (a held-out evaluation for lora-s0 and neo-s1, a CI run for part of "
+        "kd-s0) took longer than one that ran alone, so compare costs only between runs that had the machine to "
+        "themselves. Peak RSS is measured apart: a few steps of each method with the same settings, each measured on "
+        "its own (the `memory` stage).", "",
         "Over seeds:", "", *seed_summary(results), "",
         "## Validation perplexity against conversations trained", "", "![curve](heal-cpu-curve.png)", "",
         "## Answers (greedy, 64 new tokens, through the chat template)", *answer_lines(results, prompts), ""]
