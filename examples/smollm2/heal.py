@@ -109,14 +109,19 @@ def cache(layout: Layout, args) -> None:
 
 
 def distill(layout: Layout, name: str, method: str, learning_rate: float, seed: int, extra: list[str],
-            cached: bool = True) -> Path:
-    """One run (skipped when it already finished); kd and neo read the teacher cache unless ``cached`` is off."""
+            cached: bool = True, validation: bool = True) -> Path:
+    """One run (skipped when it already finished); kd and neo read the teacher cache unless ``cached`` is off;
+    ``validation`` off drops the validation rows (no evaluation at all)."""
     out = layout.run(name)
     if finished(out):
         return out
     teacher = ["--teacher_cache", str(layout.cache)] if cached and method in ("kd", "neo") else []
+    flags = common_flags(layout, seed)
+    if not validation:
+        at = flags.index("--eval_split")
+        flags = flags[:at] + flags[at + 2:]
     started = time.time()
-    assert cli.main(["distill", "--method", method, "--learning_rate", str(learning_rate), *common_flags(layout, seed),
+    assert cli.main(["distill", "--method", method, "--learning_rate", str(learning_rate), *flags,
                      *teacher, *extra, "--output_dir", str(out)]) == 0
     (out / "wall_time_s.txt").write_text(f"{time.time() - started:.1f}\n")
     return out
@@ -174,8 +179,9 @@ def train(layout: Layout, args) -> None:
 
 
 def memory(layout: Layout, args) -> None:
-    """Peak memory of each method's training: a few steps with the run's settings, each measured on its own (the
-    process's peak RSS, reset before each; training runs share a process with other work, so they are not used)."""
+    """Peak memory of each method's training: a few steps with the run's settings and no evaluation, each measured
+    on its own (the process's peak RSS, reset before each: loading and training; the training runs share a process
+    with other work and evaluate, so they are not used)."""
     peaks = json.loads(layout.memory.read_text()) if layout.memory.is_file() else {}
     rates = chosen_rates(layout)
     for method in args.methods:
@@ -183,7 +189,7 @@ def memory(layout: Layout, args) -> None:
             continue
         with PeakMemory(cuda=False) as peak:
             distill(layout, f"memory-{method}", method, rates[SWEPT_FOR[method]], 0,
-                    ["--max_steps", str(SIZE["memory_steps"]), "--eval_strategy", "no"])
+                    ["--max_steps", str(SIZE["memory_steps"])], validation=False)
         peaks[method] = round(peak.peak_bytes / 2**30, 2)
         layout.memory.write_text(json.dumps(peaks, indent=1) + "\n", encoding="utf-8")
         print(f"{method}: peak RSS {peaks[method]} GiB", flush=True)

@@ -62,8 +62,10 @@ def results_lines(layout, results: dict) -> list[str]:
         steps = max((entry.get("step", 0) for entry in read_log(run)), default=0) if run.is_dir() else 0
         tokens = str(steps) if steps else "—"
         metrics = entry["held_out"]
+        against_teacher = ("—", "—") if name == "teacher" else (interval(metrics, "top1_agreement", ".3f"),
+                                                                interval(metrics, "kl_to_teacher", ".3f"))
         lines.append(f"| {name} | {wall} | {peak} | {tokens} | {interval(metrics, 'perplexity', '.2f')} | "
-                     f"{interval(metrics, 'top1_agreement', '.3f')} | {interval(metrics, 'kl_to_teacher', '.3f')} |")
+                     f"{against_teacher[0]} | {against_teacher[1]} |")
     return lines
 
 
