@@ -198,7 +198,7 @@ def environment() -> dict:
         raise CheckFailed("CUDA is not available")
     figures = {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
                "memory GiB": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
-    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "triton", "bitsandbytes", "deepspeed",
+    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "pyarrow", "triton", "bitsandbytes", "deepspeed",
                  "liger-kernel"):
         try:
             figures[name] = importlib.metadata.version(name)
