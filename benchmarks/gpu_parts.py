@@ -118,17 +118,24 @@ def benchmark(script: str, *args: str) -> list[str]:
 
 
 def metrics_lines(run_dir: Path) -> list[dict]:
+    from llmneo.report import read_metrics
+
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise CheckFailed(f"{path} was not written")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)
+
+
+def run_finished(run_dir: Path) -> bool:
+    from llmneo.runtime.run_dir import run_status
+
+    return run_dir.is_dir() and run_status(run_dir)[0] == "finished"
 
 
 def finished_run(run_dir: Path, expected_steps: int = 5) -> dict:
     """A run that finished its steps with finite losses: its last losses and step count."""
-    state = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    if state.get("status") != "finished":
-        raise CheckFailed(f"{run_dir.name}: run.json says {state.get('status', 'nothing')}, not finished")
+    if not run_finished(run_dir):
+        raise CheckFailed(f"{run_dir.name}: the run did not finish")
     steps = [line for line in metrics_lines(run_dir) if "loss" in line]
     bad = [line["step"] for line in steps if not math.isfinite(line["loss"])]
     if bad or len(steps) != expected_steps:
@@ -291,7 +298,7 @@ def recipe(work: Workspace) -> list[Step]:
 def plain_run(work: Workspace, part: str) -> list[Step]:
     """The single-GPU reference of the engine checks (fp32), unless an earlier part of this call made it."""
     plain = work.run("plain")
-    if (plain / "run.json").is_file() and json.loads((plain / "run.json").read_text()).get("status") == "finished":
+    if run_finished(plain):
         return []
     return [Step(part, "plain single-GPU neo run (fp32, the reference)", argv=[*LLMNEO, "distill",
                                                                                *distill_flags(work, "plain")],

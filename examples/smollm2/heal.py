@@ -93,10 +93,10 @@ def prepare(layout: Layout, args) -> None:
     write_jsonl(layout.data["train"], pool[validation:validation + SIZE["train"]])
 
 
-def common_flags(layout: Layout, seed: int) -> list[str]:
+def common_flags(layout: Layout, seed: int, validation: bool = True) -> list[str]:
+    evaluation = ["--eval_split", str(layout.data["validation"])] if validation else []
     return ["--teacher_model", str(layout.teacher), "--student_model", str(layout.student),
-            "--dataset", str(layout.data["train"]), "--eval_split", str(layout.data["validation"]),
-            "--skip_bad_rows", "true", "--max_length", str(SIZE["max_length"]),
+            "--dataset", str(layout.data["train"]), *evaluation, "--skip_bad_rows", "true", "--max_length", str(SIZE["max_length"]),
             "--per_device_train_batch_size", str(SIZE["batch"]), "--per_device_eval_batch_size", "8",
             "--lora_r", str(SIZE["rank"]), "--lora_alpha", str(2 * SIZE["rank"]), "--warmup_steps", "10",
             "--logging_steps", "1", "--disable_tqdm", "true", "--seed", str(seed)]
@@ -116,12 +116,9 @@ def distill(layout: Layout, name: str, method: str, learning_rate: float, seed: 
     if finished(out):
         return out
     teacher = ["--teacher_cache", str(layout.cache)] if cached and method in ("kd", "neo") else []
-    flags = common_flags(layout, seed)
-    if not validation:
-        at = flags.index("--eval_split")
-        flags = flags[:at] + flags[at + 2:]
     started = time.time()
-    assert cli.main(["distill", "--method", method, "--learning_rate", str(learning_rate), *flags,
+    assert cli.main(["distill", "--method", method, "--learning_rate", str(learning_rate),
+                     *common_flags(layout, seed, validation),
                      *teacher, *extra, "--output_dir", str(out)]) == 0
     (out / "wall_time_s.txt").write_text(f"{time.time() - started:.1f}\n")
     return out
