@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from importlib import resources
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CHATML_TEMPLATE = (
@@ -37,6 +37,23 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 400, chat_template: 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(list(texts) + ["<|im_start|>user\n<|im_end|>"], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", additional_special_tokens=SPECIAL_TOKENS[3:])
+    if chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_char_tokenizer(texts: Iterable[str], chat_template: bool = False) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer in SentencePiece conventions: a space is ``▁``, characters it has not seen are
+    UTF-8 bytes ``<0xNN>``; EOS ``</s>``, no chat template unless asked (so llm-neo's fallback template applies)."""
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"<0x{byte:02X}>": len(vocab) + byte for byte in range(256)})
+    for character in sorted({character for text in texts for character in text}):
+        vocab.setdefault("▁" if character == " " else character, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", additional_special_tokens=SPECIAL_TOKENS[3:])
     if chat_template:

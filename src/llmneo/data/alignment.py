@@ -1,0 +1,126 @@
+"""Where two tokenizations of one conversation can be compared: the aligned boundaries of its answers.
+
+Teacher and student each render the conversation with their own chat template and tokenize it with character
+offsets. Inside an answer, the text both renderings share (the longest common prefix of the two answer spans:
+the answer itself, plus the end-of-turn marker when the templates agree on it) is cut by each tokenizer at its
+token boundaries, counted in UTF-8 bytes of the answer. A token starts where the token before it ends (so that a
+token whose offsets leave out its leading space, in ``▁`` vocabularies, starts where a ``Ġ`` token would); a token
+that begins inside a character (one byte of a multi-byte character) starts after the bytes of the token before
+it, which character offsets cannot show.
+
+At a boundary both models have read the same text and predict what follows it: the student's position is the
+token just before the boundary, and likewise for the teacher. Those position pairs are what the cross-tokenizer
+KD term compares; the student's CE still uses all of its answer tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import DataError
+from .tokenize import assistant_spans
+
+
+@dataclass
+class Alignment:
+    """One row's teacher tokens and its aligned boundaries: position pairs in (student, teacher) ids."""
+
+    teacher_input_ids: list[int]
+    student_positions: list[int]  # the student token whose logits predict the text after the boundary
+    teacher_positions: list[int]
+
+
+def byte_offsets(text: str) -> list[int]:
+    """UTF-8 bytes of ``text[:c]`` for every c in 0..len(text)."""
+    offsets = [0]
+    for character in text:
+        offsets.append(offsets[-1] + len(character.encode("utf-8")))
+    return offsets
+
+
+def boundary_positions(rendered, token_bytes: list, span_start: int, limit: int) -> dict[int, int]:
+    """{byte b of the answer (0 <= b < limit): the position whose logits predict the text from b on}.
+
+    A token that starts at a character boundary starts at the byte where the token before it ends; a token that
+    starts inside a character (one of its bytes) starts after the bytes of the token before it."""
+    text, _, ids, offsets = rendered
+    to_byte = byte_offsets(text)
+    origin, positions, start = to_byte[span_start], {}, None
+    for index in range(1, len(ids)):
+        previous_end = offsets[index - 1][1]
+        if offsets[index][0] >= previous_end:
+            start = to_byte[previous_end]
+        else:  # inside a character: known only by counting the previous token's bytes
+            previous = token_bytes[ids[index - 1]]
+            start = None if start is None or previous is None else start + len(previous)
+        if start is not None and 0 <= start - origin < limit:
+            positions[start - origin] = index - 1
+    return positions
+
+
+def answer_units(rendered, token_bytes: list, span: tuple[int, int]) -> list:
+    """The answer span as a sequence to compare: its characters, except that a special token (a chat marker) is
+    one unit, its name, so that two markers are never matched on the characters of their names."""
+    text, _, ids, offsets = rendered
+    special = {start: (end, name) for token, (start, end), name in
+               zip(ids, offsets, (text[a:b] for a, b in offsets)) if token_bytes[token] is None and end > start}
+    units, index = [], span[0]
+    while index < span[1]:
+        if index in special:
+            end, name = special[index]
+            units.append(("special", name))
+            units.extend([None] * (end - index - 1))  # keeps units and characters in step
+            index = end
+        else:
+            units.append(text[index])
+            index += 1
+    return units
+
+
+def common_prefix(first: list, second: list) -> int:
+    """The units both sequences start with; a special token counts whole or not at all."""
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    while length and first[length - 1] is None:  # stopped inside a special token both have: not shared
+        length -= 1
+    return length
+
+
+def render_messages(tokenizer, messages: list[dict[str, str]], max_length: int):
+    """A conversation as one tokenizer sees it: text, answer spans, ids and offsets (cut at ``max_length``)."""
+    text, spans = assistant_spans(tokenizer, messages)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text, spans, list(encoding["input_ids"])[:max_length], list(encoding["offset_mapping"])[:max_length]
+
+
+def render_text(tokenizer, text: str, max_length: int):
+    """A plain-text row as one tokenizer sees it (as ``encode_text`` tokenizes it): the whole text is the answer."""
+    encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids, offsets = ids + [tokenizer.eos_token_id], offsets + [(len(text), len(text))]
+    return text, [(0, len(text))], ids[:max_length], offsets[:max_length]
+
+
+def align_rendered(student, teacher, student_ids: list[int], student_bytes: list, teacher_bytes: list) -> Alignment:
+    """The aligned boundaries of one row rendered by both tokenizers (``render_messages`` / ``render_text``);
+    ``student_ids`` is the student's row as training sees it, checked against the rendering; ``*_bytes``: each
+    tokenizer's ``token_bytes``."""
+    student_text, student_spans, ids, _ = student
+    teacher_text, teacher_spans, teacher_ids, _ = teacher
+    if ids != list(student_ids):
+        raise DataError("the student's tokens of this row differ from a second rendering of it")
+    student_positions, teacher_positions = [], []
+    for (s_start, s_end), (t_start, t_end) in zip(student_spans, teacher_spans, strict=True):
+        shared = common_prefix(answer_units(student, student_bytes, (s_start, s_end)),
+                               answer_units(teacher, teacher_bytes, (t_start, t_end)))
+        limit = len(student_text[s_start:s_start + shared].encode("utf-8"))
+        student_at = boundary_positions(student, student_bytes, s_start, limit)
+        teacher_at = boundary_positions(teacher, teacher_bytes, t_start, limit)
+        for character in sorted(student_at.keys() & teacher_at.keys()):
+            student_positions.append(student_at[character])
+            teacher_positions.append(teacher_at[character])
+    return Alignment(teacher_ids, student_positions, teacher_positions)
