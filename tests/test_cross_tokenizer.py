@@ -63,7 +63,7 @@ def test_token_bytes_undo_each_convention(bpe, chars):
 def test_vocabulary_map_pairs_equal_bytes_one_to_one(bpe, chars, tmp_path):
     mapping = build_vocabulary_map(chars, bpe, len(chars), len(bpe) + 8)  # the student's output layer is padded
     teacher_bytes, student_bytes = token_bytes(chars), token_bytes(bpe)
-    pairs = list(zip(mapping.teacher_ids.tolist(), mapping.student_ids.tolist()))
+    pairs = list(zip(mapping.teacher_ids.tolist(), mapping.student_ids.tolist(), strict=False))
     assert pairs and all(teacher_bytes[t] == student_bytes[s] is not None for t, s in pairs)
     expected = {value for value in student_bytes if value is not None} & {v for v in teacher_bytes if v is not None}
     assert {student_bytes[s] for _, s in pairs} == expected
@@ -109,9 +109,9 @@ def reference_alignment(student_tokenizer, teacher_tokenizer, messages, max_leng
     student = render_messages(student_tokenizer, messages, max_length)
     teacher = render_messages(teacher_tokenizer, messages, max_length)
     pairs = []
-    for s_span, t_span in zip(student[1], teacher[1]):
+    for s_span, t_span in zip(student[1], teacher[1], strict=False):
         s_answer, t_answer = student[0][slice(*s_span)].encode(), teacher[0][slice(*t_span)].encode()
-        limit = next((i for i, (a, b) in enumerate(zip(s_answer, t_answer)) if a != b), min(len(s_answer), len(t_answer)))
+        limit = next((i for i, (a, b) in enumerate(zip(s_answer, t_answer, strict=False)) if a != b), min(len(s_answer), len(t_answer)))
         # A chat marker is compared whole: the shared text stops where the first marker of either side begins,
         # unless both have the same marker there.
         markers = [(answer.find(name.encode()), name) for answer, tokenizer in ((s_answer, student_tokenizer),
@@ -139,7 +139,7 @@ def test_alignment_equals_decoding_reference(bpe, teacher_name, request):
     tokenizers), Ġ against ▁ spaces, and the templates' special tokens (ChatML against the fallback template)."""
     teacher = request.getfixturevalue(teacher_name)
     alignment = align(bpe, teacher)
-    pairs = list(zip(alignment.student_positions, alignment.teacher_positions))
+    pairs = list(zip(alignment.student_positions, alignment.teacher_positions, strict=False))
     assert pairs == reference_alignment(bpe, teacher, CONVERSATION, 512)
     assert alignment.teacher_input_ids == render_messages(teacher, CONVERSATION, 512)[2]
     # Every aligned student position predicts an answer token; the texts both models have read are equal.
@@ -170,8 +170,8 @@ def test_alignment_details(bpe, chars, bpe_other_merges):
     assert all(bpe.decode(ids[position + 1]) in ("<|im_end|>", "\n") for position in missing)
     # Cutting both rows at max_length keeps the boundaries before the cut, and only those.
     full, cut = align(bpe, bpe_other_merges), align(bpe, bpe_other_merges, max_length=40)
-    kept = [(s, t) for s, t in zip(full.student_positions, full.teacher_positions) if s < 39 and t < 39]
-    assert kept and list(zip(cut.student_positions, cut.teacher_positions)) == kept
+    kept = [(s, t) for s, t in zip(full.student_positions, full.teacher_positions, strict=False) if s < 39 and t < 39]
+    assert kept and list(zip(cut.student_positions, cut.teacher_positions, strict=False)) == kept
 
 
 def test_plain_text_rows_align_from_the_first_token(bpe, chars):
@@ -189,13 +189,13 @@ def test_plain_text_rows_align_from_the_first_token(bpe, chars):
 def naive_uld(student_logits, teacher_logits, temperature):
     """Row by row: sort both probability vectors, pad the shorter with zeros, L1."""
     values = []
-    for s_row, t_row in zip(student_logits, teacher_logits):
+    for s_row, t_row in zip(student_logits, teacher_logits, strict=False):
         p_s = sorted(F.softmax(s_row / temperature, -1), key=lambda x: -x.item())
         p_t = sorted(F.softmax(t_row / temperature, -1), key=lambda x: -x.item())
         width = max(len(p_s), len(p_t))
         p_s += [torch.zeros(())] * (width - len(p_s))
         p_t += [torch.zeros(())] * (width - len(p_t))
-        values.append(sum((a - b).abs() for a, b in zip(p_s, p_t)))
+        values.append(sum((a - b).abs() for a, b in zip(p_s, p_t, strict=False)))
     return torch.stack(values)
 
 
@@ -220,11 +220,11 @@ def test_uld_equals_naive_rows_with_gradients():
 def naive_exact(student_logits, teacher_logits, mapping, temperature):
     """Forward KL over [mapped pairs, rest] built by summing probabilities, row by row."""
     values = []
-    for s_row, t_row in zip(student_logits, teacher_logits):
+    for s_row, t_row in zip(student_logits, teacher_logits, strict=False):
         p_s, p_t = F.softmax(s_row / temperature, -1), F.softmax(t_row / temperature, -1)
         q_s = [p_s[i] for i in mapping.student_ids] + [p_s.sum() - p_s[mapping.student_ids].sum()]
         q_t = [p_t[i] for i in mapping.teacher_ids] + [p_t.sum() - p_t[mapping.teacher_ids].sum()]
-        values.append(sum(t * (t.log() - s.log()) for s, t in zip(q_s, q_t)))
+        values.append(sum(t * (t.log() - s.log()) for s, t in zip(q_s, q_t, strict=False)))
     return torch.stack(values)
 
 
@@ -307,5 +307,5 @@ def test_hidden_state_rows_equal_logit_rows_and_are_checkpointed():
     torch.testing.assert_close(from_hidden, from_logits)
     grads = torch.autograd.grad(from_hidden, (hidden, weight))
     expected = torch.autograd.grad(from_logits, (hidden, weight))
-    for ours, reference in zip(grads, expected):
+    for ours, reference in zip(grads, expected, strict=False):
         torch.testing.assert_close(ours, reference)

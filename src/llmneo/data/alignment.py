@@ -63,7 +63,7 @@ def answer_units(rendered, token_bytes: list, span: tuple[int, int]) -> list:
     one unit, its name, so that two markers are never matched on the characters of their names."""
     text, _, ids, offsets = rendered
     special = {start: (end, name) for token, (start, end), name in
-               zip(ids, offsets, (text[a:b] for a, b in offsets)) if token_bytes[token] is None and end > start}
+               zip(ids, offsets, (text[a:b] for a, b in offsets), strict=True) if token_bytes[token] is None and end > start}
     units, index = [], span[0]
     while index < span[1]:
         if index in special:
@@ -80,7 +80,7 @@ def answer_units(rendered, token_bytes: list, span: tuple[int, int]) -> list:
 def common_prefix(first: list, second: list) -> int:
     """The units both sequences start with; a special token counts whole or not at all."""
     length = 0
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=False):
         if a != b:
             break
         length += 1

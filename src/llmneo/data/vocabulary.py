@@ -128,7 +128,7 @@ def build_vocabulary_map(teacher_tokenizer, student_tokenizer, teacher_outputs: 
     for index, value in enumerate(token_bytes(student_tokenizer)[:student_outputs]):
         if value is not None and value in teacher_index:
             pairs.append((teacher_index.pop(value), index))  # pop: one to one, the first student id keeps it
-    teacher_ids, student_ids = (torch.tensor(side, dtype=torch.long) for side in zip(*pairs)) if pairs else (
+    teacher_ids, student_ids = (torch.tensor(side, dtype=torch.long) for side in zip(*pairs, strict=False)) if pairs else (
         torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     return VocabularyMap(teacher_ids, student_ids, min(len(teacher_tokenizer), teacher_outputs),
                          min(len(student_tokenizer), student_outputs))
