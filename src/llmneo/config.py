@@ -117,6 +117,11 @@ class DistillArguments:
         "renormalize compares the top-k tokens only, renormalised.",
         "bucket",
     )
+    cross_tokenizer: Literal["exact", "uld", "hybrid"] | None = _help(
+        "Distil from a teacher whose tokenizer differs from the student's, comparing next-token distributions at the "
+        "answers' aligned boundaries: exact (tokens with identical bytes one to one, the rest as one bucket; any "
+        "--divergence), uld (sorted-probability L1, Boizard et al. 2024) or hybrid (exact plus ULD on the unmapped "
+        "remainder).")
     nonfinite_policy: Literal["stop", "skip"] = _help(
         "On a NaN/inf loss or gradient: stop (save a checkpoint of the last good step and stop, naming the step and "
         "its rows) or skip (drop that update, count it, stop after --max_bad_steps).", "stop")
@@ -302,10 +307,24 @@ def validate(config: RunConfig) -> None:
         checks.append((preset.uses_teacher, f"teacher_cache is for the kd and neo methods, not {config.distill.method}"))
         checks.append((config.distill.loss_impl != "liger", "loss_impl liger needs the teacher's hidden states, "
                                                               "not a teacher_cache: use fused or naive"))
-    checks += _classification_checks(config)
+    checks += _classification_checks(config) + _cross_tokenizer_checks(config)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _cross_tokenizer_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """--cross_tokenizer runs the teacher online on its own tokens of padded rows."""
+    if config.distill.cross_tokenizer is None:
+        return []
+    name = f"cross_tokenizer {config.distill.cross_tokenizer}"
+    return [(METHODS[config.distill.method].uses_teacher, f"{name} is for the kd and neo methods, not "
+                                                          f"{config.distill.method}"),
+            (config.data.task == "causal_lm", f"{name} is for --task causal_lm"),
+            (config.distill.teacher_cache is None, f"{name} runs the teacher online: a teacher_cache holds the "
+                                                   "teacher's distributions over the student's tokens"),
+            (not config.data.packing, f"{name} needs padded rows: leave --packing off"),
+            (config.distill.loss_impl != "liger", f"{name} computes its KD term itself: use loss_impl fused or naive")]
 
 
 def _classification_checks(config: RunConfig) -> list[tuple[bool, str]]:

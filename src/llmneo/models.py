@@ -242,7 +242,8 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student, teacher) -
         raise VocabularyError(
             f"teacher and student tokenizers differ on {len(differing)} of {shared} shared ids (first: id {first} "
             f"is {teacher_vocab[first]!r} for the teacher, {student_vocab[first]!r} for the student); "
-            "distillation needs one tokenizer"
+            "logit distillation on one vocabulary needs one tokenizer: to distil across tokenizers, add "
+            "--cross_tokenizer exact (or uld, hybrid)"
         )
     student_size, teacher_size = (size if isinstance(size, int) else output_vocab_size(size) for size in (student, teacher))
     kd_vocab = min(student_size, teacher_size)

@@ -19,7 +19,10 @@ from .adapters.lora import PEFT_TASK_TYPES, add_lora, lora_config
 from .adapters.store import KIND_FILE, kind_record, save_initial_adapter
 from .artifacts import (METRICS_FILE, resolved_config, run_settings, save_final_weights, save_resolved_config,
                         write_model_card)
-from .data.collators import make_collator
+from .data.collators import AlignedCollator, make_collator
+from .data.tokenize import ensure_chat_template
+from .data.vocabulary import VocabularyMap, build_vocabulary_map, load_vocabulary_map
+from .evaluation.cross_tokenizer import teacher_mapped_mass
 from .data.loading import DataReport, build_datasets
 from .data.packing import PackingCollator
 from .errors import DiskFullError, NonFiniteError, TrainingOutOfMemory
@@ -28,7 +31,7 @@ from .evaluation.metrics import teacher_fidelity_kl
 from .methods import METHODS
 from .models import (ClassHead, check_quantization, check_vocabularies, is_quantized, load_student,
                      load_student_tokenizer, load_tokenizer, model_identity, output_vocab_size)
-from .evaluation.answers import answers, held_out_prompts
+from .evaluation.answers import answers, held_out_prompts, held_out_teacher_prompts
 from .report import before_after_console, before_after_rows, write_run_report
 from .runtime.atomic import write_atomically
 from .runtime.checkpoints import checkpoint_step, complete_checkpoints
@@ -40,6 +43,7 @@ from .runtime.resume import cut_metrics, resolve_checkpoint
 from .runtime.run_dir import claim_output_dir, mark_finished, mark_started
 from .teacher.cache import TeacherCache, cached_vocab_size, data_fingerprint, open_teacher_cache
 from .teacher.loading import load_teacher
+from .teacher.online import teacher_rows_at
 from .training import ClassifierTrainer, MetricsJsonlCallback, NeoTrainer
 
 logger = logging.getLogger(__name__)
@@ -83,7 +87,8 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     claim_run_dir(config)
     set_seed(config.training.seed)
     tokenizer = load_student_tokenizer(config.model, config.data.task)
-    dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed)
+    teacher_tokenizer = load_cross_teacher_tokenizer(config.model) if config.distill.cross_tokenizer else None
+    dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer)
     log_data(report, held_out)
     head = class_head(config, tokenizer, report)
     data = data_fingerprint(dataset, config.data.dataset)
@@ -93,16 +98,18 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
     student, teacher, kd_vocab_size = load_models(config, tokenizer, head, cache)
     resume = prepare_run_dir(config, identity)
+    vocab_map = cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher) if teacher_tokenizer else None
     initial_adapter = save_initial_adapter(student, Path(config.training.output_dir)) if saves_adapter(config) else None
     trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out,
-                            checkpoint_files(config, identity, base))
+                            checkpoint_files(config, identity, base), vocab_map, teacher_tokenizer)
     if config.distill.auto_micro_batch:
         plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
     quantized_teacher = teacher is not None and is_quantized(teacher)
     fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head) if quantized_teacher else None
-    before = measure_before(trainer, config, tokenizer, held_out, resume)
+    coverage = log_cross_tokenizer_coverage(trainer, dataset, report) if vocab_map is not None else {}
+    before = measure_before(trainer, config, tokenizer, held_out, resume, teacher_tokenizer)
     result = train_or_explain(trainer, config, resume)
-    final_metrics = collect_final_metrics(trainer, result, report, held_out is not None, fidelity)
+    final_metrics = {**collect_final_metrics(trainer, result, report, held_out is not None, fidelity), **coverage}
     comparison, samples = compare_with_before(trainer, tokenizer, before, final_metrics)
     weights_dir = write_artifacts(trainer, config, tokenizer, report, final_metrics, initial_adapter, base,
                                   comparison, samples)
@@ -166,10 +173,11 @@ def load_models(config, tokenizer, head: ClassHead | None = None, cache: Teacher
     if cache is not None:
         kd_vocab_size = cached_vocab_size(cache, output_vocab_size(student))
     elif preset.uses_teacher and config.distill.teacher_cache is None:
-        teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
         teacher = load_teacher(config.model, head=head)
-        sizes = (student, teacher) if head is None else (len(tokenizer), len(teacher_tokenizer))  # inputs only
-        kd_vocab_size = check_vocabularies(tokenizer, teacher_tokenizer, *sizes)
+        if not config.distill.cross_tokenizer:
+            teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
+            sizes = (student, teacher) if head is None else (len(tokenizer), len(teacher_tokenizer))  # inputs only
+            kd_vocab_size = check_vocabularies(tokenizer, teacher_tokenizer, *sizes)
     if preset.uses_adapter:
         if is_quantized(student):  # QLoRA: fp32 norms, input grads for checkpointing
             checkpointing = config.training.activation_checkpointing or config.training.gradient_checkpointing
@@ -179,18 +187,68 @@ def load_models(config, tokenizer, head: ClassHead | None = None, cache: Teacher
 
 
 def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks=(), teacher_cache=None,
-                  eval_dataset=None, checkpoint_files=None) -> NeoTrainer | ClassifierTrainer:
+                  eval_dataset=None, checkpoint_files=None, vocab_map=None,
+                  teacher_tokenizer=None) -> NeoTrainer | ClassifierTrainer:
     """The run's trainer; it reads the loss settings from ``config.training`` (NeoTrainingArguments)."""
     task = config.data.task
     packing = PackingCollator(config.model.attn_implementation) if config.data.packing else None
+    padded = make_collator(tokenizer, task)
+    if teacher_tokenizer is not None:
+        padded = AlignedCollator(padded, tokenizer.padding_side, teacher_tokenizer.pad_token_id)
     common = {"model": student, "args": config.training, "train_dataset": dataset, "eval_dataset": eval_dataset,
-              "data_collator": packing or make_collator(tokenizer, task), "eval_collator": make_collator(tokenizer, task),
+              "data_collator": packing or padded, "eval_collator": padded,
               "processing_class": tokenizer, "teacher": teacher, "kd_vocab_size": kd_vocab_size,
               "checkpoint_files": checkpoint_files,
               "callbacks": [MetricsJsonlCallback(str(Path(config.training.output_dir) / METRICS_FILE)), *callbacks]}
     if task == "classification":
         return ClassifierTrainer(**common)
-    return NeoTrainer(**common, teacher_cache=teacher_cache)
+    return NeoTrainer(**common, teacher_cache=teacher_cache, vocab_map=vocab_map)
+
+
+def load_cross_teacher_tokenizer(model_args):
+    """The teacher's own tokenizer (--cross_tokenizer), with llm-neo's fallback chat template if it has none."""
+    teacher_tokenizer = load_tokenizer(model_args.teacher_model, model_args.trust_remote_code, "teacher")
+    if ensure_chat_template(teacher_tokenizer):
+        logger.warning("the teacher tokenizer has no chat template: the teacher reads conversations through "
+                       "llm-neo's fallback template")
+    if teacher_tokenizer.pad_token_id is None:
+        teacher_tokenizer.pad_token = teacher_tokenizer.eos_token
+    return teacher_tokenizer
+
+
+def cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher) -> VocabularyMap:
+    """The map between the two vocabularies: the one saved in the run directory, or built now and saved there."""
+    run_dir = config.training.output_dir
+    sizes = (min(len(teacher_tokenizer), output_vocab_size(teacher)), min(len(tokenizer), output_vocab_size(student)))
+    saved = load_vocabulary_map(run_dir) if config.training.resume_from_checkpoint else None
+    if saved is not None and (saved.teacher_size, saved.student_size) == sizes:
+        return saved
+    vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_vocab_size(teacher),
+                                     output_vocab_size(student))
+    if config.training.process_index == 0:
+        vocab_map.save(run_dir)
+    logger.info("vocabulary map: %d of the student's %d ids have a teacher id with the same bytes (teacher %d ids)",
+                len(vocab_map), vocab_map.student_size, vocab_map.teacher_size)
+    return vocab_map
+
+
+def log_cross_tokenizer_coverage(trainer, dataset, report: DataReport) -> dict:
+    """What the KD term across tokenizers sees: the share of the student's answer tokens at aligned boundaries
+    (all training rows) and the teacher's probability on mapped tokens there (the first batch)."""
+    aligned = sum(len(positions) for positions in dataset["aligned_student"])
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {key: value.to(trainer.args.device) for key, value in batch.items()}
+    rows, weight = teacher_rows_at(trainer.teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
+                                   batch["aligned_row"], batch["aligned_teacher"])
+    logits = rows.float() if weight is None else torch.nn.functional.linear(rows, weight).float()
+    mass = teacher_mapped_mass(logits, trainer.vocab_map).mean().item() if logits.shape[0] else float("nan")
+    coverage = {"aligned_coverage": round(aligned / max(report.answer_tokens, 1), 6),
+                "teacher_mapped_mass": round(mass, 6)}
+    logger.info("across tokenizers: %d of %d student answer tokens (%.1f%%) are at aligned boundaries; the teacher "
+                "puts %.1f%% of its probability on mapped tokens (first batch)", aligned, report.answer_tokens,
+                100 * coverage["aligned_coverage"], 100 * mass)
+    trainer.log({f"train_{key}": value for key, value in coverage.items()})
+    return coverage
 
 
 def log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head: ClassHead | None = None) -> float:
@@ -300,7 +358,7 @@ def collect_final_metrics(trainer, result, report: DataReport, has_held_out: boo
     return final_metrics
 
 
-def measure_before(trainer, config, tokenizer, held_out, resume) -> dict | None:
+def measure_before(trainer, config, tokenizer, held_out, resume, teacher_tokenizer=None) -> dict | None:
     """The student's held-out metrics (and, for causal_lm, its and the teacher's answers to a few held-out prompts)
     before the first step, kept in before.json so that a resumed run reports the same starting point."""
     if held_out is None:
@@ -315,7 +373,10 @@ def measure_before(trainer, config, tokenizer, held_out, resume) -> dict | None:
         before["prompt_ids"] = [ids[0].tolist() for ids in prompts]
         before["samples"] = {"prompts": [tokenizer.decode(ids[0], skip_special_tokens=True) for ids in prompts],
                              "student before": answers(trainer.model, tokenizer, prompts)}
-        if trainer.teacher is not None:
+        if trainer.teacher is not None and teacher_tokenizer is not None:
+            before["samples"]["teacher"] = answers(trainer.teacher, teacher_tokenizer,
+                                                   held_out_teacher_prompts(held_out, SAMPLE_PROMPTS))
+        elif trainer.teacher is not None:
             before["samples"]["teacher"] = answers(trainer.teacher, tokenizer, prompts)
     if trainer.is_world_process_zero():
         write_atomically(path, (json.dumps(before, indent=1) + "\n").encode("utf-8"))

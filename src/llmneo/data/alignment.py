@@ -21,6 +21,9 @@ from ..errors import DataError
 from .tokenize import assistant_spans
 
 
+ALIGNMENT_COLUMNS = ("teacher_input_ids", "aligned_student", "aligned_teacher")  # the dataset columns of a row
+
+
 @dataclass
 class Alignment:
     """One row's teacher tokens and its aligned boundaries: position pairs in (student, teacher) ids."""
@@ -28,6 +31,10 @@ class Alignment:
     teacher_input_ids: list[int]
     student_positions: list[int]  # the student token whose logits predict the text after the boundary
     teacher_positions: list[int]
+
+    def columns(self) -> dict[str, list[int]]:
+        return dict(zip(ALIGNMENT_COLUMNS, (self.teacher_input_ids, self.student_positions, self.teacher_positions),
+                        strict=True))
 
 
 def byte_offsets(text: str) -> list[int]:

@@ -1,10 +1,13 @@
-"""Batches of tokenized rows: padded to the longest row, labels padded with IGNORE_INDEX (packing: packing.py)."""
+"""Batches of tokenized rows: padded to the longest row, labels padded with IGNORE_INDEX (packing: packing.py);
+across tokenizers, also the teacher's rows and the aligned boundaries."""
 
 from __future__ import annotations
 
+import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
 from ..losses.contract import IGNORE_INDEX
+from .alignment import ALIGNMENT_COLUMNS
 
 
 def make_collator(tokenizer, task: str = "causal_lm"):
@@ -12,3 +15,37 @@ def make_collator(tokenizer, task: str = "causal_lm"):
     if task == "classification":
         return DataCollatorWithPadding(tokenizer)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+
+
+class AlignedCollator:
+    """For --cross_tokenizer: the student's padded batch plus the teacher's own rows (right-padded, with their
+    attention mask) and the batch's aligned boundaries as three flat index tensors: ``aligned_row``,
+    ``aligned_student`` and ``aligned_teacher`` (positions in the padded student and teacher rows)."""
+
+    def __init__(self, student_collator, padding_side: str, teacher_pad_id: int):
+        self.student_collator = student_collator
+        self.padding_side = padding_side
+        self.teacher_pad_id = teacher_pad_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.student_collator([{key: value for key, value in feature.items() if key not in ALIGNMENT_COLUMNS}
+                                       for feature in features])
+        if "teacher_input_ids" not in features[0]:  # a reader that wants the student's rows only
+            return batch
+        width = max(len(feature["teacher_input_ids"]) for feature in features)
+        teacher_ids = torch.full((len(features), width), self.teacher_pad_id, dtype=torch.long)
+        teacher_mask = torch.zeros((len(features), width), dtype=torch.long)
+        rows, student, teacher = [], [], []
+        student_width = batch["input_ids"].shape[1]
+        for index, feature in enumerate(features):
+            ids = list(feature["teacher_input_ids"])
+            teacher_ids[index, :len(ids)], teacher_mask[index, :len(ids)] = torch.tensor(ids, dtype=torch.long), 1
+            shift = student_width - len(feature["input_ids"]) if self.padding_side == "left" else 0
+            rows += [index] * len(feature["aligned_student"])
+            student += [position + shift for position in feature["aligned_student"]]
+            teacher += list(feature["aligned_teacher"])
+        batch.update(teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask,
+                     aligned_row=torch.tensor(rows, dtype=torch.long),
+                     aligned_student=torch.tensor(student, dtype=torch.long),
+                     aligned_teacher=torch.tensor(teacher, dtype=torch.long))
+        return batch

@@ -21,7 +21,9 @@ from ..errors import DataError
 from .classification import encode_labelled_text, label_id, resolve_class_names
 from .formats import detect_format, required_columns, row_to_messages, row_to_text
 from ..losses.contract import count_answer_tokens
+from .alignment import ALIGNMENT_COLUMNS, align_rendered, render_messages, render_text
 from .tokenize import encode_messages, encode_text
+from .vocabulary import token_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +198,11 @@ def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
         raise DataError(f"the data files have different column types: {error}") from error
 
 
-def _encoder(tokenizer, fmt: str, max_length: int, class_names: list[str] | None):
+def _encoder(tokenizer, fmt: str, max_length: int, class_names: list[str] | None, teacher_tokenizer=None):
     main_field = required_columns(fmt)[-1]
     empty_labels = -1 if fmt == "classification" else []  # the column's type either way
+    aligner = _aligner(tokenizer, teacher_tokenizer, fmt, max_length) if teacher_tokenizer is not None else None
+    empty_alignment = dict.fromkeys(ALIGNMENT_COLUMNS, []) if aligner else {}
 
     def encode_row(row: dict):
         if fmt == "classification":
@@ -209,30 +213,51 @@ def _encoder(tokenizer, fmt: str, max_length: int, class_names: list[str] | None
 
     def encode(row: dict) -> dict:
         if row.get(LINE_ERROR):
-            return {"input_ids": [], "labels": empty_labels,
+            return {"input_ids": [], "labels": empty_labels, **empty_alignment,
                     "_error": f"file {row['_source']}, row {row['_row']}: {row[LINE_ERROR]}"}
         if row.get(JSON_MARKER):
             row = {key: value if key.startswith("_") else json.loads(value) for key, value in row.items()}
         try:
             input_ids, labels = encode_row(row)
+            aligned = aligner(row, input_ids) if aligner else {}
         except DataError as error:
             where = error.field or main_field
-            return {"input_ids": [], "labels": empty_labels,
+            return {"input_ids": [], "labels": empty_labels, **empty_alignment,
                     "_error": f"file {row['_source']}, row {row['_row']}, field '{where}': {error.reason}"}
-        return {"input_ids": input_ids, "labels": labels, "_error": ""}
+        return {"input_ids": input_ids, "labels": labels, **aligned, "_error": ""}
 
     return encode
 
 
-def build_dataset(data_args, tokenizer, seed: int) -> tuple[datasets.Dataset, DataReport]:
-    """Tokenized rows (``input_ids``, ``labels``) ready for the collator, and a report of what was dropped."""
+def _aligner(tokenizer, teacher_tokenizer, fmt: str, max_length: int):
+    """For --cross_tokenizer: a row's teacher tokens and its aligned boundaries (data/alignment.py)."""
+    if fmt == "classification":
+        raise DataError("distilling across tokenizers is for token-level rows, not classification")
+    student_bytes, teacher_bytes = token_bytes(tokenizer), token_bytes(teacher_tokenizer)
+
+    def align(row: dict, input_ids: list[int]) -> dict:
+        if fmt == "text":
+            text = row_to_text(row)
+            student, teacher = render_text(tokenizer, text, max_length), render_text(teacher_tokenizer, text, max_length)
+        else:
+            messages = row_to_messages(row, fmt)
+            student = render_messages(tokenizer, messages, max_length)
+            teacher = render_messages(teacher_tokenizer, messages, max_length)
+        return align_rendered(student, teacher, input_ids, student_bytes, teacher_bytes).columns()
+
+    return align
+
+
+def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None) -> tuple[datasets.Dataset, DataReport]:
+    """Tokenized rows (``input_ids``, ``labels``) ready for the collator, and a report of what was dropped. With a
+    ``teacher_tokenizer`` (--cross_tokenizer) each row also has the teacher's tokens and the aligned boundaries."""
     rows, fmt = load_rows(data_args, seed)
     class_names = None
     if fmt == "classification":
         values = [json.loads(v) for v in rows["label"]] if JSON_MARKER in rows.column_names else rows["label"]
         class_names = resolve_class_names(values, data_args.class_names, data_args.dataset)
     encoded = rows.map(
-        _encoder(tokenizer, fmt, data_args.max_length, class_names),
+        _encoder(tokenizer, fmt, data_args.max_length, class_names, teacher_tokenizer),
         remove_columns=[c for c in rows.column_names if c not in ("_source", "_row")],
         load_from_cache_file=False,
         desc="Tokenizing",
@@ -257,10 +282,10 @@ def _answer_tokens(encoded: datasets.Dataset, fmt: str) -> int:
     return sum(count_answer_tokens(labels) for labels in encoded["labels"])
 
 
-def build_datasets(data_args, tokenizer, seed: int):
+def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None):
     """Training rows, held-out rows (``--eval_split`` or ``--eval_ratio``; None without either) and the report of the
     training rows. Training and the teacher cache both call this, so they see the same rows in the same order."""
-    train, report = build_dataset(data_args, tokenizer, seed)
+    train, report = build_dataset(data_args, tokenizer, seed, teacher_tokenizer)
     held_out = None
     if data_args.eval_ratio > 0:
         if len(train) < 2:
@@ -275,5 +300,5 @@ def build_datasets(data_args, tokenizer, seed: int):
             held_out_args.dataset = data_args.eval_split
         else:
             held_out_args.dataset_split = data_args.eval_split
-        held_out, _ = build_dataset(held_out_args, tokenizer, seed)
+        held_out, _ = build_dataset(held_out_args, tokenizer, seed, teacher_tokenizer)
     return train, held_out, report

@@ -75,8 +75,11 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return result
 
 
-def byte_lengths(tokenizer, size: int | None = None) -> torch.Tensor:
-    """(size,) int64: the UTF-8 bytes each id stands for (0 for special tokens and ids past the tokenizer)."""
+def byte_lengths(tokenizer, size: int | None = None) -> torch.Tensor | None:
+    """(size,) int64: the UTF-8 bytes each id stands for (0 for special tokens and ids past the tokenizer); None for
+    a tokenizer without a fast backend, whose conventions cannot be read."""
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        return None
     lengths = [len(value) if value is not None else 0 for value in token_bytes(tokenizer)]
     size = max(size or 0, len(lengths))
     return torch.tensor(lengths + [0] * (size - len(lengths)), dtype=torch.long)

@@ -36,6 +36,17 @@ def held_out_prompts(dataset, count: int = 3) -> list[torch.Tensor]:
     return prompts
 
 
+def held_out_teacher_prompts(dataset, count: int = 3) -> list[torch.Tensor]:
+    """Across tokenizers: the same rows in the teacher's own tokens, cut after its first aligned position (the
+    last prompt token, whose logits predict the answer's first token)."""
+    prompts = []
+    for row in dataset.select(range(min(count, len(dataset)))):
+        aligned = row["aligned_teacher"]
+        ids = row["teacher_input_ids"][: aligned[0] + 1] if aligned else row["teacher_input_ids"]
+        prompts.append(torch.tensor([ids]))
+    return prompts
+
+
 def answers(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int = 48) -> list[str]:
     """Greedy answers of ``model`` (put in eval mode for the call) to token-id prompts."""
     was_training = model.training

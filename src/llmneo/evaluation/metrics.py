@@ -24,23 +24,29 @@ from .bootstrap import bootstrap_intervals
 @torch.no_grad()
 def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_size: int = 8,
                              kd_vocab_size: int | None = None, chunk_size: int = 1024,
-                             progress: bool = False, bootstrap: int = 0) -> dict[str, float]:
+                             progress: bool = False, bootstrap: int = 0,
+                             byte_lengths: torch.Tensor | None = None) -> dict[str, float]:
     """Per answer token: perplexity of the student; with a teacher also top-1 agreement and KL(teacher || student).
-    ``bootstrap`` > 0 adds 95% intervals from that many resamples of the held-out rows (evaluation/bootstrap.py)."""
+    ``bootstrap`` > 0 adds 95% intervals from that many resamples of the held-out rows (evaluation/bootstrap.py).
+    ``byte_lengths`` (data/vocabulary.py: the UTF-8 bytes of each id) adds bits per byte: the answer tokens' NLL in
+    bits over the bytes of the answer text, comparable between models with different tokenizers."""
     device = next(student.parameters()).device
     if teacher is not None and kd_vocab_size is None:
         kd_vocab_size = min(output_head(student).weight.shape[0], output_head(teacher).weight.shape[0])
     was_training = student.training
     student.eval()
-    sums = {name: torch.zeros(len(dataset), dtype=torch.float64) for name in ("nll", "agree", "kl", "tokens")}
+    sums = {name: torch.zeros(len(dataset), dtype=torch.float64) for name in ("nll", "agree", "kl", "tokens", "bytes")}
     loader = DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size, collate_fn=collator)
     for number, batch in enumerate(tqdm(loader, desc="evaluating", unit="batch", disable=not progress)):
         _add_batch(sums, student, teacher, {k: v.to(device) for k, v in batch.items()}, number * batch_size,
-                   chunk_size, kd_vocab_size)
+                   chunk_size, kd_vocab_size, byte_lengths)
     student.train(was_training)
     totals = {name: values.sum().item() for name, values in sums.items()}
     tokens = max(totals["tokens"], 1)
     metrics = {"perplexity": math.exp(totals["nll"] / tokens), "answer_tokens": int(totals["tokens"])}
+    if byte_lengths is not None:
+        metrics.update(bits_per_byte=totals["nll"] / math.log(2) / max(totals["bytes"], 1),
+                       answer_bytes=int(totals["bytes"]))
     if teacher is not None:
         metrics.update(top1_agreement=totals["agree"] / tokens, kl_to_teacher=totals["kl"] / tokens)
     summed = ("nll", "agree", "kl") if teacher is not None else ("nll",)
@@ -50,7 +56,7 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_siz
 
 
 def _add_batch(sums: dict, student, teacher, batch: dict, first_row: int, chunk_size: int,
-               kd_vocab_size: int | None) -> None:
+               kd_vocab_size: int | None, byte_lengths: torch.Tensor | None = None) -> None:
     """Add one batch's per-token NLL (and agreement and KL with a teacher) to the per-row sums."""
     mask = answer_mask(batch["labels"])
     targets = answer_targets(batch["labels"], mask).split(chunk_size)
@@ -61,6 +67,8 @@ def _add_batch(sums: dict, student, teacher, batch: dict, first_row: int, chunk_
         row = row.cpu()
         sums["nll"].index_add_(0, row, F.cross_entropy(rows, target, reduction="none").double().cpu())
         sums["tokens"].index_add_(0, row, torch.ones(len(row), dtype=torch.float64))
+        if byte_lengths is not None:
+            sums["bytes"].index_add_(0, row, byte_lengths[target.cpu()].double())
         if teacher_chunks is not None:
             reference = next(teacher_chunks)
             check_finite_rows(reference, row, "the teacher's logits on the held-out rows")

@@ -7,11 +7,14 @@ import torch
 
 from ..data.packing import packed_model_inputs, packed_row_index
 from ..errors import DataError
+from ..data.vocabulary import byte_lengths
+from ..evaluation.cross_tokenizer import evaluate_aligned
 from ..evaluation.metrics import evaluate_against_teacher
 from ..lm_head import capture_final_hidden, output_head
 from ..losses.backends import LOSS_FUNCTIONS, READS_HIDDEN_STATES, choose_loss_impl, impl_for_call
 from ..losses.contract import answer_mask
-from ..teacher.online import teacher_final_hidden, teacher_logits
+from ..losses.cross_vocab import cross_tokenizer_parts, cross_vocab_kd_sum
+from ..teacher.online import teacher_final_hidden, teacher_logits, teacher_rows_at
 from .base import DistillationTrainer
 
 
@@ -21,12 +24,16 @@ class NeoTrainer(DistillationTrainer):
 
     ``args.loss_impl`` (losses/backends.py) picks how the loss is computed: ``fused`` and ``liger`` take both
     models' final hidden states and never build their full logits; ``naive`` takes the logits. With a
-    ``teacher_cache`` (teacher/cache.py) the teacher side is the cached top-k rows of the batch's ``row_id``s.
+    ``teacher_cache`` (teacher/cache.py) the teacher side is the cached top-k rows of the batch's ``row_id``s. With
+    a ``vocab_map`` (data/vocabulary.py; ``args.cross_tokenizer`` set) the teacher has its own tokenizer: it reads
+    its own rows of the batch and the KD term is computed at the aligned boundaries (losses/cross_vocab.py).
     """
 
-    def __init__(self, *args, teacher_cache=None, **kwargs):
+    def __init__(self, *args, teacher_cache=None, vocab_map=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher_cache = teacher_cache
+        self.vocab_map = vocab_map.to(self.args.device) if vocab_map is not None else None
+        self.byte_lengths = byte_lengths(self.processing_class) if self.processing_class is not None else None
         self.loss_impl = choose_loss_impl(self.args.loss_impl, self.loss_settings.divergence, self.model, self.teacher,
                                           self.loss_settings.kd_vocab_size, self._parameters_sharded())
         self._loss_shifts_labels = True  # the Trainer counts num_items_in_batch over labels[:, 1:]
@@ -42,10 +49,27 @@ class NeoTrainer(DistillationTrainer):
         with capture_final_hidden(model, active=hidden_states) as student:
             outputs = model(**self._model_inputs(inputs, model), use_cache=False)
         student_side = (student.hidden, output_head(model).weight) if hidden_states else (outputs.logits,)
-        parts = LOSS_FUNCTIONS[impl](*student_side, inputs["labels"], **self._teacher_side(inputs, hidden_states),
-                                     settings=self.loss_settings, num_items=num_items_in_batch)
+        if self.vocab_map is not None:
+            parts = self._across_tokenizers(impl, student_side, inputs, num_items_in_batch)
+        else:
+            parts = LOSS_FUNCTIONS[impl](*student_side, inputs["labels"], **self._teacher_side(inputs, hidden_states),
+                                         settings=self.loss_settings, num_items=num_items_in_batch)
         loss = self.record_loss(model, parts, num_items_in_batch, answer_mask(inputs["labels"]).sum())
         return (loss, outputs) if return_outputs else loss
+
+    def _across_tokenizers(self, impl: str, student_side: tuple, inputs, num_items):
+        """CE on all of the student's answer tokens plus the KD term at the batch's aligned boundaries."""
+        labels = inputs["labels"]
+        ce_only = LOSS_FUNCTIONS[impl](*student_side, labels, settings=self.loss_settings, num_items=num_items)
+        rows = inputs["aligned_row"]
+        student_rows = student_side[0][rows, inputs["aligned_student"]]
+        student_weight = student_side[1] if len(student_side) == 2 else None
+        teacher_rows, teacher_weight = teacher_rows_at(self.teacher, inputs["teacher_input_ids"],
+                                                       inputs["teacher_attention_mask"], rows, inputs["aligned_teacher"])
+        kd_sum = cross_vocab_kd_sum(student_rows, teacher_rows, self.vocab_map, self.args.cross_tokenizer,
+                                    self.loss_settings, student_weight, teacher_weight)
+        return cross_tokenizer_parts(ce_only, kd_sum, num_items if num_items is not None else answer_mask(labels).sum(),
+                                     self.loss_settings)
 
     @staticmethod
     def _model_inputs(inputs, model) -> dict:
@@ -90,8 +114,13 @@ class NeoTrainer(DistillationTrainer):
         """llm-neo's offline metrics on the held-out rows (perplexity; with a loaded teacher also top-1 agreement
         and KL to it), logged like the training metrics, in place of the Trainer's loss-only evaluation."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        metrics = evaluate_against_teacher(self.model, dataset, self.eval_collator, teacher=self.teacher,
+        same_tokens = self.teacher if self.vocab_map is None else None  # a teacher on the student's own tokens
+        metrics = evaluate_against_teacher(self.model, dataset, self.eval_collator, teacher=same_tokens,
                                            batch_size=self.args.per_device_eval_batch_size,
                                            kd_vocab_size=self.loss_settings.kd_vocab_size,
-                                           chunk_size=self.loss_settings.chunk_size)
+                                           chunk_size=self.loss_settings.chunk_size,
+                                           byte_lengths=self.byte_lengths)
+        if self.vocab_map is not None and self.teacher is not None:
+            metrics.update(evaluate_aligned(self.model, self.teacher, dataset, self.eval_collator, self.vocab_map,
+                                            self.args.per_device_eval_batch_size, self.loss_settings.chunk_size))
         return self.log_evaluation(metrics, metric_key_prefix)

@@ -1,0 +1,78 @@
+"""Teacher and student with different tokenizers, compared where they can be: at the aligned boundaries of answers.
+
+- ``aligned_coverage``: aligned boundaries per student answer token;
+- ``teacher_mapped_mass``: the teacher's mean probability on tokens the vocabulary map pairs (how much of its
+  distribution the exact comparison sees one to one);
+- ``aligned_kl``: KL(teacher || student) on the exact partition (mapped pairs plus one tail bucket each);
+- ``aligned_top1_agreement``: both models' most likely bucket is the same (the same mapped token, or both the tail).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..data.alignment import ALIGNMENT_COLUMNS
+from ..data.vocabulary import VocabularyMap
+from ..lm_head import capture_final_hidden, fused_head_unsupported_reason, output_head
+from ..losses.contract import answer_mask
+from ..losses.cross_vocab import mapped_buckets
+from ..losses.divergences import forward_kl
+from ..teacher.online import teacher_rows_at
+
+
+def teacher_mapped_mass(teacher_logit_rows: torch.Tensor, vocab_map: VocabularyMap) -> torch.Tensor:
+    """Per row, the teacher's probability on the ids the map pairs."""
+    probs = F.softmax(teacher_logit_rows.float()[:, :vocab_map.teacher_size], dim=-1)
+    return probs.index_select(1, vocab_map.teacher_ids).sum(1)
+
+
+def _rows_as_logits(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    return (rows if weight is None else F.linear(rows, weight)).float()
+
+
+@torch.no_grad()
+def student_rows_at(student, batch: dict, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The student's logits at (row, position) pairs of its batch, built from hidden states where possible."""
+    fused = fused_head_unsupported_reason(student) is None
+    with capture_final_hidden(student, active=fused) as captured:
+        outputs = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    if fused:
+        return _rows_as_logits(captured.hidden[rows, positions], output_head(student).weight)
+    return outputs.logits[rows, positions].float()
+
+
+@torch.no_grad()
+def evaluate_aligned(student, teacher, dataset, collator, vocab_map: VocabularyMap, batch_size: int = 8,
+                     chunk_size: int = 1024) -> dict[str, float]:
+    """The aligned-boundary metrics above on held-out rows that carry their alignment (``collator``: an
+    ``AlignedCollator``)."""
+    device = next(student.parameters()).device
+    vocab_map = vocab_map.to(device)
+    was_training = student.training
+    student.eval()
+    totals = dict.fromkeys(("aligned", "answer_tokens", "kl", "agree", "mass"), 0.0)
+    loader = DataLoader(dataset.select_columns(["input_ids", "labels", *ALIGNMENT_COLUMNS]), batch_size=batch_size,
+                        collate_fn=collator)
+    for batch in loader:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        totals["answer_tokens"] += answer_mask(batch["labels"]).sum().item()
+        rows = batch["aligned_row"]
+        if rows.numel() == 0:
+            continue
+        student_rows = student_rows_at(student, batch, rows, batch["aligned_student"])
+        teacher_rows, weight = teacher_rows_at(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
+                                               rows, batch["aligned_teacher"])
+        for start in range(0, rows.numel(), chunk_size):
+            stop = start + chunk_size
+            reference = _rows_as_logits(teacher_rows[start:stop], weight)
+            student_buckets, teacher_buckets = mapped_buckets(student_rows[start:stop], reference, vocab_map)
+            totals["kl"] += forward_kl(student_buckets, teacher_buckets).sum().item()
+            totals["agree"] += (student_buckets.argmax(-1) == teacher_buckets.argmax(-1)).sum().item()
+            totals["mass"] += teacher_mapped_mass(reference, vocab_map).sum().item()
+        totals["aligned"] += rows.numel()
+    student.train(was_training)
+    aligned = max(totals["aligned"], 1)
+    return {"aligned_coverage": totals["aligned"] / max(totals["answer_tokens"], 1), "aligned_kl": totals["kl"] / aligned,
+            "aligned_top1_agreement": totals["agree"] / aligned, "teacher_mapped_mass": totals["mass"] / aligned}

@@ -1,0 +1,117 @@
+"""Distilling across tokenizers through the trainer and the pipeline: equal to the one-tokenizer loss when the
+tokenizers are one, and a real run from a character-level teacher into the BPE student."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_flags, save_model
+from llmneo.config import parse_config
+from llmneo.data.loading import build_dataset
+from llmneo.data.vocabulary import MAP_FILE, byte_lengths
+from llmneo.demo.tiny import build_char_tokenizer, build_tiny_llama, corpus_texts
+from llmneo.errors import ConfigError
+from llmneo.evaluation.metrics import evaluate_against_teacher
+from llmneo.data.collators import make_collator
+from llmneo.models import load_student_tokenizer
+from llmneo.pipeline import (build_trainer, cross_vocabulary_map, distill, load_cross_teacher_tokenizer,
+                             load_models)
+
+
+def first_step(models_dir, train_file, tmp_path, teacher: str, loss_impl: str, **extra):
+    """Loss, CE, KD and trainable gradients of one micro-batch of 8 rows through NeoTrainer.compute_loss."""
+    config = parse_config(run_flags(models_dir, train_file, tmp_path / "run", teacher=teacher, loss_impl=loss_impl,
+                                    alpha=0.3, temperature=2.0, **extra))
+    tokenizer = load_student_tokenizer(config.model)
+    teacher_tokenizer = load_cross_teacher_tokenizer(config.model) if config.distill.cross_tokenizer else None
+    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed, teacher_tokenizer)
+    torch.manual_seed(0)
+    student, teacher_model, kd_vocab = load_models(config, tokenizer)
+    (tmp_path / "run").mkdir(parents=True, exist_ok=True)
+    vocab_map = (cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher_model)
+                 if teacher_tokenizer else None)
+    trainer = build_trainer(config, student, teacher_model, kd_vocab, dataset, tokenizer, vocab_map=vocab_map,
+                            teacher_tokenizer=teacher_tokenizer)
+    batch = trainer.data_collator([dataset[i] for i in range(8)])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(400))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    terms = trainer.loss_terms()
+    return loss.detach(), terms["ce_loss"].detach(), terms["kd_loss"].detach(), grads
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("loss_impl", ["fused", "naive"])
+@pytest.mark.parametrize("teacher", ["teacher", "teacher_padded"])
+def test_exact_with_one_tokenizer_equals_the_standard_step(models_dir, train_file, tmp_path, loss_impl, teacher):
+    """Through the data, the collator and NeoTrainer: --cross_tokenizer exact with the student's own tokenizer
+    gives the standard loss, CE, KD and gradients (1e-5), the padded-vocabulary teacher included."""
+    standard = first_step(models_dir, train_file, tmp_path / "a", models_dir[teacher], loss_impl)
+    across = first_step(models_dir, train_file, tmp_path / "b", models_dir[teacher], loss_impl, cross_tokenizer="exact")
+    for ours, reference in zip(across[:3], standard[:3], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert standard[3].keys() == across[3].keys()
+    for name, grad in standard[3].items():
+        torch.testing.assert_close(across[3][name], grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def char_teacher(tmp_path_factory):
+    """A tiny teacher on a character-level, ▁-convention tokenizer without a chat template."""
+    tokenizer = build_char_tokenizer(corpus_texts())
+    return save_model(tmp_path_factory.mktemp("char") / "teacher", build_tiny_llama(tokenizer, hidden_size=48, seed=5),
+                      tokenizer)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["exact", "hybrid"])
+def test_a_run_across_tokenizers(models_dir, train_file, tmp_path, char_teacher, mode):
+    out = tmp_path / "run"
+    summary = distill(parse_config(run_flags(models_dir, train_file, out, teacher=char_teacher, cross_tokenizer=mode,
+                                             eval_ratio=0.2, max_length=256)))
+    assert summary.steps == 3 and (out / MAP_FILE).is_file()
+    metrics = summary.final_metrics
+    assert 0.5 < metrics["aligned_coverage"] < 1.0 and 0.3 < metrics["teacher_mapped_mass"] <= 1.0
+    for name in ("eval_aligned_kl", "eval_aligned_coverage", "eval_bits_per_byte", "eval_perplexity"):
+        assert math.isfinite(metrics[name]), name
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry for entry in logged if "kd_loss" in entry]
+    assert len(steps) == 3 and all(math.isfinite(entry["kd_loss"]) and entry["kd_loss"] > 0 for entry in steps)
+
+
+def test_cross_tokenizer_refuses_what_it_cannot_do(models_dir, train_file, tmp_path):
+    base = run_flags(models_dir, train_file, tmp_path / "run", cross_tokenizer="exact")
+    for extra, message in ((["--packing", "true"], "needs padded rows"),
+                           (["--teacher_cache", str(tmp_path)], "runs the teacher online"),
+                           (["--loss_impl", "liger"], "use loss_impl fused or naive")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config(base + extra)
+    lora = run_flags(models_dir, train_file, tmp_path / "run", method="lora", cross_tokenizer="uld")
+    with pytest.raises(ConfigError, match="cross_tokenizer uld is for the kd and neo methods, not lora"):
+        parse_config(lora)
+
+
+def test_bits_per_byte_equals_a_hand_computation(models_dir, tokenizer):
+    """NLL of the answer tokens in bits over the UTF-8 bytes of the answer text (markers count no bytes)."""
+    from llmneo.data.tokenize import encode_messages
+    from transformers import AutoModelForCausalLM
+    import datasets
+
+    answer = "Ça va? 東京 is big."
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]
+    ids, labels = encode_messages(tokenizer, messages, 256)
+    model = AutoModelForCausalLM.from_pretrained(models_dir["student"]).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    nll = sum(-F.log_softmax(logits[t - 1], -1)[ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100)
+    answer_bytes = len(answer.encode("utf-8")) + len("\n")  # "<|im_end|>" is no text; the "\n" after it is
+    dataset = datasets.Dataset.from_dict({"input_ids": [ids], "labels": [labels]})
+    metrics = evaluate_against_teacher(model, dataset, make_collator(tokenizer), byte_lengths=byte_lengths(tokenizer))
+    assert metrics["answer_bytes"] == answer_bytes
+    assert metrics["bits_per_byte"] == pytest.approx(nll / math.log(2) / answer_bytes, rel=1e-6)
