@@ -18,9 +18,8 @@ from llmneo.demo.tiny import build_char_tokenizer, build_tiny_llama, corpus_text
 from llmneo.errors import ConfigError
 from llmneo.evaluation.metrics import evaluate_against_teacher
 from llmneo.data.collators import make_collator
-from llmneo.models import load_student_tokenizer
-from llmneo.pipeline import (build_trainer, cross_vocabulary_map, distill, load_cross_teacher_tokenizer,
-                             load_models)
+from llmneo.models import load_reading_tokenizer, load_student_tokenizer
+from llmneo.pipeline import build_trainer, cross_vocabulary_map, distill, load_models
 
 
 def first_step(models_dir, train_file, tmp_path, teacher: str, loss_impl: str, **extra):
@@ -28,7 +27,8 @@ def first_step(models_dir, train_file, tmp_path, teacher: str, loss_impl: str, *
     config = parse_config(run_flags(models_dir, train_file, tmp_path / "run", teacher=teacher, loss_impl=loss_impl,
                                     alpha=0.3, temperature=2.0, **extra))
     tokenizer = load_student_tokenizer(config.model)
-    teacher_tokenizer = load_cross_teacher_tokenizer(config.model) if config.distill.cross_tokenizer else None
+    teacher_tokenizer = (load_reading_tokenizer(config.model.teacher_model, role="teacher")
+                         if config.distill.cross_tokenizer else None)
     dataset, _ = build_dataset(config.data, tokenizer, config.training.seed, teacher_tokenizer)
     torch.manual_seed(0)
     student, teacher_model, kd_vocab = load_models(config, tokenizer)
@@ -115,3 +115,22 @@ def test_bits_per_byte_equals_a_hand_computation(models_dir, tokenizer):
     metrics = evaluate_against_teacher(model, dataset, make_collator(tokenizer), byte_lengths=byte_lengths(tokenizer))
     assert metrics["answer_bytes"] == answer_bytes
     assert metrics["bits_per_byte"] == pytest.approx(nll / math.log(2) / answer_bytes, rel=1e-6)
+
+
+@pytest.mark.e2e
+def test_eval_compares_a_teacher_with_another_tokenizer_at_aligned_boundaries(models_dir, char_teacher, tmp_path):
+    """`llm-neo eval` of a model directory beside a teacher with another tokenizer: bits per byte for the model,
+    and the aligned-boundary metrics instead of token-by-token ones."""
+    from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
+    from conftest import write_jsonl
+    from llmneo.demo.tiny import corpus_rows
+
+    data = write_jsonl(tmp_path / "held.jsonl", corpus_rows()[:6])
+    metrics = evaluate_target(EvalRequest(target=models_dir["student"], dataset=data, teacher_model=char_teacher,
+                                          max_length=256, bootstrap=0), write=False)["held_out"]
+    assert "kl_to_teacher" not in metrics and "top1_agreement" not in metrics
+    assert 0.5 < metrics["aligned_coverage"] < 1 and metrics["aligned_kl"] > 0 and metrics["bits_per_byte"] > 0
+    same = evaluate_target(EvalRequest(target=models_dir["student"], dataset=data, teacher_model=models_dir["teacher"],
+                                       max_length=256, bootstrap=0), write=False)["held_out"]
+    assert "kl_to_teacher" in same and "aligned_kl" not in same
+    assert same["bits_per_byte"] == pytest.approx(metrics["bits_per_byte"])

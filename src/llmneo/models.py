@@ -68,11 +68,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "stud
 def load_student_tokenizer(model_args, task: str = "causal_lm"):
     """The student's tokenizer, the one the data is tokenised with: a pad token (EOS if it has none) and, for
     causal_lm, a chat template (llm-neo's fallback if it has none)."""
-    tokenizer = load_tokenizer(model_args.student_model, model_args.trust_remote_code)
+    return load_reading_tokenizer(model_args.student_model, model_args.trust_remote_code, "student", task)
+
+
+def load_reading_tokenizer(path: str, trust_remote_code: bool = False, role: str = "student",
+                           task: str = "causal_lm"):
+    """A tokenizer that renders and pads rows itself (the student's, or a teacher's own across tokenizers): a pad
+    token (EOS if it has none) and, for causal_lm, a chat template (llm-neo's fallback if it has none)."""
+    tokenizer = load_tokenizer(path, trust_remote_code, role)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if task == "causal_lm" and ensure_chat_template(tokenizer):
-        logger.warning("the student tokenizer has no chat template: using llm-neo's fallback template")
+        logger.warning("the %s tokenizer has no chat template: using llm-neo's fallback template", role)
     return tokenizer
 
 

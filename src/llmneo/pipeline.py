@@ -20,7 +20,6 @@ from .adapters.store import KIND_FILE, kind_record, save_initial_adapter
 from .artifacts import (METRICS_FILE, resolved_config, run_settings, save_final_weights, save_resolved_config,
                         write_model_card)
 from .data.collators import AlignedCollator, make_collator
-from .data.tokenize import ensure_chat_template
 from .data.vocabulary import VocabularyMap, build_vocabulary_map, load_vocabulary_map
 from .evaluation.cross_tokenizer import teacher_mapped_mass
 from .data.loading import DataReport, build_datasets
@@ -30,7 +29,8 @@ from .evaluation.classification import class_fidelity_kl
 from .evaluation.metrics import teacher_fidelity_kl
 from .methods import METHODS
 from .models import (ClassHead, check_quantization, check_vocabularies, is_quantized, load_student,
-                     load_student_tokenizer, load_tokenizer, model_identity, output_vocab_size)
+                     load_reading_tokenizer, load_student_tokenizer, load_tokenizer, model_identity,
+                     output_vocab_size)
 from .evaluation.answers import answers, held_out_prompts, held_out_teacher_prompts
 from .report import before_after_console, before_after_rows, write_run_report
 from .runtime.atomic import write_atomically
@@ -87,7 +87,8 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     claim_run_dir(config)
     set_seed(config.training.seed)
     tokenizer = load_student_tokenizer(config.model, config.data.task)
-    teacher_tokenizer = load_cross_teacher_tokenizer(config.model) if config.distill.cross_tokenizer else None
+    teacher_tokenizer = (load_reading_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
+                         if config.distill.cross_tokenizer else None)  # across tokenizers: the teacher reads its own
     dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer)
     log_data(report, held_out)
     head = class_head(config, tokenizer, report)
@@ -203,17 +204,6 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
     if task == "classification":
         return ClassifierTrainer(**common)
     return NeoTrainer(**common, teacher_cache=teacher_cache, vocab_map=vocab_map)
-
-
-def load_cross_teacher_tokenizer(model_args):
-    """The teacher's own tokenizer (--cross_tokenizer), with llm-neo's fallback chat template if it has none."""
-    teacher_tokenizer = load_tokenizer(model_args.teacher_model, model_args.trust_remote_code, "teacher")
-    if ensure_chat_template(teacher_tokenizer):
-        logger.warning("the teacher tokenizer has no chat template: the teacher reads conversations through "
-                       "llm-neo's fallback template")
-    if teacher_tokenizer.pad_token_id is None:
-        teacher_tokenizer.pad_token = teacher_tokenizer.eos_token
-    return teacher_tokenizer
 
 
 def cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher) -> VocabularyMap:

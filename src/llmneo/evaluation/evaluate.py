@@ -1,4 +1,7 @@
-"""`llm-neo eval`: offline metrics on held-out rows and lm-eval tasks for a run directory or a model directory."""
+"""`llm-neo eval`: offline metrics on held-out rows and lm-eval tasks for a run directory or a model directory.
+
+A language model's held-out metrics include bits per byte. A teacher with another tokenizer is compared at the
+answers' aligned boundaries (evaluation/cross_tokenizer.py) instead of token by token."""
 
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ import torch
 
 from ..artifacts import load_run_config, load_run_model
 from ..config import DataArguments, ModelArguments
-from ..data.collators import make_collator
+from ..data.collators import AlignedCollator, make_collator
+from ..data.vocabulary import build_vocabulary_map, byte_lengths
 from ..data.loading import build_dataset, build_datasets
 from ..errors import ConfigError
-from ..models import ClassHead, load_student, load_tokenizer
+from ..models import ClassHead, load_reading_tokenizer, load_student, load_tokenizer, output_vocab_size
 from ..teacher.loading import load_teacher
 from .classification import evaluate_classifier
+from .cross_tokenizer import evaluate_aligned
 from .harness import run_lm_eval
 from .metrics import evaluate_against_teacher
 
@@ -60,8 +65,8 @@ def _task(config: dict | None) -> str:
     return ((config or {}).get("data") or {}).get("task", "causal_lm")
 
 
-def _held_out_rows(request: EvalRequest, tokenizer, config: dict | None):
-    rows = _all_held_out_rows(request, tokenizer, config)
+def _held_out_rows(request: EvalRequest, tokenizer, config: dict | None, teacher_tokenizer=None):
+    rows = _all_held_out_rows(request, tokenizer, config, teacher_tokenizer)
     if rows is not None and request.max_samples is not None:
         if request.max_samples < 1:
             raise ConfigError(f"max_samples must be >= 1, got {request.max_samples}")
@@ -69,23 +74,38 @@ def _held_out_rows(request: EvalRequest, tokenizer, config: dict | None):
     return rows
 
 
-def _all_held_out_rows(request: EvalRequest, tokenizer, config: dict | None):
+def _all_held_out_rows(request: EvalRequest, tokenizer, config: dict | None, teacher_tokenizer=None):
     data = (config or {}).get("data", {})
     max_length = request.max_length or data.get("max_length", 512)
     if request.dataset is not None:
         data_args = DataArguments(dataset=request.dataset, max_length=max_length, task=_task(config),
                                   class_names=data.get("class_names"), skip_bad_rows=request.skip_bad_rows)
-        return build_dataset(data_args, tokenizer, seed=0)[0]
+        return build_dataset(data_args, tokenizer, seed=0, teacher_tokenizer=teacher_tokenizer)[0]
     if "training" not in (config or {}):
         return None
     data_args = DataArguments(**{**config["data"], "max_length": max_length})
     if not (data_args.eval_split or data_args.eval_ratio):
         return None
-    return build_datasets(data_args, tokenizer, config["training"]["seed"])[1]
+    return build_datasets(data_args, tokenizer, config["training"]["seed"], teacher_tokenizer)[1]
+
+
+def _teacher_path(request: EvalRequest, config: dict | None) -> str | None:
+    return request.teacher_model or (config or {}).get("model", {}).get("teacher_model")
+
+
+def _other_teacher_tokenizer(request: EvalRequest, config: dict | None, tokenizer):
+    """The teacher's tokenizer when it is not the model's own (a language model compared at aligned boundaries)."""
+    path = _teacher_path(request, config)
+    if not path or _task(config) == "classification":
+        return None
+    teacher_tokenizer = load_reading_tokenizer(path, role="teacher")
+    same = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer)))) == \
+        tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return None if same else teacher_tokenizer
 
 
 def _teacher(request: EvalRequest, config: dict | None):
-    path = request.teacher_model or (config or {}).get("model", {}).get("teacher_model")
+    path = _teacher_path(request, config)
     if not path:
         return None
     args = ModelArguments(**{**(config or {}).get("model", {}), "teacher_model": path})
@@ -99,15 +119,23 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     results = {}
-    held_out = _held_out_rows(request, tokenizer, config)
+    teacher_tokenizer = _other_teacher_tokenizer(request, config, tokenizer)
+    held_out = _held_out_rows(request, tokenizer, config, teacher_tokenizer)
     if held_out is not None:
         teacher = _teacher(request, config)
+        teacher = teacher.to(device) if teacher is not None else None
         classifying = _task(config) == "classification"
-        evaluate = evaluate_classifier if classifying else partial(evaluate_against_teacher,
-                                                                   bootstrap=request.bootstrap)
-        results["held_out"] = evaluate(model, held_out, make_collator(tokenizer, _task(config)),
-                                       teacher=teacher.to(device) if teacher is not None else None,
+        evaluate = evaluate_classifier if classifying else partial(
+            evaluate_against_teacher, bootstrap=request.bootstrap, byte_lengths=byte_lengths(tokenizer))
+        collator = make_collator(tokenizer, _task(config))
+        results["held_out"] = evaluate(model, held_out, collator, teacher=None if teacher_tokenizer else teacher,
                                        batch_size=request.batch_size, progress=True)
+        if teacher_tokenizer is not None and teacher is not None:
+            vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_vocab_size(teacher),
+                                             output_vocab_size(model))
+            aligned = AlignedCollator(collator, tokenizer.padding_side, teacher_tokenizer.pad_token_id)
+            results["held_out"].update(evaluate_aligned(model, teacher, held_out, aligned, vocab_map,
+                                                        request.batch_size))
     if request.tasks:
         if _task(config) == "classification":
             raise ConfigError("lm-eval tasks score language models; a classifier is evaluated on held-out rows")
