@@ -55,6 +55,9 @@ def cache_teacher(config, cache_dir: str | Path, settings: CaptureSettings) -> d
     if config.data.task == "classification":
         raise ConfigError("cache-teacher is for --task causal_lm: a classification teacher's few class logits are "
                           "computed online")
+    if config.distill.cross_tokenizer:
+        raise ConfigError("cache-teacher cannot yet cache a teacher with another tokenizer (--cross_tokenizer "
+                          f"{config.distill.cross_tokenizer}): distil with that teacher online")
     tokenizer = load_student_tokenizer(config.model)
     with DirectoryLock(cache_dir, "llm-neo cache-teacher") if PartialState().is_main_process else nullcontext():
         return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
