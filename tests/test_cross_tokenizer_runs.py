@@ -137,3 +137,7 @@ def test_eval_compares_a_teacher_with_another_tokenizer_at_aligned_boundaries(mo
                                        max_length=256, bootstrap=0), write=False)["held_out"]
     assert "kl_to_teacher" in same and "aligned_kl" not in same
     assert same["bits_per_byte"] == pytest.approx(metrics["bits_per_byte"])
+    # A model directory whose tokenizer has no chat template reads the rows through the fallback template.
+    alone = evaluate_target(EvalRequest(target=char_teacher, dataset=data, max_length=256, bootstrap=0),
+                            write=False)["held_out"]
+    assert math.isfinite(alone["bits_per_byte"]) and alone["answer_bytes"] > 0

@@ -57,6 +57,8 @@ def _load_target(request: EvalRequest):
         raise ConfigError(f"{target} is neither a run directory (config.yaml) nor a model directory (config.json)")
     tokenizer = load_tokenizer(str(target), role="model")
     head = ClassHead.from_saved_model(target, tokenizer)
+    if head is None:  # a language model reads chat rows through its template (llm-neo's fallback if it has none)
+        tokenizer = load_reading_tokenizer(str(target), role="model")
     config = {"data": {"task": "classification", "class_names": ",".join(head.labels)}} if head else None
     return load_student(ModelArguments(student_model=str(target)), head), tokenizer, config
 
