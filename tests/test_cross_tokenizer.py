@@ -174,6 +174,19 @@ def test_alignment_details(bpe, chars, bpe_other_merges):
     assert kept and list(zip(cut.student_positions, cut.teacher_positions, strict=False)) == kept
 
 
+def test_the_plain_teacher_template_renders_incrementally_and_aligns_the_answers(bpe, chars):
+    """A base teacher reading 'Question: ... Answer: ...' prose: every answer's text aligns, the markers do not."""
+    from transformers import PreTrainedTokenizerFast
+    from llmneo.data.tokenize import set_chat_template
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=chars.backend_tokenizer, eos_token="</s>", pad_token="<pad>")
+    set_chat_template(plain, "plain")
+    text = render_messages(plain, CONVERSATION, 512)[0]
+    assert text.startswith("Question: Say something with accents.\n\nAnswer: " + UNICODE_ANSWER + "\n\n")
+    across, full = align(bpe, plain), align(bpe, chars)
+    assert across.student_positions == full.student_positions  # the answers' own text, whatever the template
+
+
 def test_plain_text_rows_align_from_the_first_token(bpe, chars):
     text = "Plain text: naïve café 東京."
     ids, _ = encode_text(bpe, text, 512)

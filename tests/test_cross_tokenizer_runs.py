@@ -95,6 +95,8 @@ def test_cross_tokenizer_refuses_what_it_cannot_do(models_dir, train_file, tmp_p
     from llmneo.teacher.capture import CaptureSettings, cache_teacher
     with pytest.raises(ConfigError, match="cache-teacher cannot yet cache a teacher with another tokenizer"):
         cache_teacher(parse_config(base), tmp_path / "cache", CaptureSettings())
+    with pytest.raises(ConfigError, match="teacher_chat_template is for a teacher with another tokenizer"):
+        parse_config(run_flags(models_dir, train_file, tmp_path / "run", teacher_chat_template="plain"))
     lora = run_flags(models_dir, train_file, tmp_path / "run", method="lora", cross_tokenizer="uld")
     with pytest.raises(ConfigError, match="cross_tokenizer uld is for the kd and neo methods, not lora"):
         parse_config(lora)

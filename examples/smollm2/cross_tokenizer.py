@@ -46,6 +46,9 @@ ARMS = {  # name: (method, teacher, extra flags)
     "neo-gemma-exact": ("neo", "gemma", ["--cross_tokenizer", "exact"]),
     "neo-gemma-uld": ("neo", "gemma", ["--cross_tokenizer", "uld"]),
     "neo-gemma-hybrid": ("neo", "gemma", ["--cross_tokenizer", "hybrid"]),
+    # Gemma-3-270M is a base model: in the fallback template it predicts more role markers ("<") where an answer
+    # starts; as prose (Question: ... Answer: ...) it reads conversations as it was trained to.
+    "neo-gemma-exact-plain": ("neo", "gemma", ["--cross_tokenizer", "exact", "--teacher_chat_template", "plain"]),
     "lora": ("lora", None, []),
 }
 CORPORA = ("sharegpt", "python-docs")

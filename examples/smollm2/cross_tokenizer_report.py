@@ -34,7 +34,7 @@ def arm_rows(results: dict, corpus: str, arms: dict) -> list[dict]:
         method, teacher, extra = arms.get(name, ("—", None, []))
         rows.append({"run": "student before" if name == "before" else name, "method": method,
                      "teacher": {"smollm2": "SmolLM2-135M-Instruct", "gemma": "Gemma-3-270M"}.get(teacher, "—"),
-                     "mode": extra[1] if extra else ("one tokenizer" if teacher else "—"),
+                     "mode": " ".join(extra[1::2]) if extra else ("one tokenizer" if teacher else "—"),
                      "bpb": round(metrics["bits_per_byte"], 4), "ppl": round(metrics["perplexity"], 2),
                      "kl": round(metrics["aligned_kl"], 4), "agree": round(metrics["aligned_top1_agreement"], 3),
                      "coverage": _percent(train.get("aligned_coverage")),

@@ -93,6 +93,8 @@ def cmd_eval(argv: list[str]) -> int:
     parser.add_argument("target", help="Run directory of `llm-neo distill`, or a model directory.")
     parser.add_argument("--dataset", help="Held-out rows for a model directory (a run uses its eval split).")
     parser.add_argument("--teacher_model", help="Teacher for agreement and KL (a run uses its own).")
+    parser.add_argument("--teacher_chat_template", help="A teacher with another tokenizer reads the rows through "
+                        "this chat template: 'plain' or a Jinja file (a run uses its own setting).")
     parser.add_argument("--max_length", type=int, help="Truncate held-out rows to this many tokens (default: the "
                                                         "run's max_length, else 512), to compare like for like.")
     parser.add_argument("--max_samples", type=int, help="Evaluate only the first this many held-out rows.")
@@ -105,7 +107,8 @@ def cmd_eval(argv: list[str]) -> int:
     if args.bootstrap < 0:
         parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
     request = EvalRequest(target=args.target, dataset=args.dataset, teacher_model=args.teacher_model,
-                          max_length=args.max_length, max_samples=args.max_samples, bootstrap=args.bootstrap,
+                          teacher_chat_template=args.teacher_chat_template, max_length=args.max_length,
+                          max_samples=args.max_samples, bootstrap=args.bootstrap,
                           skip_bad_rows=args.skip_bad_rows,
                           **_eval_options(args))
     print(json.dumps(evaluate_target(request), indent=2))

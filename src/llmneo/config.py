@@ -34,6 +34,9 @@ class ModelArguments:
     student_quantization: Literal["none", "nf4", "int8"] = _help(
         "Load the student quantized with bitsandbytes (QLoRA; lora/neo only; needs a CUDA GPU).", "none"
     )
+    teacher_chat_template: str | None = _help(
+        "With --cross_tokenizer: the chat template the teacher reads conversations through, a Jinja file or 'plain' "
+        "(Question:/Answer: prose, for base models); default its own, else llm-neo's fallback template.")
     teacher_quantization: Literal["none", "nf4", "int8"] = _help(
         "Load the teacher quantized with bitsandbytes (needs a CUDA GPU); its fidelity to the unquantized teacher is logged.",
         "none",
@@ -316,7 +319,8 @@ def validate(config: RunConfig) -> None:
 def _cross_tokenizer_checks(config: RunConfig) -> list[tuple[bool, str]]:
     """--cross_tokenizer runs the teacher online on its own tokens of padded rows."""
     if config.distill.cross_tokenizer is None:
-        return []
+        return [(config.model.teacher_chat_template is None,
+                 "teacher_chat_template is for a teacher with another tokenizer: add --cross_tokenizer")]
     name = f"cross_tokenizer {config.distill.cross_tokenizer}"
     return [(METHODS[config.distill.method].uses_teacher, f"{name} is for the kd and neo methods, not "
                                                           f"{config.distill.method}"),

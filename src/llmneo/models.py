@@ -14,7 +14,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           BitsAndBytesConfig)
 
-from .data.tokenize import ensure_chat_template
+from .data.tokenize import ensure_chat_template, set_chat_template
 from .errors import ConfigError, VocabularyError
 
 logger = logging.getLogger(__name__)
@@ -72,13 +72,16 @@ def load_student_tokenizer(model_args, task: str = "causal_lm"):
 
 
 def load_reading_tokenizer(path: str, trust_remote_code: bool = False, role: str = "student",
-                           task: str = "causal_lm"):
+                           task: str = "causal_lm", chat_template: str | None = None):
     """A tokenizer that renders and pads rows itself (the student's, or a teacher's own across tokenizers): a pad
-    token (EOS if it has none) and, for causal_lm, a chat template (llm-neo's fallback if it has none)."""
+    token (EOS if it has none) and, for causal_lm, a chat template (``chat_template`` if given: 'plain' or a
+    Jinja file; else its own, else llm-neo's fallback)."""
     tokenizer = load_tokenizer(path, trust_remote_code, role)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if task == "causal_lm" and ensure_chat_template(tokenizer):
+    if chat_template:
+        set_chat_template(tokenizer, chat_template)
+    elif task == "causal_lm" and ensure_chat_template(tokenizer):
         logger.warning("the %s tokenizer has no chat template: using llm-neo's fallback template", role)
     return tokenizer
 

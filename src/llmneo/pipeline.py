@@ -87,7 +87,8 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     claim_run_dir(config)
     set_seed(config.training.seed)
     tokenizer = load_student_tokenizer(config.model, config.data.task)
-    teacher_tokenizer = (load_reading_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
+    teacher_tokenizer = (load_reading_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher",
+                                                chat_template=config.model.teacher_chat_template)
                          if config.distill.cross_tokenizer else None)  # across tokenizers: the teacher reads its own
     dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer)
     log_data(report, held_out)

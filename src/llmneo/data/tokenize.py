@@ -22,6 +22,28 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
+# For a base model (no chat template of its own) as a teacher across tokenizers: conversations as plain prose,
+# which it has seen in pre-training, instead of role markers it would try to continue.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] + '\n\n' }}"
+    "{% else %}{{ 'Question: ' + message['content'] + '\n\nAnswer: ' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def set_chat_template(tokenizer, template: str) -> None:
+    """Install ``template``: 'plain' (PLAIN_CHAT_TEMPLATE) or the path of a Jinja file."""
+    if template == "plain":
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+        return
+    try:
+        with open(template, encoding="utf-8") as handle:
+            tokenizer.chat_template = handle.read()
+    except OSError as error:
+        raise NeoError(f"cannot read the chat template file {template}: {error.strerror}") from None
+
+
 def ensure_chat_template(tokenizer) -> bool:
     """Install the documented fallback template when the tokenizer has none. Returns True if it did."""
     if getattr(tokenizer, "chat_template", None):

@@ -36,6 +36,7 @@ class EvalRequest:
     target: str  # run directory or model directory
     dataset: str | None = None  # held-out rows for a model directory (a run uses its own eval split)
     teacher_model: str | None = None  # teacher for agreement and KL (a run uses its own)
+    teacher_chat_template: str | None = None  # another tokenizer's teacher reads rows through this ('plain', a file)
     tasks: str | None = None  # lm-eval tasks or preset, comma-separated
     include_path: str | None = None  # folder of custom lm-eval task YAMLs
     limit: float | None = None  # lm-eval: examples per task (or a fraction)
@@ -100,7 +101,8 @@ def _other_teacher_tokenizer(request: EvalRequest, config: dict | None, tokenize
     path = _teacher_path(request, config)
     if not path or _task(config) == "classification":
         return None
-    teacher_tokenizer = load_reading_tokenizer(path, role="teacher")
+    template = request.teacher_chat_template or (config or {}).get("model", {}).get("teacher_chat_template")
+    teacher_tokenizer = load_reading_tokenizer(path, role="teacher", chat_template=template)
     same = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer)))) == \
         tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     return None if same else teacher_tokenizer
