@@ -22,6 +22,7 @@ from .artifacts import (METRICS_FILE, resolved_config, run_settings, save_final_
 from .data.collators import AlignedCollator, make_collator
 from .data.vocabulary import VocabularyMap, build_vocabulary_map, load_vocabulary_map
 from .evaluation.cross_tokenizer import teacher_mapped_mass
+from .losses.cross_vocab import logit_rows
 from .data.loading import DataReport, build_datasets
 from .data.packing import PackingCollator
 from .errors import DiskFullError, NonFiniteError, TrainingOutOfMemory
@@ -43,7 +44,7 @@ from .runtime.resume import cut_metrics, resolve_checkpoint
 from .runtime.run_dir import claim_output_dir, mark_finished, mark_started
 from .teacher.cache import TeacherCache, cached_vocab_size, data_fingerprint, open_teacher_cache
 from .teacher.loading import load_teacher
-from .teacher.online import teacher_rows_at
+from .teacher.online import rows_at
 from .training import ClassifierTrainer, MetricsJsonlCallback, NeoTrainer
 
 logger = logging.getLogger(__name__)
@@ -229,9 +230,9 @@ def log_cross_tokenizer_coverage(trainer, dataset, report: DataReport) -> dict:
     aligned = sum(len(positions) for positions in dataset["aligned_student"])
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {key: value.to(trainer.args.device) for key, value in batch.items()}
-    rows, weight = teacher_rows_at(trainer.teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
+    rows, weight = rows_at(trainer.teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
                                    batch["aligned_row"], batch["aligned_teacher"])
-    logits = rows.float() if weight is None else torch.nn.functional.linear(rows, weight).float()
+    logits = logit_rows(rows, weight)
     mass = teacher_mapped_mass(logits, trainer.vocab_map).mean().item() if logits.shape[0] else float("nan")
     coverage = {"aligned_coverage": round(aligned / max(report.answer_tokens, 1), 6),
                 "teacher_mapped_mass": round(mass, 6)}

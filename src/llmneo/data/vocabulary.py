@@ -114,12 +114,16 @@ class VocabularyMap:
         return path
 
 
+def same_vocabulary(first, second) -> bool:
+    """Whether two tokenizers map every id to the same token (one tokenizer, as far as KD is concerned)."""
+    return first.convert_ids_to_tokens(list(range(len(first)))) == second.convert_ids_to_tokens(
+        list(range(len(second))))
+
+
 def build_vocabulary_map(teacher_tokenizer, student_tokenizer, teacher_outputs: int,
                          student_outputs: int) -> VocabularyMap:
     """Pair the ids whose bytes are identical. ``*_outputs``: the sizes of the models' output layers."""
-    teacher_tokens = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer))))
-    student_tokens = student_tokenizer.convert_ids_to_tokens(list(range(len(student_tokenizer))))
-    if teacher_tokens == student_tokens:
+    if same_vocabulary(teacher_tokenizer, student_tokenizer):
         shared = min(teacher_outputs, student_outputs)
         ids = torch.arange(shared)
         return VocabularyMap(ids, ids.clone(), shared, shared, identical=True)

@@ -15,32 +15,16 @@ from torch.utils.data import DataLoader
 
 from ..data.alignment import ALIGNMENT_COLUMNS
 from ..data.vocabulary import VocabularyMap
-from ..lm_head import capture_final_hidden, fused_head_unsupported_reason, output_head
 from ..losses.contract import answer_mask
-from ..losses.cross_vocab import mapped_buckets
+from ..losses.cross_vocab import logit_rows, mapped_buckets
 from ..losses.divergences import forward_kl
-from ..teacher.online import teacher_rows_at
+from ..teacher.online import rows_at
 
 
 def teacher_mapped_mass(teacher_logit_rows: torch.Tensor, vocab_map: VocabularyMap) -> torch.Tensor:
     """Per row, the teacher's probability on the ids the map pairs."""
     probs = F.softmax(teacher_logit_rows.float()[:, :vocab_map.teacher_size], dim=-1)
     return probs.index_select(1, vocab_map.teacher_ids).sum(1)
-
-
-def _rows_as_logits(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    return (rows if weight is None else F.linear(rows, weight)).float()
-
-
-@torch.no_grad()
-def student_rows_at(student, batch: dict, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The student's logits at (row, position) pairs of its batch, built from hidden states where possible."""
-    fused = fused_head_unsupported_reason(student) is None
-    with capture_final_hidden(student, active=fused) as captured:
-        outputs = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-    if fused:
-        return _rows_as_logits(captured.hidden[rows, positions], output_head(student).weight)
-    return outputs.logits[rows, positions].float()
 
 
 @torch.no_grad()
@@ -61,13 +45,15 @@ def evaluate_aligned(student, teacher, dataset, collator, vocab_map: VocabularyM
         rows = batch["aligned_row"]
         if rows.numel() == 0:
             continue
-        student_rows = student_rows_at(student, batch, rows, batch["aligned_student"])
-        teacher_rows, weight = teacher_rows_at(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
-                                               rows, batch["aligned_teacher"])
+        student_rows, student_weight = rows_at(student, batch["input_ids"], batch.get("attention_mask"), rows,
+                                               batch["aligned_student"])
+        teacher_rows, weight = rows_at(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], rows,
+                                       batch["aligned_teacher"])
         for start in range(0, rows.numel(), chunk_size):
             stop = start + chunk_size
-            reference = _rows_as_logits(teacher_rows[start:stop], weight)
-            student_buckets, teacher_buckets = mapped_buckets(student_rows[start:stop], reference, vocab_map)
+            reference = logit_rows(teacher_rows[start:stop], weight)
+            student_buckets, teacher_buckets = mapped_buckets(logit_rows(student_rows[start:stop], student_weight),
+                                                              reference, vocab_map)
             totals["kl"] += forward_kl(student_buckets, teacher_buckets).sum().item()
             totals["agree"] += (student_buckets.argmax(-1) == teacher_buckets.argmax(-1)).sum().item()
             totals["mass"] += teacher_mapped_mass(reference, vocab_map).sum().item()

@@ -16,7 +16,7 @@ import torch
 from ..artifacts import load_run_config, load_run_model
 from ..config import DataArguments, ModelArguments
 from ..data.collators import AlignedCollator, make_collator
-from ..data.vocabulary import build_vocabulary_map, byte_lengths
+from ..data.vocabulary import build_vocabulary_map, byte_lengths, same_vocabulary
 from ..data.loading import build_dataset, build_datasets
 from ..errors import ConfigError
 from ..models import ClassHead, load_reading_tokenizer, load_student, load_tokenizer, output_vocab_size
@@ -103,9 +103,7 @@ def _other_teacher_tokenizer(request: EvalRequest, config: dict | None, tokenize
         return None
     template = request.teacher_chat_template or (config or {}).get("model", {}).get("teacher_chat_template")
     teacher_tokenizer = load_reading_tokenizer(path, role="teacher", chat_template=template)
-    same = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer)))) == \
-        tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return None if same else teacher_tokenizer
+    return None if same_vocabulary(teacher_tokenizer, tokenizer) else teacher_tokenizer
 
 
 def _teacher(request: EvalRequest, config: dict | None):

@@ -148,7 +148,8 @@ def cross_vocab_divergence(student_rows: torch.Tensor, teacher_rows: torch.Tenso
     return student_divergence(student_rows, targets, vocab_map, mode, settings)
 
 
-def _logit_rows(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def logit_rows(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Logit rows from hidden-state rows and a head weight, or the rows themselves when they are logits (no weight)."""
     return rows if weight is None else F.linear(rows, weight)
 
 
@@ -160,13 +161,13 @@ def cross_vocab_kd_sum(student_rows, teacher_rows, vocab_map: VocabularyMap, mod
     total = student_rows.new_zeros((), dtype=torch.float32)
 
     def chunk_sum(student_chunk, targets):
-        return student_divergence(_logit_rows(student_chunk, student_weight), targets, vocab_map, mode,
+        return student_divergence(logit_rows(student_chunk, student_weight), targets, vocab_map, mode,
                                   settings).sum()
 
     for start in range(0, student_rows.shape[0], settings.chunk_size):
         stop = start + settings.chunk_size
         with torch.no_grad():
-            targets = teacher_targets(_logit_rows(teacher_rows[start:stop], teacher_weight), vocab_map, mode,
+            targets = teacher_targets(logit_rows(teacher_rows[start:stop], teacher_weight), vocab_map, mode,
                                       settings.temperature)
         if torch.is_grad_enabled() and student_rows.requires_grad:
             total = total + checkpoint(chunk_sum, student_rows[start:stop], targets, use_reentrant=False)

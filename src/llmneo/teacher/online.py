@@ -46,10 +46,11 @@ def answer_logit_chunks(model: torch.nn.Module, batch: dict, mask: torch.Tensor,
 
 
 @torch.no_grad()
-def teacher_rows_at(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The teacher at (row, position) pairs of its own batch: final hidden states and its head weight, or logit rows
-    (and None) for heads the fused loss cannot reproduce. For the KD term across tokenizers."""
-    if fused_head_unsupported_reason(teacher) is None:
-        return teacher_final_hidden(teacher, input_ids, attention_mask)[rows, positions], output_head(teacher).weight
-    return teacher_logits(teacher, input_ids, attention_mask)[rows, positions], None
+def rows_at(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A model without gradient at (row, position) pairs of its own batch: final hidden states and its head weight,
+    or logit rows (and None) for heads the fused loss cannot reproduce (``losses.cross_vocab.logit_rows`` turns
+    either into logits). For the teacher's side across tokenizers, and for evaluation at aligned boundaries."""
+    if fused_head_unsupported_reason(model) is None:
+        return teacher_final_hidden(model, input_ids, attention_mask)[rows, positions], output_head(model).weight
+    return teacher_logits(model, input_ids, attention_mask)[rows, positions], None

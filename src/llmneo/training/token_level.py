@@ -14,7 +14,7 @@ from ..lm_head import capture_final_hidden, output_head
 from ..losses.backends import LOSS_FUNCTIONS, READS_HIDDEN_STATES, choose_loss_impl, impl_for_call
 from ..losses.contract import answer_mask
 from ..losses.cross_vocab import cross_tokenizer_parts, cross_vocab_kd_sum
-from ..teacher.online import teacher_final_hidden, teacher_logits, teacher_rows_at
+from ..teacher.online import rows_at, teacher_final_hidden, teacher_logits
 from .base import DistillationTrainer
 
 
@@ -64,7 +64,7 @@ class NeoTrainer(DistillationTrainer):
         rows = inputs["aligned_row"]
         student_rows = student_side[0][rows, inputs["aligned_student"]]
         student_weight = student_side[1] if len(student_side) == 2 else None
-        teacher_rows, teacher_weight = teacher_rows_at(self.teacher, inputs["teacher_input_ids"],
+        teacher_rows, teacher_weight = rows_at(self.teacher, inputs["teacher_input_ids"],
                                                        inputs["teacher_attention_mask"], rows, inputs["aligned_teacher"])
         kd_sum = cross_vocab_kd_sum(student_rows, teacher_rows, self.vocab_map, self.args.cross_tokenizer,
                                     self.loss_settings, student_weight, teacher_weight)
