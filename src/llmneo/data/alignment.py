@@ -45,13 +45,14 @@ def byte_offsets(text: str) -> list[int]:
     return offsets
 
 
-def boundary_positions(rendered, token_bytes: list, span_start: int, limit: int) -> dict[int, int]:
-    """{byte b of the answer (0 <= b < limit): the position whose logits predict the text from b on}.
+def boundary_positions(rendered, token_bytes: list, span_start: int, limit: int,
+                       to_byte: list[int]) -> dict[int, int]:
+    """{byte b of the answer (0 <= b < limit): the position whose logits predict the text from b on};
+    ``to_byte``: ``byte_offsets`` of the rendered text.
 
     A token that starts at a character boundary starts at the byte where the token before it ends; a token that
     starts inside a character (one of its bytes) starts after the bytes of the token before it."""
-    text, _, ids, offsets = rendered
-    to_byte = byte_offsets(text)
+    _, _, ids, offsets = rendered
     origin, positions, start = to_byte[span_start], {}, None
     for index in range(1, len(ids)):
         previous_end = offsets[index - 1][1]
@@ -120,13 +121,14 @@ def align_rendered(student, teacher, student_ids: list[int], student_bytes: list
     teacher_text, teacher_spans, teacher_ids, _ = teacher
     if ids != list(student_ids):
         raise DataError("the student's tokens of this row differ from a second rendering of it")
+    student_to_byte, teacher_to_byte = byte_offsets(student_text), byte_offsets(teacher_text)
     student_positions, teacher_positions = [], []
     for (s_start, s_end), (t_start, t_end) in zip(student_spans, teacher_spans, strict=True):
         shared = common_prefix(answer_units(student, student_bytes, (s_start, s_end)),
                                answer_units(teacher, teacher_bytes, (t_start, t_end)))
         limit = len(student_text[s_start:s_start + shared].encode("utf-8"))
-        student_at = boundary_positions(student, student_bytes, s_start, limit)
-        teacher_at = boundary_positions(teacher, teacher_bytes, t_start, limit)
+        student_at = boundary_positions(student, student_bytes, s_start, limit, student_to_byte)
+        teacher_at = boundary_positions(teacher, teacher_bytes, t_start, limit, teacher_to_byte)
         for character in sorted(student_at.keys() & teacher_at.keys()):
             student_positions.append(student_at[character])
             teacher_positions.append(teacher_at[character])
