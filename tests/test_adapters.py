@@ -107,6 +107,18 @@ def test_moslora_merge_save_reload_and_plain_export(tokenizer, tmp_path):
     torch.testing.assert_close(logits(stock, ids), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_sharded_models_adapter_is_saved_from_its_gathered_weights(tokenizer, tmp_path):
+    """Under FSDP2 or ZeRO-3 each process holds a shard: the saved adapter is the gathered state dict's."""
+    model = add_lora(base_model(tokenizer), AdapterArguments(lora_r=RANK, lora_alpha=8))
+    gathered = {name: value + 1.0 if "lora_" in name else value for name, value in model.state_dict().items()}
+    save_adapter(model, tmp_path / "adapter", AdapterArguments(), state_dict=gathered)
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    lora_names = [name for name in gathered if "lora_" in name]
+    assert len(saved) == len(lora_names) > 0
+    for name in lora_names:
+        assert torch.equal(saved[name.replace(".default", "")], gathered[name]), name
+
+
 def test_moslora_mixer_gradient_matches_the_formula(tokenizer):
     """For L = sum(g * h): dL/dM = s * B^T g^T (x A^T), written out here."""
     layer = lora_modules(moslora_model(tokenizer), MoSLoraLinear)[0]

@@ -104,6 +104,24 @@ def test_padding_only_vocab_difference_is_aligned(models_dir, caplog):
     assert re.search(rf"differ only by padding \(student {size}, teacher {size + 16}\)", caplog.text)
 
 
+def test_vocabulary_check_reads_the_full_shape_of_a_zero3_partitioned_head(models_dir):
+    """ZeRO-3 leaves each process an empty lm_head weight and records the full shape in ``ds_shape``."""
+    import torch
+
+    from llmneo.lm_head import fused_head_unsupported_reason
+
+    tokenizer = load_tokenizer(models_dir["student"])
+    config = parse_config(["--student_model", models_dir["student"], "--teacher_model", models_dir["teacher_padded"],
+                           "--dataset", "d.jsonl"])
+    student, teacher = load_student(config.model), load_teacher(config.model)
+    for model in (student, teacher):
+        weight = model.get_output_embeddings().weight
+        full_shape, weight.data = weight.shape, torch.empty(0)
+        weight.ds_shape = full_shape
+    assert check_vocabularies(tokenizer, load_tokenizer(models_dir["teacher_padded"]), student, teacher) == len(tokenizer)
+    assert fused_head_unsupported_reason(student) == "its lm_head weight is sharded (FSDP2 or ZeRO-3)"
+
+
 @pytest.mark.e2e
 def test_padded_teacher_trains(models_dir, train_file, tmp_path):
     summary = distill(parse_config(run_flags(models_dir, train_file, tmp_path, teacher=models_dir["teacher_padded"])))

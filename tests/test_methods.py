@@ -144,6 +144,20 @@ def test_merge_gives_the_same_logits_as_base_plus_adapter(runs, tmp_path):
 
 
 @pytest.mark.e2e
+def test_merge_dtype_sets_the_merged_weights_dtype(runs, tmp_path):
+    from llmneo import cli
+
+    full = load_file(str(merge_run(runs["neo"]["out"], tmp_path / "fp32") / "model.safetensors"))
+    assert cli.main(["merge", str(runs["neo"]["out"]), "--output", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    half = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert full.keys() == half.keys()
+    for name, value in full.items():
+        assert value.dtype == torch.float32 and half[name].dtype == torch.bfloat16, name
+        # merged in bf16 from a fp32 base: within bf16 rounding of the fp32 merge
+        torch.testing.assert_close(half[name].float(), value, atol=1e-3, rtol=2 ** -7, msg=name)
+
+
+@pytest.mark.e2e
 def test_merge_of_a_full_weights_run_copies_the_trained_model(runs, tmp_path):
     model = runs["sft"]["model"].eval()
     merged = AutoModelForCausalLM.from_pretrained(merge_run(runs["sft"]["out"], tmp_path / "merged")).eval()

@@ -45,14 +45,14 @@ def load_run_config(run_dir: Path) -> dict:
 
 
 def save_final_weights(model, tokenizer, run_dir: Path, config, initial_adapter: Path | None = None,
-                       base: dict | None = None) -> Path:
+                       base: dict | None = None, state_dict: dict | None = None) -> Path:
     """Adapter (PEFT safetensors, see adapters/store.py; ``base``: the identity of the weights it was trained on) or
-    full weights (safetensors) with the tokenizer."""
+    full weights (safetensors) with the tokenizer. ``state_dict``: the gathered weights of a sharded model."""
     if METHODS[config.distill.method].uses_adapter:
-        target = save_adapter(model, run_dir / ADAPTER_DIR, config.adapter, initial_adapter, base)
+        target = save_adapter(model, run_dir / ADAPTER_DIR, config.adapter, initial_adapter, base, state_dict)
     else:
         target = run_dir / MODEL_DIR
-        model.save_pretrained(target)
+        model.save_pretrained(target, state_dict=state_dict)
     tokenizer.save_pretrained(target)
     return target
 
@@ -133,11 +133,12 @@ def check_base(adapter_dir: Path, student_path: str) -> None:
                           "(its config or weights changed since the run): restore that model, or train again")
 
 
-def load_run_model(run_dir: str | Path, command: str = "merge"):
+def load_run_model(run_dir: str | Path, command: str = "merge", dtype: str | None = None):
     """A finished run's student (or a checkpoint's) as one standalone model (adapter merged into full weights) and
-    its tokenizer."""
+    its tokenizer; ``dtype``: the weights' dtype, instead of the run's --dtype."""
     config, adapter_dir, model_dir = run_weights(run_dir, command)
-    model_args = ModelArguments(**{**config["model"], "student_quantization": "none"})  # merge into full weights
+    overrides = {"student_quantization": "none", **({"dtype": dtype} if dtype else {})}  # merge into full weights
+    model_args = ModelArguments(**{**config["model"], **overrides})
     if (adapter_dir / "adapter_config.json").is_file():
         check_base(adapter_dir, model_args.student_model)
         tokenizer = load_tokenizer(str(adapter_dir), role="adapter")
@@ -150,11 +151,12 @@ def load_run_model(run_dir: str | Path, command: str = "merge"):
     raise ConfigError(f"{run_dir} holds neither an adapter nor model weights")
 
 
-def merge_run(run_dir: str | Path, output: str | Path) -> Path:
+def merge_run(run_dir: str | Path, output: str | Path, dtype: str | None = None) -> Path:
     """Write a standalone model (base + adapter merged) that `AutoModelForCausalLM.from_pretrained` (or, for a
-    classification run, `AutoModelForSequenceClassification.from_pretrained`) loads."""
+    classification run, `AutoModelForSequenceClassification.from_pretrained`) loads; ``dtype``: the merged weights'
+    dtype (default: the run's --dtype, bf16 on a GPU)."""
     require_new_output(output)
-    merged, tokenizer = load_run_model(run_dir, "merge")
+    merged, tokenizer = load_run_model(run_dir, "merge", dtype)
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)
     logger.info("merged model written to %s", output)

@@ -230,8 +230,10 @@ def cmd_merge(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llm-neo merge", description=COMMANDS["merge"])
     parser.add_argument("run_dir", help="Run directory written by `llm-neo distill` (holds config.yaml and adapter/).")
     parser.add_argument("--output", required=True, help="Directory for the merged model (safetensors + tokenizer).")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="Dtype of the merged weights (default: the run's --dtype; bf16 runs on a GPU merge in bf16).")
     args = parser.parse_args(argv)
-    print(f"merged model written to {merge_run(args.run_dir, args.output)}")
+    print(f"merged model written to {merge_run(args.run_dir, args.output, args.dtype)}")
     return 0
 
 

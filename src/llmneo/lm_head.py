@@ -22,6 +22,13 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_output_embeddings()
 
 
+def output_rows(model: torch.nn.Module) -> int:
+    """The number of ids the output head scores; ZeRO-3 leaves an empty local weight and keeps the full shape
+    in ``ds_shape``."""
+    weight = output_head(model).weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
 def fused_head_unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why the fused loss cannot reproduce this model's logits, or None when it can."""
     head = output_head(model)

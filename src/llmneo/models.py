@@ -16,6 +16,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 
 from .data.tokenize import ensure_chat_template, set_chat_template
 from .errors import ConfigError, VocabularyError
+from .lm_head import output_rows
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def _digest_samples(digest, file: Path, block: int = 1 << 16, count: int = 8) ->
 
 
 def output_vocab_size(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]
+    return output_rows(model)
 
 
 def check_vocabularies(student_tokenizer, teacher_tokenizer, student, teacher) -> int:

@@ -183,7 +183,9 @@ def load_models(config, tokenizer, head: ClassHead | None = None, cache: Teacher
             kd_vocab_size = check_vocabularies(tokenizer, teacher_tokenizer, *sizes)
     if preset.uses_adapter:
         if is_quantized(student):  # QLoRA: fp32 norms, input grads for checkpointing
-            checkpointing = config.training.activation_checkpointing or config.training.gradient_checkpointing
+            # activation_checkpointing is the newer transformers 5 name of gradient_checkpointing (absent in 5.17)
+            checkpointing = getattr(config.training, "activation_checkpointing", False) or \
+                config.training.gradient_checkpointing
             student = prepare_model_for_kbit_training(student, use_gradient_checkpointing=checkpointing)
         student = add_lora(student, config.adapter, config.data.task)
     return student, teacher, kd_vocab_size
@@ -393,10 +395,12 @@ def write_artifacts(trainer, config, tokenizer, report: DataReport, final_metric
                     base: dict | None = None, comparison=None, samples=None) -> Path:
     """The final adapter or weights, the model card and the run report (main process only); the weights' folder."""
     run_dir = Path(config.training.output_dir)
+    # Sharded weights (FSDP2, ZeRO-3) are gathered by every process together, before the others leave.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.parameters_sharded() else None
     if not trainer.is_world_process_zero():
         return run_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
-    weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter, base)
+    weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter, base, state_dict)
     write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics, comparison)
     write_run_report(run_dir, final_metrics, run_settings(config, trainer.state.global_step, report), comparison,
                      samples)

@@ -46,13 +46,15 @@ def kind_record(adapter_args, base: dict | None = None) -> dict:
     return {"adapter": adapter_args.adapter, "mixer_init": adapter_args.mixer_init, "base": base}
 
 
-def save_adapter(model, target: Path, adapter_args, initial_dir: Path | None = None, base: dict | None = None) -> Path:
+def save_adapter(model, target: Path, adapter_args, initial_dir: Path | None = None, base: dict | None = None,
+                 state_dict: dict | None = None) -> Path:
+    """``state_dict``: the model's gathered weights when they are sharded (PEFT keeps the adapter's from it)."""
     kind = kind_record(adapter_args, base)
     if initial_dir is not None:
-        model.save_pretrained(target, path_initial_model_for_weight_conversion=str(initial_dir))
+        model.save_pretrained(target, state_dict=state_dict, path_initial_model_for_weight_conversion=str(initial_dir))
         kind = {"adapter": "lora", "converted_from": adapter_args.adapter, "base": base}
     else:
-        model.save_pretrained(target)
+        model.save_pretrained(target, state_dict=state_dict)
     (Path(target) / KIND_FILE).write_text(json.dumps(kind, indent=2) + "\n", encoding="utf-8")
     return Path(target)
 

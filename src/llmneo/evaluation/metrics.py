@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..lm_head import output_head
+from ..lm_head import output_rows
 from ..losses.contract import answer_mask, answer_row_index, answer_rows, answer_targets
 from ..losses.divergences import forward_kl
 from ..runtime.nonfinite import check_finite_rows
@@ -32,7 +32,7 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_siz
     bits over the bytes of the answer text, comparable between models with different tokenizers."""
     device = next(student.parameters()).device
     if teacher is not None and kd_vocab_size is None:
-        kd_vocab_size = min(output_head(student).weight.shape[0], output_head(teacher).weight.shape[0])
+        kd_vocab_size = min(output_rows(student), output_rows(teacher))
     was_training = student.training
     student.eval()
     sums = {name: torch.zeros(len(dataset), dtype=torch.float64) for name in ("nll", "agree", "kl", "tokens", "bytes")}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import ConfigError
-from ..lm_head import fused_head_unsupported_reason, output_head
+from ..lm_head import fused_head_unsupported_reason, output_rows
 from .divergences import Divergence
 from .fused import fused_distillation_loss
 from .liger import liger_distillation_loss, liger_unavailable_reason
@@ -43,7 +43,7 @@ def choose_loss_impl(requested: str, divergence: Divergence, student, teacher=No
         if teacher is None:
             logger.info("Liger's loss needs a teacher; this CE-only method uses the fused head")
             return "fused" if not reasons else "naive"
-        student_vocab = output_head(student).weight.shape[0]
+        student_vocab = output_rows(student)
         reason = "; ".join(reasons) or liger_unavailable_reason(divergence, student_vocab, kd_vocab_size or student_vocab)
         if reason:
             raise ConfigError(f"loss_impl liger cannot be used: {reason}")

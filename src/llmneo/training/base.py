@@ -50,6 +50,11 @@ class DistillationTrainer(Trainer):
         self._loss_sum_before = 0.0  # step losses summed by the run this one resumes
         self.reset_loss_terms()
 
+    def parameters_sharded(self) -> bool:
+        """Whether each process holds only a shard of the weights (FSDP, ZeRO-3): saving gathers them first."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        return self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
+
     # ---- the terms of the loss, as logged ------------------------------------------------------------------------
 
     def reset_loss_terms(self) -> None:

@@ -35,12 +35,8 @@ class NeoTrainer(DistillationTrainer):
         self.vocab_map = vocab_map.to(self.args.device) if vocab_map is not None else None
         self.byte_lengths = byte_lengths(self.processing_class) if self.processing_class is not None else None
         self.loss_impl = choose_loss_impl(self.args.loss_impl, self.loss_settings.divergence, self.model, self.teacher,
-                                          self.loss_settings.kd_vocab_size, self._parameters_sharded())
+                                          self.loss_settings.kd_vocab_size, self.parameters_sharded())
         self._loss_shifts_labels = True  # the Trainer counts num_items_in_batch over labels[:, 1:]
-
-    def _parameters_sharded(self) -> bool:
-        plugin = self.accelerator.state.deepspeed_plugin
-        return self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Evaluation that keeps the logits (prediction_loss_only off) needs the model's own outputs.
