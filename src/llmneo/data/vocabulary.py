@@ -101,6 +101,11 @@ class VocabularyMap:
     def __len__(self) -> int:
         return int(self.teacher_ids.numel())
 
+    def student_of_teacher(self) -> torch.Tensor:
+        """(teacher_size,) int64: the student id paired with each teacher id, -1 where it has none."""
+        lookup = torch.full((self.teacher_size,), -1, dtype=torch.long, device=self.teacher_ids.device)
+        return lookup.index_copy_(0, self.teacher_ids, self.student_ids)
+
     def to(self, device) -> VocabularyMap:
         return VocabularyMap(self.teacher_ids.to(device), self.student_ids.to(device), self.teacher_size,
                              self.student_size, self.identical)

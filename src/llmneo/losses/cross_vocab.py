@@ -33,14 +33,14 @@ from .contract import LossParts, LossSettings
 CROSS_TOKENIZER_MODES = ("exact", "uld", "hybrid")
 
 
-def _student_has_tail(vocab_map: VocabularyMap) -> bool:
+def student_has_tail(vocab_map: VocabularyMap) -> bool:
     return len(vocab_map) < vocab_map.student_size
 
 
 def student_buckets(scaled: torch.Tensor, vocab_map: VocabularyMap) -> torch.Tensor:
     """The student's log-weights over [mapped pairs..., unmapped tail] (no tail when every id is mapped)."""
     mapped = scaled.index_select(1, vocab_map.student_ids)
-    if not _student_has_tail(vocab_map):
+    if not student_has_tail(vocab_map):
         return mapped
     return torch.cat([mapped, _tail(scaled, vocab_map.student_ids)], dim=1)
 
@@ -51,7 +51,7 @@ def teacher_buckets(scaled: torch.Tensor, vocab_map: VocabularyMap) -> torch.Ten
     only the student has unmapped ids, the teacher's tail has probability 0 (a finite log-weight, so that no
     divergence meets 0 * inf)."""
     mapped = scaled.index_select(1, vocab_map.teacher_ids)
-    if not _student_has_tail(vocab_map):
+    if not student_has_tail(vocab_map):
         return mapped
     if len(vocab_map) >= vocab_map.teacher_size:
         tail = scaled.new_full((scaled.shape[0], 1), torch.finfo(torch.float32).min / 4)
@@ -65,7 +65,7 @@ def _tail(scaled: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(scaled.index_fill(1, mapped, float("-inf")), dim=1, keepdim=True)
 
 
-def _scaled(rows: torch.Tensor, size: int, temperature: float) -> torch.Tensor:
+def scaled_rows(rows: torch.Tensor, size: int, temperature: float) -> torch.Tensor:
     return rows.float()[:, :size] / temperature
 
 
@@ -73,8 +73,8 @@ def mapped_buckets(student_rows: torch.Tensor, teacher_rows: torch.Tensor, vocab
                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher log-weights over [mapped pairs..., unmapped tail], temperature applied (feed them to a
     divergence at T = 1)."""
-    return (student_buckets(_scaled(student_rows, vocab_map.student_size, temperature), vocab_map),
-            teacher_buckets(_scaled(teacher_rows, vocab_map.teacher_size, temperature), vocab_map))
+    return (student_buckets(scaled_rows(student_rows, vocab_map.student_size, temperature), vocab_map),
+            teacher_buckets(scaled_rows(teacher_rows, vocab_map.teacher_size, temperature), vocab_map))
 
 
 def sorted_head(probs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +94,7 @@ def sorted_l1(student_probs: torch.Tensor, teacher_head: torch.Tensor, teacher_r
     return (student - teacher).abs().sum(1) + teacher_rest
 
 
-def _unmapped(scaled: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
+def unmapped_columns(scaled: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
     keep = torch.ones(scaled.shape[1], dtype=torch.bool, device=scaled.device)
     keep[mapped] = False
     return scaled[:, keep]
@@ -109,14 +109,14 @@ def teacher_targets(teacher_rows: torch.Tensor, vocab_map: VocabularyMap, mode: 
     teacher's unmapped mass as weight."""
     if mode not in CROSS_TOKENIZER_MODES:
         raise ValueError(f"unknown cross_tokenizer mode {mode!r}; expected one of {CROSS_TOKENIZER_MODES}")
-    scaled = _scaled(teacher_rows, vocab_map.teacher_size, temperature)
+    scaled = scaled_rows(teacher_rows, vocab_map.teacher_size, temperature)
     targets = {}
     if mode in ("exact", "hybrid"):
         targets["buckets"] = teacher_buckets(scaled, vocab_map)
     if mode == "uld":
         targets["head"], targets["rest"] = sorted_head(F.softmax(scaled, dim=1), vocab_map.student_size)
     if mode == "hybrid" and len(vocab_map) < vocab_map.teacher_size:
-        remainder = _unmapped(scaled, vocab_map.teacher_ids)
+        remainder = unmapped_columns(scaled, vocab_map.teacher_ids)
         student_unmapped = vocab_map.student_size - len(vocab_map)
         targets["remainder_head"], targets["remainder_rest"] = sorted_head(F.softmax(remainder, dim=1),
                                                                            max(student_unmapped, 1))
@@ -128,12 +128,12 @@ def teacher_targets(teacher_rows: torch.Tensor, vocab_map: VocabularyMap, mode: 
 def student_divergence(student_rows: torch.Tensor, targets: dict[str, torch.Tensor], vocab_map: VocabularyMap,
                        mode: str, settings: LossSettings) -> torch.Tensor:
     """The divergence per aligned row (N,) against ``teacher_targets``, before the T^2 factor."""
-    scaled = _scaled(student_rows, vocab_map.student_size, settings.temperature)
+    scaled = scaled_rows(student_rows, vocab_map.student_size, settings.temperature)
     if mode == "uld":
         return sorted_l1(F.softmax(scaled, dim=1), targets["head"], targets["rest"])
     value = settings.divergence(student_buckets(scaled, vocab_map), targets["buckets"], 1.0)
     if mode == "hybrid" and "remainder_head" in targets:
-        remainder = _unmapped(scaled, vocab_map.student_ids)
+        remainder = unmapped_columns(scaled, vocab_map.student_ids)
         student_rest = (F.softmax(remainder, dim=1) if remainder.shape[1] else
                         remainder.new_zeros((remainder.shape[0], 1)))
         value = value + targets["remainder_weight"] * sorted_l1(student_rest, targets["remainder_head"],
@@ -153,27 +153,37 @@ def logit_rows(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return rows if weight is None else F.linear(rows, weight)
 
 
-def cross_vocab_kd_sum(student_rows, teacher_rows, vocab_map: VocabularyMap, mode: str, settings: LossSettings,
-                       student_weight=None, teacher_weight=None) -> torch.Tensor:
-    """Sum over aligned rows of the divergence. Rows are logits, or hidden states when the head's weight is given
-    (then logits are built ``settings.chunk_size`` rows at a time). The teacher's targets are built once per chunk;
-    the student's logits are rebuilt in the backward pass (activation checkpointing)."""
+def chunked_kd_sum(student_rows: torch.Tensor, chunk_targets, divergence, chunk_size: int,
+                   student_weight=None) -> torch.Tensor:
+    """Sum over rows of ``divergence(student_logits, targets)``, ``chunk_size`` rows at a time. ``chunk_targets``
+    gives the teacher's targets of a slice of rows (built without gradient); the student's rows are logits, or
+    hidden states when its head's weight is given, and its logits are rebuilt in the backward pass (activation
+    checkpointing), so no chunk's logits are kept between forward and backward."""
     total = student_rows.new_zeros((), dtype=torch.float32)
 
     def chunk_sum(student_chunk, targets):
-        return student_divergence(logit_rows(student_chunk, student_weight), targets, vocab_map, mode,
-                                  settings).sum()
+        return divergence(logit_rows(student_chunk, student_weight), targets).sum()
 
-    for start in range(0, student_rows.shape[0], settings.chunk_size):
-        stop = start + settings.chunk_size
+    for start in range(0, student_rows.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
         with torch.no_grad():
-            targets = teacher_targets(logit_rows(teacher_rows[start:stop], teacher_weight), vocab_map, mode,
-                                      settings.temperature)
+            targets = chunk_targets(rows)
         if torch.is_grad_enabled() and student_rows.requires_grad:
-            total = total + checkpoint(chunk_sum, student_rows[start:stop], targets, use_reentrant=False)
+            total = total + checkpoint(chunk_sum, student_rows[rows], targets, use_reentrant=False)
         else:
-            total = total + chunk_sum(student_rows[start:stop], targets)
+            total = total + chunk_sum(student_rows[rows], targets)
     return total
+
+
+def cross_vocab_kd_sum(student_rows, teacher_rows, vocab_map: VocabularyMap, mode: str, settings: LossSettings,
+                       student_weight=None, teacher_weight=None) -> torch.Tensor:
+    """Sum over aligned rows of the divergence. Rows are logits, or hidden states when the head's weight is given
+    (then logits are built ``settings.chunk_size`` rows at a time); the teacher's targets are built once per chunk."""
+    return chunked_kd_sum(
+        student_rows, lambda rows: teacher_targets(logit_rows(teacher_rows[rows], teacher_weight), vocab_map, mode,
+                                                   settings.temperature),
+        lambda logits, targets: student_divergence(logits, targets, vocab_map, mode, settings),
+        settings.chunk_size, student_weight)
 
 
 def cross_tokenizer_parts(ce_parts: LossParts, kd_sum: torch.Tensor, num_items, settings: LossSettings) -> LossParts:
