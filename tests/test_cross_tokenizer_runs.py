@@ -88,13 +88,11 @@ def test_a_run_across_tokenizers(models_dir, train_file, tmp_path, char_teacher,
 def test_cross_tokenizer_refuses_what_it_cannot_do(models_dir, train_file, tmp_path):
     base = run_flags(models_dir, train_file, tmp_path / "run", cross_tokenizer="exact")
     for extra, message in ((["--packing", "true"], "needs padded rows"),
-                           (["--teacher_cache", str(tmp_path)], "runs the teacher online"),
                            (["--loss_impl", "liger"], "use loss_impl fused or naive")):
         with pytest.raises(ConfigError, match=message):
             parse_config(base + extra)
-    from llmneo.teacher.capture import CaptureSettings, cache_teacher
-    with pytest.raises(ConfigError, match="cache-teacher cannot yet cache a teacher with another tokenizer"):
-        cache_teacher(parse_config(base), tmp_path / "cache", CaptureSettings())
+    with pytest.raises(ConfigError, match="cache_tail renormalize is for a cache over the student's own tokens"):
+        parse_config(base + ["--teacher_cache", str(tmp_path), "--cache_tail", "renormalize"])
     with pytest.raises(ConfigError, match="teacher_chat_template is for a teacher with another tokenizer"):
         parse_config(run_flags(models_dir, train_file, tmp_path / "run", teacher_chat_template="plain"))
     lora = run_flags(models_dir, train_file, tmp_path / "run", method="lora", cross_tokenizer="uld")
@@ -143,3 +141,77 @@ def test_eval_compares_a_teacher_with_another_tokenizer_at_aligned_boundaries(mo
     alone = evaluate_target(EvalRequest(target=char_teacher, dataset=data, max_length=256, bootstrap=0),
                             write=False)["held_out"]
     assert math.isfinite(alone["bits_per_byte"]) and alone["answer_bytes"] > 0
+
+
+FULL_TOP_K = 100_000  # more than the teacher's vocabulary: every id is cached
+
+
+def without_teacher(flags: list[str]) -> list[str]:
+    at = flags.index("--teacher_model")
+    return flags[:at] + flags[at + 2:]
+
+
+@pytest.fixture(scope="module")
+def aligned_cache(models_dir, train_file, char_teacher, tmp_path_factory):
+    """A float32 cache of every teacher id at the aligned boundaries, captured through the CLI."""
+    from llmneo import cli
+
+    cache_dir = tmp_path_factory.mktemp("aligned-cache") / "cache"
+    flags = run_flags(models_dir, train_file, cache_dir.parent / "unused", teacher=char_teacher,
+                      cross_tokenizer="exact", max_length=256)
+    assert cli.main(["cache-teacher", "--cache_dir", str(cache_dir), "--top_k", str(FULL_TOP_K), "--cache_dtype",
+                     "float32", "--shard_rows", "16", "--cache_batch_size", "4", *flags]) == 0
+    return cache_dir
+
+
+def logged_steps(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["exact", "uld", "hybrid"])
+def test_a_cache_across_tokenizers_trains_like_the_online_teacher(models_dir, train_file, tmp_path, char_teacher,
+                                                                  aligned_cache, mode, monkeypatch):
+    """One cache serves every mode. With every id cached in float32, the run without the teacher (nor its tokenizer)
+    logs the losses, gradient norms and coverage of the run with the teacher online, and trains the same adapter."""
+    from safetensors.torch import load_file
+    import llmneo.pipeline as pipeline_module
+
+    flags = run_flags(models_dir, train_file, tmp_path / "online", teacher=char_teacher, cross_tokenizer=mode,
+                      max_length=256)
+    online = distill(parse_config(flags))
+    monkeypatch.setattr(pipeline_module, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(pipeline_module, "load_reading_tokenizer",
+                        lambda *a, **k: pytest.fail("the teacher's tokenizer was loaded"))
+    cached = distill(parse_config(without_teacher(run_flags(
+        models_dir, train_file, tmp_path / "cached", teacher=char_teacher, cross_tokenizer=mode, max_length=256,
+        teacher_cache=aligned_cache))))
+    pairs = list(zip(logged_steps(tmp_path / "online"), logged_steps(tmp_path / "cached"), strict=True))
+    assert sum("kd_loss" in line for line, _ in pairs) == 3
+    for online_line, cached_line in pairs:
+        for key in ("loss", "ce_loss", "kd_loss", "grad_norm", "train_aligned_coverage", "train_teacher_mapped_mass"):
+            if key in online_line:
+                assert cached_line[key] == pytest.approx(online_line[key], rel=1e-4, abs=1e-6), key
+    assert cached.final_metrics["aligned_coverage"] == online.final_metrics["aligned_coverage"]
+    weights = [load_file(run / "adapter" / "adapter_model.safetensors") for run in (online.run_dir, cached.run_dir)]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_a_cache_is_refused_by_a_run_of_the_other_kind(models_dir, train_file, tmp_path, char_teacher, aligned_cache):
+    from llmneo.teacher.capture import CaptureSettings, cache_teacher
+
+    one_tokenizer = tmp_path / "one-tokenizer-cache"
+    cache_teacher(parse_config(run_flags(models_dir, train_file, tmp_path / "unused")), one_tokenizer,
+                  CaptureSettings(top_k=8, shard_rows=64))
+    cases = (({"cross_tokenizer": "exact", "teacher_cache": one_tokenizer}, "needs a cache captured with --cross_tokenizer"),
+             ({"teacher_cache": aligned_cache}, r"was captured across tokenizers .*: add --cross_tokenizer exact"),
+             ({"cross_tokenizer": "uld", "teacher_cache": aligned_cache, "teacher_chat_template": "plain"},
+              r"was captured with another --teacher_chat_template than this run's \(plain\)"))
+    for number, (extra, message) in enumerate(cases):
+        flags = without_teacher(run_flags(models_dir, train_file, tmp_path / f"run-{number}", teacher=char_teacher,
+                                          max_length=256, **extra))
+        with pytest.raises(ConfigError, match=message):
+            distill(parse_config(flags))
+        assert not (tmp_path / f"run-{number}" / "metrics.jsonl").exists()

@@ -61,9 +61,11 @@ def cmd_cache_teacher(argv: list[str]) -> int:
     settings = CaptureSettings(top_k=args.top_k, cache_dtype=args.cache_dtype, shard_rows=args.shard_rows,
                                batch_size=args.cache_batch_size)
     manifest = cache_teacher(parse_config(rest), args.cache_dir, settings)
-    print(f"teacher cache written to {args.cache_dir}: {len(manifest['shards'])} shards, "
-          f"{manifest['fingerprint']['data']['answer_tokens']} answer tokens, "
-          f"{manifest['bytes_per_answer_token']:.1f} bytes per answer token")
+    answer_tokens, aligned = manifest["fingerprint"]["data"]["answer_tokens"], manifest["fingerprint"].get("cross_tokenizer")
+    rows = (f"{aligned['aligned_rows']} aligned boundaries ({aligned['aligned_rows'] / max(answer_tokens, 1):.1%} of "
+            f"{answer_tokens} answer tokens)" if aligned else f"{answer_tokens} answer tokens")
+    print(f"teacher cache written to {args.cache_dir}: {len(manifest['shards'])} shards, {rows}, "
+          f"{manifest['bytes_per_answer_token']:.1f} bytes per {'aligned boundary' if aligned else 'answer token'}")
     return 0
 
 

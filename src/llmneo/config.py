@@ -317,7 +317,8 @@ def validate(config: RunConfig) -> None:
 
 
 def _cross_tokenizer_checks(config: RunConfig) -> list[tuple[bool, str]]:
-    """--cross_tokenizer runs the teacher online on its own tokens of padded rows."""
+    """--cross_tokenizer reads the teacher (online, or a cache captured with --cross_tokenizer) at aligned
+    boundaries of padded rows."""
     if config.distill.cross_tokenizer is None:
         return [(config.model.teacher_chat_template is None,
                  "teacher_chat_template is for a teacher with another tokenizer: add --cross_tokenizer")]
@@ -325,9 +326,9 @@ def _cross_tokenizer_checks(config: RunConfig) -> list[tuple[bool, str]]:
     return [(METHODS[config.distill.method].uses_teacher, f"{name} is for the kd and neo methods, not "
                                                           f"{config.distill.method}"),
             (config.data.task == "causal_lm", f"{name} is for --task causal_lm"),
-            (config.distill.teacher_cache is None, f"{name} runs the teacher online: a teacher_cache holds the "
-                                                   "teacher's distributions over the student's tokens"),
             (not config.data.packing, f"{name} needs padded rows: leave --packing off"),
+            (config.distill.cache_tail == "bucket", f"{name} keeps the cached tail as its rest bucket: cache_tail "
+                                                    "renormalize is for a cache over the student's own tokens"),
             (config.distill.loss_impl != "liger", f"{name} computes its KD term itself: use loss_impl fused or naive")]
 
 

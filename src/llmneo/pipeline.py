@@ -25,7 +25,7 @@ from .evaluation.cross_tokenizer import teacher_mapped_mass
 from .losses.cross_vocab import logit_rows
 from .data.loading import DataReport, build_datasets
 from .data.packing import PackingCollator
-from .errors import DiskFullError, NonFiniteError, TrainingOutOfMemory
+from .errors import DiskFullError, NonFiniteError, TrainingOutOfMemory, VocabularyError
 from .evaluation.classification import class_fidelity_kl
 from .evaluation.metrics import teacher_fidelity_kl
 from .methods import METHODS
@@ -88,9 +88,10 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     claim_run_dir(config)
     set_seed(config.training.seed)
     tokenizer = load_student_tokenizer(config.model, config.data.task)
+    # Across tokenizers the teacher reads its own rows; a cache across tokenizers holds its aligned rows already.
     teacher_tokenizer = (load_reading_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher",
                                                 chat_template=config.model.teacher_chat_template)
-                         if config.distill.cross_tokenizer else None)  # across tokenizers: the teacher reads its own
+                         if config.distill.cross_tokenizer and not config.distill.teacher_cache else None)
     dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer)
     log_data(report, held_out)
     head = class_head(config, tokenizer, report)
@@ -101,7 +102,7 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
     student, teacher, kd_vocab_size = load_models(config, tokenizer, head, cache)
     resume = prepare_run_dir(config, identity)
-    vocab_map = cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher) if teacher_tokenizer else None
+    vocab_map = run_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher, cache)
     initial_adapter = save_initial_adapter(student, Path(config.training.output_dir)) if saves_adapter(config) else None
     trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out,
                             checkpoint_files(config, identity, base), vocab_map, teacher_tokenizer)
@@ -109,7 +110,7 @@ def train_and_write(config, callbacks=()) -> RunSummary:
         plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
     quantized_teacher = teacher is not None and is_quantized(teacher)
     fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head) if quantized_teacher else None
-    coverage = log_cross_tokenizer_coverage(trainer, dataset, report) if vocab_map is not None else {}
+    coverage = log_cross_tokenizer_coverage(trainer, dataset, report, cache) if vocab_map is not None else {}
     before = measure_before(trainer, config, tokenizer, held_out, resume, teacher_tokenizer)
     result = train_or_explain(trainer, config, resume)
     final_metrics = {**collect_final_metrics(trainer, result, report, held_out is not None, fidelity), **coverage}
@@ -173,8 +174,8 @@ def load_models(config, tokenizer, head: ClassHead | None = None, cache: Teacher
     preset = METHODS[config.distill.method]
     student = load_student(config.model, head)
     teacher, kd_vocab_size = None, None
-    if cache is not None:
-        kd_vocab_size = cached_vocab_size(cache, output_vocab_size(student))
+    if cache is not None:  # across tokenizers the vocabulary map, not a shared size, relates the two
+        kd_vocab_size = None if cache.across_tokenizers else cached_vocab_size(cache, output_vocab_size(student))
     elif preset.uses_teacher and config.distill.teacher_cache is None:
         teacher = load_teacher(config.model, head=head)
         if not config.distill.cross_tokenizer:
@@ -210,6 +211,19 @@ def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, c
     return NeoTrainer(**common, teacher_cache=teacher_cache, vocab_map=vocab_map)
 
 
+def run_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher, cache) -> VocabularyMap | None:
+    """Across tokenizers, the map between the two vocabularies (the cache's, for a cache across tokenizers); None
+    for a teacher on the student's own tokens."""
+    if cache is not None and cache.across_tokenizers:
+        vocab_map = cache.vocabulary_map()
+        student_size = min(len(tokenizer), output_vocab_size(student))
+        if vocab_map.student_size != student_size:
+            raise VocabularyError(f"teacher cache {cache.cache_dir} was captured for a student of "
+                                  f"{vocab_map.student_size} ids, this student has {student_size}")
+        return vocab_map
+    return cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher) if teacher_tokenizer else None
+
+
 def cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher) -> VocabularyMap:
     """The map between the two vocabularies: the one saved in the run directory, or built now and saved there."""
     run_dir = config.training.output_dir
@@ -226,21 +240,28 @@ def cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher)
     return vocab_map
 
 
-def log_cross_tokenizer_coverage(trainer, dataset, report: DataReport) -> dict:
+def log_cross_tokenizer_coverage(trainer, dataset, report: DataReport, cache: TeacherCache | None = None) -> dict:
     """What the KD term across tokenizers sees: the share of the student's answer tokens at aligned boundaries
-    (all training rows) and the teacher's probability on mapped tokens there (the first batch)."""
-    aligned = sum(len(positions) for positions in dataset["aligned_student"])
+    (all training rows) and the teacher's probability on mapped tokens there (the first batch; from a cache, on
+    its top-k, so a lower bound)."""
     batch = next(iter(trainer.get_train_dataloader()))
-    batch = {key: value.to(trainer.args.device) for key, value in batch.items()}
-    rows, weight = rows_at(trainer.teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
-                                   batch["aligned_row"], batch["aligned_teacher"])
-    logits = logit_rows(rows, weight)
-    mass = teacher_mapped_mass(logits, trainer.vocab_map).mean().item() if logits.shape[0] else float("nan")
+    if cache is not None:
+        aligned = cache.manifest["fingerprint"]["cross_tokenizer"]["aligned_rows"]
+        top = cache.rows(batch["row_id"].tolist())
+        mapped = trainer.vocab_map.student_of_teacher().cpu()[top.token_ids] >= 0
+        mass = (top.log_probs.exp() * mapped).sum(1)
+    else:
+        aligned = sum(len(positions) for positions in dataset["aligned_student"])
+        batch = {key: value.to(trainer.args.device) for key, value in batch.items()}
+        rows, weight = rows_at(trainer.teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
+                               batch["aligned_row"], batch["aligned_teacher"])
+        mass = teacher_mapped_mass(logit_rows(rows, weight), trainer.vocab_map)
+    mass = mass.mean().item() if mass.numel() else float("nan")
     coverage = {"aligned_coverage": round(aligned / max(report.answer_tokens, 1), 6),
                 "teacher_mapped_mass": round(mass, 6)}
     logger.info("across tokenizers: %d of %d student answer tokens (%.1f%%) are at aligned boundaries; the teacher "
-                "puts %.1f%% of its probability on mapped tokens (first batch)", aligned, report.answer_tokens,
-                100 * coverage["aligned_coverage"], 100 * mass)
+                "puts %.1f%% of its probability on mapped tokens (first batch%s)", aligned, report.answer_tokens,
+                100 * coverage["aligned_coverage"], 100 * mass, ", cached top-k" if cache is not None else "")
     trainer.log({f"train_{key}": value for key, value in coverage.items()})
     return coverage
 

@@ -32,16 +32,20 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-def set_chat_template(tokenizer, template: str) -> None:
-    """Install ``template``: 'plain' (PLAIN_CHAT_TEMPLATE) or the path of a Jinja file."""
+def chat_template_text(template: str) -> str:
+    """The Jinja text of a --*_chat_template option: 'plain' (PLAIN_CHAT_TEMPLATE) or the path of a Jinja file."""
     if template == "plain":
-        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-        return
+        return PLAIN_CHAT_TEMPLATE
     try:
         with open(template, encoding="utf-8") as handle:
-            tokenizer.chat_template = handle.read()
+            return handle.read()
     except OSError as error:
         raise NeoError(f"cannot read the chat template file {template}: {error.strerror}") from None
+
+
+def set_chat_template(tokenizer, template: str) -> None:
+    """Install ``template``: 'plain' (PLAIN_CHAT_TEMPLATE) or the path of a Jinja file."""
+    tokenizer.chat_template = chat_template_text(template)
 
 
 def ensure_chat_template(tokenizer) -> bool:

@@ -6,6 +6,12 @@ top-k token ids (``token_ids``, uint16 when the vocabulary fits, else int32), th
 (``log_probs``, in the cache dtype) and the log of the remaining mass (``log_tail``, fp32), plus ``row_offsets``
 (where each row's answer positions start). The manifest records what the cache was captured from (the
 fingerprint), how (settings) and every complete shard with its sha256; it is rewritten atomically after each shard.
+
+A cache across tokenizers (captured with --cross_tokenizer, for any of its modes) holds one cached row per aligned
+boundary instead of per answer position, in the teacher's own ids, plus ``student_positions`` (the student position,
+in the unpadded row, of each) and, beside the manifest, the ``vocabulary_map.safetensors`` it was captured with:
+the run needs neither the teacher nor its tokenizer. Its fingerprint adds the teacher's tokenizer and template and
+the aligned boundaries themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..data.tokenize import chat_template_text
+from ..data.vocabulary import MAP_FILE, VocabularyMap, load_vocabulary_map
 from ..runtime.atomic import write_atomically
 from ..errors import ConfigError, VocabularyError
 from ..models import model_identity
@@ -110,6 +118,40 @@ def run_fingerprint(config, tokenizer, dataset, data: dict | None = None) -> dic
     }
 
 
+def aligned_fingerprint(teacher_tokenizer, chat_template_option: str | None, dataset) -> dict:
+    """What a cache across tokenizers depends on besides the student's rows: the teacher's tokenizer, the template
+    it read the rows through (and the option that chose it), and the aligned boundaries themselves."""
+    digest, aligned = hashlib.sha256(), 0
+    for row in dataset.with_format("numpy").select_columns(["aligned_student", "aligned_teacher"]):
+        digest.update(row["aligned_student"].astype("int32").tobytes() + b"|")
+        digest.update(row["aligned_teacher"].astype("int32").tobytes() + b"|")
+        aligned += len(row["aligned_student"])
+    option = _sha256_text(chat_template_text(chat_template_option)) if chat_template_option else None
+    return {"teacher_tokenizer_sha256": tokenizer_sha256(teacher_tokenizer),
+            "teacher_chat_template_sha256": _sha256_text(teacher_tokenizer.chat_template or ""),
+            "teacher_chat_template_option_sha256": option, "aligned_rows": aligned,
+            "alignment_sha256": digest.hexdigest()}
+
+
+def check_cross_tokenizer(cache_dir: Path, manifest: dict, cross_tokenizer: str | None,
+                          chat_template_option: str | None) -> None:
+    """A cache across tokenizers serves --cross_tokenizer runs only (any mode), read through the same teacher
+    template option; a one-tokenizer cache serves the others."""
+    cached = manifest["fingerprint"].get("cross_tokenizer")
+    where = f"teacher cache {cache_dir}"
+    if cached is None and cross_tokenizer:
+        raise ConfigError(f"{where} holds the teacher's distributions over the student's own tokens; --cross_tokenizer "
+                          f"{cross_tokenizer} needs a cache captured with --cross_tokenizer (any mode)")
+    if cached is not None and not cross_tokenizer:
+        raise ConfigError(f"{where} was captured across tokenizers (the teacher's own ids at aligned boundaries): "
+                          "add --cross_tokenizer exact (or uld, hybrid)")
+    if cached is not None:
+        option = _sha256_text(chat_template_text(chat_template_option)) if chat_template_option else None
+        if option != cached["teacher_chat_template_option_sha256"]:
+            raise ConfigError(f"{where} was captured with another --teacher_chat_template than this run's "
+                              f"({chat_template_option or 'none'}): give the one the cache was captured with")
+
+
 def check_fingerprint(cache_dir: Path, manifest: dict, current: dict, teacher: dict | None) -> None:
     """A clear error for each way the cache does not belong to this run."""
     cached = manifest["fingerprint"]
@@ -177,6 +219,28 @@ class TeacherCache:
     def settings(self) -> dict:
         return self.manifest["settings"]
 
+    @property
+    def across_tokenizers(self) -> bool:
+        """Captured with --cross_tokenizer: rows at aligned boundaries, in the teacher's own ids."""
+        return "cross_tokenizer" in self.manifest["fingerprint"]
+
+    def vocabulary_map(self) -> VocabularyMap:
+        """The map between the teacher's ids and the student's that a cache across tokenizers was captured with."""
+        vocab_map = load_vocabulary_map(self.cache_dir)
+        if vocab_map is None:
+            raise ConfigError(f"teacher cache {self.cache_dir} was captured across tokenizers but its {MAP_FILE} is "
+                              "missing: capture it again")
+        return vocab_map
+
+    def student_positions(self, row_ids) -> list[torch.Tensor]:
+        """Per row of a cache across tokenizers: the student positions (in the unpadded row) its cached rows are at."""
+        positions = []
+        for row in row_ids:
+            shard = self.shards[bisect_right(self._starts, int(row)) - 1]
+            start, end = shard.offsets[int(row) - shard.first_row], shard.offsets[int(row) - shard.first_row + 1]
+            positions.append(shard.handle.get_slice("student_positions")[start:end].long())
+        return positions
+
     def row_answer_tokens(self, row: int) -> int:
         shard = self.shards[bisect_right(self._starts, row) - 1]
         return shard.offsets[row - shard.first_row + 1] - shard.offsets[row - shard.first_row]
@@ -197,6 +261,8 @@ def open_teacher_cache(config, tokenizer, dataset, data: dict | None = None) -> 
     (``data``: the rows' ``data_fingerprint``, if already computed)."""
     cache = TeacherCache(config.distill.teacher_cache)
     teacher = model_identity(config.model.teacher_model) if config.model.teacher_model else None
+    check_cross_tokenizer(cache.cache_dir, cache.manifest, config.distill.cross_tokenizer,
+                          config.model.teacher_chat_template)
     check_fingerprint(cache.cache_dir, cache.manifest, run_fingerprint(config, tokenizer, dataset, data), teacher)
     logger.info("teacher cache %s: top-%d, %s tail, %d rows; the teacher is not loaded", cache.cache_dir,
                 cache.settings["top_k"], config.distill.cache_tail, len(dataset))

@@ -21,19 +21,22 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from ..data.collators import make_collator
+from ..data.collators import AlignedCollator, make_collator
 from ..data.loading import build_datasets
+from ..data.vocabulary import build_vocabulary_map
 from ..errors import ConfigError
 from ..losses.contract import answer_mask, answer_row_index
-from ..models import check_quantization, check_vocabularies, load_student_tokenizer, load_tokenizer, model_identity
+from ..losses.cross_vocab import logit_rows
+from ..models import (check_quantization, check_vocabularies, load_reading_tokenizer, load_student_tokenizer,
+                      load_tokenizer, model_identity, output_vocab_size)
 from ..runtime.atomic import write_atomically
 from ..runtime.lock import DirectoryLock
 from ..runtime.nonfinite import check_finite_rows
 from ..runtime.processes import check_processes
-from .cache import (CACHE_DTYPES, FORMAT_VERSION, merge_parts, read_manifest, remove_parts,
+from .cache import (CACHE_DTYPES, FORMAT_VERSION, aligned_fingerprint, merge_parts, read_manifest, remove_parts,
                     run_fingerprint, sha256_file, shard_name, write_manifest, write_part)
 from .loading import load_teacher
-from .online import answer_logit_chunks
+from .online import answer_logit_chunks, rows_at
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +58,10 @@ def cache_teacher(config, cache_dir: str | Path, settings: CaptureSettings) -> d
     if config.data.task == "classification":
         raise ConfigError("cache-teacher is for --task causal_lm: a classification teacher's few class logits are "
                           "computed online")
-    if config.distill.cross_tokenizer:
-        raise ConfigError("cache-teacher cannot yet cache a teacher with another tokenizer (--cross_tokenizer "
-                          f"{config.distill.cross_tokenizer}): distil with that teacher online")
     tokenizer = load_student_tokenizer(config.model)
     with DirectoryLock(cache_dir, "llm-neo cache-teacher") if PartialState().is_main_process else nullcontext():
+        if config.distill.cross_tokenizer:
+            return capture_aligned_cache(config, cache_dir, settings, tokenizer)
         return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
 
 
@@ -75,11 +77,33 @@ def capture_teacher_cache(config, cache_dir: str | Path, settings: CaptureSettin
     return write_cache(cache_dir, teacher, dataset, collator, settings, vocab, fingerprint)
 
 
+def capture_aligned_cache(config, cache_dir: str | Path, settings: CaptureSettings, tokenizer) -> dict:
+    """--cross_tokenizer: the teacher's top-k in its own ids at each aligned boundary, the student position each
+    belongs to, and the vocabulary map, so that the run needs neither the teacher nor its tokenizer."""
+    teacher_tokenizer = load_reading_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher",
+                                               chat_template=config.model.teacher_chat_template)
+    dataset, _, _ = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer)
+    teacher = load_teacher(config.model)
+    student_size = AutoConfig.from_pretrained(config.model.student_model).vocab_size
+    vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_vocab_size(teacher), student_size)
+    fingerprint = {**run_fingerprint(config, tokenizer, dataset),
+                   "teacher": model_identity(config.model.teacher_model, teacher.config),
+                   "cross_tokenizer": aligned_fingerprint(teacher_tokenizer, config.model.teacher_chat_template,
+                                                          dataset)}
+    if PartialState().is_main_process:  # before any shard: a complete manifest always has its map beside it
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        vocab_map.save(cache_dir)
+    collator = AlignedCollator(make_collator(tokenizer), tokenizer.padding_side, teacher_tokenizer.pad_token_id)
+    return write_cache(cache_dir, teacher, dataset, collator, settings, vocab_map.teacher_size, fingerprint,
+                       _capture_aligned_rows)
+
+
 def write_cache(cache_dir: str | Path, teacher, dataset, collator, settings: CaptureSettings, vocab: int,
-                fingerprint: dict) -> dict:
+                fingerprint: dict, capture_rows=None) -> dict:
     """Capture ``teacher`` over the tokenized ``dataset`` into ``cache_dir``, resuming a capture of the same
     fingerprint and settings. Under several processes (accelerate launch, torchrun) shard i is captured by rank
-    i mod world size; each rank lists its shards in its own part file and the main process writes the manifest."""
+    i mod world size; each rank lists its shards in its own part file and the main process writes the manifest.
+    ``capture_rows``: the tensors of a range of rows (default: the top-k at every answer position)."""
     if settings.top_k <= 0 or settings.shard_rows <= 0 or settings.batch_size <= 0:
         raise ConfigError("top_k, shard_rows and batch_size must be > 0")
     if settings.cache_dtype not in CACHE_DTYPES:
@@ -93,7 +117,8 @@ def write_cache(cache_dir: str | Path, teacher, dataset, collator, settings: Cap
     manifest = read_manifest(cache_dir)
     if getattr(teacher, "hf_quantizer", None) is None:
         teacher = teacher.to(state.device)
-    _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, state)
+    _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, state,
+                    capture_rows or _capture_rows)
     state.wait_for_everyone()
     if state.is_main_process:
         _finish_manifest(cache_dir, manifest, math.ceil(len(dataset) / settings.shard_rows))
@@ -132,7 +157,7 @@ def _verified(cache_dir: Path, shards: list[dict]) -> list[dict]:
     return good
 
 
-def _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, state) -> None:
+def _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, state, capture_rows) -> None:
     rows, done = len(dataset), {entry["file"] for entry in manifest["shards"]}
     mine = [index for index in range(math.ceil(rows / settings.shard_rows))
             if index % state.num_processes == state.process_index and shard_name(index) not in done]
@@ -141,8 +166,8 @@ def _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, v
               disable=not state.is_main_process) as bar:
         for index in mine:
             first = index * settings.shard_rows
-            tensors = _capture_rows(teacher, dataset, range(first, min(first + settings.shard_rows, rows)), collator,
-                                    settings, vocab, state.device)
+            tensors = capture_rows(teacher, dataset, range(first, min(first + settings.shard_rows, rows)), collator,
+                                   settings, vocab, state.device)
             written.append(_write_shard(cache_dir, index, first, tensors))
             write_part(cache_dir, state.process_index, written)
             bar.update(1)
@@ -185,6 +210,33 @@ def _capture_rows(teacher, dataset, rows: range, collator, settings: CaptureSett
                 parts[name].append(value.cpu())
     offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     return {**{name: torch.cat(values) for name, values in parts.items()}, "row_offsets": offsets}
+
+
+@torch.no_grad()
+def _capture_aligned_rows(teacher, dataset, rows: range, collator, settings: CaptureSettings, vocab: int,
+                          device) -> dict:
+    """The teacher's top-k at the aligned boundaries of ``rows`` (the teacher reads its own tokens) and
+    ``student_positions``, the student position of each, relative to its row."""
+    parts, positions = {"token_ids": [], "log_probs": [], "log_tail": []}, []
+    for start in range(rows.start, rows.stop, settings.batch_size):
+        features = [dataset[i] for i in range(start, min(start + settings.batch_size, rows.stop))]
+        batch = {key: value.to(device) for key, value in collator(features).items()}
+        positions += [torch.tensor(feature["aligned_student"], dtype=torch.int32) for feature in features]
+        found, weight = rows_at(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
+                                batch["aligned_row"], batch["aligned_teacher"])
+        row_of = batch["aligned_row"] + start
+        for first in range(0, found.shape[0], settings.chunk_rows):
+            logits = logit_rows(found[first:first + settings.chunk_rows], weight)[:, :vocab].float()
+            check_finite_rows(logits, row_of[first:first + settings.chunk_rows],
+                              "the teacher's logits at aligned boundaries")
+            for name, value in _top_k(logits, settings, vocab).items():
+                parts[name].append(value.cpu())
+    if not parts["token_ids"]:  # no aligned boundary in these rows: empty tensors of the right shapes
+        for name, value in _top_k(torch.zeros((0, vocab)), settings, vocab).items():
+            parts[name].append(value)
+    counts = [len(row) for row in positions]
+    return {**{name: torch.cat(values) for name, values in parts.items()}, "student_positions": torch.cat(positions),
+            "row_offsets": torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)}
 
 
 def _top_k(logits: torch.Tensor, settings: CaptureSettings, vocab: int) -> dict:

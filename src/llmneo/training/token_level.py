@@ -14,6 +14,8 @@ from ..lm_head import capture_final_hidden, output_head
 from ..losses.backends import LOSS_FUNCTIONS, READS_HIDDEN_STATES, choose_loss_impl, impl_for_call
 from ..losses.contract import answer_mask
 from ..losses.cross_vocab import cross_tokenizer_parts, cross_vocab_kd_sum
+from ..losses.cross_vocab_cached import cached_cross_vocab_kd_sum
+from ..losses.topk import TopKRows
 from ..teacher.online import rows_at, teacher_final_hidden, teacher_logits
 from .base import DistillationTrainer
 
@@ -26,7 +28,8 @@ class NeoTrainer(DistillationTrainer):
     models' final hidden states and never build their full logits; ``naive`` takes the logits. With a
     ``teacher_cache`` (teacher/cache.py) the teacher side is the cached top-k rows of the batch's ``row_id``s. With
     a ``vocab_map`` (data/vocabulary.py; ``args.cross_tokenizer`` set) the teacher has its own tokenizer: it reads
-    its own rows of the batch and the KD term is computed at the aligned boundaries (losses/cross_vocab.py).
+    its own rows of the batch and the KD term is computed at the aligned boundaries (losses/cross_vocab.py), or
+    the cache, captured across tokenizers, holds its top-k there (losses/cross_vocab_cached.py).
     """
 
     def __init__(self, *args, teacher_cache=None, vocab_map=None, **kwargs):
@@ -57,15 +60,38 @@ class NeoTrainer(DistillationTrainer):
         """CE on all of the student's answer tokens plus the KD term at the batch's aligned boundaries."""
         labels = inputs["labels"]
         ce_only = LOSS_FUNCTIONS[impl](*student_side, labels, settings=self.loss_settings, num_items=num_items)
-        rows = inputs["aligned_row"]
-        student_rows = student_side[0][rows, inputs["aligned_student"]]
         student_weight = student_side[1] if len(student_side) == 2 else None
-        teacher_rows, teacher_weight = rows_at(self.teacher, inputs["teacher_input_ids"],
-                                                       inputs["teacher_attention_mask"], rows, inputs["aligned_teacher"])
-        kd_sum = cross_vocab_kd_sum(student_rows, teacher_rows, self.vocab_map, self.args.cross_tokenizer,
-                                    self.loss_settings, student_weight, teacher_weight)
+        mode = self.args.cross_tokenizer
+        if self.teacher_cache is not None:
+            rows, positions, topk = self._cached_alignment(inputs)
+            kd_sum = cached_cross_vocab_kd_sum(student_side[0][rows, positions], topk, self.vocab_map, mode,
+                                               self.loss_settings, student_weight)
+        else:
+            rows = inputs["aligned_row"]
+            teacher_rows, teacher_weight = rows_at(self.teacher, inputs["teacher_input_ids"],
+                                                   inputs["teacher_attention_mask"], rows, inputs["aligned_teacher"])
+            kd_sum = cross_vocab_kd_sum(student_side[0][rows, inputs["aligned_student"]], teacher_rows, self.vocab_map,
+                                        mode, self.loss_settings, student_weight, teacher_weight)
         return cross_tokenizer_parts(ce_only, kd_sum, num_items if num_items is not None else answer_mask(labels).sum(),
                                      self.loss_settings)
+
+    def _cached_alignment(self, inputs) -> tuple[torch.Tensor, torch.Tensor, TopKRows]:
+        """From a cache across tokenizers, the batch's aligned boundaries as (row, student position) pairs in the
+        padded batch, after checking that each is an answer position of its row, and the teacher's top-k there."""
+        row_ids, answers = inputs["row_id"].tolist(), answer_mask(inputs["labels"])
+        left = self.processing_class is not None and self.processing_class.padding_side == "left"
+        rows, positions = [], []
+        for index, (row, found) in enumerate(zip(row_ids, self.teacher_cache.student_positions(row_ids), strict=True)):
+            shift = answers.shape[1] + 1 - int(inputs["attention_mask"][index].sum()) if left else 0
+            found = found.to(answers.device) + shift
+            if found.numel() and (int(found.max()) >= answers.shape[1] or not bool(answers[index, found].all())):
+                raise DataError(f"teacher cache {self.teacher_cache.cache_dir}: the aligned boundaries it holds for "
+                                f"training row {row} are not answer positions of that row: it was captured from other "
+                                "data")
+            rows.append(torch.full_like(found, index))
+            positions.append(found)
+        topk = self.teacher_cache.rows(row_ids).to(answers.device)
+        return torch.cat(rows), torch.cat(positions), topk
 
     @staticmethod
     def _model_inputs(inputs, model) -> dict:
