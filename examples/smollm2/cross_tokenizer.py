@@ -15,7 +15,8 @@ Stages:
 2. ``teachers``: which teacher is stronger on each corpus: held-out bits per byte of both teachers and the pruned
    student (bits per byte compares models with different tokenizers).
 3. ``train``: the pruned student healed on the same rows for the same steps (an equal token budget) by
-   neo from SmolLM2 (one tokenizer), neo from Gemma with each ``--cross_tokenizer`` mode, and lora (CE only).
+   neo from SmolLM2 (one tokenizer), neo from Gemma with each ``--cross_tokenizer`` mode (and exact read from
+   Gemma's top-64 cache, captured once), and lora (CE only).
 4. ``evaluate``: every student's held-out bits per byte and perplexity, its KL to Gemma at aligned boundaries,
    and its answers to five prompts.
 5. ``publish``: docs/results/smollm2/cross-tokenizer-cpu.md.
@@ -40,7 +41,7 @@ from llmneo.report import read_metrics
 from llmneo.runtime.run_dir import run_status
 
 SIZE = {"train": 240, "docs_train": 120, "held_out": 100, "docs_held_out": 60, "max_length": 256, "batch": 8,
-        "rank": 32, "learning_rate": 3e-3, "docs_chars": 1200}
+        "rank": 32, "learning_rate": 3e-3, "docs_chars": 1200, "top_k": 64}
 ARMS = {  # name: (method, teacher, extra flags)
     "neo-smollm2": ("neo", "smollm2", []),
     "neo-gemma-exact": ("neo", "gemma", ["--cross_tokenizer", "exact"]),
@@ -49,8 +50,11 @@ ARMS = {  # name: (method, teacher, extra flags)
     # Gemma-3-270M is a base model: in the fallback template it predicts more role markers ("<") where an answer
     # starts; as prose (Question: ... Answer: ...) it reads conversations as it was trained to.
     "neo-gemma-exact-plain": ("neo", "gemma", ["--cross_tokenizer", "exact", "--teacher_chat_template", "plain"]),
+    # The same teacher read from its top-k cache (cache-teacher --cross_tokenizer, captured once per corpus).
+    "neo-gemma-exact-cached": ("neo", "gemma", ["--cross_tokenizer", "exact"]),
     "lora": ("lora", None, []),
 }
+CACHED_ARMS = {"neo-gemma-exact-cached"}
 CORPORA = ("sharegpt", "python-docs")
 STAGES = ("prepare", "teachers", "train", "evaluate", "publish")
 DOCS_PACKAGE = "python3.11-doc"
@@ -165,10 +169,25 @@ def train(paths: Paths, args) -> None:
             if out.is_dir() and run_status(out)[0] == "finished":
                 continue
             method, teacher, extra = ARMS[name]
+            teacher_path = paths.teacher_path(teacher)
+            if name in CACHED_ARMS:
+                extra, teacher_path = [*extra, "--teacher_cache", str(teacher_cache(paths, corpus, teacher_path, extra))], None
             started = time.time()
-            assert cli.main([*flags(paths, corpus, method, paths.teacher_path(teacher), extra),
-                             "--output_dir", str(out)]) == 0
+            assert cli.main([*flags(paths, corpus, method, teacher_path, extra), "--output_dir", str(out)]) == 0
             (out / "wall_time_s.txt").write_text(f"{time.time() - started:.1f}\n")
+
+
+def teacher_cache(paths: Paths, corpus: str, teacher: Path, extra: list[str]) -> Path:
+    """The teacher's top-k at the aligned boundaries of the corpus's training rows, captured once (its wall time in
+    capture_s.txt)."""
+    cache_dir = paths.cross / "caches" / f"{corpus}-{teacher.name}"
+    if (cache_dir / "capture_s.txt").is_file():
+        return cache_dir
+    started = time.time()
+    capture = flags(paths, corpus, "neo", teacher, extra)[1:]  # the run's options, without the command
+    assert cli.main(["cache-teacher", "--cache_dir", str(cache_dir), "--top_k", str(SIZE["top_k"]), *capture]) == 0
+    (cache_dir / "capture_s.txt").write_text(f"{time.time() - started:.1f}\n")
+    return cache_dir
 
 
 def evaluate(paths: Paths, args) -> None:
@@ -189,6 +208,10 @@ def evaluate(paths: Paths, args) -> None:
                                                             "train_loss", "train_runtime")}
                 entry["steps"] = max(record.get("step", 0) for record in logged)
                 entry["wall_time_s"] = float((target / "wall_time_s.txt").read_text())
+                if name in CACHED_ARMS:
+                    method, teacher, extra = ARMS[name]
+                    cache_dir = teacher_cache(paths, corpus, paths.teacher_path(teacher), extra)
+                    entry["capture_s"] = float((cache_dir / "capture_s.txt").read_text())
             if corpus == "sharegpt":
                 model, tokenizer = load_for_generation(str(target))
                 entry["answers"] = answer_prompts(model, tokenizer, PROMPTS, max_new_tokens=64)
@@ -200,7 +223,7 @@ def evaluate(paths: Paths, args) -> None:
 def publish(paths: Paths, args) -> None:
     from cross_tokenizer_report import write_report
 
-    write_report(paths, SIZE, ARMS, PROMPTS, load_results(paths), ROOT / "docs" / "results" / "smollm2")
+    write_report(paths, SIZE, ARMS, CACHED_ARMS, PROMPTS, load_results(paths), ROOT / "docs" / "results" / "smollm2")
 
 
 def main():
