@@ -125,6 +125,14 @@ def teacher_targets(teacher_rows: torch.Tensor, vocab_map: VocabularyMap, mode: 
     return targets
 
 
+def remainder_distance(scaled: torch.Tensor, targets: dict[str, torch.Tensor], vocab_map: VocabularyMap) -> torch.Tensor:
+    """hybrid's second term per row: ULD between the student's renormalised unmapped remainder and the teacher's
+    (``remainder_head``/``remainder_rest``), weighted by the teacher's unmapped mass."""
+    remainder = unmapped_columns(scaled, vocab_map.student_ids)
+    student_rest = F.softmax(remainder, dim=1) if remainder.shape[1] else remainder.new_zeros((remainder.shape[0], 1))
+    return targets["remainder_weight"] * sorted_l1(student_rest, targets["remainder_head"], targets["remainder_rest"])
+
+
 def student_divergence(student_rows: torch.Tensor, targets: dict[str, torch.Tensor], vocab_map: VocabularyMap,
                        mode: str, settings: LossSettings) -> torch.Tensor:
     """The divergence per aligned row (N,) against ``teacher_targets``, before the T^2 factor."""
@@ -133,11 +141,7 @@ def student_divergence(student_rows: torch.Tensor, targets: dict[str, torch.Tens
         return sorted_l1(F.softmax(scaled, dim=1), targets["head"], targets["rest"])
     value = settings.divergence(student_buckets(scaled, vocab_map), targets["buckets"], 1.0)
     if mode == "hybrid" and "remainder_head" in targets:
-        remainder = unmapped_columns(scaled, vocab_map.student_ids)
-        student_rest = (F.softmax(remainder, dim=1) if remainder.shape[1] else
-                        remainder.new_zeros((remainder.shape[0], 1)))
-        value = value + targets["remainder_weight"] * sorted_l1(student_rest, targets["remainder_head"],
-                                                                targets["remainder_rest"])
+        value = value + remainder_distance(scaled, targets, vocab_map)
     return value
 
 

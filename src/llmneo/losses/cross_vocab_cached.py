@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from ..data.vocabulary import VocabularyMap
 from .contract import LossSettings
-from .cross_vocab import (CROSS_TOKENIZER_MODES, chunked_kd_sum, scaled_rows, sorted_head, sorted_l1,
-                          student_has_tail, unmapped_columns)
+from .cross_vocab import (CROSS_TOKENIZER_MODES, chunked_kd_sum, remainder_distance, scaled_rows, sorted_head,
+                          sorted_l1, student_has_tail)
 from .topk import TopKRows
 
 FLOOR = torch.finfo(torch.float32).min / 4  # the log-weight of an empty bucket: finite, so no 0 * inf appears
@@ -84,11 +84,7 @@ def cached_student_divergence(student_rows: torch.Tensor, targets: dict[str, tor
         buckets = torch.cat([buckets, rest], dim=1)
     value = settings.divergence(buckets, targets["buckets"], 1.0)
     if mode == "hybrid" and "remainder_head" in targets:
-        remainder = unmapped_columns(scaled, vocab_map.student_ids)
-        student_rest = (F.softmax(remainder, dim=1) if remainder.shape[1] else
-                        remainder.new_zeros((remainder.shape[0], 1)))
-        value = value + targets["remainder_weight"] * sorted_l1(student_rest, targets["remainder_head"],
-                                                                targets["remainder_rest"])
+        value = value + remainder_distance(scaled, targets, vocab_map)
     return value
 
 
