@@ -215,3 +215,31 @@ def test_a_cache_is_refused_by_a_run_of_the_other_kind(models_dir, train_file, t
         with pytest.raises(ConfigError, match=message):
             distill(parse_config(flags))
         assert not (tmp_path / f"run-{number}" / "metrics.jsonl").exists()
+
+
+@pytest.mark.e2e
+def test_a_cache_across_tokenizers_places_its_rows_in_left_padded_batches(models_dir, train_file, tmp_path,
+                                                                          char_teacher):
+    """A student tokenizer that pads on the left shifts every row's positions in the batch: the cached boundaries
+    are shifted like the online ones, so both runs log the same losses."""
+    import shutil
+    from llmneo import cli
+
+    student = tmp_path / "left-student"
+    shutil.copytree(models_dir["student"], student)
+    settings = json.loads((student / "tokenizer_config.json").read_text())
+    (student / "tokenizer_config.json").write_text(json.dumps({**settings, "padding_side": "left"}))
+    models = {**models_dir, "student": str(student)}
+    common = {"teacher": char_teacher, "cross_tokenizer": "exact", "max_length": 256}
+    cache_dir = tmp_path / "cache"
+    assert cli.main(["cache-teacher", "--cache_dir", str(cache_dir), "--top_k", str(FULL_TOP_K), "--cache_dtype",
+                     "float32", *run_flags(models, train_file, tmp_path / "unused", **common)]) == 0
+    distill(parse_config(run_flags(models, train_file, tmp_path / "online", **common)))
+    distill(parse_config(without_teacher(run_flags(models, train_file, tmp_path / "cached", teacher_cache=cache_dir,
+                                                   **common))))
+    pairs = list(zip(logged_steps(tmp_path / "online"), logged_steps(tmp_path / "cached"), strict=True))
+    assert sum("kd_loss" in line for line, _ in pairs) == 3
+    for online_line, cached_line in pairs:
+        for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+            if key in online_line:
+                assert cached_line[key] == pytest.approx(online_line[key], rel=1e-4, abs=1e-6), key
