@@ -184,9 +184,10 @@ def _finish_manifest(cache_dir: Path, manifest: dict, shard_count: int) -> None:
     manifest["bytes_per_answer_token"] = round(_bytes_per_token(manifest), 3)
     write_manifest(cache_dir, manifest)
     remove_parts(cache_dir)
-    logger.info("teacher cache complete in %s: %d shards, %d answer tokens, %.1f bytes per answer token", cache_dir,
-                len(manifest["shards"]), manifest["fingerprint"]["data"]["answer_tokens"],
-                manifest["bytes_per_answer_token"])
+    unit = "aligned boundary" if "cross_tokenizer" in manifest["fingerprint"] else "answer token"
+    logger.info("teacher cache complete in %s: %d shards, %d cached rows (one per %s), %.1f bytes per %s", cache_dir,
+                len(manifest["shards"]), sum(entry["answer_tokens"] for entry in manifest["shards"]), unit,
+                manifest["bytes_per_answer_token"], unit)
 
 
 def _bytes_per_token(manifest: dict) -> float:
