@@ -233,10 +233,6 @@ def _digest_samples(digest, file: Path, block: int = 1 << 16, count: int = 8) ->
             digest.update(handle.read(block))
 
 
-def output_vocab_size(model) -> int:
-    return output_rows(model)
-
-
 def check_vocabularies(student_tokenizer, teacher_tokenizer, student, teacher) -> int:
     """The vocabulary size the KD term compares over (``student``/``teacher``: the models or their output sizes).
 
@@ -256,7 +252,7 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student, teacher) -
             "logit distillation on one vocabulary needs one tokenizer: to distil across tokenizers, add "
             "--cross_tokenizer exact (or uld, hybrid)"
         )
-    student_size, teacher_size = (size if isinstance(size, int) else output_vocab_size(size) for size in (student, teacher))
+    student_size, teacher_size = (size if isinstance(size, int) else output_rows(size) for size in (student, teacher))
     kd_vocab = min(student_size, teacher_size)
     needed = len(student_tokenizer)
     if kd_vocab < needed:

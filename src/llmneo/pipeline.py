@@ -30,8 +30,8 @@ from .evaluation.classification import class_fidelity_kl
 from .evaluation.metrics import teacher_fidelity_kl
 from .methods import METHODS
 from .models import (ClassHead, check_quantization, check_vocabularies, is_quantized, load_student,
-                     load_reading_tokenizer, load_student_tokenizer, load_tokenizer, model_identity,
-                     output_vocab_size)
+                     load_reading_tokenizer, load_student_tokenizer, load_tokenizer, model_identity)
+from .lm_head import output_rows
 from .evaluation.answers import answers, held_out_prompts, held_out_teacher_prompts
 from .report import before_after_console, before_after_rows, write_run_report
 from .runtime.atomic import write_atomically
@@ -175,7 +175,7 @@ def load_models(config, tokenizer, head: ClassHead | None = None, cache: Teacher
     student = load_student(config.model, head)
     teacher, kd_vocab_size = None, None
     if cache is not None:  # across tokenizers the vocabulary map, not a shared size, relates the two
-        kd_vocab_size = None if cache.across_tokenizers else cached_vocab_size(cache, output_vocab_size(student))
+        kd_vocab_size = None if cache.across_tokenizers else cached_vocab_size(cache, output_rows(student))
     elif preset.uses_teacher and config.distill.teacher_cache is None:
         teacher = load_teacher(config.model, head=head)
         if not config.distill.cross_tokenizer:
@@ -216,7 +216,7 @@ def run_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher, c
     for a teacher on the student's own tokens."""
     if cache is not None and cache.across_tokenizers:
         vocab_map = cache.vocabulary_map()
-        student_size = min(len(tokenizer), output_vocab_size(student))
+        student_size = min(len(tokenizer), output_rows(student))
         if vocab_map.student_size != student_size:
             raise VocabularyError(f"teacher cache {cache.cache_dir} was captured for a student of "
                                   f"{vocab_map.student_size} ids, this student has {student_size}")
@@ -227,12 +227,12 @@ def run_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher, c
 def cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher) -> VocabularyMap:
     """The map between the two vocabularies: the one saved in the run directory, or built now and saved there."""
     run_dir = config.training.output_dir
-    sizes = (min(len(teacher_tokenizer), output_vocab_size(teacher)), min(len(tokenizer), output_vocab_size(student)))
+    sizes = (min(len(teacher_tokenizer), output_rows(teacher)), min(len(tokenizer), output_rows(student)))
     saved = load_vocabulary_map(run_dir) if config.training.resume_from_checkpoint else None
     if saved is not None and (saved.teacher_size, saved.student_size) == sizes:
         return saved
-    vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_vocab_size(teacher),
-                                     output_vocab_size(student))
+    vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_rows(teacher),
+                                     output_rows(student))
     if config.training.process_index == 0:
         vocab_map.save(run_dir)
     logger.info("vocabulary map: %d of the student's %d ids have a teacher id with the same bytes (teacher %d ids)",

@@ -19,7 +19,8 @@ from ..data.collators import AlignedCollator, make_collator
 from ..data.vocabulary import build_vocabulary_map, byte_lengths, same_vocabulary
 from ..data.loading import build_dataset, build_datasets
 from ..errors import ConfigError
-from ..models import ClassHead, load_reading_tokenizer, load_student, load_tokenizer, output_vocab_size
+from ..lm_head import output_rows
+from ..models import ClassHead, load_reading_tokenizer, load_student, load_tokenizer
 from ..teacher.loading import load_teacher
 from .classification import evaluate_classifier
 from .cross_tokenizer import evaluate_aligned
@@ -133,8 +134,8 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
         results["held_out"] = evaluate(model, held_out, collator, teacher=None if teacher_tokenizer else teacher,
                                        batch_size=request.batch_size, progress=True)
         if teacher_tokenizer is not None and teacher is not None:
-            vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_vocab_size(teacher),
-                                             output_vocab_size(model))
+            vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_rows(teacher),
+                                             output_rows(model))
             aligned = AlignedCollator(collator, tokenizer.padding_side, teacher_tokenizer.pad_token_id)
             results["held_out"].update(evaluate_aligned(model, teacher, held_out, aligned, vocab_map,
                                                         request.batch_size))

@@ -26,9 +26,10 @@ from ..data.loading import build_datasets
 from ..data.vocabulary import build_vocabulary_map
 from ..errors import ConfigError
 from ..losses.contract import answer_mask, answer_row_index
+from ..lm_head import output_rows
 from ..losses.cross_vocab import logit_rows
 from ..models import (check_quantization, check_vocabularies, load_reading_tokenizer, load_student_tokenizer,
-                      load_tokenizer, model_identity, output_vocab_size)
+                      load_tokenizer, model_identity)
 from ..runtime.atomic import write_atomically
 from ..runtime.lock import DirectoryLock
 from ..runtime.nonfinite import check_finite_rows
@@ -85,7 +86,7 @@ def capture_aligned_cache(config, cache_dir: str | Path, settings: CaptureSettin
     dataset, _, _ = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer)
     teacher = load_teacher(config.model)
     student_size = AutoConfig.from_pretrained(config.model.student_model).vocab_size
-    vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_vocab_size(teacher), student_size)
+    vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_rows(teacher), student_size)
     fingerprint = {**run_fingerprint(config, tokenizer, dataset),
                    "teacher": model_identity(config.model.teacher_model, teacher.config),
                    "cross_tokenizer": aligned_fingerprint(teacher_tokenizer, config.model.teacher_chat_template,
