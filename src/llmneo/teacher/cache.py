@@ -118,6 +118,11 @@ def run_fingerprint(config, tokenizer, dataset, data: dict | None = None) -> dic
     }
 
 
+def _template_option_sha256(option: str | None) -> str | None:
+    """The --teacher_chat_template a capture or a run gives, by the text it names (None: the tokenizer's own)."""
+    return _sha256_text(chat_template_text(option)) if option else None
+
+
 def aligned_fingerprint(teacher_tokenizer, chat_template_option: str | None, dataset) -> dict:
     """What a cache across tokenizers depends on besides the student's rows: the teacher's tokenizer, the template
     it read the rows through (and the option that chose it), and the aligned boundaries themselves."""
@@ -126,10 +131,10 @@ def aligned_fingerprint(teacher_tokenizer, chat_template_option: str | None, dat
         digest.update(row["aligned_student"].astype("int32").tobytes() + b"|")
         digest.update(row["aligned_teacher"].astype("int32").tobytes() + b"|")
         aligned += len(row["aligned_student"])
-    option = _sha256_text(chat_template_text(chat_template_option)) if chat_template_option else None
     return {"teacher_tokenizer_sha256": tokenizer_sha256(teacher_tokenizer),
             "teacher_chat_template_sha256": _sha256_text(teacher_tokenizer.chat_template or ""),
-            "teacher_chat_template_option_sha256": option, "aligned_rows": aligned,
+            "teacher_chat_template_option_sha256": _template_option_sha256(chat_template_option),
+            "aligned_rows": aligned,
             "alignment_sha256": digest.hexdigest()}
 
 
@@ -146,8 +151,7 @@ def check_cross_tokenizer(cache_dir: Path, manifest: dict, cross_tokenizer: str 
         raise ConfigError(f"{where} was captured across tokenizers (the teacher's own ids at aligned boundaries): "
                           "add --cross_tokenizer exact (or uld, hybrid)")
     if cached is not None:
-        option = _sha256_text(chat_template_text(chat_template_option)) if chat_template_option else None
-        if option != cached["teacher_chat_template_option_sha256"]:
+        if _template_option_sha256(chat_template_option) != cached["teacher_chat_template_option_sha256"]:
             raise ConfigError(f"{where} was captured with another --teacher_chat_template than this run's "
                               f"({chat_template_option or 'none'}): give the one the cache was captured with")
 
@@ -232,24 +236,27 @@ class TeacherCache:
                               "missing: capture it again")
         return vocab_map
 
+    def _span(self, row: int) -> tuple[_Shard, int, int]:
+        """The shard holding a dataset row and the range of its cached rows there."""
+        shard = self.shards[bisect_right(self._starts, row) - 1]
+        return shard, shard.offsets[row - shard.first_row], shard.offsets[row - shard.first_row + 1]
+
     def student_positions(self, row_ids) -> list[torch.Tensor]:
         """Per row of a cache across tokenizers: the student positions (in the unpadded row) its cached rows are at."""
         positions = []
         for row in row_ids:
-            shard = self.shards[bisect_right(self._starts, int(row)) - 1]
-            start, end = shard.offsets[int(row) - shard.first_row], shard.offsets[int(row) - shard.first_row + 1]
+            shard, start, end = self._span(int(row))
             positions.append(shard.handle.get_slice("student_positions")[start:end].long())
         return positions
 
     def row_answer_tokens(self, row: int) -> int:
-        shard = self.shards[bisect_right(self._starts, row) - 1]
-        return shard.offsets[row - shard.first_row + 1] - shard.offsets[row - shard.first_row]
+        _, start, end = self._span(row)
+        return end - start
 
     def rows(self, row_ids) -> TopKRows:
         parts = {"token_ids": [], "log_probs": [], "log_tail": []}
         for row in row_ids:
-            shard = self.shards[bisect_right(self._starts, int(row)) - 1]
-            start, end = shard.offsets[int(row) - shard.first_row], shard.offsets[int(row) - shard.first_row + 1]
+            shard, start, end = self._span(int(row))
             for name, part in parts.items():
                 part.append(shard.handle.get_slice(name)[start:end])
         return TopKRows(torch.cat(parts["token_ids"]).to(torch.int64), torch.cat(parts["log_probs"]).float(),
