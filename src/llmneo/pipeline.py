@@ -248,7 +248,7 @@ def log_cross_tokenizer_coverage(trainer, dataset, report: DataReport, cache: Te
     if cache is not None:
         aligned = cache.manifest["fingerprint"]["cross_tokenizer"]["aligned_rows"]
         top = cache.rows(batch["row_id"].tolist())
-        mapped = trainer.vocab_map.student_of_teacher().cpu()[top.token_ids] >= 0
+        mapped = trainer.vocab_map.student_of_teacher.cpu()[top.token_ids] >= 0
         mass = (top.log_probs.exp() * mapped).sum(1)
     else:
         aligned = sum(len(positions) for positions in dataset["aligned_student"])

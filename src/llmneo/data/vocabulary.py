@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -101,8 +101,10 @@ class VocabularyMap:
     def __len__(self) -> int:
         return int(self.teacher_ids.numel())
 
+    @cached_property
     def student_of_teacher(self) -> torch.Tensor:
-        """(teacher_size,) int64: the student id paired with each teacher id, -1 where it has none."""
+        """(teacher_size,) int64: the student id paired with each teacher id, -1 where it has none (built once per
+        map: the cached KD term reads it at every chunk)."""
         lookup = torch.full((self.teacher_size,), -1, dtype=torch.long, device=self.teacher_ids.device)
         return lookup.index_copy_(0, self.teacher_ids, self.student_ids)
 

@@ -38,7 +38,7 @@ def cached_teacher_targets(topk: TopKRows, vocab_map: VocabularyMap, mode: str,
     and the bucket log-weights (exact, hybrid), sorted head and rest mass (uld), unmapped remainder (hybrid)."""
     if mode not in CROSS_TOKENIZER_MODES:
         raise ValueError(f"unknown cross_tokenizer mode {mode!r}; expected one of {CROSS_TOKENIZER_MODES}")
-    student_ids = vocab_map.student_of_teacher()[topk.token_ids.long()]
+    student_ids = vocab_map.student_of_teacher[topk.token_ids.long()]
     mapped = student_ids >= 0
     scaled = topk.log_probs.float() / temperature
     tail = topk.log_tail.float()[:, None] / temperature
