@@ -23,17 +23,18 @@ from llmneo.adapters.lora import add_lora
 from llmneo.config import AdapterArguments, NeoTrainingArguments
 from llmneo.teacher.cache import TeacherCache
 from llmneo.teacher.capture import CaptureSettings, write_cache
+from llmneo.teacher.sources import CachedTeacher, OnlineTeacher
 from llmneo.training import NeoTrainer
 
 
-def train_tokens_per_second(student, dataset, collator, preset, steps, out, **teacher_side) -> float:
+def train_tokens_per_second(student, dataset, collator, preset, steps, out, signal) -> float:
     args = NeoTrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=preset["batch"],
                                 learning_rate=1e-4, logging_steps=10**6, report_to=[], disable_tqdm=True,
                                 bf16=preset["dtype"] == torch.bfloat16, save_strategy="no", seed=0,
                                 remove_unused_columns=False)
     clock = StepClock()
     trainer = NeoTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock],
-                         **teacher_side)
+                         signal=signal)
     trainer.train()
     steps, seconds = clock.seconds_after_first()
     return steps * preset["batch"] * preset["seq"] / seconds
@@ -65,12 +66,12 @@ def main():
         student = add_lora(build_llama(preset["vocab"], preset["student"], preset["dtype"], seed=2),
                            AdapterArguments(lora_r=preset["rank"]))
         online = train_tokens_per_second(student, dataset, collator, preset, args.steps, scratch / "online",
-                                         teacher=teacher)
+                                         signal=OnlineTeacher(teacher, None))
         del teacher
         student = add_lora(build_llama(preset["vocab"], preset["student"], preset["dtype"], seed=2),
                            AdapterArguments(lora_r=preset["rank"]))
         cached = train_tokens_per_second(student, dataset, collator, preset, args.steps, scratch / "cached",
-                                         teacher_cache=TeacherCache(scratch / "cache"))
+                                         signal=CachedTeacher(TeacherCache(scratch / "cache"), preset["vocab"]))
     print(f"preset {args.preset} on {device}: teacher {preset['teacher']}, student {preset['student']} "
           f"(hidden, layers, heads, intermediate), V={preset['vocab']}, {preset['batch']}x{preset['seq']} tokens per "
           f"step, LoRA r={preset['rank']}, top-{args.top_k}, {args.steps} steps")

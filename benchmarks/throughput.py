@@ -32,6 +32,7 @@ from llmneo.data.packing import PackingCollator
 from llmneo.runtime.memory import PeakMemory
 from llmneo.teacher.cache import TeacherCache
 from llmneo.teacher.capture import CaptureSettings, write_cache
+from llmneo.teacher.sources import CachedTeacher, OnlineTeacher
 from llmneo.training import NeoTrainer
 
 PEAK_TFLOPS = 790.0
@@ -95,7 +96,8 @@ def measure_trainer(method, options, teacher, preset, dataset, batch, steps, dev
         student = add_lora(student, AdapterArguments(lora_r=preset["rank"]))
     side = {}
     if method in ("kd", "neo"):
-        side = {"teacher_cache": TeacherCache(scratch / "cache")} if use_cache else {"teacher": teacher}
+        side = {"signal": CachedTeacher(TeacherCache(scratch / "cache"), preset["vocab"]) if use_cache
+                else OnlineTeacher(teacher, None)}
     args = NeoTrainingArguments(
         output_dir=str(scratch / "run"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
         logging_steps=10**6, report_to=[], disable_tqdm=True, save_strategy="no", seed=0,

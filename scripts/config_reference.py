@@ -1,6 +1,6 @@
-"""Print the README's config reference (llm-neo's own options) as a Markdown table, from the dataclasses.
+"""Print the options reference (llm-neo's own options) as a Markdown table, from the dataclasses.
 
-`python scripts/config_reference.py --write` replaces the table in README.md instead.
+`python scripts/config_reference.py --write` replaces the table in docs/options.md instead.
 """
 
 import dataclasses
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llmneo.config import CONFIG_CLASSES, DistillArguments, NeoTrainingArguments
 
-# The README groups options as the run's config.yaml does: the distillation settings before transformers' own.
+# docs/options.md groups options as the run's config.yaml does: the distillation settings before transformers' own.
 SECTIONS = (*CONFIG_CLASSES[:-1], DistillArguments, NeoTrainingArguments)
 
 
@@ -29,7 +29,7 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def write_readme(path: Path) -> None:
+def write_reference(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     start = text.index("| option | default | meaning |")
     end = text.index("\n\n", start)
@@ -38,7 +38,7 @@ def write_readme(path: Path) -> None:
 
 def main():
     if "--write" in sys.argv[1:]:
-        write_readme(Path(__file__).resolve().parent.parent / "README.md")
+        write_reference(Path(__file__).resolve().parent.parent / "docs" / "options.md")
     else:
         print(table())
 

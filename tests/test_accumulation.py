@@ -10,7 +10,7 @@ from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.data.collators import make_collator
 from llmneo.models import load_student_tokenizer
-from llmneo.pipeline import build_trainer, load_models
+from llmneo.pipeline import build_trainer, load_models, teacher_signal
 
 SPLITS = [(8, 1), (4, 2), (1, 8)]  # (micro-batch size, accumulation steps)
 
@@ -25,7 +25,8 @@ def make_trainer(models_dir, train_file, out, method="neo", batch=8, accumulatio
     dataset = dataset.select(range(8))
     torch.manual_seed(0)
     student, teacher, kd_vocab = load_models(config, tokenizer)
-    return build_trainer(config, student, teacher, kd_vocab, dataset, tokenizer), dataset, tokenizer
+    signal = teacher_signal(config, tokenizer, None, student, teacher, kd_vocab, None)
+    return build_trainer(config, student, signal, dataset, tokenizer), dataset, tokenizer
 
 
 def trainable(model):

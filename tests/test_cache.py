@@ -18,7 +18,7 @@ from llmneo.data.loading import build_dataset
 from llmneo.errors import ConfigError
 from llmneo.data.collators import make_collator
 from llmneo.models import load_student_tokenizer
-from llmneo.pipeline import build_trainer, distill, load_models
+from llmneo.pipeline import build_trainer, distill, load_models, teacher_signal
 from llmneo.teacher.cache import merge_parts, open_teacher_cache
 from llmneo.teacher.capture import CaptureSettings, cache_teacher
 
@@ -45,14 +45,15 @@ def first_step(models_dir, train_file, tmp_path, loss_impl, **extra):
     config = parse_config(run_flags(models_dir, train_file, tmp_path / "run", loss_impl=loss_impl, **extra))
     tokenizer = load_student_tokenizer(config.model)
     dataset, _ = build_dataset(config.data, tokenizer, config.training.seed)
-    cache = open_teacher_cache(config, tokenizer, dataset) if config.distill.teacher_cache else None
+    cache = open_teacher_cache(config, tokenizer, dataset) if config.training.teacher_cache else None
     if cache is not None:
         dataset = dataset.add_column("row_id", list(range(len(dataset))))
         config.model.teacher_model = None
     torch.manual_seed(0)
     student, teacher, kd_vocab = load_models(config, tokenizer)
     kd_vocab = cache.settings["kd_vocab_size"] if cache is not None else kd_vocab
-    trainer = build_trainer(config, student, teacher, kd_vocab, dataset, tokenizer, teacher_cache=cache)
+    trainer = build_trainer(config, student, teacher_signal(config, tokenizer, None, student, teacher, kd_vocab, cache),
+                            dataset, tokenizer)
     batch = make_collator(tokenizer)([dataset[i] for i in range(8)])
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch)

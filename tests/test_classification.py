@@ -154,7 +154,7 @@ def test_causal_only_options_are_refused(flag, message):
 def test_sst2_recipe_sets_the_published_options_and_flags_override():
     config = parse_config(["--recipe", "sst2", "--student_model", "s", "--teacher_model", "t", "--dataset", "d.jsonl",
                            "--teacher_quantization", "none"])
-    assert (config.data.task, config.distill.method, config.distill.alpha, config.distill.temperature) == \
+    assert (config.data.task, config.training.method, config.training.alpha, config.training.temperature) == \
         ("classification", "neo", 0.5, 2.0)
     assert (config.adapter.lora_r, config.adapter.lora_alpha, config.adapter.target_modules) == (4, 8.0, "qkv")
     assert config.model.teacher_quantization == "none"

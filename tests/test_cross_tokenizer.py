@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 from llmneo.data.alignment import align_rendered, render_messages, render_text
 from llmneo.data.tokenize import encode_messages, encode_text, ensure_chat_template
-from llmneo.data.vocabulary import build_vocabulary_map, byte_lengths, load_vocabulary_map, token_bytes
+from llmneo.data.vocabulary import build_vocabulary_map, byte_lengths, token_bytes
+from llmneo.losses.vocab_map import load_vocabulary_map
 from llmneo.demo.tiny import build_char_tokenizer, build_tokenizer, corpus_texts
 from llmneo.losses.contract import LossSettings, answer_mask
-from llmneo.losses.cross_vocab import (cross_tokenizer_parts, cross_vocab_divergence, cross_vocab_kd_sum,
-                                       mapped_buckets)
+from llmneo.losses.cross_vocab import (cross_tokenizer_parts, cross_vocab_kd_sum, from_logit_rows, mapped_buckets,
+                                       student_divergence, teacher_targets)
 from llmneo.losses.divergences import get_divergence
 from llmneo.losses.reference import distillation_loss
 
@@ -212,8 +213,14 @@ def naive_uld(student_logits, teacher_logits, temperature):
     return torch.stack(values)
 
 
+def cross_vocab_divergence(student, teacher, mapping, mode, settings):
+    """The divergence per aligned row from both models' logit rows."""
+    return student_divergence(student, teacher_targets(teacher, mapping, mode, settings.temperature), mapping, mode,
+                              settings)
+
+
 def small_map(teacher_vocab=11, student_vocab=7):
-    from llmneo.data.vocabulary import VocabularyMap
+    from llmneo.losses.vocab_map import VocabularyMap
     return VocabularyMap(torch.tensor([3, 0, 9, 5]), torch.tensor([1, 4, 0, 6]), teacher_vocab, student_vocab)
 
 
@@ -265,7 +272,7 @@ def test_exact_and_hybrid_equal_naive_partitions():
 def test_one_side_with_everything_mapped_stays_finite(divergence):
     """A student with every id mapped has no tail: the teacher is renormalised on the mapped ids. A teacher with
     every id mapped has a tail of probability 0 against the student's."""
-    from llmneo.data.vocabulary import VocabularyMap
+    from llmneo.losses.vocab_map import VocabularyMap
     torch.manual_seed(4)
     student, teacher = torch.randn(3, 3, requires_grad=True), torch.randn(3, 5)
     everything_student = VocabularyMap(torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1]), 5, 3)
@@ -300,8 +307,9 @@ def test_exact_with_one_tokenizer_equals_the_standard_loss(bpe, divergence, padd
     mapping = build_vocabulary_map(bpe, bpe, teacher_size, student_size)
     batch, position = answer_mask(labels).nonzero(as_tuple=True)
     ce_only = distillation_loss(student_logits, labels, settings=settings, num_items=11)
-    kd_sum = cross_vocab_kd_sum(student_logits[batch, position], teacher_logits[batch, position], mapping, "exact",
-                                settings)
+    kd_sum = cross_vocab_kd_sum(student_logits[batch, position],
+                                from_logit_rows(teacher_logits[batch, position], mapping, "exact"),
+                                mapping, "exact", settings)
     ours = cross_tokenizer_parts(ce_only, kd_sum, 11, settings)
     for name in ("loss", "ce", "kd"):
         torch.testing.assert_close(getattr(ours, name), getattr(reference, name), atol=1e-5, rtol=1e-5)
@@ -315,8 +323,11 @@ def test_hidden_state_rows_equal_logit_rows_and_are_checkpointed():
     mapping, settings = small_map(), LossSettings(chunk_size=2)
     hidden, weight = torch.randn(5, 6, requires_grad=True), torch.randn(7, 6, requires_grad=True)
     teacher_hidden, teacher_weight = torch.randn(5, 4), torch.randn(11, 4)
-    from_hidden = cross_vocab_kd_sum(hidden, teacher_hidden, mapping, "hybrid", settings, weight, teacher_weight)
-    from_logits = cross_vocab_kd_sum(hidden @ weight.T, teacher_hidden @ teacher_weight.T, mapping, "hybrid", settings)
+    from_hidden = cross_vocab_kd_sum(hidden, from_logit_rows(teacher_hidden, mapping, "hybrid", teacher_weight),
+                                     mapping, "hybrid", settings, weight)
+    from_logits = cross_vocab_kd_sum(hidden @ weight.T,
+                                     from_logit_rows(teacher_hidden @ teacher_weight.T, mapping, "hybrid"),
+                                     mapping, "hybrid", settings)
     torch.testing.assert_close(from_hidden, from_logits)
     grads = torch.autograd.grad(from_hidden, (hidden, weight))
     expected = torch.autograd.grad(from_logits, (hidden, weight))

@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from conftest import run_flags, save_model
 from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
-from llmneo.data.vocabulary import MAP_FILE, byte_lengths
+from llmneo.data.vocabulary import byte_lengths
+from llmneo.losses.vocab_map import MAP_FILE
 from llmneo.demo.tiny import build_char_tokenizer, build_tiny_llama, corpus_texts
 from llmneo.errors import ConfigError
 from llmneo.evaluation.metrics import evaluate_against_teacher
 from llmneo.data.collators import make_collator
 from llmneo.models import load_reading_tokenizer, load_student_tokenizer
-from llmneo.pipeline import build_trainer, cross_vocabulary_map, distill, load_models
+from llmneo.pipeline import build_trainer, distill, load_models, teacher_signal
 
 
 def first_step(models_dir, train_file, tmp_path, teacher: str, loss_impl: str, **extra):
@@ -28,15 +29,13 @@ def first_step(models_dir, train_file, tmp_path, teacher: str, loss_impl: str, *
                                     alpha=0.3, temperature=2.0, **extra))
     tokenizer = load_student_tokenizer(config.model)
     teacher_tokenizer = (load_reading_tokenizer(config.model.teacher_model, role="teacher")
-                         if config.distill.cross_tokenizer else None)
+                         if config.training.cross_tokenizer else None)
     dataset, _ = build_dataset(config.data, tokenizer, config.training.seed, teacher_tokenizer)
     torch.manual_seed(0)
     student, teacher_model, kd_vocab = load_models(config, tokenizer)
     (tmp_path / "run").mkdir(parents=True, exist_ok=True)
-    vocab_map = (cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher_model)
-                 if teacher_tokenizer else None)
-    trainer = build_trainer(config, student, teacher_model, kd_vocab, dataset, tokenizer, vocab_map=vocab_map,
-                            teacher_tokenizer=teacher_tokenizer)
+    signal = teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher_model, kd_vocab, None)
+    trainer = build_trainer(config, student, signal, dataset, tokenizer)
     batch = trainer.data_collator([dataset[i] for i in range(8)])
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(400))

@@ -48,7 +48,7 @@ def save_final_weights(model, tokenizer, run_dir: Path, config, initial_adapter:
                        base: dict | None = None, state_dict: dict | None = None) -> Path:
     """Adapter (PEFT safetensors, see adapters/store.py; ``base``: the identity of the weights it was trained on) or
     full weights (safetensors) with the tokenizer. ``state_dict``: the gathered weights of a sharded model."""
-    if METHODS[config.distill.method].uses_adapter:
+    if METHODS[config.training.method].uses_adapter:
         target = save_adapter(model, run_dir / ADAPTER_DIR, config.adapter, initial_adapter, base, state_dict)
     else:
         target = run_dir / MODEL_DIR
@@ -59,7 +59,7 @@ def save_final_weights(model, tokenizer, run_dir: Path, config, initial_adapter:
 
 def run_settings(config, steps: int, data_report) -> list[tuple[str, object]]:
     """What the model card and the run report say about how the run was made."""
-    method, distill, adapter = config.distill.method, config.distill, config.adapter
+    method, distill, adapter = config.training.method, config.training, config.adapter
     preset, classes = METHODS[method], data_report.class_names  # classes: set only for --task classification
     return [
         ("method", method),
@@ -81,7 +81,7 @@ def run_settings(config, steps: int, data_report) -> list[tuple[str, object]]:
 
 def write_model_card(run_dir: Path, config, steps: int, data_report, final_metrics: dict,
                      before_after: list[tuple] | None = None) -> Path:
-    method, preset = config.distill.method, METHODS[config.distill.method]
+    method, preset = config.training.method, METHODS[config.training.method]
     rows = run_settings(config, steps, data_report)
     rows += [(f"final {key}", value) for key, value in final_metrics.items()]
     lines = [f"# llm-neo run: {method}", "", "| | |", "|---|---|"]

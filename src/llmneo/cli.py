@@ -58,9 +58,10 @@ def cmd_cache_teacher(argv: list[str]) -> int:
     parser.add_argument("--cache_batch_size", type=int, default=defaults.batch_size,
                         help="Rows per teacher forward pass.")
     args, rest = parser.parse_known_args(argv)
+    config = parse_config(rest)
     settings = CaptureSettings(top_k=args.top_k, cache_dtype=args.cache_dtype, shard_rows=args.shard_rows,
-                               batch_size=args.cache_batch_size)
-    manifest = cache_teacher(parse_config(rest), args.cache_dir, settings)
+                               batch_size=args.cache_batch_size, chunk_rows=config.training.kd_chunk_size)
+    manifest = cache_teacher(config, args.cache_dir, settings)
     answer_tokens, aligned = manifest["fingerprint"]["data"]["answer_tokens"], manifest["fingerprint"].get("cross_tokenizer")
     rows = (f"{aligned['aligned_rows']} aligned boundaries ({aligned['aligned_rows'] / max(answer_tokens, 1):.1%} of "
             f"{answer_tokens} answer tokens)" if aligned else f"{answer_tokens} answer tokens")

@@ -166,11 +166,6 @@ class RunConfig:
     adapter: AdapterArguments
     training: NeoTrainingArguments
 
-    @property
-    def distill(self) -> NeoTrainingArguments:
-        """The distillation settings: they live on the training arguments, which the trainer reads."""
-        return self.training
-
     def to_dict(self) -> dict:
         """Sections as in a run's config.yaml: model, data, adapter, distill, training."""
         training = self.training.to_dict()
@@ -256,14 +251,14 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
 
 
 def resolve_defaults(config: RunConfig) -> None:
-    preset = METHODS[config.distill.method]
+    preset = METHODS[config.training.method]
     if config.training.learning_rate is None:
         config.training.learning_rate = 2e-4 if preset.uses_adapter else 2e-5
     if config.adapter.lora_alpha is None:
         config.adapter.lora_alpha = 2.0 * config.adapter.lora_r
-    if config.distill.min_lr_ratio > 0 and config.training.lr_scheduler_type in ("cosine", "cosine_with_min_lr"):
+    if config.training.min_lr_ratio > 0 and config.training.lr_scheduler_type in ("cosine", "cosine_with_min_lr"):
         config.training.lr_scheduler_type = "cosine_with_min_lr"
-        config.training.lr_scheduler_kwargs = {"min_lr_rate": config.distill.min_lr_ratio}
+        config.training.lr_scheduler_kwargs = {"min_lr_rate": config.training.min_lr_ratio}
     if config.model.teacher_dtype is None:
         config.model.teacher_dtype = config.model.dtype
 
@@ -272,8 +267,8 @@ def validate(config: RunConfig) -> None:
     checks = [
         (config.model.student_model is not None, "student_model is required"),
         (config.data.dataset is not None, "dataset is required"),
-        (0.0 <= config.distill.alpha <= 1.0, f"alpha must be in [0, 1], got {config.distill.alpha}"),
-        (config.distill.temperature > 0, f"temperature must be > 0, got {config.distill.temperature}"),
+        (0.0 <= config.training.alpha <= 1.0, f"alpha must be in [0, 1], got {config.training.alpha}"),
+        (config.training.temperature > 0, f"temperature must be > 0, got {config.training.temperature}"),
         (config.adapter.lora_r > 0, f"lora_r must be > 0, got {config.adapter.lora_r}"),
         (config.training.learning_rate > 0, f"learning_rate must be > 0, got {config.training.learning_rate}: "
                                             "a run with it would train nothing"),
@@ -292,23 +287,23 @@ def validate(config: RunConfig) -> None:
         (config.data.max_length > 1, f"max_length must be > 1, got {config.data.max_length}"),
         (0.0 <= config.data.eval_ratio < 1.0, f"eval_ratio must be in [0, 1), got {config.data.eval_ratio}"),
         (not (config.data.eval_ratio > 0 and config.data.eval_split), "give eval_split or eval_ratio, not both"),
-        (config.distill.kd_chunk_size > 0, f"kd_chunk_size must be > 0, got {config.distill.kd_chunk_size}"),
-        (config.distill.max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {config.distill.max_bad_steps}"),
-        (0.0 <= config.distill.jsd_beta <= 1.0, f"jsd_beta must be in [0, 1], got {config.distill.jsd_beta}"),
-        (0.0 <= config.distill.skew_lambda < 1.0, f"skew_lambda must be in [0, 1), got {config.distill.skew_lambda}"),
-        (0.0 < config.distill.akl_mu < 1.0, f"akl_mu must be in (0, 1), got {config.distill.akl_mu}"),
-        (0.0 <= config.distill.min_lr_ratio < 1.0, f"min_lr_ratio must be in [0, 1), got {config.distill.min_lr_ratio}"),
+        (config.training.kd_chunk_size > 0, f"kd_chunk_size must be > 0, got {config.training.kd_chunk_size}"),
+        (config.training.max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {config.training.max_bad_steps}"),
+        (0.0 <= config.training.jsd_beta <= 1.0, f"jsd_beta must be in [0, 1], got {config.training.jsd_beta}"),
+        (0.0 <= config.training.skew_lambda < 1.0, f"skew_lambda must be in [0, 1), got {config.training.skew_lambda}"),
+        (0.0 < config.training.akl_mu < 1.0, f"akl_mu must be in (0, 1), got {config.training.akl_mu}"),
+        (0.0 <= config.training.min_lr_ratio < 1.0, f"min_lr_ratio must be in [0, 1), got {config.training.min_lr_ratio}"),
     ]
-    preset = METHODS[config.distill.method]
+    preset = METHODS[config.training.method]
     if config.model.student_quantization != "none" and not preset.uses_adapter:
         checks.append((False, f"a quantized student (--student_quantization {config.model.student_quantization}) trains "
-                              f"only through an adapter: use method lora or neo, not {config.distill.method}"))
+                              f"only through an adapter: use method lora or neo, not {config.training.method}"))
     if preset.uses_teacher:
-        checks.append((config.model.teacher_model is not None or config.distill.teacher_cache is not None,
-                       f"method {config.distill.method} needs teacher_model (or a teacher_cache)"))
-    if config.distill.teacher_cache is not None:
-        checks.append((preset.uses_teacher, f"teacher_cache is for the kd and neo methods, not {config.distill.method}"))
-        checks.append((config.distill.loss_impl != "liger", "loss_impl liger needs the teacher's hidden states, "
+        checks.append((config.model.teacher_model is not None or config.training.teacher_cache is not None,
+                       f"method {config.training.method} needs teacher_model (or a teacher_cache)"))
+    if config.training.teacher_cache is not None:
+        checks.append((preset.uses_teacher, f"teacher_cache is for the kd and neo methods, not {config.training.method}"))
+        checks.append((config.training.loss_impl != "liger", "loss_impl liger needs the teacher's hidden states, "
                                                               "not a teacher_cache: use fused or naive"))
     checks += _classification_checks(config) + _cross_tokenizer_checks(config)
     for ok, message in checks:
@@ -319,17 +314,17 @@ def validate(config: RunConfig) -> None:
 def _cross_tokenizer_checks(config: RunConfig) -> list[tuple[bool, str]]:
     """--cross_tokenizer reads the teacher (online, or a cache captured with --cross_tokenizer) at aligned
     boundaries of padded rows."""
-    if config.distill.cross_tokenizer is None:
+    if config.training.cross_tokenizer is None:
         return [(config.model.teacher_chat_template is None,
                  "teacher_chat_template is for a teacher with another tokenizer: add --cross_tokenizer")]
-    name = f"cross_tokenizer {config.distill.cross_tokenizer}"
-    return [(METHODS[config.distill.method].uses_teacher, f"{name} is for the kd and neo methods, not "
-                                                          f"{config.distill.method}"),
+    name = f"cross_tokenizer {config.training.cross_tokenizer}"
+    return [(METHODS[config.training.method].uses_teacher, f"{name} is for the kd and neo methods, not "
+                                                          f"{config.training.method}"),
             (config.data.task == "causal_lm", f"{name} is for --task causal_lm"),
             (not config.data.packing, f"{name} needs padded rows: leave --packing off"),
-            (config.distill.cache_tail == "bucket", f"{name} keeps the cached tail as its rest bucket: cache_tail "
+            (config.training.cache_tail == "bucket", f"{name} keeps the cached tail as its rest bucket: cache_tail "
                                                     "renormalize is for a cache over the student's own tokens"),
-            (config.distill.loss_impl != "liger", f"{name} computes its KD term itself: use loss_impl fused or naive")]
+            (config.training.loss_impl != "liger", f"{name} computes its KD term itself: use loss_impl fused or naive")]
 
 
 def _classification_checks(config: RunConfig) -> list[tuple[bool, str]]:
@@ -337,9 +332,9 @@ def _classification_checks(config: RunConfig) -> list[tuple[bool, str]]:
     classifying = config.data.task == "classification"
     if not classifying:
         return [(config.data.data_format != "classification", "data_format classification needs --task classification")]
-    unsupported = [("teacher_cache", config.distill.teacher_cache is not None), ("packing", config.data.packing),
-                   ("auto_micro_batch", config.distill.auto_micro_batch),
-                   ("loss_impl liger", config.distill.loss_impl == "liger")]
+    unsupported = [("teacher_cache", config.training.teacher_cache is not None), ("packing", config.data.packing),
+                   ("auto_micro_batch", config.training.auto_micro_batch),
+                   ("loss_impl liger", config.training.loss_impl == "liger")]
     checks = [(not used, f"{name} is for --task causal_lm; a classification run computes the teacher's class "
                          "logits online and needs none of it") for name, used in unsupported]
     checks.append((config.data.data_format in ("auto", "classification"),

@@ -10,13 +10,12 @@ class MethodPreset:
     name: str
     uses_adapter: bool  # True: frozen base + LoRA branch; False: every student weight trains
     uses_teacher: bool  # True: CE + KD; False: CE only (the teacher is never loaded)
-    description: str
 
 
 METHODS = {
-    "sft": MethodPreset("sft", uses_adapter=False, uses_teacher=False, description="full fine-tune, CE"),
-    "lora": MethodPreset("lora", uses_adapter=True, uses_teacher=False, description="LoRA adapter, CE"),
-    "kd": MethodPreset("kd", uses_adapter=False, uses_teacher=True, description="full fine-tune, CE + KD"),
-    "neo": MethodPreset("neo", uses_adapter=True, uses_teacher=True, description="LoRA adapter, CE + KD"),
+    "sft": MethodPreset("sft", uses_adapter=False, uses_teacher=False),
+    "lora": MethodPreset("lora", uses_adapter=True, uses_teacher=False),
+    "kd": MethodPreset("kd", uses_adapter=False, uses_teacher=True),
+    "neo": MethodPreset("neo", uses_adapter=True, uses_teacher=True),
 }
 

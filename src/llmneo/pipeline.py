@@ -19,10 +19,9 @@ from .adapters.lora import PEFT_TASK_TYPES, add_lora, lora_config
 from .adapters.store import KIND_FILE, kind_record, save_initial_adapter
 from .artifacts import (METRICS_FILE, resolved_config, run_settings, save_final_weights, save_resolved_config,
                         write_model_card)
-from .data.collators import AlignedCollator, make_collator
-from .data.vocabulary import VocabularyMap, build_vocabulary_map, load_vocabulary_map
-from .evaluation.cross_tokenizer import teacher_mapped_mass
-from .losses.cross_vocab import logit_rows
+from .data.collators import make_collator
+from .data.vocabulary import build_vocabulary_map
+from .losses.vocab_map import VocabularyMap, load_vocabulary_map
 from .data.loading import DataReport, build_datasets
 from .data.packing import PackingCollator
 from .errors import DiskFullError, NonFiniteError, TrainingOutOfMemory, VocabularyError
@@ -44,7 +43,8 @@ from .runtime.resume import cut_metrics, resolve_checkpoint
 from .runtime.run_dir import claim_output_dir, mark_finished, mark_started
 from .teacher.cache import TeacherCache, cached_vocab_size, data_fingerprint, open_teacher_cache
 from .teacher.loading import load_teacher
-from .teacher.online import rows_at
+from .teacher.signal import NoTeacher, TeacherSignal
+from .teacher.sources import AlignedCachedTeacher, AlignedOnlineTeacher, CachedTeacher, OnlineTeacher
 from .training import ClassifierTrainer, MetricsJsonlCallback, NeoTrainer
 
 logger = logging.getLogger(__name__)
@@ -88,38 +88,64 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     claim_run_dir(config)
     set_seed(config.training.seed)
     tokenizer = load_student_tokenizer(config.model, config.data.task)
-    # Across tokenizers the teacher reads its own rows; a cache across tokenizers holds its aligned rows already.
-    teacher_tokenizer = (load_reading_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher",
-                                                chat_template=config.model.teacher_chat_template)
-                         if config.distill.cross_tokenizer and not config.distill.teacher_cache else None)
+    teacher_tokenizer = reading_teacher_tokenizer(config)
     dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer)
     log_data(report, held_out)
     head = class_head(config, tokenizer, report)
     data = data_fingerprint(dataset, config.data.dataset)
-    identity = run_identity(resolved_config(config), data)
-    base = student_identity(config) if METHODS[config.distill.method].uses_adapter else None
-    cache = open_teacher_cache(config, tokenizer, dataset, data) if config.distill.teacher_cache else None
+    base = student_identity(config) if METHODS[config.training.method].uses_adapter else None
+    cache = open_teacher_cache(config, tokenizer, dataset, data) if config.training.teacher_cache else None
     dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
     student, teacher, kd_vocab_size = load_models(config, tokenizer, head, cache)
+    signal = teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vocab_size, cache)
+    identity = run_identity(resolved_config(config), data, signal.identity())
     resume = prepare_run_dir(config, identity)
-    vocab_map = run_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher, cache)
     initial_adapter = save_initial_adapter(student, Path(config.training.output_dir)) if saves_adapter(config) else None
-    trainer = build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks, cache, held_out,
-                            checkpoint_files(config, identity, base), vocab_map, teacher_tokenizer)
-    if config.distill.auto_micro_batch:
-        plan_micro_batch(trainer, dataset, config.distill.auto_micro_batch_budget_gib)
+    trainer = build_trainer(config, student, signal, dataset, tokenizer, callbacks, held_out,
+                            checkpoint_files(config, identity, base))
+    if config.training.auto_micro_batch:
+        plan_micro_batch(trainer, dataset, config.training.auto_micro_batch_budget_gib)
     quantized_teacher = teacher is not None and is_quantized(teacher)
     fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head) if quantized_teacher else None
-    coverage = log_cross_tokenizer_coverage(trainer, dataset, report, cache) if vocab_map is not None else {}
-    before = measure_before(trainer, config, tokenizer, held_out, resume, teacher_tokenizer)
+    diagnostics = log_diagnostics(trainer, signal, dataset, report)
+    before = measure_before(trainer, config, tokenizer, held_out, resume, signal.teacher_tokenizer)
     result = train_or_explain(trainer, config, resume)
-    final_metrics = {**collect_final_metrics(trainer, result, report, held_out is not None, fidelity), **coverage}
+    final_metrics = {**collect_final_metrics(trainer, result, report, held_out is not None, fidelity), **diagnostics}
     comparison, samples = compare_with_before(trainer, tokenizer, before, final_metrics)
     weights_dir = write_artifacts(trainer, config, tokenizer, report, final_metrics, initial_adapter, base,
                                   comparison, samples)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunSummary(Path(config.training.output_dir), weights_dir, trainer.state.global_step, final_metrics, report,
                       config, trainable, trainer.items_seen())
+
+
+def reading_teacher_tokenizer(config):
+    """The teacher's own tokenizer when it reads its own rendering of each row (across tokenizers, online); a
+    cache across tokenizers holds the teacher's aligned rows already."""
+    if not config.training.cross_tokenizer or config.training.teacher_cache:
+        return None
+    return load_reading_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher",
+                                  chat_template=config.model.teacher_chat_template)
+
+
+def teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vocab_size,
+                   cache: TeacherCache | None) -> TeacherSignal:
+    """The run's teacher source (teacher/sources.py), chosen here once."""
+    mode = config.training.cross_tokenizer
+    if cache is not None and cache.across_tokenizers:
+        vocab_map = cached_vocabulary_map(cache, tokenizer, student)
+        signal = AlignedCachedTeacher(cache, vocab_map, mode, tokenizer.padding_side)
+    elif cache is not None:
+        signal = CachedTeacher(cache, kd_vocab_size)
+    elif teacher is not None and teacher_tokenizer is not None:
+        vocab_map = cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher)
+        signal = AlignedOnlineTeacher(teacher, teacher_tokenizer, vocab_map, mode)
+    elif teacher is not None:
+        signal = OnlineTeacher(teacher, kd_vocab_size)
+    else:
+        signal = NoTeacher()
+    logger.info("teacher signal: %s", type(signal).__name__)
+    return signal
 
 
 def lock_run_dir(config):
@@ -139,7 +165,7 @@ def checkpoint_files(config, identity: dict, base: dict | None) -> dict[str, byt
     """Written into every checkpoint: the run's identity (checked on resume) and, for adapter methods, the
     adapter kind and its ``base`` (so a checkpoint can be merged on its own)."""
     files = {IDENTITY_FILE: identity_bytes(identity)}
-    if METHODS[config.distill.method].uses_adapter:
+    if METHODS[config.training.method].uses_adapter:
         record = kind_record(config.adapter, base)
         files[KIND_FILE] = (json.dumps(record, indent=2) + "\n").encode("utf-8")
     return files
@@ -171,14 +197,14 @@ def class_head(config, tokenizer, report: DataReport) -> ClassHead | None:
 def load_models(config, tokenizer, head: ClassHead | None = None, cache: TeacherCache | None = None):
     """Student (with adapter for lora/neo), teacher or None, and the vocabulary size the KD term uses (with a
     teacher cache: the one it was captured over; the teacher is not loaded)."""
-    preset = METHODS[config.distill.method]
+    preset = METHODS[config.training.method]
     student = load_student(config.model, head)
     teacher, kd_vocab_size = None, None
     if cache is not None:  # across tokenizers the vocabulary map, not a shared size, relates the two
         kd_vocab_size = None if cache.across_tokenizers else cached_vocab_size(cache, output_rows(student))
-    elif preset.uses_teacher and config.distill.teacher_cache is None:
+    elif preset.uses_teacher and config.training.teacher_cache is None:
         teacher = load_teacher(config.model, head=head)
-        if not config.distill.cross_tokenizer:
+        if not config.training.cross_tokenizer:
             teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
             sizes = (student, teacher) if head is None else (len(tokenizer), len(teacher_tokenizer))  # inputs only
             kd_vocab_size = check_vocabularies(tokenizer, teacher_tokenizer, *sizes)
@@ -192,36 +218,28 @@ def load_models(config, tokenizer, head: ClassHead | None = None, cache: Teacher
     return student, teacher, kd_vocab_size
 
 
-def build_trainer(config, student, teacher, kd_vocab_size, dataset, tokenizer, callbacks=(), teacher_cache=None,
-                  eval_dataset=None, checkpoint_files=None, vocab_map=None,
-                  teacher_tokenizer=None) -> NeoTrainer | ClassifierTrainer:
+def build_trainer(config, student, signal: TeacherSignal, dataset, tokenizer, callbacks=(), eval_dataset=None,
+                  checkpoint_files=None) -> NeoTrainer | ClassifierTrainer:
     """The run's trainer; it reads the loss settings from ``config.training`` (NeoTrainingArguments)."""
-    task = config.data.task
+    padded = signal.collator(make_collator(tokenizer, config.data.task), tokenizer)
     packing = PackingCollator(config.model.attn_implementation) if config.data.packing else None
-    padded = make_collator(tokenizer, task)
-    if teacher_tokenizer is not None:
-        padded = AlignedCollator(padded, tokenizer.padding_side, teacher_tokenizer.pad_token_id)
     common = {"model": student, "args": config.training, "train_dataset": dataset, "eval_dataset": eval_dataset,
-              "data_collator": packing or padded, "eval_collator": padded,
-              "processing_class": tokenizer, "teacher": teacher, "kd_vocab_size": kd_vocab_size,
+              "data_collator": packing or padded, "eval_collator": padded, "processing_class": tokenizer,
               "checkpoint_files": checkpoint_files,
               "callbacks": [MetricsJsonlCallback(str(Path(config.training.output_dir) / METRICS_FILE)), *callbacks]}
-    if task == "classification":
-        return ClassifierTrainer(**common)
-    return NeoTrainer(**common, teacher_cache=teacher_cache, vocab_map=vocab_map)
+    if config.data.task == "classification":
+        return ClassifierTrainer(**common, teacher=signal.teacher)
+    return NeoTrainer(**common, signal=signal)
 
 
-def run_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher, cache) -> VocabularyMap | None:
-    """Across tokenizers, the map between the two vocabularies (the cache's, for a cache across tokenizers); None
-    for a teacher on the student's own tokens."""
-    if cache is not None and cache.across_tokenizers:
-        vocab_map = cache.vocabulary_map()
-        student_size = min(len(tokenizer), output_rows(student))
-        if vocab_map.student_size != student_size:
-            raise VocabularyError(f"teacher cache {cache.cache_dir} was captured for a student of "
-                                  f"{vocab_map.student_size} ids, this student has {student_size}")
-        return vocab_map
-    return cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher) if teacher_tokenizer else None
+def cached_vocabulary_map(cache: TeacherCache, tokenizer, student) -> VocabularyMap:
+    """The vocabulary map a cache across tokenizers was captured with, checked against this student."""
+    vocab_map = cache.vocabulary_map()
+    student_size = min(len(tokenizer), output_rows(student))
+    if vocab_map.student_size != student_size:
+        raise VocabularyError(f"teacher cache {cache.cache_dir} was captured for a student of "
+                              f"{vocab_map.student_size} ids, this student has {student_size}")
+    return vocab_map
 
 
 def cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher) -> VocabularyMap:
@@ -240,30 +258,12 @@ def cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher)
     return vocab_map
 
 
-def log_cross_tokenizer_coverage(trainer, dataset, report: DataReport, cache: TeacherCache | None = None) -> dict:
-    """What the KD term across tokenizers sees: the share of the student's answer tokens at aligned boundaries
-    (all training rows) and the teacher's probability on mapped tokens there (the first batch; from a cache, on
-    its top-k, so a lower bound)."""
-    batch = next(iter(trainer.get_train_dataloader()))
-    if cache is not None:
-        aligned = cache.manifest["fingerprint"]["cross_tokenizer"]["aligned_rows"]
-        top = cache.rows(batch["row_id"].tolist())
-        mapped = trainer.vocab_map.student_of_teacher.cpu()[top.token_ids] >= 0
-        mass = (top.log_probs.exp() * mapped).sum(1)
-    else:
-        aligned = sum(len(positions) for positions in dataset["aligned_student"])
-        batch = {key: value.to(trainer.args.device) for key, value in batch.items()}
-        rows, weight = rows_at(trainer.teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
-                               batch["aligned_row"], batch["aligned_teacher"])
-        mass = teacher_mapped_mass(logit_rows(rows, weight), trainer.vocab_map)
-    mass = mass.mean().item() if mass.numel() else float("nan")
-    coverage = {"aligned_coverage": round(aligned / max(report.answer_tokens, 1), 6),
-                "teacher_mapped_mass": round(mass, 6)}
-    logger.info("across tokenizers: %d of %d student answer tokens (%.1f%%) are at aligned boundaries; the teacher "
-                "puts %.1f%% of its probability on mapped tokens (first batch%s)", aligned, report.answer_tokens,
-                100 * coverage["aligned_coverage"], 100 * mass, ", cached top-k" if cache is not None else "")
-    trainer.log({f"train_{key}": value for key, value in coverage.items()})
-    return coverage
+def log_diagnostics(trainer, signal: TeacherSignal, dataset, report: DataReport) -> dict:
+    """What the teacher signal reports before training, logged as train_<name> and kept for the final metrics."""
+    diagnostics = signal.diagnostics(trainer, dataset, report)
+    if diagnostics:
+        trainer.log({f"train_{key}": value for key, value in diagnostics.items()})
+    return diagnostics
 
 
 def log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head: ClassHead | None = None) -> float:
@@ -292,7 +292,7 @@ def prepare_run_dir(config, identity: dict) -> str | None:
         check_resume(resume, identity)
     if config.training.process_index == 0:
         save_resolved_config(run_dir, config)
-        mark_started(run_dir, config.distill.method)
+        mark_started(run_dir, config.training.method)
         if resume is None:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
         else:
@@ -301,14 +301,14 @@ def prepare_run_dir(config, identity: dict) -> str | None:
 
 
 def saves_adapter(config) -> bool:
-    return METHODS[config.distill.method].uses_adapter and config.training.process_index == 0
+    return METHODS[config.training.method].uses_adapter and config.training.process_index == 0
 
 
 def check_before_loading(config) -> None:
     """Settings that can only be judged against this machine or PEFT fail here, before data and models load."""
     check_processes(config.training.world_size)
     check_quantization(config.model)
-    if METHODS[config.distill.method].uses_adapter:
+    if METHODS[config.training.method].uses_adapter:
         lora_config(config.adapter, PEFT_TASK_TYPES[config.data.task])
 
 
@@ -327,7 +327,7 @@ def train_or_explain(trainer, config, resume):
             f"out of memory at step {trainer.state.global_step + 1} with up to {tokens} tokens per micro-batch "
             f"({args.per_device_train_batch_size} rows x max_length {config.data.max_length}). {saved} Try a smaller "
             f"--per_device_train_batch_size (with more --gradient_accumulation_steps), --auto_micro_batch, a smaller "
-            f"--kd_chunk_size (now {config.distill.kd_chunk_size}), --activation_checkpointing true, "
+            f"--kd_chunk_size (now {config.training.kd_chunk_size}), --activation_checkpointing true, "
             "--packing, or take the teacher out of memory with --teacher_cache or --teacher_quantization nf4"
         ) from None
 

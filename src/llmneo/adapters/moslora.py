@@ -20,7 +20,6 @@ from peft.tuners.lora import layer as lora_layer
 from peft.utils.other import transpose
 from torch import nn
 
-MIXER_INITS = ("kaiming", "orthogonal")
 MIXER_SUFFIX = "lora_mixer.weight"
 
 

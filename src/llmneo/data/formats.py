@@ -14,7 +14,6 @@ from collections.abc import Iterable
 
 from ..errors import DataError
 
-FORMATS = ("sharegpt", "openai", "prompt_completion", "text", "classification")
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}

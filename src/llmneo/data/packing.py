@@ -61,3 +61,10 @@ def packed_model_inputs(inputs: dict, model) -> dict:
         model_inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device
                                                      ).masked_fill(~allowed, torch.finfo(model.dtype).min)
     return model_inputs
+
+
+def forward_inputs(inputs: dict, model) -> dict:
+    """The forward inputs of a batch for ``model``: padded rows, or one packed row (positions, row boundaries)."""
+    if "position_ids" in inputs:
+        return packed_model_inputs(inputs, model)
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
-from pathlib import Path
+from functools import lru_cache
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
+from ..losses.vocab_map import VocabularyMap
 
-MAP_FILE = "vocabulary_map.safetensors"
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -85,42 +82,6 @@ def byte_lengths(tokenizer, size: int | None = None) -> torch.Tensor | None:
     return torch.tensor(lengths + [0] * (size - len(lengths)), dtype=torch.long)
 
 
-@dataclass
-class VocabularyMap:
-    """Ids that stand for the same bytes in both vocabularies, paired: ``teacher_ids[i]`` ~ ``student_ids[i]``.
-
-    Ids below ``teacher_size`` / ``student_size`` that are not paired form each side's unmapped remainder; ids at
-    or past them (output rows no tokenizer id reaches) take no part."""
-
-    teacher_ids: torch.Tensor  # (M,) int64
-    student_ids: torch.Tensor  # (M,) int64
-    teacher_size: int
-    student_size: int
-    identical: bool = False  # one tokenizer: the identity over the shared output range, nothing unmapped
-
-    def __len__(self) -> int:
-        return int(self.teacher_ids.numel())
-
-    @cached_property
-    def student_of_teacher(self) -> torch.Tensor:
-        """(teacher_size,) int64: the student id paired with each teacher id, -1 where it has none (built once per
-        map: the cached KD term reads it at every chunk)."""
-        lookup = torch.full((self.teacher_size,), -1, dtype=torch.long, device=self.teacher_ids.device)
-        return lookup.index_copy_(0, self.teacher_ids, self.student_ids)
-
-    def to(self, device) -> VocabularyMap:
-        return VocabularyMap(self.teacher_ids.to(device), self.student_ids.to(device), self.teacher_size,
-                             self.student_size, self.identical)
-
-    def save(self, run_dir) -> Path:
-        path = Path(run_dir) / MAP_FILE
-        metadata = {"teacher_size": str(self.teacher_size), "student_size": str(self.student_size),
-                    "identical": str(self.identical)}
-        save_file({"teacher_ids": self.teacher_ids.contiguous(), "student_ids": self.student_ids.contiguous()},
-                  str(path), metadata=metadata)
-        return path
-
-
 def same_vocabulary(first, second) -> bool:
     """Whether two tokenizers map every id to the same token (one tokenizer, as far as KD is concerned)."""
     return first.convert_ids_to_tokens(list(range(len(first)))) == second.convert_ids_to_tokens(
@@ -146,17 +107,3 @@ def build_vocabulary_map(teacher_tokenizer, student_tokenizer, teacher_outputs: 
         torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     return VocabularyMap(teacher_ids, student_ids, min(len(teacher_tokenizer), teacher_outputs),
                          min(len(student_tokenizer), student_outputs))
-
-
-def load_vocabulary_map(run_dir) -> VocabularyMap | None:
-    """The map a run saved, or None when it has none."""
-    path = Path(run_dir) / MAP_FILE
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(path))
-    return VocabularyMap(tensors["teacher_ids"], tensors["student_ids"], int(metadata["teacher_size"]),
-                         int(metadata["student_size"]), metadata["identical"] == "True")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..data.alignment import ALIGNMENT_COLUMNS
-from ..data.vocabulary import VocabularyMap
+from ..losses.vocab_map import VocabularyMap
 from ..losses.contract import answer_mask
 from ..losses.cross_vocab import logit_rows, mapped_buckets
 from ..losses.divergences import forward_kl

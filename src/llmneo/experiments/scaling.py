@@ -18,10 +18,10 @@ def scaling(argv: list[str], samples: list[int], metric: str = "kl_to_teacher", 
             for count in sorted(samples)]
     write_csv(rows, out / "scaling.csv")
     line_plot([row["trained_answer_tokens"] for row in rows], [row.get(metric) for row in rows], out / "scaling.png",
-              f"{metric} against training tokens ({config.distill.method})", "answer tokens trained on", metric)
+              f"{metric} against training tokens ({config.training.method})", "answer tokens trained on", metric)
     columns = [("samples", "rows"), ("trained_answer_tokens", "trained answer tokens"), ("perplexity", "held-out PPL"),
                ("top1_agreement", "top-1 agreement"), ("kl_to_teacher", "KL"), ("wall_time_s", "wall time (s)")]
-    lines = [f"# Data scaling ({config.distill.method})", "", markdown_table(rows, columns), "",
+    lines = [f"# Data scaling ({config.training.method})", "", markdown_table(rows, columns), "",
              "![scaling](scaling.png)", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     return rows

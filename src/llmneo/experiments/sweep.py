@@ -35,7 +35,7 @@ def sweep(argv: list[str], ranks: list[int], learning_rates: list[float], metric
     winner = best(rows, metric)
     columns = [("rank", "rank"), ("learning_rate", "lr"), ("perplexity", "held-out PPL"),
                ("top1_agreement", "top-1 agreement"), ("kl_to_teacher", "KL"), ("wall_time_s", "wall time (s)")]
-    lines = [f"# Rank x learning-rate sweep ({config.distill.method})", "",
+    lines = [f"# Rank x learning-rate sweep ({config.training.method})", "",
              f"Best by {metric}: rank {winner['rank']}, lr {winner['learning_rate']:g} ({metric} = {winner[metric]:.4g}).",
              "", markdown_table(rows, columns), "", "![sweep heatmap](sweep_heatmap.png)", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")

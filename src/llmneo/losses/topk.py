@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-TAIL_MODES = ("bucket", "renormalize")
-
 
 @dataclass
 class TopKRows:

@@ -28,11 +28,13 @@ RESUMABLE_OPTIONS = frozenset({
 EXTENDABLE_OPTIONS = ("max_steps", "num_train_epochs")
 
 
-def run_identity(config_sections: dict, data: dict) -> dict:
-    """The identity of a run from its resolved config (config.yaml's sections) and its data fingerprint."""
+def run_identity(config_sections: dict, data: dict, teacher: dict | None = None) -> dict:
+    """The identity of a run from its resolved config (config.yaml's sections), its data fingerprint and what its
+    teacher signal adds (teacher/signal.py: ``identity``)."""
     flat = {key: value for section in config_sections.values() for key, value in section.items()
             if key not in RESUMABLE_OPTIONS}
-    return json.loads(json.dumps({"options": flat, "data": data}, default=str))
+    identity = {"options": flat, "data": data, **({"teacher": teacher} if teacher else {})}
+    return json.loads(json.dumps(identity, default=str))
 
 
 def identity_bytes(identity: dict) -> bytes:
@@ -53,6 +55,8 @@ def differences(saved: dict, current: dict) -> list[str]:
         changed.append(f"training data: {then.get('rows')} rows / {then.get('answer_tokens')} answer tokens of "
                        f"{then.get('dataset')} -> {now.get('rows')} rows / {now.get('answer_tokens')} answer tokens of "
                        f"{now.get('dataset')}")
+    if saved.get("teacher", {}) != current.get("teacher", {}):
+        changed.append(f"teacher signal: {saved.get('teacher', {})} -> {current.get('teacher', {})}")
     return changed
 
 

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from ..data.tokenize import chat_template_text
-from ..data.vocabulary import MAP_FILE, VocabularyMap, load_vocabulary_map
+from ..losses.vocab_map import MAP_FILE, VocabularyMap, load_vocabulary_map
 from ..runtime.atomic import write_atomically
 from ..errors import ConfigError, VocabularyError
 from ..models import model_identity
@@ -266,13 +266,13 @@ class TeacherCache:
 def open_teacher_cache(config, tokenizer, dataset, data: dict | None = None) -> TeacherCache:
     """The run's teacher cache, verified (every shard's checksum) and matched against this run before training
     (``data``: the rows' ``data_fingerprint``, if already computed)."""
-    cache = TeacherCache(config.distill.teacher_cache)
+    cache = TeacherCache(config.training.teacher_cache)
     teacher = model_identity(config.model.teacher_model) if config.model.teacher_model else None
-    check_cross_tokenizer(cache.cache_dir, cache.manifest, config.distill.cross_tokenizer,
+    check_cross_tokenizer(cache.cache_dir, cache.manifest, config.training.cross_tokenizer,
                           config.model.teacher_chat_template)
     check_fingerprint(cache.cache_dir, cache.manifest, run_fingerprint(config, tokenizer, dataset, data), teacher)
     logger.info("teacher cache %s: top-%d, %s tail, %d rows; the teacher is not loaded", cache.cache_dir,
-                cache.settings["top_k"], config.distill.cache_tail, len(dataset))
+                cache.settings["top_k"], config.training.cache_tail, len(dataset))
     return cache
 
 

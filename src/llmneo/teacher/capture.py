@@ -48,7 +48,7 @@ class CaptureSettings:
     cache_dtype: str = "float16"  # storage dtype of the log-probabilities
     shard_rows: int = 1024  # dataset rows per shard (the unit of resumption)
     batch_size: int = 8  # rows per teacher forward pass
-    chunk_rows: int = 1024  # answer positions per logits chunk (bounds the V-wide buffers)
+    chunk_rows: int = 1024  # answer positions per logits chunk (bounds the V-wide buffers): the run's --kd_chunk_size
 
 
 def cache_teacher(config, cache_dir: str | Path, settings: CaptureSettings) -> dict:
@@ -61,7 +61,7 @@ def cache_teacher(config, cache_dir: str | Path, settings: CaptureSettings) -> d
                           "computed online")
     tokenizer = load_student_tokenizer(config.model)
     with DirectoryLock(cache_dir, "llm-neo cache-teacher") if PartialState().is_main_process else nullcontext():
-        if config.distill.cross_tokenizer:
+        if config.training.cross_tokenizer:
             return capture_aligned_cache(config, cache_dir, settings, tokenizer)
         return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
 

@@ -3,7 +3,8 @@
 It places the frozen teacher, reads the loss settings from ``args`` (NeoTrainingArguments), keeps the CE and KD
 terms it logs, guards each optimizer step against non-finite values (runtime/nonfinite.py), marks checkpoints
 complete before rotating older ones (runtime/checkpoints.py), and offers the public methods the planner and the
-pipeline use instead of the Trainer's private state. Subclasses supply ``compute_loss`` and ``evaluate``.
+pipeline use instead of the Trainer's private state (which only trainer_hooks.py touches). Subclasses supply
+``compute_loss`` and ``evaluate``.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import Trainer
-
 from ..config import NeoTrainingArguments
 from ..losses.contract import LossParts, LossSettings
 from ..runtime.checkpoints import mark_complete_and_rotate
 from ..runtime.nonfinite import NonFiniteGuard
 from ..teacher.placement import place_teacher
+from .trainer_hooks import TrainerHooks
 
 TERMS = ("ce_loss", "kd_loss")
 LOSS_SUM_FILE = "llmneo_train_loss.json"  # in each checkpoint: the sum of step losses so far, for train_loss
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(TrainerHooks):
     """A Trainer whose loss joins CE on the labels and KD to a frozen teacher (CE only with ``teacher=None``).
 
     The loss of a micro-batch is its sum over trained items (answer tokens, or labelled texts) divided by those of
@@ -98,21 +98,12 @@ class DistillationTrainer(Trainer):
                                      metrics={**output.metrics, "train_loss": self._run_train_loss()})
         return output
 
-    def _run_epoch(self, *args, **kwargs):
-        # The Trainer would run one more step when resumed at a checkpoint of its last step.
-        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
-
     def _loss_sum(self) -> float:
         """Step losses summed over the whole run so far (this process's share of the last, unlogged steps)."""
-        unlogged = getattr(self, "_tr_loss", None)
-        return (self._loss_sum_before + getattr(self, "_total_loss_scalar", 0.0)
-                + (float(unlogged.item()) if unlogged is not None else 0.0))
+        return self._loss_sum_before + self.logged_loss_sum()
 
     def _run_train_loss(self) -> float:
-        return (self._loss_sum_before + self._total_loss_scalar) / max(self.state.global_step, 1)
+        return (self._loss_sum_before + self.logged_steps_loss()) / max(self.state.global_step, 1)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "train_loss" in logs and self._loss_sum_before:  # the end-of-train summary of a resumed run
@@ -150,29 +141,13 @@ class DistillationTrainer(Trainer):
                                           lambda: self.state.global_step + 1)
         return optimizer
 
-    def set_micro_batch(self, micro_batch: int, accumulation: int) -> None:
-        """Train with ``micro_batch`` rows per device and ``accumulation`` micro-batches per optimizer step."""
-        self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps = micro_batch, accumulation
-        self._train_batch_size = self.args.train_batch_size  # the Trainer sizes its dataloader from this
-
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, then the completion marker, and only then the rotation of older checkpoints."""
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        if self.args.should_save:
-            loss_sum = json.dumps({"step": self.state.global_step, "loss_sum": self._loss_sum()}).encode()
-            mark_complete_and_rotate(self._get_output_dir(trial=trial), self.state.global_step, limit,
-                                     self.state.best_model_checkpoint, {**self.checkpoint_files, LOSS_SUM_FILE: loss_sum})
-
-    def save_checkpoint_now(self) -> None:
-        """Save (and mark complete) a checkpoint of the current step, outside the Trainer's schedule."""
-        self.model.zero_grad(set_to_none=True)
-        self._save_checkpoint(self.model, trial=None)
+    def after_checkpoint(self, run_dir: Path, save_total_limit: int | None) -> None:
+        """The checkpoint's extra files and completion marker, and only then the rotation of older checkpoints."""
+        loss_sum = json.dumps({"step": self.state.global_step, "loss_sum": self._loss_sum()}).encode()
+        mark_complete_and_rotate(run_dir, self.state.global_step, save_total_limit, self.state.best_model_checkpoint,
+                                 {**self.checkpoint_files, LOSS_SUM_FILE: loss_sum})
 
 
 def _read_loss_sum(checkpoint) -> float:

@@ -15,7 +15,7 @@ class ClassifierTrainer(DistillationTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._loss_shifts_labels = False  # one label per text, nothing to shift
+        self.count_items_over_shifted_labels(False)  # one label per text, nothing to shift
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}

@@ -1,0 +1,79 @@
+"""What the loss of one batch compares the student with: the student's side (hidden states or logits) and one of
+two teacher target types, each of which computes the batch's ``LossParts``.
+
+- ``TokenTargets``: the teacher at every answer token of the student's own rows (its final hidden states and head,
+  its logits, or cached top-k rows), or nothing (CE only): the one-tokenizer loss of backends.py.
+- ``AlignedTargets``: the teacher at the aligned boundaries of the answers (across tokenizers): CE on all of the
+  student's answer tokens plus the cross-vocabulary KD term (cross_vocab.py) at those rows.
+
+Teacher sources (teacher/signal.py) build these; the trainer only calls ``targets.loss(student, ...)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from .backends import LOSS_FUNCTIONS
+from .contract import LossParts, LossSettings, answer_mask
+from .cross_vocab import ChunkTargets, cross_tokenizer_parts, cross_vocab_kd_sum
+from .vocab_map import VocabularyMap
+
+
+@dataclass
+class StudentSide:
+    """The student's outputs for one loss call: final hidden states with the head's weight (fused, liger) or
+    logits with no weight (naive)."""
+
+    impl: str  # the loss implementation of this call (backends.py)
+    rows: torch.Tensor  # (B, T, H) hidden states or (B, T, V) logits
+    weight: torch.Tensor | None = None  # the output head's weight, with hidden states
+
+    @property
+    def reads_hidden_states(self) -> bool:
+        return self.weight is not None
+
+    def loss(self, labels: torch.Tensor, settings: LossSettings, num_items, **teacher) -> LossParts:
+        """The one-tokenizer loss against ``teacher`` (keyword arguments of the loss functions; none: CE only)."""
+        outputs = (self.rows, self.weight) if self.reads_hidden_states else (self.rows,)
+        return LOSS_FUNCTIONS[self.impl](*outputs, labels, **teacher, settings=settings, num_items=num_items)
+
+
+class TeacherTargets(ABC):
+    """The teacher's side of one batch's loss."""
+
+    @abstractmethod
+    def loss(self, student: StudentSide, labels: torch.Tensor, settings: LossSettings, num_items) -> LossParts:
+        """CE and KD of the batch, divided by ``num_items`` (the answer tokens of the optimizer step)."""
+
+
+@dataclass
+class TokenTargets(TeacherTargets):
+    """The teacher at every answer token: ``teacher_hidden`` + ``teacher_weight``, ``teacher_logits`` or
+    ``teacher_topk``, as the loss functions take them; empty for CE only."""
+
+    teacher: dict = field(default_factory=dict)
+
+    def loss(self, student: StudentSide, labels, settings: LossSettings, num_items) -> LossParts:
+        return student.loss(labels, settings, num_items, **self.teacher)
+
+
+@dataclass
+class AlignedTargets(TeacherTargets):
+    """The teacher at aligned boundaries: the student's (row, position) of each and the teacher's targets there,
+    chunk by chunk (cross_vocab.from_logit_rows or from_topk)."""
+
+    rows: torch.Tensor  # (N,) batch row of each aligned boundary
+    positions: torch.Tensor  # (N,) the student's position there, in the padded batch
+    teacher: ChunkTargets
+    vocab_map: VocabularyMap
+    mode: str  # exact, uld or hybrid
+
+    def loss(self, student: StudentSide, labels, settings: LossSettings, num_items) -> LossParts:
+        ce_only = student.loss(labels, settings, num_items)
+        kd_sum = cross_vocab_kd_sum(student.rows[self.rows, self.positions], self.teacher, self.vocab_map, self.mode,
+                                    settings, student.weight)
+        items = num_items if num_items is not None else answer_mask(labels).sum()
+        return cross_tokenizer_parts(ce_only, kd_sum, items, settings)

@@ -1,0 +1,173 @@
+"""The teacher sources (teacher/signal.py): one class each.
+
+| source | teacher | targets |
+|---|---|---|
+| ``OnlineTeacher`` | loaded, on the student's tokens | its final hidden states and head (fused, liger) or logits (naive) |
+| ``CachedTeacher`` | its top-k cache (teacher/cache.py) | the cached rows of the batch's answer tokens |
+| ``AlignedOnlineTeacher`` | loaded, with its own tokenizer | its rows at the answers' aligned boundaries |
+| ``AlignedCachedTeacher`` | its cache captured across tokenizers | the cached top-k at those boundaries |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import torch
+
+from ..data.collators import AlignedCollator
+from ..data.packing import forward_inputs, packed_row_index
+from ..errors import DataError
+from ..evaluation.cross_tokenizer import evaluate_aligned, teacher_mapped_mass
+from ..lm_head import output_head
+from ..losses.contract import answer_mask
+from ..losses.cross_vocab import from_logit_rows, from_topk, logit_rows
+from ..losses.targets import AlignedTargets, StudentSide, TeacherTargets, TokenTargets
+from ..losses.topk import TopKRows
+from ..losses.vocab_map import VocabularyMap
+from .cache import TeacherCache
+from .online import rows_at, teacher_final_hidden, teacher_logits
+from .signal import TeacherSignal
+
+logger = logging.getLogger(__name__)
+
+
+class OnlineTeacher(TeacherSignal):
+    """A loaded teacher on the student's own tokens: one forward pass per batch, without gradient."""
+
+    def __init__(self, teacher: torch.nn.Module, kd_vocab_size: int | None):
+        self.teacher, self.kd_vocab_size = teacher, kd_vocab_size
+
+    def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
+        teacher_inputs = forward_inputs(inputs, self.teacher)
+        if student.reads_hidden_states:
+            return TokenTargets({"teacher_hidden": teacher_final_hidden(self.teacher, **teacher_inputs),
+                                 "teacher_weight": output_head(self.teacher).weight})
+        return TokenTargets({"teacher_logits": teacher_logits(self.teacher, **teacher_inputs)})
+
+    def scoring_teacher(self) -> torch.nn.Module:
+        return self.teacher
+
+
+class CachedTeacher(TeacherSignal):
+    """The teacher's top-k rows from its offline cache, keyed by the batch's ``row_id``; no teacher is loaded."""
+
+    def __init__(self, cache: TeacherCache, kd_vocab_size: int):
+        self.cache, self.kd_vocab_size = cache, kd_vocab_size
+
+    def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
+        """The batch's cached rows, after checking they cover exactly its answer positions."""
+        row_ids = inputs["row_id"].tolist()
+        for row, count in zip(row_ids, _answer_tokens_per_row(inputs), strict=True):
+            cached = self.cache.row_answer_tokens(row)
+            if cached != count:
+                raise DataError(f"teacher cache {self.cache.cache_dir} holds {cached} answer tokens for training row "
+                                f"{row} but the batch has {count}: it was captured from other data")
+        return TokenTargets({"teacher_topk": self.cache.rows(row_ids).to(inputs["labels"].device)})
+
+    def identity(self) -> dict:
+        return _cache_identity(self.cache)
+
+
+class AlignedOnlineTeacher(TeacherSignal):
+    """A loaded teacher with its own tokenizer (``--cross_tokenizer``): it reads its own rendering of each row, and
+    the KD term compares both models at the answers' aligned boundaries (data/alignment.py)."""
+
+    def __init__(self, teacher: torch.nn.Module, teacher_tokenizer, vocab_map: VocabularyMap, mode: str):
+        self.teacher, self.teacher_tokenizer, self.vocab_map, self.mode = teacher, teacher_tokenizer, vocab_map, mode
+
+    def attach(self, teacher, device) -> None:
+        self.teacher, self.vocab_map = teacher, self.vocab_map.to(device)
+
+    def collator(self, padded, tokenizer):
+        return AlignedCollator(padded, tokenizer.padding_side, self.teacher_tokenizer.pad_token_id)
+
+    def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
+        rows = inputs["aligned_row"]
+        teacher_rows, weight = rows_at(self.teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], rows,
+                                       inputs["aligned_teacher"])
+        return AlignedTargets(rows, inputs["aligned_student"], from_logit_rows(teacher_rows, self.vocab_map, self.mode,
+                                                                               weight), self.vocab_map, self.mode)
+
+    def diagnostics(self, trainer, dataset, report) -> dict:
+        """The share of answer tokens at aligned boundaries (all rows) and the teacher's probability on mapped
+        tokens there (the first batch)."""
+        batch = {key: value.to(trainer.args.device) for key, value in next(iter(trainer.get_train_dataloader())).items()}
+        rows, weight = rows_at(self.teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
+                               batch["aligned_row"], batch["aligned_teacher"])
+        mass = teacher_mapped_mass(logit_rows(rows, weight), self.vocab_map)
+        aligned = sum(len(positions) for positions in dataset["aligned_student"])
+        return _coverage(aligned, report.answer_tokens, mass, "")
+
+    def evaluate(self, trainer, dataset) -> dict:
+        metrics = super().evaluate(trainer, dataset)
+        metrics.update(evaluate_aligned(trainer.model, self.teacher, dataset, trainer.eval_collator, self.vocab_map,
+                                        trainer.args.per_device_eval_batch_size, trainer.loss_settings.chunk_size))
+        return metrics
+
+
+class AlignedCachedTeacher(TeacherSignal):
+    """A cache captured across tokenizers (``cache-teacher --cross_tokenizer``): per row the student positions of
+    its aligned boundaries and the teacher's top-k there, in its own ids; no teacher or teacher tokenizer loads."""
+
+    def __init__(self, cache: TeacherCache, vocab_map: VocabularyMap, mode: str, padding_side: str = "right"):
+        self.cache, self.vocab_map, self.mode, self.padding_side = cache, vocab_map, mode, padding_side
+
+    def attach(self, teacher, device) -> None:
+        self.teacher, self.vocab_map = teacher, self.vocab_map.to(device)
+
+    def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
+        rows, positions, topk = self._alignment(inputs)
+        return AlignedTargets(rows, positions, from_topk(topk, self.vocab_map, self.mode), self.vocab_map, self.mode)
+
+    def _alignment(self, inputs) -> tuple[torch.Tensor, torch.Tensor, TopKRows]:
+        """The batch's aligned boundaries as (row, student position) pairs in the padded batch, after checking that
+        each is an answer position of its row, and the teacher's top-k there."""
+        row_ids, answers = inputs["row_id"].tolist(), answer_mask(inputs["labels"])
+        rows, positions = [], []
+        for index, (row, found) in enumerate(zip(row_ids, self.cache.student_positions(row_ids), strict=True)):
+            left = self.padding_side == "left"
+            shift = answers.shape[1] + 1 - int(inputs["attention_mask"][index].sum()) if left else 0
+            found = found.to(answers.device) + shift
+            if found.numel() and (int(found.max()) >= answers.shape[1] or not bool(answers[index, found].all())):
+                raise DataError(f"teacher cache {self.cache.cache_dir}: the aligned boundaries it holds for training "
+                                f"row {row} are not answer positions of that row: it was captured from other data")
+            rows.append(torch.full_like(found, index))
+            positions.append(found)
+        return torch.cat(rows), torch.cat(positions), self.cache.rows(row_ids).to(answers.device)
+
+    def diagnostics(self, trainer, dataset, report) -> dict:
+        """As online, the teacher's mapped mass read from its cached top-k (a lower bound)."""
+        top = self.cache.rows(next(iter(trainer.get_train_dataloader()))["row_id"].tolist())
+        mapped = self.vocab_map.student_of_teacher.cpu()[top.token_ids] >= 0
+        mass = (top.log_probs.exp() * mapped).sum(1)
+        aligned = self.cache.manifest["fingerprint"]["cross_tokenizer"]["aligned_rows"]
+        return _coverage(aligned, report.answer_tokens, mass, ", cached top-k")
+
+    def identity(self) -> dict:
+        return _cache_identity(self.cache)
+
+
+def _answer_tokens_per_row(inputs) -> list[int]:
+    answers = answer_mask(inputs["labels"])
+    if "position_ids" not in inputs:
+        return answers.sum(1).tolist()
+    row = packed_row_index(inputs["position_ids"])[:-1]  # the row each prediction belongs to
+    return torch.bincount(row[answers[0]], minlength=len(inputs["row_id"])).tolist()
+
+
+def _cache_identity(cache: TeacherCache) -> dict:
+    """The cache's contents, by its shards' checksums: a cache captured again under the same path is another one."""
+    shards = json.dumps([shard["sha256"] for shard in cache.manifest["shards"]]).encode()
+    return {"teacher_cache_sha256": hashlib.sha256(shards).hexdigest()}
+
+
+def _coverage(aligned: int, answer_tokens: int, mass: torch.Tensor, source: str) -> dict:
+    """What the KD term across tokenizers sees, logged before training."""
+    mass = mass.mean().item() if mass.numel() else float("nan")
+    coverage = {"aligned_coverage": round(aligned / max(answer_tokens, 1), 6), "teacher_mapped_mass": round(mass, 6)}
+    logger.info("across tokenizers: %d of %d student answer tokens (%.1f%%) are at aligned boundaries; the teacher "
+                "puts %.1f%% of its probability on mapped tokens (first batch%s)", aligned, answer_tokens,
+                100 * coverage["aligned_coverage"], 100 * mass, source)
+    return coverage

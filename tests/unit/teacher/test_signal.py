@@ -1,0 +1,99 @@
+"""The teacher-signal interface (teacher/signal.py): a new source is one class. A toy source defined here alone
+trains a step through the real trainer, and its KD term equals a naive reference written in this test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_flags
+from llmneo.config import parse_config
+from llmneo.data.loading import build_dataset
+from llmneo.losses.contract import IGNORE_INDEX
+from llmneo.losses.targets import StudentSide, TokenTargets
+from llmneo.models import load_student_tokenizer
+from llmneo.pipeline import build_trainer, load_models
+from llmneo.teacher.signal import NoTeacher, TeacherSignal
+
+
+class UniformTeacher(TeacherSignal):
+    """A teacher equally unsure of every token: zero logits over the student's vocabulary."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+        self.calls = 0
+
+    def targets(self, inputs: dict, student: StudentSide) -> TokenTargets:
+        self.calls += 1
+        rows, length = inputs["input_ids"].shape
+        return TokenTargets({"teacher_logits": torch.zeros(rows, length, self.vocab)})
+
+    def identity(self) -> dict:
+        return {"uniform_over": self.vocab}
+
+
+def naive_terms(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean CE and mean KL(uniform || student) over the answer tokens, position by position."""
+    ce = kl = 0.0
+    count = 0
+    for row in range(labels.shape[0]):
+        for position in range(labels.shape[1] - 1):
+            target = int(labels[row, position + 1])
+            if target == IGNORE_INDEX:
+                continue
+            log_p = F.log_softmax(logits[row, position].double(), -1)
+            ce -= float(log_p[target])
+            kl += float((-math.log(logits.shape[-1]) - log_p).mean())
+            count += 1
+    return ce / count, kl / count
+
+
+def close_to(value: float):
+    return pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+def trainer_with(signal, models_dir, train_file, out, **extra):
+    config = parse_config(run_flags(models_dir, train_file, out, max_steps=1, alpha=0.3, warmup_steps=0, **extra))
+    tokenizer = load_student_tokenizer(config.model)
+    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed)
+    torch.manual_seed(0)
+    student, _, _ = load_models(config, tokenizer)
+    return build_trainer(config, student, signal, dataset, tokenizer), dataset
+
+
+def test_a_toy_source_trains_a_step_with_its_own_targets(models_dir, train_file, tmp_path):
+    vocab = len(load_student_tokenizer(parse_config(run_flags(models_dir, train_file, tmp_path)).model))
+    signal = UniformTeacher(vocab)
+    trainer, dataset = trainer_with(signal, models_dir, train_file, tmp_path / "run")
+    batch = trainer.data_collator([dataset[i] for i in range(4)])
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ce, kl = naive_terms(logits, batch["labels"])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    terms = trainer.loss_terms()
+    assert float(terms["ce_loss"]) == close_to(ce)
+    assert float(terms["kd_loss"]) == close_to(kl)
+    assert float(loss) == close_to(0.3 * ce + 0.7 * kl)
+
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.reset_loss_terms()
+    trainer.train()
+    assert trainer.state.global_step == 1 and signal.calls >= 2
+    changed = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[name])]
+    assert changed and all("lora" in name for name in changed)
+
+
+def test_without_a_signal_the_trainer_has_no_teacher_and_computes_ce_only(models_dir, train_file, tmp_path):
+    trainer, dataset = trainer_with(NoTeacher(), models_dir, train_file, tmp_path / "run", method="lora")
+    batch = trainer.data_collator([dataset[i] for i in range(4)])
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ce, _ = naive_terms(logits, batch["labels"])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert trainer.teacher is None
+    assert float(loss) == close_to(ce) and float(trainer.loss_terms()["kd_loss"]) == 0.0
