@@ -9,7 +9,7 @@ from conftest import run_flags
 from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.data.collators import make_collator
-from llmneo.models import load_student_tokenizer
+from llmneo.models.loading import load_student_tokenizer
 from llmneo.pipeline import build_trainer, load_models, teacher_signal
 
 SPLITS = [(8, 1), (4, 2), (1, 8)]  # (micro-batch size, accumulation steps)

@@ -21,7 +21,7 @@ from llmneo.demo.tiny import build_tiny_llama
 from llmneo.errors import ConfigError
 from llmneo.evaluation.metrics import teacher_fidelity_kl
 from llmneo.losses.divergences import forward_kl
-from llmneo.models import load_student
+from llmneo.models.loading import load_student
 from llmneo.pipeline import distill
 
 RANK = 4

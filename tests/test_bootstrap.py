@@ -14,7 +14,7 @@ from llmneo import cli
 from llmneo.data.collators import make_collator
 from llmneo.evaluation.bootstrap import bootstrap_intervals
 from llmneo.evaluation.metrics import evaluate_against_teacher
-from llmneo.models import load_tokenizer
+from llmneo.models.loading import load_tokenizer
 from transformers import AutoModelForCausalLM
 
 from conftest import write_jsonl

@@ -17,7 +17,7 @@ from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.errors import ConfigError
 from llmneo.data.collators import make_collator
-from llmneo.models import load_student_tokenizer
+from llmneo.models.loading import load_student_tokenizer
 from llmneo.pipeline import build_trainer, distill, load_models, teacher_signal
 from llmneo.teacher.cache import merge_parts, open_teacher_cache
 from llmneo.teacher.capture import CaptureSettings, cache_teacher

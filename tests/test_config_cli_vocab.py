@@ -11,7 +11,8 @@ from conftest import run_flags
 from llmneo import cli
 from llmneo.config import CONFIG_CLASSES, option_names, parse_config
 from llmneo.errors import ConfigError, VocabularyError
-from llmneo.models import check_vocabularies, load_student, load_tokenizer
+from llmneo.models.vocabulary_check import check_vocabularies
+from llmneo.models.loading import load_student, load_tokenizer
 from llmneo.teacher.loading import load_teacher
 from llmneo.pipeline import distill
 from llmneo.training import NeoTrainer

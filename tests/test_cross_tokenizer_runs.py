@@ -19,7 +19,7 @@ from llmneo.demo.tiny import build_char_tokenizer, build_tiny_llama, corpus_text
 from llmneo.errors import ConfigError
 from llmneo.evaluation.metrics import evaluate_against_teacher
 from llmneo.data.collators import make_collator
-from llmneo.models import load_reading_tokenizer, load_student_tokenizer
+from llmneo.models.loading import load_reading_tokenizer, load_student_tokenizer
 from llmneo.pipeline import build_trainer, distill, load_models, teacher_signal
 
 

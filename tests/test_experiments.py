@@ -20,7 +20,7 @@ from llmneo.evaluation.metrics import evaluate_against_teacher
 from llmneo.experiments import cells as cells_module
 from llmneo.experiments.sweep import sweep
 from llmneo.data.collators import make_collator
-from llmneo.models import load_student_tokenizer
+from llmneo.models.loading import load_student_tokenizer
 from llmneo.pipeline import distill
 from llmneo.report import bar_chart, read_metrics
 

@@ -81,7 +81,7 @@ def test_eval_measures_like_for_like_with_max_length_and_max_samples(models_dir,
     from llmneo.data.loading import build_datasets
     from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
     from llmneo.losses.contract import count_answer_tokens
-    from llmneo.models import load_student_tokenizer
+    from llmneo.models.loading import load_student_tokenizer
 
     run = tmp_path / "run"
     config = parse_config(run_flags(models_dir, train_file, run, eval_ratio=0.25))

@@ -18,7 +18,7 @@ from llmneo.losses.contract import LossSettings
 from llmneo.losses.divergences import get_divergence
 from llmneo.losses.fused import fused_distillation_loss
 from llmneo.losses.liger import liger_distillation_loss
-from llmneo.models import load_student, load_student_tokenizer
+from llmneo.models.loading import load_student, load_student_tokenizer
 from llmneo.pipeline import distill
 
 pytestmark = pytest.mark.gpu

@@ -13,7 +13,7 @@ from llmneo.data.loading import build_datasets
 from llmneo.data.packing import PackingCollator, packed_model_inputs
 from llmneo.demo.tiny import build_tiny_llama
 from llmneo.data.collators import make_collator
-from llmneo.models import load_student_tokenizer
+from llmneo.models.loading import load_student_tokenizer
 from llmneo.pipeline import distill
 
 

@@ -173,7 +173,7 @@ def test_pickle_weights_are_refused_unless_allowed(tokenizer, train_file, tmp_pa
 def test_remote_code_off_and_safetensors_only_by_default(models_dir, train_file, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from llmneo.models import load_student
+    from llmneo.models.loading import load_student
 
     seen = {}
     original = AutoModelForCausalLM.from_pretrained.__func__

@@ -9,7 +9,7 @@ from conftest import save_model
 from llmneo import cli
 from llmneo.demo.tiny import build_tiny_llama
 from llmneo.errors import ConfigError
-from llmneo.surgery import layers_to_keep
+from llmneo.pruning import layers_to_keep
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_import_gguf_round_trip(tokenizer, tmp_path, capsys):
 
 def test_import_gguf_names_what_it_cannot_use(tmp_path):
     import gguf  # noqa: F401  - in the test extra
-    from llmneo.surgery import find_gguf
+    from llmneo.gguf import find_gguf
 
     with pytest.raises(ConfigError, match="is neither a .gguf file, a folder, nor an installed package"):
         find_gguf("no-such-package-xyz")

@@ -12,7 +12,9 @@ from .adapters.store import adapter_kind, load_adapter, save_adapter
 from .config import ModelArguments
 from .errors import ConfigError
 from .methods import METHODS
-from .models import ClassHead, load_student, load_tokenizer, model_identity
+from .models.class_head import ClassHead
+from .models.loading import load_student, load_tokenizer
+from .models.identity import model_identity
 from .report import before_after_markdown
 from .runtime.checkpoints import checkpoint_step, is_complete
 from .runtime.run_dir import require_finished, require_new_output

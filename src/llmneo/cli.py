@@ -169,7 +169,7 @@ def cmd_scaling(argv: list[str]) -> int:
 
 
 def cmd_import_gguf(argv: list[str]) -> int:
-    from .surgery import import_gguf
+    from .gguf import import_gguf
 
     parser = argparse.ArgumentParser(prog="llm-neo import-gguf", description=COMMANDS["import-gguf"],
                                      allow_abbrev=False)

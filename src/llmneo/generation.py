@@ -12,7 +12,7 @@ from .artifacts import CONFIG_FILE, load_run_config, load_run_model
 from .config import ModelArguments
 from .errors import ConfigError
 from .evaluation.answers import continue_greedily, prompt_ids
-from .models import load_pretrained_model, load_student_tokenizer
+from .models.loading import load_pretrained_model, load_student_tokenizer
 
 
 def load_for_generation(target: str, teacher: bool = False):

@@ -28,8 +28,11 @@ from .errors import DiskFullError, NonFiniteError, TrainingOutOfMemory, Vocabula
 from .evaluation.classification import class_fidelity_kl
 from .evaluation.metrics import teacher_fidelity_kl
 from .methods import METHODS
-from .models import (ClassHead, check_quantization, check_vocabularies, is_quantized, load_student,
-                     load_reading_tokenizer, load_student_tokenizer, load_tokenizer, model_identity)
+from .models.class_head import ClassHead
+from .models.loading import (check_quantization, is_quantized, load_reading_tokenizer, load_student,
+                             load_student_tokenizer, load_tokenizer)
+from .models.vocabulary_check import check_vocabularies
+from .models.identity import data_fingerprint, model_identity
 from .lm_head import output_rows
 from .evaluation.answers import answers, held_out_prompts, held_out_teacher_prompts
 from .report import before_after_console, before_after_rows, write_run_report
@@ -41,7 +44,7 @@ from .runtime.planner import plan_micro_batch
 from .runtime.processes import check_processes
 from .runtime.resume import cut_metrics, resolve_checkpoint
 from .runtime.run_dir import claim_output_dir, mark_finished, mark_started
-from .teacher.cache import TeacherCache, cached_vocab_size, data_fingerprint, open_teacher_cache
+from .teacher.cache import TeacherCache, cached_vocab_size, open_teacher_cache
 from .teacher.loading import load_teacher
 from .teacher.signal import NoTeacher, TeacherSignal
 from .teacher.sources import AlignedCachedTeacher, AlignedOnlineTeacher, CachedTeacher, OnlineTeacher

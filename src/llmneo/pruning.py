@@ -1,4 +1,6 @@
-"""Which decoder layers a depth-pruned student keeps (`llm-neo prune-layers --strategy`), measured on calibration rows.
+"""Depth pruning (`llm-neo prune-layers`): which decoder layers a pruned student keeps, measured on calibration rows
+(``--strategy``), and the pruned copy itself, which keeps them unchanged with the teacher's embeddings, final norm,
+head and tokenizer (the paper's "Llama 3 pruned 1B" and Minitron-depth students are made this way).
 
 - ``even``: N layers evenly spaced from the first to the last (no data needed);
 - ``block-influence`` (ShortGPT): a layer's importance is 1 − the mean cosine similarity between its input and
@@ -13,6 +15,7 @@ pruned model.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from contextlib import contextmanager
@@ -29,9 +32,8 @@ from .data.loading import build_dataset
 from .errors import ConfigError
 from .lm_head import capture_final_hidden, output_head
 from .losses.contract import answer_mask, answer_rows, answer_targets
-from .models import load_student_tokenizer, load_tokenizer
+from .models.loading import load_student_tokenizer, load_tokenizer
 from .runtime.run_dir import require_new_output
-from .surgery import decoder_layers_prefix, layers_to_keep, prune_layers
 
 logger = logging.getLogger(__name__)
 
@@ -200,3 +202,41 @@ def only_layers(model, subset: list[int]):
         config.num_hidden_layers, layer_types = saved
         if layer_types is not None:
             config.layer_types = layer_types
+
+
+def layers_to_keep(total: int, keep: int | None = None, drop: list[int] | None = None) -> list[int]:
+    """``keep`` N layers evenly spaced from the first to the last, or all but the ``drop`` indices."""
+    if (keep is None) == (drop is None):
+        raise ConfigError("give exactly one of --keep N and --drop i,j,...")
+    if keep is not None:
+        if not 1 <= keep <= total:
+            raise ConfigError(f"--keep {keep}: the model has {total} layers")
+        return [0] if keep == 1 else sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+    outside = [index for index in drop if not 0 <= index < total]
+    if outside:
+        raise ConfigError(f"--drop {outside[0]}: layers are numbered 0 to {total - 1}")
+    kept = [index for index in range(total) if index not in set(drop)]
+    if not kept:
+        raise ConfigError("--drop removes every layer")
+    return kept
+
+
+def decoder_layers_prefix(model) -> str:
+    """The state-dict prefix of the decoder layer list (``model.layers`` for Llama, Qwen, Mistral, ...)."""
+    total = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == total and name:
+            return name
+    raise ConfigError(f"cannot find the {total} decoder layers of this {type(model).__name__}")
+
+
+def prune_layers(model, keep: list[int]):
+    """A copy of ``model`` with only the decoder layers ``keep`` (in order), every kept weight unchanged: the
+    ``only_layers`` view of the model, copied, with each kept layer renumbered (its KV-cache index)."""
+    with only_layers(model, keep):
+        pruned = copy.deepcopy(model)
+    for index, layer in enumerate(_layer_list(pruned)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    return pruned

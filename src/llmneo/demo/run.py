@@ -20,10 +20,10 @@ from ..config import parse_config
 from ..data.collators import make_collator
 from ..data.loading import build_dataset
 from ..evaluation.metrics import evaluate_against_teacher
-from ..models import load_student, load_student_tokenizer, load_tokenizer
+from ..models.loading import load_student, load_student_tokenizer, load_tokenizer
 from ..pipeline import distill
 from ..teacher.loading import load_teacher
-from ..surgery import prune_layers
+from ..pruning import prune_layers
 from .tiny import build_tiny_llama, build_tokenizer, corpus_rows, corpus_texts
 
 HELD_OUT_ROWS = 200

@@ -20,7 +20,8 @@ from ..data.vocabulary import build_vocabulary_map, byte_lengths, same_vocabular
 from ..data.loading import build_dataset, build_datasets
 from ..errors import ConfigError
 from ..lm_head import output_rows
-from ..models import ClassHead, load_reading_tokenizer, load_student, load_tokenizer
+from ..models.class_head import ClassHead
+from ..models.loading import load_reading_tokenizer, load_student, load_tokenizer
 from ..teacher.loading import load_teacher
 from .classification import evaluate_classifier
 from .cross_tokenizer import evaluate_aligned

@@ -30,8 +30,7 @@ from ..data.tokenize import chat_template_text
 from ..losses.vocab_map import MAP_FILE, VocabularyMap, load_vocabulary_map
 from ..runtime.atomic import write_atomically
 from ..errors import ConfigError, VocabularyError
-from ..models import model_identity
-from ..losses.contract import count_answer_tokens
+from ..models.identity import data_fingerprint, model_identity
 from ..losses.topk import TopKRows
 
 logger = logging.getLogger(__name__)
@@ -94,17 +93,6 @@ def tokenizer_sha256(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return _sha256_text(text + json.dumps(tokenizer.all_special_tokens))
-
-
-def data_fingerprint(dataset, dataset_name: str) -> dict:
-    """The tokenized rows themselves (ids and labels), so any change of data, format, sampling or truncation shows."""
-    digest, answer_tokens = hashlib.sha256(), 0
-    for row in dataset.with_format("numpy").select_columns(["input_ids", "labels"]):
-        digest.update(row["input_ids"].astype("int32").tobytes())
-        labels = row["labels"].astype("int32")
-        digest.update(labels.tobytes())
-        answer_tokens += count_answer_tokens(labels) if labels.ndim else 1  # a class id: one labelled text
-    return {"dataset": dataset_name, "rows": len(dataset), "answer_tokens": answer_tokens, "sha256": digest.hexdigest()}
 
 
 def run_fingerprint(config, tokenizer, dataset, data: dict | None = None) -> dict:

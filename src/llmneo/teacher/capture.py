@@ -28,8 +28,9 @@ from ..errors import ConfigError
 from ..losses.contract import answer_mask, answer_row_index
 from ..lm_head import output_rows
 from ..losses.cross_vocab import logit_rows
-from ..models import (check_quantization, check_vocabularies, load_reading_tokenizer, load_student_tokenizer,
-                      load_tokenizer, model_identity)
+from ..models.loading import check_quantization, load_reading_tokenizer, load_student_tokenizer, load_tokenizer
+from ..models.vocabulary_check import check_vocabularies
+from ..models.identity import model_identity
 from ..runtime.atomic import write_atomically
 from ..runtime.lock import DirectoryLock
 from ..runtime.nonfinite import check_finite_rows

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, VocabularyError
-from ..models import ClassHead, load_pretrained_model
+from ..models.class_head import ClassHead
+from ..models.loading import load_pretrained_model
 
 
 def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from ..models import is_quantized
+from ..models.loading import is_quantized
 
 logger = logging.getLogger(__name__)
 

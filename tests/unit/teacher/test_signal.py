@@ -14,7 +14,7 @@ from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.losses.contract import IGNORE_INDEX
 from llmneo.losses.targets import StudentSide, TokenTargets
-from llmneo.models import load_student_tokenizer
+from llmneo.models.loading import load_student_tokenizer
 from llmneo.pipeline import build_trainer, load_models
 from llmneo.teacher.signal import NoTeacher, TeacherSignal
 

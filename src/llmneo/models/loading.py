@@ -1,22 +1,18 @@
-"""Load models and tokenizers (the student, any pretrained model), and check that teacher and student share a
-vocabulary. The frozen teacher is loaded by teacher/loading.py on top of these."""
+"""Load tokenizers and pretrained models (the student, any pretrained model): dtype, quantization, safetensors
+only unless pickle is allowed. The frozen teacher is loaded by teacher/loading.py on top of these."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          BitsAndBytesConfig)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
-from .data.tokenize import ensure_chat_template, set_chat_template
-from .errors import ConfigError, VocabularyError
-from .lm_head import output_rows
+from ..data.tokenize import ensure_chat_template, set_chat_template
+from ..errors import ConfigError
+from .class_head import ClassHead
 
 logger = logging.getLogger(__name__)
 
@@ -129,41 +125,6 @@ def _check_weight_format(path: str, role: str, allow_pickle: bool) -> None:
                           "when loaded: convert them to safetensors, or pass --allow_pickle if you trust their source")
 
 
-@dataclass(frozen=True)
-class ClassHead:
-    """A sequence-classification head: the class names in id order, and the pad id that marks where texts end."""
-
-    labels: tuple[str, ...]
-    pad_token_id: int
-
-    @classmethod
-    def for_classes(cls, names, tokenizer) -> ClassHead:
-        """The head of a run over ``names`` (class names in id order)."""
-        return cls(tuple(names), tokenizer.pad_token_id)
-
-    @classmethod
-    def from_run_config(cls, config: dict, tokenizer) -> ClassHead | None:
-        """The head a run trained (its classes are in the resolved config), or None for a causal_lm run."""
-        data = (config or {}).get("data", {})
-        if data.get("task", "causal_lm") != "classification":
-            return None
-        return cls.for_classes(data["class_names"].split(","), tokenizer)
-
-    @classmethod
-    def from_saved_model(cls, model_dir, tokenizer) -> ClassHead | None:
-        """The head of a saved sequence classifier (its config's classes), or None for a causal LM."""
-        saved = AutoConfig.from_pretrained(model_dir)
-        if not any(name.endswith("ForSequenceClassification") for name in saved.architectures or []):
-            return None
-        return cls.for_classes([saved.id2label[i] for i in range(saved.num_labels)], tokenizer)
-
-    def model_kwargs(self, set_labels: bool = True) -> dict:
-        """from_pretrained options; ``set_labels=False`` keeps the checkpoint's own classes (to check them)."""
-        labels = {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
-                  "label2id": {name: i for i, name in enumerate(self.labels)}}
-        return {**(labels if set_labels else {}), "pad_token_id": self.pad_token_id}
-
-
 def load_pretrained_model(path: str, role: str, dtype: str | None, attn_implementation: str, trust_remote_code: bool,
                    quantization: str = "none", allow_pickle: bool = False, head_kwargs: dict | None = None):
     """The model at ``path``: a causal LM, or with ``head_kwargs`` (ClassHead.model_kwargs) a sequence classifier
@@ -197,72 +158,3 @@ def load_student(model_args, head: ClassHead | None = None):
                              head.model_kwargs() if head is not None else None)
     student.config.use_cache = False
     return student
-
-
-def model_identity(path: str, config=None, sample_weights: bool = False) -> dict:
-    """A model directory's identity without reading its weights: config.json, and each weight file's size and
-    (for safetensors) header, which lists every tensor's name, dtype, shape and offsets. ``sample_weights`` also
-    reads a few blocks of each weight file, so weights of the same shapes but other values differ too."""
-    local = Path(path).expanduser()
-    if not local.is_dir():  # a hub id: its resolved revision
-        if config is None:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(path)
-        return {"path": path, "revision": getattr(config, "_commit_hash", None)}
-    digest = hashlib.sha256()
-    for file in sorted(local.iterdir()):
-        if file.name == "config.json":
-            digest.update(file.read_bytes())
-        elif file.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
-            digest.update(f"{file.name}:{file.stat().st_size}".encode())
-            if file.suffix == ".safetensors":
-                with open(file, "rb") as handle:
-                    digest.update(handle.read(8 + int.from_bytes(handle.read(8), "little")))
-            if sample_weights:
-                _digest_samples(digest, file)
-    return {"path": str(local.resolve()), "sha256": digest.hexdigest()}
-
-
-def _digest_samples(digest, file: Path, block: int = 1 << 16, count: int = 8) -> None:
-    """Blocks spread over the file: cheap even for many GB, and any retraining changes them."""
-    size = file.stat().st_size
-    with open(file, "rb") as handle:
-        for index in range(count):
-            handle.seek(max(0, (size - block) * index // max(count - 1, 1)))
-            digest.update(handle.read(block))
-
-
-def check_vocabularies(student_tokenizer, teacher_tokenizer, student, teacher) -> int:
-    """The vocabulary size the KD term compares over (``student``/``teacher``: the models or their output sizes).
-
-    The tokenizers must map the same ids to the same tokens on their shared range. Output layers padded to
-    different sizes are aligned by slicing both models' logits to the smaller size, which must still cover every
-    id the tokenizer can produce.
-    """
-    student_vocab = student_tokenizer.convert_ids_to_tokens(range(len(student_tokenizer)))
-    teacher_vocab = teacher_tokenizer.convert_ids_to_tokens(range(len(teacher_tokenizer)))
-    shared = min(len(student_vocab), len(teacher_vocab))
-    differing = [i for i in range(shared) if student_vocab[i] != teacher_vocab[i]]
-    if differing:
-        first = differing[0]
-        raise VocabularyError(
-            f"teacher and student tokenizers differ on {len(differing)} of {shared} shared ids (first: id {first} "
-            f"is {teacher_vocab[first]!r} for the teacher, {student_vocab[first]!r} for the student); "
-            "logit distillation on one vocabulary needs one tokenizer: to distil across tokenizers, add "
-            "--cross_tokenizer exact (or uld, hybrid)"
-        )
-    student_size, teacher_size = (size if isinstance(size, int) else output_rows(size) for size in (student, teacher))
-    kd_vocab = min(student_size, teacher_size)
-    needed = len(student_tokenizer)
-    if kd_vocab < needed:
-        raise VocabularyError(
-            f"the output layers cover {student_size} (student) and {teacher_size} (teacher) ids, but the tokenizer "
-            f"produces ids up to {needed - 1}"
-        )
-    if student_size != teacher_size:
-        logger.warning(
-            "vocabulary sizes differ only by padding (student %d, teacher %d): KD compares the first %d logits",
-            student_size, teacher_size, kd_vocab,
-        )
-    return kd_vocab
