@@ -118,7 +118,7 @@ def benchmark(script: str, *args: str) -> list[str]:
 
 
 def metrics_lines(run_dir: Path) -> list[dict]:
-    from llmneo.report import read_metrics
+    from llmneo.runtime.layout import read_metrics
 
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

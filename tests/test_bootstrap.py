@@ -13,7 +13,7 @@ from datasets import Dataset
 from llmneo import cli
 from llmneo.data.collators import make_collator
 from llmneo.evaluation.bootstrap import bootstrap_intervals
-from llmneo.evaluation.metrics import evaluate_against_teacher
+from llmneo.evaluation.metrics import HeldOutOptions, evaluate_against_teacher
 from llmneo.models.loading import load_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -58,8 +58,8 @@ def test_intervals_equal_a_row_by_row_reference(models_dir):
         answer = tokenizer(" " + turns[1]["value"])["input_ids"]
         rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
     dataset = Dataset.from_list(rows)
-    metrics = evaluate_against_teacher(student, dataset, make_collator(tokenizer), teacher=teacher, batch_size=3,
-                                       bootstrap=200)
+    metrics = evaluate_against_teacher(student, dataset, make_collator(tokenizer), teacher,
+                                       HeldOutOptions(batch_size=3, bootstrap=200))
     reference = [naive_row_sums(student, teacher, row) for row in rows]
     tokens = [row["tokens"] for row in reference]
     assert metrics["answer_tokens"] == sum(tokens)

@@ -14,10 +14,10 @@ from conftest import run_flags, save_model
 from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.data.vocabulary import byte_lengths
-from llmneo.losses.vocab_map import MAP_FILE
+from llmneo.runtime.layout import MAP_FILE
 from llmneo.demo.tiny import build_char_tokenizer, build_tiny_llama, corpus_texts
 from llmneo.errors import ConfigError
-from llmneo.evaluation.metrics import evaluate_against_teacher
+from llmneo.evaluation.metrics import HeldOutOptions, evaluate_against_teacher
 from llmneo.data.collators import make_collator
 from llmneo.models.loading import load_reading_tokenizer, load_student_tokenizer
 from llmneo.pipeline import build_trainer, distill, load_models, teacher_signal
@@ -114,7 +114,8 @@ def test_bits_per_byte_equals_a_hand_computation(models_dir, tokenizer):
     nll = sum(-F.log_softmax(logits[t - 1], -1)[ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100)
     answer_bytes = len(answer.encode("utf-8")) + len("\n")  # "<|im_end|>" is no text; the "\n" after it is
     dataset = datasets.Dataset.from_dict({"input_ids": [ids], "labels": [labels]})
-    metrics = evaluate_against_teacher(model, dataset, make_collator(tokenizer), byte_lengths=byte_lengths(tokenizer))
+    metrics = evaluate_against_teacher(model, dataset, make_collator(tokenizer),
+                                       options=HeldOutOptions(byte_lengths=byte_lengths(tokenizer)))
     assert metrics["answer_bytes"] == answer_bytes
     assert metrics["bits_per_byte"] == pytest.approx(nll / math.log(2) / answer_bytes, rel=1e-6)
 

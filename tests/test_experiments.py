@@ -16,13 +16,14 @@ from llmneo.data.loading import build_datasets
 from llmneo.config import parse_config
 from llmneo.demo.tiny import build_tiny_llama
 from llmneo.evaluation.harness import TASK_PRESETS, resolve_tasks, run_lm_eval
-from llmneo.evaluation.metrics import evaluate_against_teacher
+from llmneo.evaluation.metrics import HeldOutOptions, evaluate_against_teacher
 from llmneo.experiments import cells as cells_module
 from llmneo.experiments.sweep import sweep
 from llmneo.data.collators import make_collator
 from llmneo.models.loading import load_student_tokenizer
 from llmneo.pipeline import distill
-from llmneo.report import bar_chart, read_metrics
+from llmneo.report import bar_chart
+from llmneo.runtime.layout import read_metrics
 
 
 def naive_metrics(student, teacher, dataset):
@@ -56,8 +57,8 @@ def held_out(models_dir, train_file, tmp_path):
 def test_offline_metrics_equal_a_naive_loop(models_dir, train_file, tmp_path, tokenizer):
     rows, tokenizer = held_out(models_dir, train_file, tmp_path)
     student, teacher = build_tiny_llama(tokenizer, seed=21).eval(), build_tiny_llama(tokenizer, seed=22).eval()
-    ours = evaluate_against_teacher(student, rows, make_collator(tokenizer), teacher=teacher, batch_size=5,
-                                    chunk_size=7)
+    ours = evaluate_against_teacher(student, rows, make_collator(tokenizer), teacher,
+                                    HeldOutOptions(batch_size=5, chunk_size=7))
     reference = naive_metrics(student, teacher, rows)
     assert ours["answer_tokens"] == reference["answer_tokens"]
     for key in ("perplexity", "top1_agreement", "kl_to_teacher"):

@@ -142,14 +142,14 @@ def test_resuming_a_finished_run_keeps_its_summary(models_dir, train_file, tmp_p
 
 
 def test_a_torn_line_in_the_middle_of_metrics_is_an_error(tmp_path):
-    from llmneo.runtime.resume import read_metrics_lines
+    from llmneo.runtime.layout import read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(ConfigError, match=r"metrics.jsonl line 2 is not valid JSON .*: the file is damaged"):
-        read_metrics_lines(path)
+        read_metrics(path)
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
-    assert read_metrics_lines(path) == [{"step": 1, "loss": 2.0}]
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}]
 
 
 # ---- 3. one process per run directory -------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from run import ROOT, write_jsonl
 from llmneo import cli
 from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
 from llmneo.generation import answer_prompts, load_for_generation
-from llmneo.report import read_metrics
+from llmneo.runtime.layout import read_metrics
 from llmneo.runtime.run_dir import run_status
 
 SIZE = {"train": 240, "docs_train": 120, "held_out": 100, "docs_held_out": 60, "max_length": 256, "batch": 8,

@@ -34,7 +34,7 @@ from run import ROOT, sharegpt_conversations, write_jsonl
 from llmneo import cli
 from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
 from llmneo.generation import answer_prompts, load_for_generation
-from llmneo.report import read_metrics
+from llmneo.runtime.layout import read_metrics
 from llmneo.runtime.memory import PeakMemory
 from llmneo.runtime.run_dir import run_status
 

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from llmneo.report import read_metrics  # noqa: E402
+from llmneo.runtime.layout import read_metrics  # noqa: E402
 
 COMMAND = "python examples/smollm2/heal.py"
 

@@ -18,14 +18,10 @@ from .models.identity import model_identity
 from .report import before_after_markdown
 from .runtime.checkpoints import checkpoint_step, is_complete
 from .runtime.run_dir import require_finished, require_new_output
+from .runtime.layout import ADAPTER_DIR, CARD_FILE, CONFIG_FILE, METRICS_FILE, MODEL_DIR, open_target
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-ADAPTER_DIR = "adapter"  # PEFT adapter of lora/neo runs
-MODEL_DIR = "model"  # full weights of sft/kd runs
-CARD_FILE = "README.md"
 
 
 def resolved_config(config) -> dict:
@@ -108,20 +104,19 @@ def run_adapter_dir(path: str | Path, command: str = "export-lora") -> Path:
 def run_weights(path: str | Path, command: str) -> tuple[dict, Path, Path]:
     """The run config, adapter dir and full-weights dir of a finished run, or of one of its checkpoints named
     explicitly (``RUN/checkpoint-K``)."""
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
+    target = open_target(path, models=False)
+    path = target.path
+    if target.kind == "run":
         require_finished(path, command)
         return load_run_config(path), path / ADAPTER_DIR, path / MODEL_DIR
-    if path.name.startswith("checkpoint-") and (path.parent / CONFIG_FILE).is_file():
-        if not is_complete(path):
-            raise ConfigError(f"checkpoint {path} is incomplete (its save was interrupted)")
-        kind = adapter_kind(path).get("adapter")
-        if kind in ("pissa", "olora"):
-            raise ConfigError(f"checkpoint {path} holds a {kind} adapter for the base as {kind} modified it: resume "
-                              "the run to finish it (its final save converts the adapter for the original base)")
-        logger.info("using checkpoint %s of run %s (step %d)", path.name, path.parent, checkpoint_step(path))
-        return load_run_config(path.parent), path, path
-    raise ConfigError(f"{path} is not a run directory: {CONFIG_FILE} is missing")
+    if not is_complete(path):
+        raise ConfigError(f"checkpoint {path} is incomplete (its save was interrupted)")
+    kind = adapter_kind(path).get("adapter")
+    if kind in ("pissa", "olora"):
+        raise ConfigError(f"checkpoint {path} holds a {kind} adapter for the base as {kind} modified it: resume "
+                          "the run to finish it (its final save converts the adapter for the original base)")
+    logger.info("using checkpoint %s of run %s (step %d)", path.name, target.run_dir, checkpoint_step(path))
+    return load_run_config(target.run_dir), path, path
 
 
 def check_base(adapter_dir: Path, student_path: str) -> None:

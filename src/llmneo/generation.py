@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import CONFIG_FILE, load_run_config, load_run_model
+from .artifacts import load_run_config, load_run_model
+from .runtime.layout import open_target
 from .config import ModelArguments
 from .errors import ConfigError
 from .evaluation.answers import continue_greedily, prompt_ids
@@ -18,9 +19,10 @@ from .models.loading import load_pretrained_model, load_student_tokenizer
 def load_for_generation(target: str, teacher: bool = False):
     """The model and tokenizer to generate with: a run's merged student (or, with ``teacher``, its teacher), or a
     model directory."""
-    path = Path(target)
-    if (path / CONFIG_FILE).is_file():
-        config = load_run_config(path)
+    opened = open_target(target, hub_ids=True)
+    path = opened.path
+    if opened.kind != "model":  # a run, or one of its checkpoints
+        config = load_run_config(opened.run_dir)
         if (config.get("data") or {}).get("task") == "classification":
             raise ConfigError(f"{path} holds a classifier: generate is for causal language models (use llm-neo eval)")
         if teacher:

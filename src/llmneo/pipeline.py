@@ -17,7 +17,7 @@ from transformers import set_seed
 
 from .adapters.lora import PEFT_TASK_TYPES, add_lora, lora_config
 from .adapters.store import KIND_FILE, kind_record, save_initial_adapter
-from .artifacts import (METRICS_FILE, resolved_config, run_settings, save_final_weights, save_resolved_config,
+from .artifacts import (resolved_config, run_settings, save_final_weights, save_resolved_config,
                         write_model_card)
 from .data.collators import make_collator
 from .data.vocabulary import build_vocabulary_map
@@ -38,7 +38,7 @@ from .evaluation.answers import answers, held_out_prompts, held_out_teacher_prom
 from .report import before_after_console, before_after_rows, write_run_report
 from .runtime.atomic import write_atomically
 from .runtime.checkpoints import checkpoint_step, complete_checkpoints
-from .runtime.identity import IDENTITY_FILE, check_resume, identity_bytes, run_identity
+from .runtime.identity import check_resume, identity_bytes, run_identity
 from .runtime.lock import DirectoryLock
 from .runtime.planner import plan_micro_batch
 from .runtime.processes import check_processes
@@ -49,10 +49,10 @@ from .teacher.loading import load_teacher
 from .teacher.signal import NoTeacher, TeacherSignal
 from .teacher.sources import AlignedCachedTeacher, AlignedOnlineTeacher, CachedTeacher, OnlineTeacher
 from .training import ClassifierTrainer, MetricsJsonlCallback, NeoTrainer
+from .runtime.layout import BEFORE_FILE, IDENTITY_FILE, METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
-BEFORE_FILE = "before.json"  # the student's held-out metrics and answers before the first step
 SAMPLE_PROMPTS = 3  # held-out prompts answered in report.md
 
 
@@ -66,6 +66,16 @@ class RunSummary:
     config: object  # the RunConfig the run used
     trainable_parameters: int = 0
     trained_answer_tokens: int = 0  # answer tokens (classification: texts) of every micro-batch trained on
+
+
+@dataclass
+class RunOutcome:
+    """What the model card and the report say about a finished run."""
+
+    report: DataReport
+    final_metrics: dict
+    comparison: list | None = None  # before/after rows of the held-out metrics
+    samples: dict | None = None  # held-out prompts with the teacher's and the student's answers
 
 
 def distill(config, callbacks=()) -> RunSummary:
@@ -114,9 +124,8 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     before = measure_before(trainer, config, tokenizer, held_out, resume, signal.teacher_tokenizer)
     result = train_or_explain(trainer, config, resume)
     final_metrics = {**collect_final_metrics(trainer, result, report, held_out is not None, fidelity), **diagnostics}
-    comparison, samples = compare_with_before(trainer, tokenizer, before, final_metrics)
-    weights_dir = write_artifacts(trainer, config, tokenizer, report, final_metrics, initial_adapter, base,
-                                  comparison, samples)
+    outcome = RunOutcome(report, final_metrics, *compare_with_before(trainer, tokenizer, before, final_metrics))
+    weights_dir = write_artifacts(trainer, config, tokenizer, outcome, initial_adapter, base)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunSummary(Path(config.training.output_dir), weights_dir, trainer.state.global_step, final_metrics, report,
                       config, trainable, trainer.items_seen())
@@ -415,8 +424,7 @@ def compare_with_before(trainer, tokenizer, before: dict | None, final_metrics: 
     return comparison, samples
 
 
-def write_artifacts(trainer, config, tokenizer, report: DataReport, final_metrics: dict, initial_adapter,
-                    base: dict | None = None, comparison=None, samples=None) -> Path:
+def write_artifacts(trainer, config, tokenizer, outcome: RunOutcome, initial_adapter, base: dict | None = None) -> Path:
     """The final adapter or weights, the model card and the run report (main process only); the weights' folder."""
     run_dir = Path(config.training.output_dir)
     # Sharded weights (FSDP2, ZeRO-3) are gathered by every process together, before the others leave.
@@ -425,8 +433,9 @@ def write_artifacts(trainer, config, tokenizer, report: DataReport, final_metric
         return run_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
     weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter, base, state_dict)
-    write_model_card(run_dir, config, trainer.state.global_step, report, final_metrics, comparison)
-    write_run_report(run_dir, final_metrics, run_settings(config, trainer.state.global_step, report), comparison,
-                     samples)
+    steps, report = trainer.state.global_step, outcome.report
+    write_model_card(run_dir, config, steps, report, outcome.final_metrics, outcome.comparison)
+    write_run_report(run_dir, outcome.final_metrics, run_settings(config, steps, report), outcome.comparison,
+                     outcome.samples)
     mark_finished(run_dir, trainer.state.global_step)
     return weights_dir

@@ -4,7 +4,6 @@ tests can check the numbers behind the picture."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,15 +12,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-CURVES_FILE = "training_curves.png"
-REPORT_FILE = "report.md"
+from .runtime.layout import CURVES_FILE, METRICS_FILE, REPORT_FILE, read_metrics  # noqa: E402
+
 TRAIN_KEYS = ("loss", "ce_loss", "kd_loss")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _series(entries: list[dict], key: str) -> tuple[list, list]:
@@ -58,7 +51,7 @@ def write_run_report(run_dir: Path, final_metrics: dict, card_rows: list[tuple[s
     """training_curves.png and a short report.md (settings, before/after and final metrics, answers to held-out
     prompts) in the run directory."""
     run_dir = Path(run_dir)
-    entries = read_metrics(run_dir / "metrics.jsonl")
+    entries = read_metrics(run_dir / METRICS_FILE)
     plot_training_curves(entries, run_dir / CURVES_FILE)
     lines = ["# Run report", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in card_rows]

@@ -19,13 +19,13 @@ from ..errors import ConfigError
 from ..runtime.run_dir import require_new_output
 from .lora import mutates_base
 from .moslora import fold_mixers, register_moslora
+from ..runtime.layout import INITIAL_ADAPTER_DIR
 
 logger = logging.getLogger(__name__)
 
 KIND_FILE = "llmneo_adapter.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
-INITIAL_DIR = "adapter-init"  # the untrained adapter of a base-mutating init, kept for the conversion
 
 
 def save_initial_adapter(model, run_dir: Path) -> Path | None:
@@ -34,7 +34,7 @@ def save_initial_adapter(model, run_dir: Path) -> Path | None:
     if not mutates_base(config):
         return None
     init, config.init_lora_weights = config.init_lora_weights, True  # reloading it must not re-run the init
-    target = run_dir / INITIAL_DIR
+    target = run_dir / INITIAL_ADAPTER_DIR
     model.save_pretrained(target)
     config.init_lora_weights = init
     return target

@@ -19,7 +19,7 @@ from ..adapters.store import load_adapter
 from ..config import parse_config
 from ..data.collators import make_collator
 from ..data.loading import build_dataset
-from ..evaluation.metrics import evaluate_against_teacher
+from ..evaluation.metrics import HeldOutOptions, evaluate_against_teacher
 from ..models.loading import load_student, load_student_tokenizer, load_tokenizer
 from ..pipeline import distill
 from ..teacher.loading import load_teacher
@@ -69,7 +69,7 @@ def _make_student(model_args) -> None:
 
 def _evaluate(config, student, teacher, tokenizer, held_out: Path) -> dict:
     data, _ = build_dataset(dataclasses.replace(config.data, dataset=str(held_out)), tokenizer, seed=0)
-    return evaluate_against_teacher(student, data, make_collator(tokenizer), teacher=teacher, batch_size=32)
+    return evaluate_against_teacher(student, data, make_collator(tokenizer), teacher, HeldOutOptions(batch_size=32))
 
 
 def run_demo(output_dir: str = "runs/demo", seed: int = 0, adapter: str = "lora") -> dict[str, dict]:

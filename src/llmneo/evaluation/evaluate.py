@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,11 +25,11 @@ from ..teacher.loading import load_teacher
 from .classification import evaluate_classifier
 from .cross_tokenizer import evaluate_aligned
 from .harness import run_lm_eval
-from .metrics import evaluate_against_teacher
+from .metrics import HeldOutOptions, evaluate_against_teacher
+from ..runtime.layout import EVAL_FILE, open_target
 
 logger = logging.getLogger(__name__)
 
-EVAL_FILE = "eval.json"
 
 
 @dataclass
@@ -52,12 +51,11 @@ class EvalRequest:
 
 def _load_target(request: EvalRequest):
     """Model, tokenizer, the run's config (for a model directory: None, or its classes when it is a classifier)."""
-    target = Path(request.target)
-    if (target / "config.yaml").is_file():
+    opened = open_target(request.target)
+    target = opened.path
+    if opened.kind != "model":  # a run, or one of its checkpoints
         model, tokenizer = load_run_model(target, "eval")
-        return model, tokenizer, load_run_config(target)
-    if not (target / "config.json").is_file():
-        raise ConfigError(f"{target} is neither a run directory (config.yaml) nor a model directory (config.json)")
+        return model, tokenizer, load_run_config(opened.run_dir)
     tokenizer = load_tokenizer(str(target), role="model")
     head = ClassHead.from_saved_model(target, tokenizer)
     if head is None:  # a language model reads chat rows through its template (llm-neo's fallback if it has none)
@@ -129,11 +127,15 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
         teacher = _teacher(request, config)
         teacher = teacher.to(device) if teacher is not None else None
         classifying = _task(config) == "classification"
-        evaluate = evaluate_classifier if classifying else partial(
-            evaluate_against_teacher, bootstrap=request.bootstrap, byte_lengths=byte_lengths(tokenizer))
         collator = make_collator(tokenizer, _task(config))
-        results["held_out"] = evaluate(model, held_out, collator, teacher=None if teacher_tokenizer else teacher,
-                                       batch_size=request.batch_size, progress=True)
+        same_tokens = None if teacher_tokenizer else teacher
+        if classifying:
+            results["held_out"] = evaluate_classifier(model, held_out, collator, teacher=same_tokens,
+                                                      batch_size=request.batch_size, progress=True)
+        else:
+            options = HeldOutOptions(batch_size=request.batch_size, progress=True, bootstrap=request.bootstrap,
+                                     byte_lengths=byte_lengths(tokenizer))
+            results["held_out"] = evaluate_against_teacher(model, held_out, collator, same_tokens, options)
         if teacher_tokenizer is not None and teacher is not None:
             vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_rows(teacher),
                                              output_rows(model))
@@ -150,7 +152,7 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
                           "directory (a run evaluates its --eval_split / --eval_ratio rows)")
     if write:
         path = Path(request.target) / EVAL_FILE
-        if (Path(request.target) / "config.yaml").is_file():  # a run directory; model directories stay untouched
+        if open_target(request.target).kind == "run":  # a run directory; model directories stay untouched
             path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 

@@ -7,6 +7,7 @@ final hidden states (full logits only for heads the fused loss cannot reproduce)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,23 +22,35 @@ from ..teacher.online import answer_logit_chunks, teacher_logits
 from .bootstrap import bootstrap_intervals
 
 
+@dataclass(frozen=True)
+class HeldOutOptions:
+    """How ``evaluate_against_teacher`` reads the held-out rows."""
+
+    batch_size: int = 8  # rows per forward pass
+    kd_vocab_size: int | None = None  # the shared vocabulary KL and agreement compare; None: the smaller head
+    chunk_size: int = 1024  # answer rows whose fp32 logits are built at once
+    progress: bool = False  # show a progress bar
+    bootstrap: int = 0  # resamples of the held-out rows for 95% intervals (0: none)
+    byte_lengths: torch.Tensor | None = None  # UTF-8 bytes of each id (data/vocabulary.py): adds bits per byte
+
+
 @torch.no_grad()
-def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_size: int = 8,
-                             kd_vocab_size: int | None = None, chunk_size: int = 1024,
-                             progress: bool = False, bootstrap: int = 0,
-                             byte_lengths: torch.Tensor | None = None) -> dict[str, float]:
+def evaluate_against_teacher(student, dataset, collator, teacher=None,
+                             options: HeldOutOptions = HeldOutOptions()) -> dict[str, float]:
     """Per answer token: perplexity of the student; with a teacher also top-1 agreement and KL(teacher || student).
-    ``bootstrap`` > 0 adds 95% intervals from that many resamples of the held-out rows (evaluation/bootstrap.py).
-    ``byte_lengths`` (data/vocabulary.py: the UTF-8 bytes of each id) adds bits per byte: the answer tokens' NLL in
-    bits over the bytes of the answer text, comparable between models with different tokenizers."""
+    ``options.bootstrap`` > 0 adds 95% intervals from that many resamples of the held-out rows
+    (evaluation/bootstrap.py). ``options.byte_lengths`` adds bits per byte: the answer tokens' NLL in bits over the
+    bytes of the answer text, comparable between models with different tokenizers."""
     device = next(student.parameters()).device
+    batch_size, chunk_size, byte_lengths = options.batch_size, options.chunk_size, options.byte_lengths
+    kd_vocab_size = options.kd_vocab_size
     if teacher is not None and kd_vocab_size is None:
         kd_vocab_size = min(output_rows(student), output_rows(teacher))
     was_training = student.training
     student.eval()
     sums = {name: torch.zeros(len(dataset), dtype=torch.float64) for name in ("nll", "agree", "kl", "tokens", "bytes")}
     loader = DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size, collate_fn=collator)
-    for number, batch in enumerate(tqdm(loader, desc="evaluating", unit="batch", disable=not progress)):
+    for number, batch in enumerate(tqdm(loader, desc="evaluating", unit="batch", disable=not options.progress)):
         _add_batch(sums, student, teacher, {k: v.to(device) for k, v in batch.items()}, number * batch_size,
                    chunk_size, kd_vocab_size, byte_lengths)
     student.train(was_training)
@@ -51,7 +64,7 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None, batch_siz
         metrics.update(top1_agreement=totals["agree"] / tokens, kl_to_teacher=totals["kl"] / tokens)
     summed = ("nll", "agree", "kl") if teacher is not None else ("nll",)
     metrics.update(bootstrap_intervals({name: sums[name].numpy() for name in summed}, sums["tokens"].numpy(),
-                                       resamples=bootstrap))
+                                       resamples=options.bootstrap))
     return metrics
 
 

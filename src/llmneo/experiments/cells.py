@@ -17,10 +17,10 @@ from ..config import parse_config
 from ..runtime.memory import PeakMemory
 from ..pipeline import distill
 from ..evaluation.evaluate import EvalRequest, evaluate_target, flatten
+from ..runtime.layout import RESULT_FILE
 
 logger = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 
 
 def run_cell(argv: list[str], cell_dir: Path, label: dict, eval_options: dict | None = None) -> dict:

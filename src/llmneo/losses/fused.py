@@ -14,6 +14,8 @@ an eighth of the chunk's rows at a time (about two more buffers).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -107,35 +109,52 @@ def _chunk_terms(z, teacher, targets, settings: LossSettings):
     return _ce_divergence_autograd(z, teacher, targets, settings)
 
 
-def _teacher_chunk(rows: slice, teacher_hidden, teacher_weight, teacher_logits, vocab: int):
-    """The chunk's teacher logits over the shared vocabulary, as an fp32 tensor the caller may overwrite, or its
-    cached top-k rows."""
-    if isinstance(teacher_logits, TopKRows):
-        return teacher_logits[rows]
-    if teacher_hidden is not None:
-        return F.linear(teacher_hidden[rows], teacher_weight[:vocab]).float()
-    if teacher_logits is not None:
-        return teacher_logits[rows, :vocab].to(torch.float32, copy=True)
-    return None
+@dataclass
+class _TeacherRows:
+    """The teacher at the answer rows: final hidden states with its head weight, logits, cached top-k, or none."""
+
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    logits: torch.Tensor | TopKRows | None = None
+
+    def chunk(self, rows: slice, vocab: int):
+        """The chunk's teacher logits over the shared vocabulary, as an fp32 tensor the caller may overwrite, or
+        its cached top-k rows."""
+        if isinstance(self.logits, TopKRows):
+            return self.logits[rows]
+        if self.hidden is not None:
+            return F.linear(self.hidden[rows], self.weight[:vocab]).float()
+        if self.logits is not None:
+            return self.logits[rows, :vocab].to(torch.float32, copy=True)
+        return None
 
 
-def _chunk_step(rows, hidden, weight, teacher_hidden, teacher_weight, teacher_logits, targets, settings, scale,
-                grad_hidden, grad_weight):
-    """One chunk: its loss sums, with its gradients written into grad_hidden[rows] and added to grad_weight.
+@dataclass
+class _Gradients:
+    """Where a chunk's gradients go: d loss / d hidden rows (written) and d loss / d head weight (added to)."""
+
+    scale: float | torch.Tensor  # 1 / num_items
+    hidden: torch.Tensor
+    weight: torch.Tensor | None
+
+
+def _chunk_step(rows: slice, hidden, weight, teacher: _TeacherRows, targets, settings: LossSettings,
+                grads: _Gradients | None):
+    """One chunk: its loss sums, with its gradients written into ``grads`` (None: values only).
 
     A function of its own so that the chunk's buffers are freed before the next chunk allocates its own.
     """
     vocab = settings.kd_vocab_size or weight.shape[0]
     z = F.linear(hidden[rows], weight).float()
-    teacher = _teacher_chunk(rows, teacher_hidden, teacher_weight, teacher_logits, vocab)
-    ce, kd, grad_z = _chunk_terms(z, teacher, targets[rows], settings)
-    del z, teacher
-    if grad_hidden is None:  # evaluation: values only
+    teacher_chunk = teacher.chunk(rows, vocab)
+    ce, kd, grad_z = _chunk_terms(z, teacher_chunk, targets[rows], settings)
+    del z, teacher_chunk
+    if grads is None:  # evaluation: values only
         return ce, kd
-    grad_z = grad_z.mul_(scale).to(weight.dtype)
-    grad_hidden[rows] = grad_z @ weight
-    if grad_weight is not None:
-        grad_weight.addmm_(grad_z.T, hidden[rows].to(weight.dtype))
+    grad_z = grad_z.mul_(grads.scale).to(weight.dtype)
+    grads.hidden[rows] = grad_z @ weight
+    if grads.weight is not None:
+        grads.weight.addmm_(grad_z.T, hidden[rows].to(weight.dtype))
     return ce, kd
 
 
@@ -148,12 +167,13 @@ class _FusedHeadLoss(torch.autograd.Function):
         scale = 1.0 / num_items
         grad_hidden = torch.empty_like(hidden) if any(ctx.needs_input_grad[:2]) else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grads = _Gradients(scale, grad_hidden, grad_weight) if grad_hidden is not None else None
+        teacher = _TeacherRows(teacher_hidden, teacher_weight, teacher_logits)
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         kd_sum = torch.zeros_like(ce_sum)
         for start in range(0, hidden.shape[0], settings.chunk_size):
             rows = slice(start, start + settings.chunk_size)
-            ce, kd = _chunk_step(rows, hidden, weight, teacher_hidden, teacher_weight, teacher_logits, targets,
-                                 settings, scale, grad_hidden, grad_weight)
+            ce, kd = _chunk_step(rows, hidden, weight, teacher, targets, settings, grads)
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
         ctx.save_for_backward(grad_hidden, grad_weight)
         has_teacher = teacher_hidden is not None or teacher_logits is not None

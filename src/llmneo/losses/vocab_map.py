@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-MAP_FILE = "vocabulary_map.safetensors"
+from ..runtime.layout import MAP_FILE
 
 
 @dataclass

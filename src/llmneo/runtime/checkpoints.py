@@ -13,8 +13,8 @@ from transformers.trainer import rotate_checkpoints
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import write_atomically
+from .layout import CHECKPOINT_COMPLETE
 
-CHECKPOINT_COMPLETE = "llmneo_checkpoint_complete"  # written last into every checkpoint folder
 
 
 _STEP = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")

@@ -9,10 +9,10 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError
+from .layout import IDENTITY_FILE
 
 logger = logging.getLogger(__name__)
 
-IDENTITY_FILE = "llmneo_run_identity.json"
 
 # Options that may change when a run is resumed: they decide how the run is watched, saved or fed, not what it
 # computes. Everything else must be equal to the checkpoint's.

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from .layout import LOCK_FILE
 
-LOCK_FILE = ".llmneo.lock"
 
 
 class DirectoryLock:

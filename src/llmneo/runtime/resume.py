@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from .atomic import write_atomically
 from .checkpoints import checkpoint_step, checkpoints, is_complete
+from .layout import read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -38,29 +39,13 @@ def resolve_checkpoint(run_dir: Path, spec: str | None) -> str | None:
     return str(path)
 
 
-def read_metrics_lines(path: Path) -> list[dict]:
-    """metrics.jsonl's entries. A torn last line (the process died while appending it) is dropped with a warning;
-    a torn line anywhere else means the file was damaged, which is an error."""
-    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    entries = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                logger.warning("%s: dropping its torn last line %d (%s)", path, number, error)
-                break
-            raise ConfigError(f"{path} line {number} is not valid JSON ({error}): the file is damaged") from None
-    return entries
-
-
 def cut_metrics(path: Path, step: int) -> None:
     """Keep metrics.jsonl's entries up to ``step``, without the end-of-training summary: the resumed run logs the
     following steps, and its own summary, again."""
     if not Path(path).is_file():
         return
-    kept = [entry for entry in read_metrics_lines(path) if entry.get("step", 0) <= step and SUMMARY_KEY not in entry]
+    kept = [entry for entry in read_metrics(path) if entry.get("step", 0) <= step and SUMMARY_KEY not in entry]
     write_atomically(Path(path), "".join(json.dumps(entry) + "\n" for entry in kept).encode("utf-8"))
 
 
-__all__ = ["LATEST", "checkpoint_step", "cut_metrics", "read_metrics_lines", "resolve_checkpoint"]
+__all__ = ["LATEST", "checkpoint_step", "cut_metrics", "resolve_checkpoint"]

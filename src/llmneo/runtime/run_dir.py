@@ -12,11 +12,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from .atomic import write_atomically
 from .checkpoints import checkpoints, complete_checkpoints
-from .lock import LOCK_FILE
-
-RUN_FILE = "run.json"
-# What marks a directory as holding a run (written by this or an earlier llm-neo).
-RUN_MARKERS = (RUN_FILE, "config.yaml", "metrics.jsonl", "adapter", "model")
+from .layout import ADAPTER_DIR, CHECKPOINT_PREFIX, CONFIG_FILE, LOCK_FILE, MODEL_DIR, RUN_FILE, RUN_MARKERS
 
 
 def read_run_state(run_dir: str | Path) -> dict | None:
@@ -51,7 +47,7 @@ def run_status(run_dir: str | Path) -> tuple[str, int]:
     state = read_run_state(run_dir)
     if state is not None and state.get("status") == "finished":
         return "finished", int(state.get("steps", 0))
-    legacy_finished = state is None and any((Path(run_dir) / name).is_dir() for name in ("adapter", "model"))
+    legacy_finished = state is None and any((Path(run_dir) / name).is_dir() for name in (ADAPTER_DIR, MODEL_DIR))
     if legacy_finished:  # written before run.json existed: its weights are only saved at the end
         return "finished", 0
     complete = complete_checkpoints(run_dir)
@@ -70,7 +66,7 @@ def describe_run(run_dir: str | Path) -> str:
 
 
 def _method_from_config(run_dir: str | Path) -> str | None:
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return None
     import yaml
@@ -100,7 +96,7 @@ def require_finished(run_dir: str | Path, command: str) -> None:
     if status == "finished":
         return
     verb = command if command in ("merge", "export-lora") else "merge"  # eval reads merged models
-    checkpoint = Path(run_dir) / f"checkpoint-{step}"
+    checkpoint = Path(run_dir) / f"{CHECKPOINT_PREFIX}{step}"
     explicit = f", or {verb} checkpoint-{step} explicitly (llm-neo {verb} {checkpoint} --output DIR)" if step else ""
     raise ConfigError(f"{run_dir} holds a run that did not finish (interrupted at step {step}): resume it with "
                       f"llm-neo distill ... --resume_from_checkpoint latest{explicit}")

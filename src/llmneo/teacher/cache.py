@@ -27,7 +27,8 @@ import torch
 from safetensors import safe_open
 
 from ..data.tokenize import chat_template_text
-from ..losses.vocab_map import MAP_FILE, VocabularyMap, load_vocabulary_map
+from ..losses.vocab_map import VocabularyMap, load_vocabulary_map
+from ..runtime.layout import MAP_FILE
 from ..runtime.atomic import write_atomically
 from ..errors import ConfigError, VocabularyError
 from ..models.identity import data_fingerprint, model_identity

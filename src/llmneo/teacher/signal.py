@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..evaluation.metrics import evaluate_against_teacher
+from ..evaluation.metrics import HeldOutOptions, evaluate_against_teacher
 from ..losses.targets import StudentSide, TeacherTargets, TokenTargets
 
 
@@ -48,10 +48,10 @@ class TeacherSignal:
 
     def evaluate(self, trainer, dataset) -> dict:
         """Held-out metrics: the student's, with its agreement and KL against a teacher on its own tokens."""
-        return evaluate_against_teacher(trainer.model, dataset, trainer.eval_collator, teacher=self.scoring_teacher(),
-                                        batch_size=trainer.args.per_device_eval_batch_size,
-                                        kd_vocab_size=trainer.loss_settings.kd_vocab_size,
-                                        chunk_size=trainer.loss_settings.chunk_size, byte_lengths=trainer.byte_lengths)
+        options = HeldOutOptions(batch_size=trainer.args.per_device_eval_batch_size,
+                                 kd_vocab_size=trainer.loss_settings.kd_vocab_size,
+                                 chunk_size=trainer.loss_settings.chunk_size, byte_lengths=trainer.byte_lengths)
+        return evaluate_against_teacher(trainer.model, dataset, trainer.eval_collator, self.scoring_teacher(), options)
 
     def scoring_teacher(self) -> torch.nn.Module | None:
         """The model that scores the student's own tokens in evaluation (None: student-only metrics)."""

@@ -19,9 +19,9 @@ from ..runtime.checkpoints import mark_complete_and_rotate
 from ..runtime.nonfinite import NonFiniteGuard
 from ..teacher.placement import place_teacher
 from .trainer_hooks import TrainerHooks
+from ..runtime.layout import LOSS_SUM_FILE
 
 TERMS = ("ce_loss", "kd_loss")
-LOSS_SUM_FILE = "llmneo_train_loss.json"  # in each checkpoint: the sum of step losses so far, for train_loss
 
 class DistillationTrainer(TrainerHooks):
     """A Trainer whose loss joins CE on the labels and KD to a frozen teacher (CE only with ``teacher=None``).

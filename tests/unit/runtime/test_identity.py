@@ -1,0 +1,51 @@
+"""runtime/identity.py: what makes a run the same run, and how a difference is named."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmneo.errors import ConfigError
+from llmneo.runtime.identity import check_resume, differences, identity_bytes, run_identity
+from llmneo.runtime.layout import IDENTITY_FILE
+
+DATA = {"dataset": "train.jsonl", "rows": 8, "answer_tokens": 100, "sha256": "a"}
+
+
+def identity(teacher=None, **options):
+    sections = {"distill": {"alpha": 0.5, "max_steps": 10, **options}, "training": {"logging_steps": 5}}
+    return run_identity(sections, DATA, teacher)
+
+
+def test_resumable_options_are_not_part_of_the_identity():
+    assert "logging_steps" not in identity()["options"] and identity()["options"]["alpha"] == 0.5
+
+
+def test_each_changed_option_is_named_with_both_values():
+    assert differences(identity(), identity(alpha=0.3)) == ["alpha: 0.5 -> 0.3"]
+
+
+@pytest.mark.parametrize(("before", "after", "allowed"), [(10, 20, True), (10, 5, False), (10, -1, True)])
+def test_max_steps_may_only_grow(before, after, allowed):
+    assert (differences(identity(max_steps=before), identity(max_steps=after)) == []) == allowed
+
+
+def test_other_data_is_named_by_rows_and_answer_tokens():
+    other = run_identity({"distill": {"alpha": 0.5, "max_steps": 10}}, {**DATA, "rows": 9, "sha256": "b"})
+    (change,) = differences(identity(), other)
+    assert change == ("training data: 8 rows / 100 answer tokens of train.jsonl -> 9 rows / 100 answer tokens of "
+                      "train.jsonl")
+
+
+def test_a_teacher_signal_identity_is_compared_too():
+    assert differences(identity({"cache": "x"}), identity({"cache": "x"})) == []
+    assert differences(identity({"cache": "x"}), identity({"cache": "y"})) == [
+        "teacher signal: {'cache': 'x'} -> {'cache': 'y'}"]
+    assert "teacher" not in identity()  # a signal that adds nothing leaves the identity as before
+
+
+def test_check_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    (tmp_path / IDENTITY_FILE).write_bytes(identity_bytes(identity()))
+    check_resume(tmp_path, identity())
+    with pytest.raises(ConfigError, match=r"cannot resume .*: it belongs to a run with other settings \(alpha: 0.5 -> "
+                                          r"0.3\)"):
+        check_resume(tmp_path, identity(alpha=0.3))
