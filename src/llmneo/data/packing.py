@@ -2,11 +2,16 @@
 
 transformers' ``DataCollatorWithFlattening`` concatenates the rows, restarts ``position_ids`` at each row and
 masks the first label of each row (so no row predicts the next one's first token). Attention must not cross
-rows either: flash attention gets the rows' boundaries (``cu_seq_lens``) from the collator; SDPA and eager
-attention get the block-diagonal causal mask built here from the restarting positions.
+rows either: flash attention gets the rows' boundaries (``cu_seq_lens``) from the collator. For SDPA, eager and
+flex attention, transformers 5 derives the block-diagonal causal mask itself from the restarting ``position_ids``
+when no attention mask is passed, in every model whose code builds its masks through ``masking_utils``; only a
+model that does not (remote or older modelling code, which would otherwise attend across rows) gets the mask built
+here.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from transformers import DataCollatorWithFlattening
@@ -45,15 +50,29 @@ def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return (causal & (row[:, None] == row[None, :]))[None, None]
 
 
+MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask")  # transformers.masking_utils
+
+
+def derives_packed_attention(model) -> bool:
+    """Whether the model's code builds its attention masks with transformers' masking_utils, which turn restarting
+    ``position_ids`` (and no attention mask) into the block-diagonal causal mask."""
+    model = getattr(model, "module", model)  # DDP
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    modelling = sys.modules.get(type(base).__module__)
+    return any(hasattr(modelling, name) for name in MASK_BUILDERS)
+
+
 def packed_model_inputs(inputs: dict, model) -> dict:
     """What a packed batch passes to ``model``'s forward (student and teacher alike)."""
-    model = getattr(model, "module", model)
-    implementation = model.config._attn_implementation
+    implementation = getattr(model, "module", model).config._attn_implementation
     model_inputs = {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"]}
     if implementation in FLASH_IMPLEMENTATIONS:
         model_inputs.update({key: inputs[key] for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
                                                           "max_length_k") if key in inputs})
         return model_inputs
+    if derives_packed_attention(model):
+        return model_inputs
+    model = getattr(model, "module", model)
     allowed = block_causal_mask(inputs["position_ids"])
     if implementation == "sdpa":
         model_inputs["attention_mask"] = allowed

@@ -17,6 +17,7 @@ from llmneo.losses.targets import StudentSide, TokenTargets
 from llmneo.models.loading import load_student_tokenizer
 from llmneo.pipeline import build_trainer, load_models
 from llmneo.teacher.signal import NoTeacher, TeacherSignal
+from llmneo.training.token_level import NeoTrainer
 
 
 class UniformTeacher(TeacherSignal):
@@ -64,16 +65,21 @@ def trainer_with(signal, models_dir, train_file, out, **extra):
     return build_trainer(config, student, signal, dataset, tokenizer), dataset
 
 
+def first_batch_step(trainer, dataset):
+    """The naive CE and KL of four rows before any step, then the trainer's loss of the same rows."""
+    batch = trainer.data_collator([dataset[i] for i in range(4)])
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    trainer.model.train()
+    return naive_terms(logits, batch["labels"]), trainer.compute_loss(trainer.model, batch)
+
+
 def test_a_toy_source_trains_a_step_with_its_own_targets(models_dir, train_file, tmp_path):
     vocab = len(load_student_tokenizer(parse_config(run_flags(models_dir, train_file, tmp_path)).model))
     signal = UniformTeacher(vocab)
     trainer, dataset = trainer_with(signal, models_dir, train_file, tmp_path / "run")
-    batch = trainer.data_collator([dataset[i] for i in range(4)])
-    with torch.no_grad():
-        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ce, kl = naive_terms(logits, batch["labels"])
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, batch)
+    assert isinstance(trainer, NeoTrainer) and trainer.signal is signal
+    (ce, kl), loss = first_batch_step(trainer, dataset)
     terms = trainer.loss_terms()
     assert float(terms["ce_loss"]) == close_to(ce)
     assert float(terms["kd_loss"]) == close_to(kl)
@@ -89,11 +95,6 @@ def test_a_toy_source_trains_a_step_with_its_own_targets(models_dir, train_file,
 
 def test_without_a_signal_the_trainer_has_no_teacher_and_computes_ce_only(models_dir, train_file, tmp_path):
     trainer, dataset = trainer_with(NoTeacher(), models_dir, train_file, tmp_path / "run", method="lora")
-    batch = trainer.data_collator([dataset[i] for i in range(4)])
-    with torch.no_grad():
-        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ce, _ = naive_terms(logits, batch["labels"])
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, batch)
+    (ce, _), loss = first_batch_step(trainer, dataset)
     assert trainer.teacher is None
     assert float(loss) == close_to(ce) and float(trainer.loss_terms()["kd_loss"]) == 0.0

@@ -5,7 +5,7 @@ import ast
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "src" / "llmneo"
 MAP = ROOT / "docs" / "architecture.md"
 
@@ -87,3 +87,22 @@ def test_no_code_outside_the_trainers_sets_private_trainer_state():
                  if "training" not in path.relative_to(PACKAGE).parts
                  for line in path.read_text(encoding="utf-8").splitlines() if assignment.search(line)]
     assert not offenders, offenders
+
+
+# Entry points run as programs, not imported: `python -m llmneo` is covered by the CLI tests through cli.py.
+NOT_IMPORTED = {"__main__.py"}
+
+
+def test_every_source_module_is_imported_by_a_test():
+    tests = ROOT / "tests"
+    imported = set()
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmneo"):
+                imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+    covered = {found for name in imported if (found := module_path(name))}
+    missing = sorted(module for module in source_modules() - covered - NOT_IMPORTED
+                     if not module.endswith("__init__.py"))
+    assert not missing, f"source modules no test imports: {missing}"

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from conftest import checkout_env
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import gpu_check  # noqa: E402
 import gpu_parts  # noqa: E402

@@ -1,5 +1,6 @@
 """Padding-free packing is exact: per-sample losses of a packed row equal the unpacked rows', for SDPA and eager
-attention, and a packed training run logs what the padded run logs."""
+attention, with the mask transformers derives from the positions and with the one built here for models that do
+not derive it, and a packed training run logs what the padded run logs."""
 
 import json
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from conftest import run_flags
 from llmneo.config import parse_config
 from llmneo.data.loading import build_datasets
+from llmneo.data import packing as packing_module
 from llmneo.data.packing import PackingCollator, packed_model_inputs
 from llmneo.demo.tiny import build_tiny_llama
 from llmneo.data.collators import make_collator
@@ -25,8 +27,9 @@ def per_sample_losses(logits, labels, rows):
     return torch.zeros(int(rows.max()) + 1).index_add_(0, rows, losses)
 
 
+@pytest.mark.parametrize("mask", ["derived by transformers", "built here"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_losses_equal_unpacked(models_dir, train_file, tmp_path, tokenizer, attention):
+def test_packed_losses_equal_unpacked(models_dir, train_file, tmp_path, tokenizer, attention, mask, monkeypatch):
     config = parse_config(run_flags(models_dir, train_file, tmp_path))
     tokenizer = load_student_tokenizer(config.model)
     dataset = build_datasets(config.data, tokenizer, 0)[0].select(range(5))
@@ -40,7 +43,12 @@ def test_packed_losses_equal_unpacked(models_dir, train_file, tmp_path, tokenize
         expected = per_sample_losses(logits, padded["labels"], rows)
         packed = PackingCollator(attention)(features)
         assert packed["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))
-        logits = model(**packed_model_inputs(packed, model)).logits
+        assert packing_module.derives_packed_attention(model)  # a transformers 5 Llama builds its masks itself
+        if mask == "built here":
+            monkeypatch.setattr(packing_module, "derives_packed_attention", lambda model: False)
+        inputs = packed_model_inputs(packed, model)
+        assert ("attention_mask" in inputs) == (mask == "built here")
+        logits = model(**inputs, use_cache=False).logits
         rows = (torch.cumsum(packed["position_ids"][0] == 0, 0) - 1)[:-1]
         got = per_sample_losses(logits, packed["labels"], rows)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

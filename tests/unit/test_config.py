@@ -148,7 +148,7 @@ def test_missing_model_path_is_named(train_file, tmp_path):
 def test_shipped_configs_parse(tmp_path):
     from pathlib import Path
 
-    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
+    for path in sorted(Path(__file__).parents[2].glob("configs/*.yaml")):
         config = parse_config(["--config", str(path), "--bf16", "false"])  # bf16 needs a GPU
         assert config.model.student_model and config.data.dataset, path
 
@@ -156,7 +156,7 @@ def test_shipped_configs_parse(tmp_path):
 def test_the_options_reference_lists_every_own_option():
     from pathlib import Path
 
-    reference = (Path(__file__).parents[1] / "docs" / "options.md").read_text()
+    reference = (Path(__file__).parents[2] / "docs" / "options.md").read_text()
     for cls in CONFIG_CLASSES[:-1]:
         for field in dataclasses.fields(cls):
             assert f"| `{field.name}` |" in reference, field.name

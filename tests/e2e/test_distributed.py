@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import checkout_env, run_flags
 
-DDP_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "ddp.yaml"
+DDP_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "ddp.yaml"
 SGD = {"optim": "sgd", "warmup_steps": 0, "lr_scheduler_type": "constant"}
 
 

@@ -1,0 +1,15 @@
+"""demo/run.py: the before/after table the demo (and CI) prints."""
+
+from __future__ import annotations
+
+from llmneo.demo.run import print_table
+
+
+def test_the_table_has_one_line_per_model_with_each_metric(capsys):
+    metrics = {"perplexity": 12.3456, "top1_agreement": 0.5, "kl_to_teacher": 0.25, "answer_tokens": 100}
+    print_table({"teacher": metrics, "student before": metrics, "student after": metrics}, 3.2)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines if line.startswith("student")] == ["student", "student"]
+    after = next(line for line in lines if line.startswith("student after"))
+    assert after.split()[2:] == ["12.346", "50.0%", "0.2500"]
+    assert lines[-1] == "[demo] done in 3 s; held-out answer tokens: 100"
