@@ -23,8 +23,8 @@ from ..losses.targets import StudentSide, TeacherTargets, TokenTargets
 
 
 class TeacherSignal:
-    """A source of the teacher's signal. The defaults describe a source without a loaded teacher model that reads
-    the student's own rows."""
+    """A source of the teacher's signal. The defaults describe no teacher at all (CE only, the student's own rows):
+    a source overrides what it adds."""
 
     teacher: torch.nn.Module | None = None  # a loaded teacher model (placed by the trainer), if any
     teacher_tokenizer = None  # the teacher's own tokenizer when it reads its own rendering of each row
@@ -39,8 +39,8 @@ class TeacherSignal:
         return padded
 
     def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
-        """The teacher's side of this batch's loss."""
-        raise NotImplementedError
+        """The teacher's side of this batch's loss (none: CE only)."""
+        return TokenTargets()
 
     def diagnostics(self, trainer, dataset, report) -> dict:
         """Figures logged (as ``train_<name>``) before the first step and kept in the run's final metrics."""
@@ -63,7 +63,4 @@ class TeacherSignal:
 
 
 class NoTeacher(TeacherSignal):
-    """CE only (sft, lora)."""
-
-    def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
-        return TokenTargets()
+    """CE only (sft, lora): the interface's defaults, named."""

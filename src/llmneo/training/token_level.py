@@ -9,7 +9,7 @@ from ..lm_head import capture_final_hidden, output_head
 from ..losses.backends import READS_HIDDEN_STATES, choose_loss_impl, impl_for_call
 from ..losses.contract import answer_mask
 from ..losses.targets import StudentSide
-from ..teacher.signal import NoTeacher, TeacherSignal
+from ..teacher.signal import TeacherSignal
 from .base import DistillationTrainer
 
 
@@ -22,7 +22,7 @@ class NeoTrainer(DistillationTrainer):
     """
 
     def __init__(self, *args, signal: TeacherSignal | None = None, **kwargs):
-        signal = signal if signal is not None else NoTeacher()
+        signal = signal if signal is not None else TeacherSignal()  # the interface's defaults: no teacher
         super().__init__(*args, teacher=signal.teacher, kd_vocab_size=signal.kd_vocab_size, **kwargs)
         self.signal = signal
         self.signal.attach(self.teacher, self.args.device)
