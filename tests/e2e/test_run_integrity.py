@@ -178,12 +178,16 @@ def test_a_second_process_is_refused_and_a_killed_holder_does_not_block_resume(m
     options = {"max_steps": 100000, "save_strategy": "steps", "save_steps": 2, "save_total_limit": 2}
     flags = ["distill", *run_flags(models_dir, train_file, run, **options)]
     command = [sys.executable, "-m", "llmneo", *flags]
+    # stderr goes to a file: an unread pipe fills and blocks the holder; checkpoints rotate (limit 2), so the test
+    # waits for any complete one rather than checkpoint-2, which a fast machine deletes between two polls
+    holder_log = open(tmp_path / "holder.stderr", "w")
     holder = subprocess.Popen(command, env=checkout_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+                              stderr=holder_log, text=True)
     try:
         lock = run / ".llmneo.lock"
-        assert wait_for(lambda: lock.is_file() and f'"pid": {holder.pid}' in lock.read_text()), holder.stderr
-        assert wait_for(lambda: (run / "checkpoint-2" / "llmneo_checkpoint_complete").is_file())
+        alive = lambda: holder.poll() is None or pytest.fail((tmp_path / "holder.stderr").read_text())  # noqa: E731
+        assert wait_for(lambda: alive() and lock.is_file() and f'"pid": {holder.pid}' in lock.read_text())
+        assert wait_for(lambda: alive() and any(run.glob("checkpoint-*/llmneo_checkpoint_complete")))
         started = time.time()
         with pytest.raises(ConfigError, match=f"is in use by another llm-neo process \\(llm-neo distill with pid "
                                               f"{holder.pid} on host "):
@@ -195,6 +199,7 @@ def test_a_second_process_is_refused_and_a_killed_holder_does_not_block_resume(m
     finally:
         holder.kill()
         holder.wait()
+        holder_log.close()
     assert holder.returncode == -9
     from llmneo.runtime.checkpoints import checkpoint_step
     from llmneo.runtime.resume import resolve_checkpoint

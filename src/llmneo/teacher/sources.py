@@ -125,9 +125,8 @@ class AlignedCachedTeacher(TeacherSignal):
         """The batch's aligned boundaries as (row, student position) pairs in the padded batch, after checking that
         each is an answer position of its row, and the teacher's top-k there."""
         row_ids, answers = inputs["row_id"].tolist(), answer_mask(inputs["labels"])
-        rows, positions = [], []
+        rows, positions, left = [], [], self.padding_side == "left"
         for index, (row, found) in enumerate(zip(row_ids, self.cache.student_positions(row_ids), strict=True)):
-            left = self.padding_side == "left"
             shift = answers.shape[1] + 1 - int(inputs["attention_mask"][index].sum()) if left else 0
             found = found.to(answers.device) + shift
             if found.numel() and (int(found.max()) >= answers.shape[1] or not bool(answers[index, found].all())):
