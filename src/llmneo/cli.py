@@ -211,7 +211,7 @@ def cmd_prune_layers(argv: list[str]) -> int:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    from .generation import answer_prompts, load_for_generation, read_prompts
+    from .generation import answer_prompts, check_max_new_tokens, load_for_generation, read_prompts
 
     parser = argparse.ArgumentParser(prog="llm-neo generate", description=COMMANDS["generate"], allow_abbrev=False)
     parser.add_argument("target", help="Run directory of `llm-neo distill` (its merged student), or a model directory.")
@@ -220,6 +220,7 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=128, help="Tokens generated per answer at most.")
     parser.add_argument("--teacher", action="store_true", help="Answer with the run's teacher instead.")
     args = parser.parse_args(argv)
+    check_max_new_tokens(args.max_new_tokens)
     prompts = read_prompts(args.prompt, args.prompts)
     model, tokenizer = load_for_generation(args.target, args.teacher)
     for prompt, answer in zip(prompts, answer_prompts(model, tokenizer, prompts, args.max_new_tokens), strict=True):

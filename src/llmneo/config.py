@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -261,6 +262,8 @@ def resolve_defaults(config: RunConfig) -> None:
         config.training.lr_scheduler_kwargs = {"min_lr_rate": config.training.min_lr_ratio}
     if config.model.teacher_dtype is None:
         config.model.teacher_dtype = config.model.dtype
+    if not torch.accelerator.is_available():  # pinned host memory only speeds copies to an accelerator
+        config.training.dataloader_pin_memory = False
 
 
 def validate(config: RunConfig) -> None:
@@ -275,6 +278,10 @@ def validate(config: RunConfig) -> None:
         (config.adapter.lora_alpha > 0, f"lora_alpha must be > 0, got {config.adapter.lora_alpha}: the adapter's "
                                         "scaling alpha / r would make it do nothing"),
         (0.0 <= config.adapter.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {config.adapter.lora_dropout}"),
+        (config.training.max_steps != 0, "max_steps 0 trains nothing: give a number of steps > 0, or -1 (the default) "
+                                         "to train for num_train_epochs"),
+        (config.training.max_steps >= -1, f"max_steps {config.training.max_steps}: give a number of steps > 0, or -1 "
+                                          "(not set: train for num_train_epochs)"),
         (config.training.max_steps > 0 or config.training.num_train_epochs > 0,
          f"nothing to train: max_steps {config.training.max_steps} and num_train_epochs "
          f"{config.training.num_train_epochs}; give max_steps > 0 or num_train_epochs > 0"),

@@ -6,6 +6,7 @@ model's own chat template (llm-neo's fallback template when it has none), as tra
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .artifacts import load_run_config, load_run_model
@@ -48,19 +49,56 @@ def _load_model_dir(path: str, model_options: dict):
 
 
 def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int = 128) -> list[str]:
-    return [continue_greedily(model, tokenizer, prompt_ids(tokenizer, prompt), max_new_tokens) for prompt in prompts]
+    """Each prompt's greedy answer of at most ``max_new_tokens`` tokens, and never past the model's positions: an
+    answer that would run past them is capped there, with a note on stderr."""
+    check_max_new_tokens(max_new_tokens)
+    rendered = [prompt_ids(tokenizer, prompt) for prompt in prompts]
+    budgets = [answer_budget(ids.shape[1], max_new_tokens, model_positions(model), number)
+               for number, ids in enumerate(rendered, start=1)]
+    return [continue_greedily(model, tokenizer, ids, budget) for ids, budget in zip(rendered, budgets, strict=True)]
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens}: give a number of tokens >= 1")
+
+
+def model_positions(model) -> int | None:
+    """How many positions (prompt and answer together) the model reads, where its config says."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def answer_budget(prompt_tokens: int, max_new_tokens: int, positions: int | None, number: int) -> int:
+    if positions is None or prompt_tokens + max_new_tokens <= positions:
+        return max_new_tokens
+    if max_new_tokens >= positions:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens}: the model reads at most {positions} positions, prompt "
+                          f"and answer together: give fewer than {positions}")
+    if prompt_tokens >= positions:
+        raise ConfigError(f"prompt {number} is {prompt_tokens} tokens with its chat template: the model reads at most "
+                          f"{positions} positions, so no answer fits; shorten it")
+    budget = positions - prompt_tokens
+    print(f"prompt {number}: answer capped at {budget} tokens (its {prompt_tokens} prompt tokens and "
+          f"--max_new_tokens {max_new_tokens} would pass the model's {positions} positions)", file=sys.stderr)
+    return budget
 
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
-    """``--prompt`` or ``--prompts FILE`` (one prompt per non-empty line)."""
+    """``--prompt`` or ``--prompts FILE`` (one prompt per line; blank lines are skipped and counted on stderr)."""
     if (prompt is None) == (prompts_file is None):
         raise ConfigError("give exactly one of --prompt TEXT and --prompts FILE")
     if prompt is not None:
+        if not prompt.strip():
+            raise ConfigError("--prompt is blank: give the text of a user turn")
         return [prompt]
     path = Path(prompts_file)
     if not path.is_file():
         raise ConfigError(f"prompts file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ConfigError(f"prompts file {path} holds no prompts (one per line)")
+    if len(prompts) < len(lines):
+        blank = len(lines) - len(prompts)
+        print(f"prompts file {path}: skipped {blank} blank line{'s' if blank > 1 else ''}", file=sys.stderr)
     return prompts

@@ -109,7 +109,7 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
     student, teacher, kd_vocab_size = load_models(config, tokenizer, head, cache)
     signal = teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vocab_size, cache)
-    identity = run_identity(resolved_config(config), data, signal.identity())
+    identity = run_identity(resolved_config(config), data, signal.identity(), read_models(config, base, teacher))
     resume = prepare_run_dir(config, identity)
     initial_adapter = save_initial_adapter(student, Path(config.training.output_dir)) if saves_adapter(config) else None
     trainer = build_trainer(config, student, signal, dataset, tokenizer, callbacks, held_out,
@@ -183,12 +183,25 @@ def checkpoint_files(config, identity: dict, base: dict | None) -> dict[str, byt
 
 def student_identity(config) -> dict | None:
     """The identity of the student's base weights, or None when it cannot be read (a hub id offline)."""
+    return weights_identity(config.model.student_model, "student", "merging and resuming will not check its base")
+
+
+def weights_identity(path: str, role: str, consequence: str) -> dict | None:
     try:
-        return model_identity(config.model.student_model, sample_weights=True)
+        return model_identity(path, sample_weights=True)
     except (OSError, ValueError) as error:
-        logger.warning("cannot fingerprint the student %s (%s): merging will not check its base",
-                       config.model.student_model, error)
+        logger.warning("cannot fingerprint the %s %s (%s): %s", role, path, error, consequence)
         return None
+
+
+def read_models(config, base: dict | None, teacher) -> dict:
+    """The weights a resume reads again from their paths rather than from the checkpoint: an adapter's frozen base
+    and an online teacher (a cached teacher is checked by its cache's manifest). Rewritten in place, they would
+    mix two models into one run, so the run identity records them."""
+    models = {"student": base} if base else {}
+    if teacher is not None and config.model.teacher_model:
+        models["teacher"] = weights_identity(config.model.teacher_model, "teacher", "resuming will not check it")
+    return models
 
 
 def log_data(report: DataReport, held_out) -> None:

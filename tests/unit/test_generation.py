@@ -7,7 +7,8 @@ import yaml
 
 from llmneo.demo.tiny import build_tiny_llama
 from llmneo.errors import ConfigError
-from llmneo.generation import answer_prompts, load_for_generation
+from llmneo.evaluation.answers import prompt_ids
+from llmneo.generation import answer_budget, answer_prompts, load_for_generation
 
 
 def test_a_model_directory_generates_and_its_teacher_is_refused(tokenizer, tmp_path):
@@ -27,3 +28,30 @@ def test_a_classifier_run_and_a_run_without_teacher_are_refused(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": {"task": "causal_lm"}, "model": {}}))
     with pytest.raises(ConfigError, match=r"has no teacher_model"):
         load_for_generation(str(tmp_path), teacher=True)
+
+
+@pytest.mark.parametrize(("prompt_tokens", "asked", "budget"), [(10, 20, 20), (10, 246, 246), (10, 250, 246)])
+def test_an_answer_is_capped_at_the_models_positions(prompt_tokens, asked, budget, capsys):
+    assert answer_budget(prompt_tokens, asked, 256, 1) == budget
+    assert ("answer capped at 246 tokens" in capsys.readouterr().err) == (budget < asked)
+
+
+def test_answers_that_cannot_fit_are_refused():
+    with pytest.raises(ConfigError, match=r"--max_new_tokens 256: the model reads at most 256 positions"):
+        answer_budget(3, 256, 256, 1)
+    with pytest.raises(ConfigError, match=r"prompt 2 is 256 tokens with its chat template: .* no answer fits"):
+        answer_budget(256, 4, 256, 2)
+    assert answer_budget(10**6, 10**6, None, 1) == 10**6  # a model that states no limit
+
+
+def test_a_capped_answer_stops_at_the_last_position(tokenizer, tmp_path):
+    model = build_tiny_llama(tokenizer, hidden_size=32, seed=7)
+    prompt = prompt_ids(tokenizer, "hello").shape[1]
+    model.config.max_position_embeddings = prompt + 20
+    generated = []
+    original = model.generate
+    model.generate = lambda ids, **kwargs: generated.append(kwargs["max_new_tokens"]) or original(ids, **kwargs)
+    answer_prompts(model.eval(), tokenizer, ["hello"], max_new_tokens=19)
+    assert generated == [19]
+    answer_prompts(model.eval(), tokenizer, ["hello"], max_new_tokens=19 + prompt)
+    assert generated == [19, 20]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import warnings
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -94,10 +96,21 @@ def lora_config(adapter_args, task_type: str = "CAUSAL_LM") -> LoraConfig:
 PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 
 
+@contextmanager
+def peft_wrapping():
+    """Around PEFT wrapping a model: PeftModel.__init__ (every PEFT release up to 0.21.2) reads transformers' deprecated
+    ``is_gradient_checkpointing`` alias, so each wrap printed its FutureWarning although llm-neo never reads the old
+    name. Only that warning, only during the wrap, stays off the console; any other still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(student, adapter_args, task: str = "causal_lm"):
     """Wrap the student in a PeftModel whose only trainable parameters are the adapter's (and a classifier's head)."""
     try:
-        return get_peft_model(student, lora_config(adapter_args, PEFT_TASK_TYPES[task]))
+        with peft_wrapping():
+            return get_peft_model(student, lora_config(adapter_args, PEFT_TASK_TYPES[task]))
     except ValueError as error:
         if "not found in the base model" not in str(error) and "Target modules" not in str(error):
             raise

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
 from ..runtime.run_dir import require_new_output
-from .lora import mutates_base
+from .lora import mutates_base, peft_wrapping
 from .moslora import fold_mixers, register_moslora
 from ..runtime.layout import INITIAL_ADAPTER_DIR
 
@@ -70,10 +70,11 @@ def load_adapter(base, adapter_dir: Path, is_trainable: bool = False):
     if not (adapter_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{adapter_dir} is not an adapter directory: {CONFIG_FILE} is missing")
     kind = adapter_kind(adapter_dir)
-    if kind["adapter"] != "moslora":
-        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
-    config = register_moslora(LoraConfig.from_pretrained(adapter_dir), kind.get("mixer_init", "kaiming"))
-    return PeftModel.from_pretrained(base, adapter_dir, config=config, is_trainable=is_trainable)
+    config = None
+    if kind["adapter"] == "moslora":
+        config = register_moslora(LoraConfig.from_pretrained(adapter_dir), kind.get("mixer_init", "kaiming"))
+    with peft_wrapping():
+        return PeftModel.from_pretrained(base, adapter_dir, config=config, is_trainable=is_trainable)
 
 
 def export_plain_lora(adapter_dir: Path, output: Path) -> Path:

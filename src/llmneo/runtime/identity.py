@@ -28,12 +28,14 @@ RESUMABLE_OPTIONS = frozenset({
 EXTENDABLE_OPTIONS = ("max_steps", "num_train_epochs")
 
 
-def run_identity(config_sections: dict, data: dict, teacher: dict | None = None) -> dict:
-    """The identity of a run from its resolved config (config.yaml's sections), its data fingerprint and what its
-    teacher signal adds (teacher/signal.py: ``identity``)."""
+def run_identity(config_sections: dict, data: dict, teacher: dict | None = None, models: dict | None = None) -> dict:
+    """The identity of a run from its resolved config (config.yaml's sections), its data fingerprint, what its
+    teacher signal adds (teacher/signal.py: ``identity``) and the weights it reads and cannot find again in a
+    checkpoint (``models``: role -> models/identity.model_identity, e.g. an adapter's frozen base, the teacher)."""
     flat = {key: value for section in config_sections.values() for key, value in section.items()
             if key not in RESUMABLE_OPTIONS}
-    identity = {"options": flat, "data": data, **({"teacher": teacher} if teacher else {})}
+    identity = {"options": flat, "data": data, **({"teacher": teacher} if teacher else {}),
+                **({"models": models} if models else {})}
     return json.loads(json.dumps(identity, default=str))
 
 
@@ -57,6 +59,17 @@ def differences(saved: dict, current: dict) -> list[str]:
                        f"{now.get('dataset')}")
     if saved.get("teacher", {}) != current.get("teacher", {}):
         changed.append(f"teacher signal: {saved.get('teacher', {})} -> {current.get('teacher', {})}")
+    return changed + _rewritten_models(saved.get("models", {}), current.get("models", {}))
+
+
+def _rewritten_models(saved: dict, current: dict) -> list[str]:
+    """Models read from the same path whose weights differ. A changed path is an option difference already, and a
+    role one side does not record (an older checkpoint, an unreadable hub id) cannot be compared."""
+    changed = []
+    for role in sorted(set(saved) & set(current)):
+        then, now = saved[role] or {}, current[role] or {}
+        if then and now and then.get("path") == now.get("path") and then != now:
+            changed.append(f"the {role} {now['path']}: its weights changed since the checkpoint")
     return changed
 
 

@@ -3,6 +3,8 @@ option pass-through, and the QLoRA options' start-up errors."""
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from transformers import TrainerCallback
 
 from conftest import run_flags
 from llmneo import cli
-from llmneo.adapters.lora import add_lora, lora_config
+import llmneo
+from llmneo.adapters.lora import add_lora, lora_config, peft_wrapping
 from llmneo.adapters.moslora import MoSLoraLinear
 from llmneo.adapters.store import export_plain_lora, load_adapter, save_adapter
 from llmneo.artifacts import merge_run
@@ -82,7 +85,8 @@ def test_moslora_forward_is_b_mixer_a_scaled(tokenizer):
 def test_moslora_with_identity_mixer_equals_plain_lora(tokenizer):
     ids = probe_ids(tokenizer)
     moslora = moslora_model(tokenizer)
-    plain = get_peft_model(base_model(tokenizer), LoraConfig(r=RANK, lora_alpha=8, target_modules="all-linear"))
+    with peft_wrapping():
+        plain = get_peft_model(base_model(tokenizer), LoraConfig(r=RANK, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():
         for layer in lora_modules(moslora, MoSLoraLinear):
             layer.lora_mixer["default"].weight.copy_(torch.eye(RANK))
@@ -103,7 +107,8 @@ def test_moslora_merge_save_reload_and_plain_export(tokenizer, tmp_path):
     torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-5, atol=1e-5)
     export_plain_lora(tmp_path / "adapter", tmp_path / "plain")
     assert not any("mixer" in key for key in load_file(tmp_path / "plain" / "adapter_model.safetensors"))
-    stock = PeftModel.from_pretrained(base_model(tokenizer), tmp_path / "plain")  # stock PEFT, nothing registered
+    with peft_wrapping():
+        stock = PeftModel.from_pretrained(base_model(tokenizer), tmp_path / "plain")  # stock PEFT, nothing registered
     torch.testing.assert_close(logits(stock, ids), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -180,7 +185,8 @@ def test_export_lora_command(models_dir, train_file, tmp_path, tokenizer, capsys
     config = parse_config(run_flags(models_dir, train_file, out, adapter="moslora"))
     distill(config)
     assert cli.main(["export-lora", str(out), "--output", str(tmp_path / "plain")]) == 0
-    stock = PeftModel.from_pretrained(load_student(config.model), tmp_path / "plain")
+    with peft_wrapping():
+        stock = PeftModel.from_pretrained(load_student(config.model), tmp_path / "plain")
     ours = load_adapter(load_student(config.model), out / "adapter")
     ids = probe_ids(tokenizer)
     torch.testing.assert_close(logits(stock, ids), logits(ours, ids), rtol=1e-5, atol=1e-5)
@@ -235,3 +241,21 @@ def test_teacher_fidelity_kl_is_the_mean_kl_over_answer_tokens(tokenizer):
         p, q = reference(input_ids=ids).logits[:, 4:-1], other(input_ids=ids).logits[:, 4:-1]
     expected = forward_kl(q.reshape(-1, q.shape[-1]), p.reshape(-1, p.shape[-1])).mean().item()
     assert teacher_fidelity_kl(reference, other, batch) == pytest.approx(expected, rel=1e-5)
+
+
+def test_wrapping_prints_no_deprecation_of_ours_and_lets_other_warnings_through(tokenizer, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = add_lora(base_model(tokenizer), AdapterArguments(lora_r=RANK, lora_alpha=8))
+        save_adapter(model, tmp_path / "adapter", AdapterArguments())
+        load_adapter(base_model(tokenizer), tmp_path / "adapter")
+        with peft_wrapping():
+            warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["another FutureWarning"]
+
+
+def test_llmneo_never_reads_the_deprecated_checkpointing_alias():
+    reads = re.compile(r"\.is_gradient_checkpointing\b|getattr\([^)]*[\"']is_gradient_checkpointing")
+    assert not [path for path in Path(llmneo.__file__).parent.rglob("*.py") if reads.search(path.read_text())]

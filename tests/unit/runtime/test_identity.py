@@ -49,3 +49,24 @@ def test_check_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     with pytest.raises(ConfigError, match=r"cannot resume .*: it belongs to a run with other settings \(alpha: 0.5 -> "
                                           r"0.3\)"):
         check_resume(tmp_path, identity(alpha=0.3))
+
+
+def with_models(**models):
+    return run_identity({"distill": {"alpha": 0.5, "max_steps": 10}}, DATA, None, models)
+
+
+def test_weights_rewritten_at_the_same_path_are_named_by_role_and_path():
+    teacher = {"path": "/models/t", "sha256": "1"}
+    assert differences(with_models(teacher=teacher), with_models(teacher=dict(teacher))) == []
+    assert differences(with_models(teacher=teacher, student={"path": "/s", "sha256": "2"}),
+                       with_models(teacher={**teacher, "sha256": "3"}, student={"path": "/s", "sha256": "4"})) == [
+        "the student /s: its weights changed since the checkpoint",
+        "the teacher /models/t: its weights changed since the checkpoint"]
+
+
+def test_models_that_cannot_be_compared_are_not_called_changed():
+    teacher = {"path": "/models/t", "sha256": "1"}
+    assert differences(identity(), with_models(teacher=teacher)) == []  # a checkpoint of an older llm-neo
+    assert differences(with_models(teacher=teacher), with_models(teacher=None)) == []  # unreadable now
+    # another path: the teacher_model option names it already
+    assert differences(with_models(teacher=teacher), with_models(teacher={"path": "/other", "sha256": "1"})) == []
