@@ -396,11 +396,18 @@ def collect_final_metrics(trainer, result, report: DataReport, has_held_out: boo
     return final_metrics
 
 
+def gathered_state_dict(trainer) -> dict:
+    """The full weights of a sharded model, gathered by every process. On CPU processes accelerate's FSDP2 gather
+    hands back the shards (DTensors) still: those are gathered here."""
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    return {name: value.full_tensor() if hasattr(value, "full_tensor") else value for name, value in state_dict.items()}
+
+
 def write_artifacts(trainer, config, tokenizer, outcome: RunOutcome, initial_adapter, base: dict | None = None) -> Path:
     """The final adapter or weights, the model card and the run report (main process only); the weights' folder."""
     run_dir = Path(config.training.output_dir)
     # Sharded weights (FSDP2, ZeRO-3) are gathered by every process together, before the others leave.
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.parameters_sharded() else None
+    state_dict = gathered_state_dict(trainer) if trainer.parameters_sharded() else None
     if not trainer.is_world_process_zero():
         return run_dir
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from conftest import checkout_env, run_flags
 
 DDP_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "ddp.yaml"
+FSDP2_CONFIG = DDP_CONFIG.with_name("fsdp2.yaml")
 SGD = {"optim": "sgd", "warmup_steps": 0, "lr_scheduler_type": "constant"}
 
 
@@ -24,11 +25,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(args: list[str], processes: int, cpu: bool = True) -> subprocess.CompletedProcess:
+def launch(args: list[str], processes: int, cpu: bool = True, config: Path = DDP_CONFIG) -> subprocess.CompletedProcess:
     env = checkout_env(OMP_NUM_THREADS="1")
     if cpu:
         env["ACCELERATE_USE_CPU"] = "true"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port",
                str(free_port()), "-m", "llmneo", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -57,6 +58,37 @@ def test_two_processes_equal_one_with_doubled_accumulation(models_dir, train_fil
     assert adapters[0].keys() == adapters[1].keys()
     for name, weight in adapters[1].items():
         torch.testing.assert_close(adapters[0][name], weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_two_fsdp2_processes_equal_one_process(models_dir, train_file, tmp_path):
+    """The student and the teacher each sharded over two CPU processes (gloo) train as one unsharded process with
+    doubled accumulation, and the saved adapter loads and merges."""
+    two = launch(["distill", *run_flags(models_dir, train_file, tmp_path / "two", per_device_train_batch_size=2,
+                                        gradient_accumulation_steps=2, **SGD)], processes=2, config=FSDP2_CONFIG)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "sharding the teacher with FSDP2 for inference" in two.stderr
+    one = launch(["distill", *run_flags(models_dir, train_file, tmp_path / "one", per_device_train_batch_size=2,
+                                        gradient_accumulation_steps=4, **SGD)], processes=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_lines, one_lines = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert len(two_lines) == len(one_lines) == 4
+    for two_line, one_line in zip(two_lines, one_lines, strict=True):
+        for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+            if key in one_line:
+                assert two_line[key] == pytest.approx(one_line[key], rel=1e-5), key
+    adapters = [load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("two", "one")]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, weight in adapters[1].items():
+        torch.testing.assert_close(adapters[0][name], weight, rtol=0, atol=1e-6)
+    merged = {}
+    for run in ("two", "one"):
+        result = subprocess.run([sys.executable, "-m", "llmneo", "merge", str(tmp_path / run), "--output",
+                                 str(tmp_path / f"merged-{run}")], env=checkout_env(), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        merged[run] = load_file(tmp_path / f"merged-{run}" / "model.safetensors")
+    for name, weight in merged["one"].items():
+        torch.testing.assert_close(merged["two"][name], weight, rtol=0, atol=1e-6)
 
 
 @pytest.mark.e2e

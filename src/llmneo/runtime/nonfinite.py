@@ -41,8 +41,13 @@ class NonFiniteGuard:
         return guarded
 
     def _step_is_finite(self, model, device) -> bool:
-        grads = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
-        finite = bool(torch.stack([torch.as_tensor(self._finite, device=device), *grads]).all())
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        sharded = any(hasattr(grad, "to_local") for grad in grads)  # FSDP2: each process holds a shard
+        checks = [torch.isfinite(grad.to_local() if hasattr(grad, "to_local") else grad).all() for grad in grads]
+        finite = torch.stack([torch.as_tensor(self._finite, device=device), *checks]).all().to(torch.int32)
+        if sharded and torch.distributed.is_initialized():  # a NaN in one shard must stop every process's step
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        finite = bool(finite)
         self._rows_of_step = torch.cat(self._rows).tolist() if self._rows else []
         self._finite, self._rows = True, []
         return finite

@@ -9,7 +9,9 @@ when transformers stops providing one of them (pyproject.toml bounds transformer
 - ``_tr_loss`` / ``_total_loss_scalar``: the step losses summed so far, so that a resumed run's ``train_loss``
   covers the whole run;
 - ``_train_batch_size``: the Trainer sizes its dataloader from it when the micro-batch changes;
-- ``_loss_shifts_labels``: whether ``num_items_in_batch`` counts labels after the causal shift.
+- ``_loss_shifts_labels``: whether ``num_items_in_batch`` counts labels after the causal shift;
+- ``create_accelerator_and_postprocess`` / ``is_fsdp_enabled``: FSDP2 across CPU processes, which accelerate does
+  not turn on by itself (runtime/processes.py: ``shard_cpu_processes``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ from pathlib import Path
 
 from transformers import Trainer
 
+from ..runtime.processes import shard_cpu_processes
+
 
 class TrainerHooks(Trainer):
     """The private Trainer hooks, each behind a public method or a documented override."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if shard_cpu_processes(self.accelerator):
+            self.is_fsdp_enabled = True
 
     def _run_epoch(self, *args, **kwargs):
         # The Trainer would run one more step when resumed at a checkpoint of its last step.

@@ -50,3 +50,17 @@ def test_every_trainer_reaches_the_private_state_through_the_hooks():
         assert issubclass(trainer, DistillationTrainer) and issubclass(trainer, TrainerHooks)
         overridden = {name for klass in trainer.__mro__[:trainer.__mro__.index(TrainerHooks)] for name in vars(klass)}
         assert not overridden & {"_run_epoch", "_save_checkpoint"}, trainer
+
+
+def test_fsdp_is_read_from_the_accelerator_right_after_it_is_created():
+    # shard_cpu_processes turns FSDP on after super().create_accelerator_and_postprocess(): it must set the same flag
+    assert "self.is_fsdp_enabled = " in inspect.getsource(Trainer.create_accelerator_and_postprocess)
+    assert "create_accelerator_and_postprocess" in vars(TrainerHooks)
+
+
+@pytest.mark.parametrize(("value", "logged"), [(0.0159534567, 0.01595346), (123456.789, 123456.8), (1.5e-9, 1.5e-9)])
+def test_logged_figures_keep_seven_significant_digits(value, logged):
+    from llmneo.training.base import significant
+
+    assert significant(value) == logged
+    assert significant(float("nan")) != significant(float("nan"))  # NaN stays NaN
