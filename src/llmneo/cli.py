@@ -57,11 +57,13 @@ def cmd_cache_teacher(argv: list[str]) -> int:
                         help="Dataset rows per shard (the unit of resumption).")
     parser.add_argument("--cache_batch_size", type=int, default=defaults.batch_size,
                         help="Rows per teacher forward pass.")
+    parser.add_argument("--teacher_server_concurrency", type=int, default=8,
+                        help="With --teacher_server: rows requested from the server at once.")
     args, rest = parser.parse_known_args(argv)
     config = parse_config(rest)
     settings = CaptureSettings(top_k=args.top_k, cache_dtype=args.cache_dtype, shard_rows=args.shard_rows,
                                batch_size=args.cache_batch_size, chunk_rows=config.training.kd_chunk_size)
-    manifest = cache_teacher(config, args.cache_dir, settings)
+    manifest = cache_teacher(config, args.cache_dir, settings, args.teacher_server_concurrency)
     answer_tokens, aligned = manifest["fingerprint"]["data"]["answer_tokens"], manifest["fingerprint"].get("cross_tokenizer")
     rows = (f"{aligned['aligned_rows']} aligned boundaries ({aligned['aligned_rows'] / max(answer_tokens, 1):.1%} of "
             f"{answer_tokens} answer tokens)" if aligned else f"{answer_tokens} answer tokens")

@@ -116,8 +116,20 @@ class DistillArguments:
     teacher_cache: str | None = _help(
         "Read the teacher's top-k distributions from this `llm-neo cache-teacher` directory instead of running the teacher."
     )
+    teacher_server: str | None = _help(
+        "Distil from a teacher served by vLLM (or another OpenAI-compatible server with prompt_logprobs) at this base "
+        "URL, e.g. http://127.0.0.1:8000/v1: its top-k per answer token are fetched per batch (docs/served-teacher.md).")
+    teacher_server_model: str | None = _help("With --teacher_server: the served model name; default the server's only model.")
+    teacher_server_api_key_env: str | None = _help(
+        "With --teacher_server: the environment variable holding the server's API key (sent as a bearer token).")
+    teacher_server_timeout: float = _help("With --teacher_server: seconds to wait for one answer before trying again.", 120.0)
+    teacher_server_retries: int = _help(
+        "With --teacher_server: further tries of a request that failed (backoff 1, 2, 4... s); then the run saves "
+        "its last step and stops with the resume command.", 4)
+    teacher_top_k: int = _help(
+        "With --teacher_server: teacher tokens per answer position (at most the server's --max-logprobs).", 64)
     cache_tail: Literal["bucket", "renormalize"] = _help(
-        "With --teacher_cache: bucket compares the top-k tokens plus one bucket for the rest of the vocabulary; "
+        "With --teacher_cache or --teacher_server: bucket compares the top-k tokens plus one bucket for the rest of the vocabulary; "
         "renormalize compares the top-k tokens only, renormalised.",
         "bucket",
     )
@@ -306,16 +318,37 @@ def validate(config: RunConfig) -> None:
         checks.append((False, f"a quantized student (--student_quantization {config.model.student_quantization}) trains "
                               f"only through an adapter: use method lora or neo, not {config.training.method}"))
     if preset.uses_teacher:
-        checks.append((config.model.teacher_model is not None or config.training.teacher_cache is not None,
-                       f"method {config.training.method} needs teacher_model (or a teacher_cache)"))
+        checks.append((config.model.teacher_model is not None or config.training.teacher_cache is not None
+                       or config.training.teacher_server is not None,
+                       f"method {config.training.method} needs teacher_model (or a teacher_cache or teacher_server)"))
     if config.training.teacher_cache is not None:
         checks.append((preset.uses_teacher, f"teacher_cache is for the kd and neo methods, not {config.training.method}"))
         checks.append((config.training.loss_impl != "liger", "loss_impl liger needs the teacher's hidden states, "
                                                               "not a teacher_cache: use fused or naive"))
-    checks += _classification_checks(config) + _cross_tokenizer_checks(config)
+    checks += _classification_checks(config) + _cross_tokenizer_checks(config) + _served_teacher_checks(config)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _served_teacher_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """--teacher_server is the run's one teacher, read on the student's own tokens as top-k rows."""
+    training = config.training
+    if training.teacher_server is None:
+        return []
+    return [(METHODS[training.method].uses_teacher, f"teacher_server is for the kd and neo methods, not {training.method}"),
+            (config.model.teacher_model is None and training.teacher_cache is None,
+             "give one teacher: teacher_server, teacher_model or teacher_cache"),
+            (training.cross_tokenizer is None, "a served teacher must share the student's tokenizer: distil across "
+                                               "tokenizers with a local --teacher_model and --cross_tokenizer"),
+            (config.data.task == "causal_lm", "teacher_server is for --task causal_lm"),
+            (training.loss_impl != "liger", "loss_impl liger needs the teacher's hidden states, not a teacher_server: "
+                                            "use fused or naive"),
+            (training.teacher_top_k >= 1, f"teacher_top_k must be >= 1, got {training.teacher_top_k}"),
+            (training.teacher_server_timeout > 0, f"teacher_server_timeout must be > 0, got {training.teacher_server_timeout}"),
+            (training.teacher_server_retries >= 0, f"teacher_server_retries must be >= 0, got {training.teacher_server_retries}"),
+            (training.dataloader_num_workers == 0, "teacher_server fetches the next batches' teacher rows from the "
+                                                   "training process: leave dataloader_num_workers at 0")]
 
 
 def _cross_tokenizer_checks(config: RunConfig) -> list[tuple[bool, str]]:

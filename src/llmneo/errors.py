@@ -1,5 +1,9 @@
 """Error types that name what went wrong in the user's own terms (file, row, field, option)."""
 
+from __future__ import annotations
+
+import json
+
 
 class NeoError(Exception):
     """Base class for errors the user can fix; the CLI prints them without a traceback."""
@@ -40,3 +44,21 @@ class TrainingOutOfMemory(NeoError):
 
 class DiskFullError(NeoError):
     """The disk filled up while a run was writing; names the file and the checkpoint to resume from."""
+
+
+class TeacherServerError(NeoError):
+    """The teacher server did not answer, or answered with an error (its own message is kept)."""
+
+    def __init__(self, message: str, *, reason: str | None = None, status: int | None = None, retryable: bool = False):
+        super().__init__(message)
+        self.reason, self.status, self.retryable = reason or message, status, retryable
+
+    @classmethod
+    def from_answer(cls, url: str, status: int, body: bytes) -> TeacherServerError:
+        """An HTTP error answer, with the server's own message when it gives one (OpenAI's error object)."""
+        try:
+            reason = json.loads(body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            reason = body.decode("utf-8", "replace").strip()[:300] or f"HTTP {status}"
+        return cls(f"teacher server {url} answered HTTP {status}: {reason}", reason=reason, status=status,
+                   retryable=status >= 500 or status == 429)

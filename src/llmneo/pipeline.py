@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import shlex
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from .data.vocabulary import build_vocabulary_map
 from .losses.vocab_map import VocabularyMap, load_vocabulary_map
 from .data.loading import DataReport, build_datasets
 from .data.packing import PackingCollator
-from .errors import DiskFullError, NonFiniteError, TrainingOutOfMemory, VocabularyError
+from .errors import DiskFullError, NonFiniteError, TeacherServerError, TrainingOutOfMemory, VocabularyError
 from .evaluation.classification import class_fidelity_kl
 from .evaluation.metrics import teacher_fidelity_kl
 from .methods import METHODS
@@ -46,7 +48,8 @@ from .runtime.run_dir import claim_output_dir, mark_finished, mark_started
 from .teacher.cache import TeacherCache, cached_vocab_size, open_teacher_cache
 from .teacher.loading import load_teacher
 from .teacher.signal import NoTeacher, TeacherSignal
-from .teacher.sources import AlignedCachedTeacher, AlignedOnlineTeacher, CachedTeacher, OnlineTeacher
+from .teacher.server import ServerSettings, TeacherServer
+from .teacher.sources import AlignedCachedTeacher, AlignedOnlineTeacher, CachedTeacher, OnlineTeacher, ServedTeacher
 from .training import ClassifierTrainer, MetricsJsonlCallback, NeoTrainer
 from .runtime.layout import IDENTITY_FILE, METRICS_FILE
 
@@ -99,6 +102,7 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     claim_run_dir(config)
     set_seed(config.training.seed)
     tokenizer = load_student_tokenizer(config.model, config.data.task)
+    served = connect_served_teacher(config, tokenizer)  # before any model loads: the server must answer
     teacher_tokenizer = reading_teacher_tokenizer(config)
     dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer)
     log_data(report, held_out)
@@ -108,7 +112,10 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     cache = open_teacher_cache(config, tokenizer, dataset, data) if config.training.teacher_cache else None
     dataset = dataset.add_column("row_id", list(range(len(dataset))))  # names rows in messages; keys the cache
     student, teacher, kd_vocab_size = load_models(config, tokenizer, head, cache)
-    signal = teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vocab_size, cache)
+    if served is not None:
+        served = ServedTeacher(*served, config.training.teacher_top_k, min(len(tokenizer), output_rows(student)),
+                               dataset)
+    signal = served or teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vocab_size, cache)
     identity = run_identity(resolved_config(config), data, signal.identity(), read_models(config, base, teacher))
     resume = prepare_run_dir(config, identity)
     initial_adapter = save_initial_adapter(student, Path(config.training.output_dir)) if saves_adapter(config) else None
@@ -120,13 +127,29 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head) if quantized_teacher else None
     diagnostics = log_diagnostics(trainer, signal, dataset, report)
     before = measure_before(trainer, config, tokenizer, held_out, resume, signal.teacher_tokenizer)
-    result = train_or_explain(trainer, config, resume)
+    try:
+        result = train_or_explain(trainer, config, resume)
+    finally:
+        signal.close()
     final_metrics = {**collect_final_metrics(trainer, result, report, held_out is not None, fidelity), **diagnostics}
     outcome = RunOutcome(report, final_metrics, *compare_with_before(trainer, tokenizer, before, final_metrics))
     weights_dir = write_artifacts(trainer, config, tokenizer, outcome, initial_adapter, base)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return RunSummary(Path(config.training.output_dir), weights_dir, trainer.state.global_step, final_metrics, report,
                       config, trainable, trainer.items_seen())
+
+
+def connect_served_teacher(config, tokenizer) -> tuple[TeacherServer, dict] | None:
+    """The served teacher (--teacher_server), checked: it answers, serves the student's tokenizer and returns
+    --teacher_top_k log-probabilities; with its fingerprint."""
+    if config.training.teacher_server is None:
+        return None
+    server = TeacherServer(ServerSettings.from_config(config.training)).connect(tokenizer)
+    fingerprint = server.fingerprint(tokenizer)
+    server.check_top_k(config.training.teacher_top_k, "--teacher_top_k")
+    logger.info("teacher server %s: %s, top-%d per answer token; the teacher is not loaded",
+                config.training.teacher_server, server.model, config.training.teacher_top_k)
+    return server, fingerprint
 
 
 def reading_teacher_tokenizer(config):
@@ -225,7 +248,7 @@ def load_models(config, tokenizer, head: ClassHead | None = None, cache: Teacher
     teacher, kd_vocab_size = None, None
     if cache is not None:  # across tokenizers the vocabulary map, not a shared size, relates the two
         kd_vocab_size = None if cache.across_tokenizers else cached_vocab_size(cache, output_rows(student))
-    elif preset.uses_teacher and config.training.teacher_cache is None:
+    elif preset.uses_teacher and config.training.teacher_cache is None and config.training.teacher_server is None:
         teacher = load_teacher(config.model, head=head)
         if not config.training.cross_tokenizer:
             teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
@@ -342,6 +365,9 @@ def train_or_explain(trainer, config, resume):
     except NonFiniteError as error:
         saved = _save_last_good_step(trainer)
         raise NonFiniteError(f"{error}. {saved}") from None
+    except TeacherServerError as error:
+        saved = _save_last_good_step(trainer, resume_hint=False)
+        raise TeacherServerError(f"{error}. {saved} {resume_command(config)}") from None
     except torch.OutOfMemoryError:
         saved = _save_last_good_step(trainer)
         args = config.training
@@ -355,15 +381,27 @@ def train_or_explain(trainer, config, resume):
         ) from None
 
 
-def _save_last_good_step(trainer) -> str:
+def _save_last_good_step(trainer, resume_hint: bool = True) -> str:
     if trainer.state.global_step == 0:
         return "No step had finished, so nothing was saved."
     try:
         trainer.save_checkpoint_now()
     except Exception as error:  # saving is best effort here: the original failure is what matters
         return f"Saving a checkpoint failed too ({type(error).__name__}: {error})."
-    return (f"The last good step was saved as checkpoint-{trainer.state.global_step} "
-            "(resume with --resume_from_checkpoint latest).")
+    hint = " (resume with --resume_from_checkpoint latest)" if resume_hint else ""
+    return f"The last good step was saved as checkpoint-{trainer.state.global_step}{hint}."
+
+
+def resume_command(config) -> str:
+    """How to continue the run: the command line it was started with (when started from the CLI), resuming."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if not skip and not arg.startswith("--resume_from_checkpoint"):
+            args.append(arg)
+        skip = arg == "--resume_from_checkpoint"  # its value follows it
+    if Path(sys.argv[0]).name == "llm-neo" and args[:1] == ["distill"]:
+        return "Resume with: llm-neo " + shlex.join([*args, "--resume_from_checkpoint", "latest"])
+    return f"Resume with the same options and --resume_from_checkpoint latest (run {config.training.output_dir})."
 
 
 def final_evaluation(trainer) -> dict:

@@ -23,6 +23,9 @@ RESUMABLE_OPTIONS = frozenset({
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_safetensors",
     "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
     "nonfinite_policy", "max_bad_steps", "kd_chunk_size", "auto_micro_batch_budget_gib",
+    # where and how patiently the served teacher is reached: which model it serves is its fingerprint's part
+    "teacher_server", "teacher_server_model", "teacher_server_api_key_env", "teacher_server_timeout",
+    "teacher_server_retries",
 })
 # Options that may grow on resume (train for longer), never shrink.
 EXTENDABLE_OPTIONS = ("max_steps", "num_train_epochs")
@@ -57,9 +60,27 @@ def differences(saved: dict, current: dict) -> list[str]:
         changed.append(f"training data: {then.get('rows')} rows / {then.get('answer_tokens')} answer tokens of "
                        f"{then.get('dataset')} -> {now.get('rows')} rows / {now.get('answer_tokens')} answer tokens of "
                        f"{now.get('dataset')}")
-    if saved.get("teacher", {}) != current.get("teacher", {}):
-        changed.append(f"teacher signal: {saved.get('teacher', {})} -> {current.get('teacher', {})}")
+    if not same_teacher(saved.get("teacher", {}), current.get("teacher", {})):
+        changed.append(_teacher_change(saved.get("teacher", {}), current.get("teacher", {})))
     return changed + _rewritten_models(saved.get("models", {}), current.get("models", {}))
+
+
+def same_teacher(saved: dict, current: dict) -> bool:
+    """A served teacher's fingerprint is compared within the server's numerical noise; anything else exactly."""
+    saved, current = saved or {}, current or {}
+    if "served_teacher" in saved and "served_teacher" in current:
+        from ..teacher.server import same_probe
+
+        return same_probe(saved["served_teacher"], current["served_teacher"])
+    return saved == current
+
+
+def _teacher_change(saved: dict, current: dict) -> str:
+    if "served_teacher" in saved and "served_teacher" in current:
+        then, now = saved["served_teacher"]["server_model"], current["served_teacher"]["server_model"]
+        return (f"the served teacher {now!r}: its log-probabilities of the probe differ (another model, or other "
+                "weights)" if then == now else f"the served teacher: {then!r} -> {now!r}")
+    return f"teacher signal: {saved} -> {current}"
 
 
 def _rewritten_models(saved: dict, current: dict) -> list[str]:

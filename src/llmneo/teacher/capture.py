@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from contextlib import nullcontext
 import math
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from functools import partial
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,12 +34,14 @@ from ..models.loading import check_quantization, load_reading_tokenizer, load_st
 from ..models.vocabulary_check import check_vocabularies
 from ..models.identity import model_identity
 from ..runtime.atomic import write_atomically
+from ..runtime.identity import same_teacher
 from ..runtime.lock import DirectoryLock
 from ..runtime.nonfinite import check_finite_rows
 from ..runtime.processes import check_processes
 from .cache import (CACHE_DTYPES, FORMAT_VERSION, aligned_fingerprint, merge_parts, read_manifest, remove_parts,
                     run_fingerprint, sha256_file, shard_name, write_manifest, write_part)
 from .loading import load_teacher
+from .server import ServerSettings, TeacherServer
 from .online import answer_logit_chunks, rows_at
 
 logger = logging.getLogger(__name__)
@@ -52,16 +56,22 @@ class CaptureSettings:
     chunk_rows: int = 1024  # answer positions per logits chunk (bounds the V-wide buffers): the run's --kd_chunk_size
 
 
-def cache_teacher(config, cache_dir: str | Path, settings: CaptureSettings) -> dict:
+def cache_teacher(config, cache_dir: str | Path, settings: CaptureSettings, concurrency: int = 8) -> dict:
     """`llm-neo cache-teacher`: the teacher's top-k over the data exactly as `distill` tokenises it; returns the
-    manifest."""
+    manifest. ``concurrency``: requests in flight to a --teacher_server."""
     check_processes(PartialState().num_processes)
     check_quantization(config.model)
     if config.data.task == "classification":
         raise ConfigError("cache-teacher is for --task causal_lm: a classification teacher's few class logits are "
                           "computed online")
     tokenizer = load_student_tokenizer(config.model)
+    if config.training.teacher_server is not None:
+        if concurrency < 1:
+            raise ConfigError(f"--teacher_server_concurrency must be >= 1, got {concurrency}")
+        server = TeacherServer(ServerSettings.from_config(config.training)).connect(tokenizer)
     with DirectoryLock(cache_dir, "llm-neo cache-teacher") if PartialState().is_main_process else nullcontext():
+        if config.training.teacher_server is not None:
+            return capture_served_cache(config, cache_dir, settings, tokenizer, server, concurrency)
         if config.training.cross_tokenizer:
             return capture_aligned_cache(config, cache_dir, settings, tokenizer)
         return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
@@ -77,6 +87,31 @@ def capture_teacher_cache(config, cache_dir: str | Path, settings: CaptureSettin
     fingerprint = {**run_fingerprint(config, tokenizer, dataset),
                    "teacher": model_identity(config.model.teacher_model, teacher.config)}
     return write_cache(cache_dir, teacher, dataset, collator, settings, vocab, fingerprint)
+
+
+def capture_served_cache(config, cache_dir: str | Path, settings: CaptureSettings, tokenizer, server: TeacherServer,
+                         concurrency: int) -> dict:
+    """The cache of a served teacher (--teacher_server): its top-k of every answer token, ``concurrency`` rows in
+    flight, in the format and with the checks of a local capture; the served model's fingerprint is its teacher."""
+    dataset, _, _ = build_datasets(config.data, tokenizer, config.training.seed)
+    teacher = {"served_teacher": server.fingerprint(tokenizer)}
+    server.check_top_k(settings.top_k, "--top_k")
+    vocab = min(len(tokenizer), AutoConfig.from_pretrained(config.model.student_model).vocab_size)
+    fingerprint = {**run_fingerprint(config, tokenizer, dataset), "teacher": teacher}
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="teacher-server") as pool:
+        return write_cache(cache_dir, server, dataset, None, settings, vocab, fingerprint,
+                           partial(_served_capture_rows, pool))
+
+
+def _served_capture_rows(pool, server: TeacherServer, dataset, rows: range, collator, settings: CaptureSettings,
+                         vocab: int, device) -> dict:
+    """The served teacher's top-k of the answer tokens of ``rows``, requested in parallel, kept in row order."""
+    found = list(pool.map(lambda row: server.row_topk({**dataset[row], "row_id": row}, settings.top_k, vocab), rows))
+    id_dtype = torch.uint16 if vocab <= 65536 else torch.int32
+    return {"token_ids": torch.cat([top.token_ids for top in found]).to(id_dtype),
+            "log_probs": torch.cat([top.log_probs for top in found]).to(CACHE_DTYPES[settings.cache_dtype]),
+            "log_tail": torch.cat([top.log_tail for top in found]),
+            "row_offsets": torch.tensor([0, *(len(top) for top in found)], dtype=torch.int64).cumsum(0)}
 
 
 def capture_aligned_cache(config, cache_dir: str | Path, settings: CaptureSettings, tokenizer) -> dict:
@@ -110,14 +145,15 @@ def write_cache(cache_dir: str | Path, teacher, dataset, collator, settings: Cap
         raise ConfigError("top_k, shard_rows and batch_size must be > 0")
     if settings.cache_dtype not in CACHE_DTYPES:
         raise ConfigError(f"unknown cache_dtype '{settings.cache_dtype}'; expected one of {sorted(CACHE_DTYPES)}")
-    stored = {**asdict(settings), "kd_vocab_size": vocab, "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
+    dtype = str(teacher.dtype).removeprefix("torch.") if isinstance(teacher, torch.nn.Module) else "served"
+    stored = {**asdict(settings), "kd_vocab_size": vocab, "teacher_dtype": dtype,
               "id_dtype": "uint16" if vocab <= 65536 else "int32"}
     cache_dir, state = Path(cache_dir), PartialState()
     if state.is_main_process:
         _start_manifest(cache_dir, fingerprint, stored)
     state.wait_for_everyone()
     manifest = read_manifest(cache_dir)
-    if getattr(teacher, "hf_quantizer", None) is None:
+    if isinstance(teacher, torch.nn.Module) and getattr(teacher, "hf_quantizer", None) is None:
         teacher = teacher.to(state.device)
     _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, state,
                     capture_rows or _capture_rows)
@@ -138,7 +174,8 @@ def _start_manifest(cache_dir: Path, fingerprint: dict, stored: dict) -> None:
         return
     for key, (old, new) in {"fingerprint": (manifest["fingerprint"], fingerprint),
                             "settings": (manifest["settings"], stored)}.items():
-        changed = sorted(name for name in {*old, *new} if old.get(name) != new.get(name))
+        changed = sorted(name for name in {*old, *new} if old.get(name) != new.get(name)
+                         and not (name == "teacher" and same_teacher(old.get(name), new.get(name))))
         if changed:
             raise ConfigError(f"{cache_dir} holds a cache captured with other {key} ({', '.join(changed)} differ): "
                               "use another --cache_dir, or delete this one to start over")

@@ -9,6 +9,7 @@ kind it has. A source supplies
 - ``targets(inputs, student)``: one ``TeacherTargets`` for the batch;
 - ``diagnostics``: what it logs before the first step (e.g. coverage across tokenizers);
 - ``evaluate``: the held-out metrics it can compute;
+- ``log_figures`` and ``at_checkpoint``: what it adds to each log line, and checks before a checkpoint counts;
 - ``identity``: what it adds to the run identity, so that a resume against another teacher signal is refused.
 
 The sources live in teacher/sources.py; a new one is one class there (or anywhere: the tests add a toy one).
@@ -56,6 +57,16 @@ class TeacherSignal:
     def scoring_teacher(self) -> torch.nn.Module | None:
         """The model that scores the student's own tokens in evaluation (None: student-only metrics)."""
         return None
+
+    def log_figures(self, steps: int) -> dict:
+        """Figures added to each training log line, over the ``steps`` optimizer steps since the last one."""
+        return {}
+
+    def at_checkpoint(self) -> None:
+        """Checked before a checkpoint is marked complete (e.g. that a served teacher is still the run's)."""
+
+    def close(self) -> None:
+        """Release what the source holds (threads, connections) at the end of the run."""
 
     def identity(self) -> dict:
         """What identifies this signal beyond the run's options (empty: the options say it all)."""

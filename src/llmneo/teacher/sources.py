@@ -6,6 +6,7 @@
 | ``CachedTeacher`` | its top-k cache (teacher/cache.py) | the cached rows of the batch's answer tokens |
 | ``AlignedOnlineTeacher`` | loaded, with its own tokenizer | its rows at the answers' aligned boundaries |
 | ``AlignedCachedTeacher`` | its cache captured across tokenizers | the cached top-k at those boundaries |
+| ``ServedTeacher`` | served by vLLM (teacher/server.py) | its top-k of the batch's answer tokens, fetched ahead |
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ..data.collators import AlignedCollator
 from ..data.packing import forward_inputs, packed_row_index
-from ..errors import DataError
+from ..errors import DataError, TeacherServerError
 from ..evaluation.cross_tokenizer import evaluate_aligned, teacher_mapped_mass
 from ..lm_head import output_head
 from ..losses.contract import answer_mask
@@ -28,6 +32,7 @@ from ..losses.topk import TopKRows
 from ..losses.vocab_map import VocabularyMap
 from .cache import TeacherCache
 from .online import rows_at, teacher_final_hidden, teacher_logits
+from .server import TeacherServer, same_probe
 from .signal import TeacherSignal
 
 logger = logging.getLogger(__name__)
@@ -146,6 +151,88 @@ class AlignedCachedTeacher(TeacherSignal):
 
     def identity(self) -> dict:
         return _cache_identity(self.cache)
+
+
+class ServedTeacher(TeacherSignal):
+    """A teacher served by vLLM on the student's own tokens: the top-k of each answer token, as the cache holds
+    them. The collator asks the server for a batch's rows as soon as the batch is collated (the data loader runs
+    one batch, and the Trainer one optimizer step, ahead), so the requests are answered while the student computes;
+    ``targets`` waits only for what has not arrived (logged as ``teacher_wait_s``)."""
+
+    def __init__(self, server: TeacherServer, fingerprint: dict, top_k: int, kd_vocab_size: int, dataset,
+                 concurrency: int = 8):
+        self.server, self.fingerprint, self.top_k, self.kd_vocab_size = server, fingerprint, top_k, kd_vocab_size
+        self.dataset = dataset  # the training rows by row_id, for a batch that was not fetched ahead (packing)
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="teacher-server")
+        self.pending: dict[int, deque[Future]] = defaultdict(deque)
+        self.waited, self.steps_waited = 0.0, 0
+
+    def collator(self, padded, tokenizer):
+        return _FetchingCollator(padded, self)
+
+    def fetch(self, feature: dict) -> None:
+        """Ask the server for one training row's targets now (a feature of the training data, with its row_id)."""
+        self.pending[int(feature["row_id"])].append(
+            self.pool.submit(self.server.row_topk, feature, self.top_k, self.kd_vocab_size))
+
+    def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
+        row_ids, counts = inputs["row_id"].tolist(), _answer_tokens_per_row(inputs)
+        for row in row_ids:
+            if not self.pending.get(row):  # not fetched ahead
+                self.fetch(self.dataset[row])
+        start = time.perf_counter()
+        try:
+            rows = [self._take(row).result() for row in row_ids]
+        finally:
+            self.waited += time.perf_counter() - start
+        for row, found, count in zip(row_ids, rows, counts, strict=True):
+            if len(found) != count:
+                raise TeacherServerError(f"teacher server {self.server.settings.url} returned {len(found)} answer "
+                                         f"positions for training row {row}, the batch has {count}")
+        return TokenTargets({"teacher_topk": _concatenated(rows).to(inputs["labels"].device)})
+
+    def _take(self, row: int) -> Future:
+        queue = self.pending[row]
+        future = queue.popleft()
+        if not queue:
+            del self.pending[row]
+        return future
+
+    def log_figures(self, steps: int) -> dict:
+        figures = {"teacher_wait_s": round(self.waited / max(steps, 1), 4)}
+        self.waited = 0.0
+        return figures
+
+    def at_checkpoint(self) -> None:
+        """The served model must be the one the run started with: checked before a checkpoint is marked complete."""
+        now = {**self.fingerprint, "probe": self.server.probe_log_probs()}
+        if not same_probe(self.fingerprint, now):
+            raise TeacherServerError(f"teacher server {self.server.settings.url} now serves another model than the "
+                                     f"one this run started with ({self.server.model}: its log-probabilities of the "
+                                     "probe changed); serve the run's teacher again and resume")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def identity(self) -> dict:
+        return {"served_teacher": self.fingerprint, "teacher_top_k": self.top_k}
+
+
+class _FetchingCollator:
+    """The training collator of a served teacher: collates, and asks the server for the batch's rows."""
+
+    def __init__(self, collator, source: ServedTeacher):
+        self.collator, self.source = collator, source
+
+    def __call__(self, features: list[dict]) -> dict:
+        for feature in features:
+            if "row_id" in feature:  # training rows; held-out rows are scored by the student alone
+                self.source.fetch(feature)
+        return self.collator(features)
+
+
+def _concatenated(rows: list[TopKRows]) -> TopKRows:
+    return TopKRows(*(torch.cat([getattr(row, name) for row in rows]) for name in ("token_ids", "log_probs", "log_tail")))
 
 
 def _answer_tokens_per_row(inputs) -> list[int]:

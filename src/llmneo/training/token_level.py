@@ -44,6 +44,15 @@ class NeoTrainer(DistillationTrainer):
         loss = self.record_loss(model, parts, num_items_in_batch, answer_mask(inputs["labels"]).sum())
         return (loss, outputs) if return_outputs else loss
 
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self.model.training:
+            logs.update(self.signal.log_figures(max(self.state.global_step - self._term_last_step, 1)))
+        super().log(logs, *args, **kwargs)
+
+    def after_checkpoint(self, run_dir, save_total_limit) -> None:
+        self.signal.at_checkpoint()  # before the checkpoint counts as complete
+        super().after_checkpoint(run_dir, save_total_limit)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """llm-neo's offline metrics on the held-out rows (perplexity; what the teacher signal adds: top-1 agreement
         and KL to a loaded teacher), logged like the training metrics, in place of the Trainer's loss-only

@@ -1,0 +1,262 @@
+"""A teacher served by an OpenAI-compatible inference server (vLLM): the client, its checks and its fingerprint.
+
+The server scores the student's own token ids: ``/v1/completions`` with the ids as ``prompt``, ``max_tokens: 1``
+and ``prompt_logprobs: k`` returns, for every prompt position after the first, the top-k log-probabilities (at
+T = 1) of the token that follows. Entry t + 1 is the teacher's prediction at position t, the one the KD term
+compares at an answer position t. The rows come back as the offline cache holds them (losses/topk.py): the k ids
+and log-probabilities by rank and the log of the mass outside them, so temperature and the tail bucket are applied
+by the same code.
+
+Before any model loads, ``TeacherServer.connect`` checks what a served teacher can be checked for: that it answers,
+which model it serves, that its tokenizer is the student's (``/tokenize`` of a probe covering the chat template's
+special tokens, and ``/detokenize`` of ids across the vocabulary), and that it returns k log-probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError, TeacherServerError, VocabularyError
+from ..losses.contract import IGNORE_INDEX
+from ..losses.topk import TopKRows
+
+logger = logging.getLogger(__name__)
+
+# A conversation whose rendering covers the chat template's special tokens, and plain text around them.
+PROBE_MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
+                  {"role": "user", "content": "Name three colours of the sea, and why."},
+                  {"role": "assistant", "content": "Blue, green and grey: the sky and the depth decide."}]
+PROBE_TOP_K = 4  # log-probabilities per probe position in the fingerprint
+PROBE_TOLERANCE = 0.05  # largest change of a probe log-probability still read as the same model (batching, bf16)
+
+
+@dataclass
+class ServerSettings:
+    """How to reach the teacher server (distill's --teacher_server* options)."""
+
+    url: str  # the OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+    model: str | None = None  # the served model name; None: the server's only model
+    api_key_env: str | None = None  # the environment variable holding the API key, if the server wants one
+    timeout: float = 120.0  # seconds to wait for one answer
+    retries: int = 4  # further tries of a request that failed to connect, timed out or got a 5xx answer
+    backoff: float = 1.0  # seconds before the first retry, doubled for each next one
+
+    @classmethod
+    def from_config(cls, training) -> ServerSettings:
+        return cls(training.teacher_server, training.teacher_server_model, training.teacher_server_api_key_env,
+                   training.teacher_server_timeout, training.teacher_server_retries)
+
+
+class TeacherServer:
+    """One served teacher model: top-k log-probabilities of token-id sequences, with retries."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.base = settings.url.rstrip("/")
+        self.root = self.base.removesuffix("/v1")  # vLLM serves /tokenize and /detokenize beside /v1
+        self.model = settings.model
+        self.max_top_k: int | None = None
+
+    # ---- checks at start ---------------------------------------------------------------------------------------
+
+    def connect(self, tokenizer) -> TeacherServer:
+        """Check, before any model loads, that the server answers, serves one (or the named) model and has the
+        student's tokenizer. A server that does not answer is named in one line: it is not retried."""
+        try:
+            listed = self._request("GET", f"{self.base}/models", tries=1)
+        except TeacherServerError as error:
+            raise TeacherServerError(f"teacher server {self.settings.url} is not reachable: {error.reason}") from None
+        names = [entry.get("id") for entry in listed.get("data", [])]
+        if self.model is None:
+            if len(names) != 1:
+                raise ConfigError(f"teacher server {self.settings.url} serves {len(names)} models ({', '.join(names)}):"
+                                  " name one with --teacher_server_model")
+            self.model = names[0]
+        elif self.model not in names:
+            raise ConfigError(f"teacher server {self.settings.url} does not serve '{self.model}'; it serves "
+                              f"{', '.join(names)}")
+        self.check_tokenizer(tokenizer)
+        return self
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """The server must read the student's ids as the student does: same ids for the probe text (chat template
+        and its special tokens included) and the same text for ids across the vocabulary."""
+        text = probe_text(tokenizer)
+        ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+        theirs = self._request("POST", f"{self.root}/tokenize",
+                               {"model": self.model, "prompt": text, "add_special_tokens": False})["tokens"]
+        size = len(tokenizer)
+        special = set(tokenizer.all_special_ids)
+        spread = [i for i in [*range(0, size, max(size // 64, 1)), size - 1] if i not in special]
+        if ours == theirs:
+            decoded = self._request("POST", f"{self.root}/detokenize", {"model": self.model, "tokens": spread})
+            if decoded.get("prompt") == tokenizer.decode(spread):
+                return
+        raise VocabularyError(f"teacher server {self.settings.url} ({self.model}) has another tokenizer than the "
+                              f"student's ({len(ours)} vs {len(theirs)} ids for the same probe text, student "
+                              f"vocabulary {size}): a served teacher must share the student's tokenizer; distil "
+                              "across tokenizers with a local --teacher_model and --cross_tokenizer")
+
+    def check_top_k(self, k: int, option: str = "--top_k") -> None:
+        """Refuse a k the server will not return, naming the server's limit and its flag."""
+        try:
+            self.prompt_logprobs(self.probe_ids, k)
+        except TeacherServerError as error:
+            if "max" in error.reason.lower() and "logprobs" in error.reason.lower():
+                limit = _max_allowed(error.reason)
+                raise ConfigError(f"{option} {k} is more than teacher server {self.settings.url} returns"
+                                  f"{f' ({limit})' if limit else ''}: lower {option}, or restart vLLM with "
+                                  f"--max-logprobs {k} or more") from None
+            raise
+        self.max_top_k = k
+
+    # ---- the fingerprint -----------------------------------------------------------------------------------------
+
+    def fingerprint(self, tokenizer) -> dict:
+        """The served model's name and its top log-probabilities over the probe: another model, or other weights
+        under the same name, give another fingerprint."""
+        self.probe_ids = tokenizer(probe_text(tokenizer), add_special_tokens=False)["input_ids"]
+        return {"server_model": self.model, "probe": self.probe_log_probs()}
+
+    def probe_log_probs(self) -> list:
+        positions = self.prompt_logprobs(self.probe_ids, PROBE_TOP_K)
+        return [[[int(token), round(value, 4)] for token, value in zip(*_by_rank(entry, PROBE_TOP_K, f"probe "
+                                                                                    f"position {t}"), strict=True)]
+                for t, entry in enumerate(positions)]
+
+    # ---- scoring -------------------------------------------------------------------------------------------------
+
+    def prompt_logprobs(self, token_ids: list[int], k: int) -> list[dict]:
+        """The server's ``prompt_logprobs`` of ``token_ids``: entry t predicts token t + 1."""
+        answer = self._request("POST", f"{self.base}/completions",
+                               {"model": self.model, "prompt": list(token_ids), "max_tokens": 1, "temperature": 0.0,
+                                "prompt_logprobs": k})
+        try:
+            positions = answer["choices"][0]["prompt_logprobs"][1:]
+        except (KeyError, IndexError, TypeError):
+            raise TeacherServerError(f"teacher server {self.settings.url} answered without prompt_logprobs") from None
+        return positions
+
+    def row_topk(self, feature: dict, k: int, vocab: int) -> TopKRows:
+        """The teacher's top-k at the answer positions of one tokenized training row (``input_ids``, ``labels``,
+        ``row_id``), in position order: the rows the cache holds for it."""
+        labels = feature["labels"]
+        positions = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
+        return self.topk_rows(list(feature["input_ids"]), positions, k, vocab, feature.get("row_id"))
+
+    def topk_rows(self, input_ids: list[int], positions: list[int], k: int, vocab: int, row) -> TopKRows:
+        """The teacher's top-k at ``positions`` of one training row (each predicting the next token), checked:
+        a missing position, a non-finite value or an id outside the shared vocabulary names the row and the
+        position."""
+        if not positions:
+            return _empty_rows(k)
+        entries = self.prompt_logprobs(input_ids[:max(positions) + 2], k)
+        ids, values = [], []
+        for t in positions:
+            where = f"training row {row} at position {t}"
+            entry = entries[t] if t < len(entries) else None
+            if not entry:
+                raise TeacherServerError(f"teacher server {self.settings.url} returned no log-probabilities for {where}")
+            top_ids, top_values = _by_rank(entry, k, where)
+            if max(top_ids) >= vocab:
+                raise TeacherServerError(f"teacher server {self.settings.url} returned token id {max(top_ids)} for "
+                                         f"{where}, outside the student's {vocab} ids")
+            ids.append(top_ids)
+            values.append(top_values)
+        log_probs = torch.tensor(values, dtype=torch.float32)
+        top = torch.tensor(ids, dtype=torch.int64)
+        log_tail = torch.log(-torch.expm1(torch.logsumexp(log_probs, dim=-1).clamp(max=0.0)))
+        return TopKRows(top, log_probs, log_tail)
+
+    # ---- HTTP ------------------------------------------------------------------------------------------------------
+
+    def _request(self, method: str, url: str, payload: dict | None = None, tries: int | None = None) -> dict:
+        """One JSON request; a failed connection, a timeout or a 5xx answer is tried again after a backoff."""
+        tries = self.settings.retries + 1 if tries is None else tries
+        for attempt in range(tries):
+            try:
+                return self._send(method, url, payload)
+            except TeacherServerError as error:
+                if not error.retryable or attempt == tries - 1:
+                    if attempt:
+                        error.reason = f"{error.reason} (after {attempt + 1} tries)"
+                        error.args = (f"teacher server {url}: {error.reason}",)
+                    raise
+                delay = self.settings.backoff * 2 ** attempt
+                logger.warning("teacher server %s: %s; trying again in %.0f s", url, error.reason, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _send(self, method: str, url: str, payload: dict | None) -> dict:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None
+        if self.settings.api_key_env and not key:
+            raise ConfigError(f"--teacher_server_api_key_env {self.settings.api_key_env}: that environment variable "
+                              "is not set")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data = json.dumps(payload).encode() if payload is not None else None
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self.settings.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raise TeacherServerError.from_answer(url, error.code, error.read()) from None
+        except (urllib.error.URLError, OSError) as error:  # refused, reset, timed out
+            reason = getattr(error, "reason", error)
+            raise TeacherServerError(f"teacher server {url}: {reason}", reason=str(reason), retryable=True) from None
+        except json.JSONDecodeError:
+            raise TeacherServerError(f"teacher server {url} answered with something that is not JSON") from None
+
+
+def probe_text(tokenizer) -> str:
+    """The fixed probe: the probe conversation through the student's chat template, or plain text without one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(PROBE_MESSAGES, tokenize=False)
+    return " ".join(message["content"] for message in PROBE_MESSAGES)
+
+
+def same_probe(saved: dict, current: dict) -> bool:
+    """Whether two fingerprints are of one served model: same name, same top ids, log-probabilities within
+    ``PROBE_TOLERANCE`` (a server batches requests, so its numbers move in the last digits)."""
+    if saved.get("server_model") != current.get("server_model") or len(saved["probe"]) != len(current["probe"]):
+        return False
+    for before, after in zip(saved["probe"], current["probe"], strict=True):
+        if [token for token, _ in before] != [token for token, _ in after]:
+            return False
+        if any(abs(a - b) > PROBE_TOLERANCE for (_, a), (_, b) in zip(before, after, strict=True)):
+            return False
+    return True
+
+
+def _by_rank(entry: dict, k: int, where: str) -> tuple[list[int], list[float]]:
+    """The k most likely ids of one position and their log-probabilities, by rank (the entry also holds the
+    actual next token, at whatever rank it has)."""
+    ranked = sorted((int(value["rank"]), int(token), float(value["logprob"])) for token, value in entry.items()
+                    if int(value["rank"]) <= k)
+    if len(ranked) < k:
+        raise TeacherServerError(f"the teacher server returned {len(ranked)} of {k} log-probabilities for {where}")
+    values = [value for _, _, value in ranked[:k]]
+    if not all(math.isfinite(value) for value in values):
+        raise TeacherServerError(f"the teacher server returned a non-finite log-probability for {where}")
+    return [token for _, token, _ in ranked[:k]], values
+
+
+def _empty_rows(k: int) -> TopKRows:
+    return TopKRows(torch.zeros((0, k), dtype=torch.int64), torch.zeros((0, k)), torch.zeros(0))
+
+
+def _max_allowed(message: str) -> str | None:
+    """The server's limit from its error message ('... max allowed: 64' or similar), if it names one."""
+    found = re.search(r"max(?:imum)? allowed:?\s*(\d+)", message)
+    return found.group(1) if found else None
