@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from ..config import NeoTrainingArguments
 from ..losses.contract import LossParts, LossSettings
-from ..runtime.checkpoints import mark_complete_and_rotate
+from ..runtime.checkpoints import checkpoint_step, mark_complete_and_rotate
 from ..runtime.nonfinite import NonFiniteGuard
 from ..teacher.placement import place_teacher
 from .trainer_hooks import TrainerHooks
@@ -92,6 +92,8 @@ class DistillationTrainer(TrainerHooks):
         """The Trainer's train(); after a resume, ``train_loss`` covers every step of the run, not only the resumed
         part (the step losses summed before are read from the checkpoint)."""
         self._loss_sum_before = _read_loss_sum(resume_from_checkpoint)
+        if isinstance(resume_from_checkpoint, (str, Path)):  # the first log after it averages its own steps only
+            self._term_last_step = checkpoint_step(resume_from_checkpoint)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self._loss_sum_before:  # the same condition as the logged summary's (log)
             output = output._replace(training_loss=self._run_train_loss(),

@@ -1,0 +1,71 @@
+"""A real vLLM server (its CPU build, scripts/vllm_cpu_server.sh) for the served-teacher tests and benchmark.
+
+The server runs in its own process group, so that it and its engine processes are killed together; ``kill`` sends
+SIGKILL to the server's own PID, as a crash would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "vllm_cpu_server.sh"
+START_TIMEOUT_S = 900  # the first call makes the venv (a few minutes), then about a minute on 2 busy cores
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class VllmServer:
+    def __init__(self, model: str, port: int | None = None, *args: str, log: Path | None = None):
+        self.model, self.port, self.args = model, port or free_port(), args
+        self.log = log or Path(f"/tmp/llmneo-vllm-{self.port}.log")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> VllmServer:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(["bash", str(SCRIPT), "serve", self.model, str(self.port), *self.args],
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.process.returncode}; its log: {self.log}\n"
+                                   + self.log.read_text(errors="replace")[-3000:])
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=5) as answer:
+                    json.loads(answer.read())
+                return self
+            except OSError:
+                time.sleep(2)
+        self.stop()
+        raise RuntimeError(f"vLLM did not answer within {START_TIMEOUT_S} s; its log: {self.log}")
+
+    def kill(self) -> None:
+        """SIGKILL the server by its PID (a crash), then clear what it leaves behind (its engine processes)."""
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self._kill_group()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self._kill_group()
+            self.process.wait()
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
