@@ -165,3 +165,25 @@ def test_the_options_reference_lists_every_own_option():
 def test_stray_positional_argument_is_rejected():
     with pytest.raises(ConfigError, match=r"unexpected argument\(s\) \['oops'\]"):
         parse_config(["--student_model", "s", "--dataset", "d", "--method", "lora", "oops"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--teacher_model", "t"], "give one teacher: teacher_server, teacher_model or teacher_cache"),
+    (["--teacher_cache", "c"], "give one teacher: teacher_server, teacher_model or teacher_cache"),
+    (["--method", "lora"], "teacher_server is for the kd and neo methods, not lora"),
+    (["--cross_tokenizer", "exact"], "a served teacher must share the student's tokenizer"),
+    (["--loss_impl", "liger"], "loss_impl liger needs the teacher's hidden states, not a teacher_server"),
+    (["--teacher_top_k", "0"], "teacher_top_k must be >= 1, got 0"),
+    (["--teacher_server_retries", "-1"], "teacher_server_retries must be >= 0, got -1"),
+    (["--teacher_server_timeout", "0"], "teacher_server_timeout must be > 0"),
+    (["--dataloader_num_workers", "2"], "leave dataloader_num_workers at 0"),
+])
+def test_served_teacher_options_are_checked(flags, message):
+    base = ["--student_model", "s", "--dataset", "d.jsonl", "--teacher_server", "http://127.0.0.1:1/v1"]
+    with pytest.raises(ConfigError, match=message):
+        parse_config(base + flags)
+
+
+def test_a_served_teacher_is_a_teacher():
+    config = parse_config(["--student_model", "s", "--dataset", "d.jsonl", "--teacher_server", "http://h:1/v1"])
+    assert config.training.teacher_server == "http://h:1/v1" and config.training.teacher_top_k == 64

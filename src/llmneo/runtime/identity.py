@@ -29,6 +29,9 @@ RESUMABLE_OPTIONS = frozenset({
 })
 # Options that may grow on resume (train for longer), never shrink.
 EXTENDABLE_OPTIONS = ("max_steps", "num_train_epochs")
+# Largest change of a served teacher's probe log-probability still read as the same model: a server batches
+# requests (and may compute in bf16), so its numbers move in the last digits; another model moves them by more.
+PROBE_TOLERANCE = 0.05
 
 
 def run_identity(config_sections: dict, data: dict, teacher: dict | None = None, models: dict | None = None) -> dict:
@@ -65,12 +68,23 @@ def differences(saved: dict, current: dict) -> list[str]:
     return changed + _rewritten_models(saved.get("models", {}), current.get("models", {}))
 
 
+def same_probe(saved: dict, current: dict) -> bool:
+    """Whether two fingerprints are of one served model: same name, same top ids, log-probabilities within
+    ``PROBE_TOLERANCE`` (a server batches requests, so its numbers move in the last digits)."""
+    if saved.get("server_model") != current.get("server_model") or len(saved["probe"]) != len(current["probe"]):
+        return False
+    for before, after in zip(saved["probe"], current["probe"], strict=True):
+        if [token for token, _ in before] != [token for token, _ in after]:
+            return False
+        if any(abs(a - b) > PROBE_TOLERANCE for (_, a), (_, b) in zip(before, after, strict=True)):
+            return False
+    return True
+
+
 def same_teacher(saved: dict, current: dict) -> bool:
     """A served teacher's fingerprint is compared within the server's numerical noise; anything else exactly."""
     saved, current = saved or {}, current or {}
     if "served_teacher" in saved and "served_teacher" in current:
-        from ..teacher.server import same_probe
-
         return same_probe(saved["served_teacher"], current["served_teacher"])
     return saved == current
 

@@ -37,7 +37,6 @@ PROBE_MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
                   {"role": "user", "content": "Name three colours of the sea, and why."},
                   {"role": "assistant", "content": "Blue, green and grey: the sky and the depth decide."}]
 PROBE_TOP_K = 4  # log-probabilities per probe position in the fingerprint
-PROBE_TOLERANCE = 0.05  # largest change of a probe log-probability still read as the same model (batching, bf16)
 
 
 @dataclass
@@ -75,6 +74,8 @@ class TeacherServer:
         try:
             listed = self._request("GET", f"{self.base}/models", tries=1)
         except TeacherServerError as error:
+            if error.status is not None:  # it answered, with an error of its own
+                raise
             raise TeacherServerError(f"teacher server {self.settings.url} is not reachable: {error.reason}") from None
         names = [entry.get("id") for entry in listed.get("data", [])]
         if self.model is None:
@@ -189,8 +190,7 @@ class TeacherServer:
             except TeacherServerError as error:
                 if not error.retryable or attempt == tries - 1:
                     if attempt:
-                        error.reason = f"{error.reason} (after {attempt + 1} tries)"
-                        error.args = (f"teacher server {url}: {error.reason}",)
+                        error.args = (f"{error} (after {attempt + 1} tries)",)
                     raise
                 delay = self.settings.backoff * 2 ** attempt
                 logger.warning("teacher server %s: %s; trying again in %.0f s", url, error.reason, delay)
@@ -224,19 +224,6 @@ def probe_text(tokenizer) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(PROBE_MESSAGES, tokenize=False)
     return " ".join(message["content"] for message in PROBE_MESSAGES)
-
-
-def same_probe(saved: dict, current: dict) -> bool:
-    """Whether two fingerprints are of one served model: same name, same top ids, log-probabilities within
-    ``PROBE_TOLERANCE`` (a server batches requests, so its numbers move in the last digits)."""
-    if saved.get("server_model") != current.get("server_model") or len(saved["probe"]) != len(current["probe"]):
-        return False
-    for before, after in zip(saved["probe"], current["probe"], strict=True):
-        if [token for token, _ in before] != [token for token, _ in after]:
-            return False
-        if any(abs(a - b) > PROBE_TOLERANCE for (_, a), (_, b) in zip(before, after, strict=True)):
-            return False
-    return True
 
 
 def _by_rank(entry: dict, k: int, where: str) -> tuple[list[int], list[float]]:

@@ -32,7 +32,8 @@ from ..losses.topk import TopKRows
 from ..losses.vocab_map import VocabularyMap
 from .cache import TeacherCache
 from .online import rows_at, teacher_final_hidden, teacher_logits
-from .server import TeacherServer, same_probe
+from ..runtime.identity import same_probe
+from .server import TeacherServer
 from .signal import TeacherSignal
 
 logger = logging.getLogger(__name__)
