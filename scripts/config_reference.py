@@ -32,7 +32,8 @@ def table() -> str:
 def write_reference(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     start = text.index("| option | default | meaning |")
-    end = text.index("\n\n", start)
+    end = text.find("\n\n", start)
+    end = end if end >= 0 else len(text.rstrip("\n"))  # the table closes the file
     path.write_text(text[:start] + table() + text[end:], encoding="utf-8")
 
 
