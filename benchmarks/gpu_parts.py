@@ -266,6 +266,12 @@ def cache(work: Workspace) -> list[Step]:
                  argv=benchmark("cache_throughput.py", "--preset", "llama"), judge=markdown_table)]
 
 
+def served_teacher(work: Workspace) -> list[Step]:
+    return [Step("served_teacher", "served teacher (vLLM GPU build): capture at 1/4/16 in flight, student step, "
+                 "llama preset", timeout=PART_BUDGET_S, table=True,
+                 argv=benchmark("served_teacher.py", "--preset", "llama", "--vllm_python", PY), judge=markdown_table)]
+
+
 def qlora(work: Workspace) -> list[Step]:
     bnb = ("bitsandbytes",)
     steps = []
@@ -333,5 +339,6 @@ def gpu_tests(work: Workspace) -> list[Step]:
                  argv=[PY, "-m", "pytest", "-m", "gpu", "-rs", "-p", "no:cacheprovider", str(ROOT / "tests")])]
 
 
-PARTS = {"smoke": smoke, "loss_head": loss_head, "throughput": throughput, "cache": cache, "qlora": qlora,
+PARTS = {"smoke": smoke, "loss_head": loss_head, "throughput": throughput, "cache": cache,
+         "served_teacher": served_teacher, "qlora": qlora,
          "recipe": recipe, "zero": zero, "fsdp": fsdp, "pytest": gpu_tests}

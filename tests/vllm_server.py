@@ -26,8 +26,11 @@ def free_port() -> int:
 
 
 class VllmServer:
-    def __init__(self, model: str, port: int | None = None, *args: str, log: Path | None = None):
-        self.model, self.port, self.args = model, port or free_port(), args
+    """``python``: an interpreter with vLLM installed (its GPU build), started directly; default the CPU script."""
+
+    def __init__(self, model: str, port: int | None = None, *args: str, log: Path | None = None,
+                 python: str | None = None):
+        self.model, self.port, self.args, self.python = model, port or free_port(), args, python
         self.log = log or Path(f"/tmp/llmneo-vllm-{self.port}.log")
         self.process: subprocess.Popen | None = None
 
@@ -37,7 +40,7 @@ class VllmServer:
 
     def start(self) -> VllmServer:
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(["bash", str(SCRIPT), "serve", self.model, str(self.port), *self.args],
+            self.process = subprocess.Popen(self._command(),
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -52,6 +55,12 @@ class VllmServer:
                 time.sleep(2)
         self.stop()
         raise RuntimeError(f"vLLM did not answer within {START_TIMEOUT_S} s; its log: {self.log}")
+
+    def _command(self) -> list[str]:
+        if self.python is None:
+            return ["bash", str(SCRIPT), "serve", self.model, str(self.port), *self.args]
+        return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--served-model-name",
+                "teacher", "--host", "127.0.0.1", "--port", str(self.port), "--max-logprobs", "64", *self.args]
 
     def kill(self) -> None:
         """SIGKILL the server by its PID (a crash), then clear what it leaves behind (its engine processes)."""

@@ -98,6 +98,12 @@ def capture_served_cache(config, cache_dir: str | Path, settings: CaptureSetting
     server.check_top_k(settings.top_k, "--top_k")
     vocab = min(len(tokenizer), AutoConfig.from_pretrained(config.model.student_model).vocab_size)
     fingerprint = {**run_fingerprint(config, tokenizer, dataset), "teacher": teacher}
+    return write_served_cache(cache_dir, server, dataset, settings, vocab, fingerprint, concurrency)
+
+
+def write_served_cache(cache_dir: str | Path, server: TeacherServer, dataset, settings: CaptureSettings, vocab: int,
+                       fingerprint: dict, concurrency: int) -> dict:
+    """``write_cache`` with a served teacher: ``concurrency`` rows of ``dataset`` in flight."""
     with ThreadPoolExecutor(concurrency, thread_name_prefix="teacher-server") as pool:
         return write_cache(cache_dir, server, dataset, None, settings, vocab, fingerprint,
                            partial(_served_capture_rows, pool))
