@@ -149,6 +149,15 @@ class DistillArguments:
         "Memory budget of --auto_micro_batch; default 90%% of the GPU, or of the available memory on CPU.")
     kd_chunk_size: int = _help("Answer tokens per chunk when computing the loss (bounds the fp32 logits memory).", 1024)
     min_lr_ratio: float = _help("Floor of the cosine schedule as a fraction of the peak learning rate (0: decay to 0).", 0.0)
+    on_policy_fraction: float = _help(
+        "Share of optimizer steps trained on the student's own answers to the rows' prompts, scored by the teacher "
+        "(0: none); step k is on-policy iff floor((k+1)L) - floor(kL) = 1.", 0.0)
+    on_policy_loss: Literal["full", "sampled"] = _help(
+        "On-policy steps: full (T^2 * --divergence at every generated token) or sampled (per-token reverse-KL "
+        "estimator log p_s(y) - log p_t(y) on the sampled tokens, score-function gradient, T = 1).", "full")
+    rollout_max_new_tokens: int = _help("On-policy steps: the student's answer stops at this many new tokens.", 128)
+    rollout_temperature: float = _help("On-policy steps: the student's sampling temperature (0: greedy).", 1.0)
+    rollout_top_p: float = _help("On-policy steps: nucleus sampling mass (1: the whole distribution).", 1.0)
 
 
 @dataclass
@@ -325,7 +334,8 @@ def validate(config: RunConfig) -> None:
         checks.append((preset.uses_teacher, f"teacher_cache is for the kd and neo methods, not {config.training.method}"))
         checks.append((config.training.loss_impl != "liger", "loss_impl liger needs the teacher's hidden states, "
                                                               "not a teacher_cache: use fused or naive"))
-    checks += _classification_checks(config) + _cross_tokenizer_checks(config) + _served_teacher_checks(config)
+    checks += (_classification_checks(config) + _cross_tokenizer_checks(config) + _served_teacher_checks(config)
+               + _on_policy_checks(config))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -349,6 +359,31 @@ def _served_teacher_checks(config: RunConfig) -> list[tuple[bool, str]]:
             (training.teacher_server_retries >= 0, f"teacher_server_retries must be >= 0, got {training.teacher_server_retries}"),
             (training.dataloader_num_workers == 0, "teacher_server fetches the next batches' teacher rows from the "
                                                    "training process: leave dataloader_num_workers at 0")]
+
+
+def _on_policy_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """On-policy steps: the student answers the rows' prompts and a teacher that can read new tokens scores them."""
+    training = config.training
+    checks = [(0.0 <= training.on_policy_fraction <= 1.0,
+               f"on_policy_fraction must be in [0, 1], got {training.on_policy_fraction}")]
+    if training.on_policy_fraction == 0.0:
+        return checks
+    unsupported = [("a teacher_cache (it holds the dataset's answers only)", training.teacher_cache is not None),
+                   ("teacher_server (not yet: use a local --teacher_model)", training.teacher_server is not None),
+                   ("cross_tokenizer (not yet)", training.cross_tokenizer is not None),
+                   ("packing", config.data.packing), ("loss_impl liger", training.loss_impl == "liger")]
+    return [*checks,
+            (METHODS[training.method].uses_teacher, f"on_policy_fraction is for the kd and neo methods (a teacher "
+                                                   f"scores the answers), not {training.method}"),
+            (config.data.task == "causal_lm", "on_policy_fraction is for --task causal_lm"),
+            *[(not used, f"on_policy_fraction does not work with {name}") for name, used in unsupported],
+            (training.rollout_max_new_tokens >= 1,
+             f"rollout_max_new_tokens must be >= 1, got {training.rollout_max_new_tokens}"),
+            (training.rollout_temperature >= 0, f"rollout_temperature must be >= 0, got {training.rollout_temperature}"),
+            (0 < training.rollout_top_p <= 1, f"rollout_top_p must be in (0, 1], got {training.rollout_top_p}"),
+            (training.on_policy_loss == "full" or training.temperature == 1.0,
+             f"on_policy_loss sampled is the reverse-KL estimator at T = 1: --temperature {training.temperature} "
+             "is refused with it")]
 
 
 def _cross_tokenizer_checks(config: RunConfig) -> list[tuple[bool, str]]:

@@ -13,39 +13,13 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from conftest import checkout_env, run_flags
+from killer import KILLER
 from llmneo import cli
 from llmneo.config import parse_config
 from llmneo.errors import ConfigError, NonFiniteError, TrainingOutOfMemory
 from llmneo.pipeline import distill
 from llmneo.runtime.resume import resolve_checkpoint
 
-KILLER = """
-import os, signal, sys
-from transformers import Trainer, TrainerCallback
-import llmneo.pipeline as pipeline
-
-mode, when = sys.argv[1], int(sys.argv[2])
-
-class KillAfterStep(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == when:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-save_rng = Trainer._save_rng_state
-
-def die_while_saving(self, output_dir):  # model and optimizer are on disk, the trainer state is not
-    if self.state.global_step == when:
-        os.kill(os.getpid(), signal.SIGKILL)
-    save_rng(self, output_dir)
-
-distill = pipeline.distill
-if mode == "step":
-    pipeline.distill = lambda config, callbacks=(): distill(config, [*callbacks, KillAfterStep()])
-else:
-    Trainer._save_rng_state = die_while_saving
-from llmneo.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
 
 STEPS = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "logging_steps": 1}
 

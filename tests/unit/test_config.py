@@ -187,3 +187,22 @@ def test_served_teacher_options_are_checked(flags, message):
 def test_a_served_teacher_is_a_teacher():
     config = parse_config(["--student_model", "s", "--dataset", "d.jsonl", "--teacher_server", "http://h:1/v1"])
     assert config.training.teacher_server == "http://h:1/v1" and config.training.teacher_top_k == 64
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--on_policy_fraction", "1.5"], r"on_policy_fraction must be in \[0, 1\], got 1.5"),
+    (["--on_policy_fraction", "0.5", "--method", "lora"], "on_policy_fraction is for the kd and neo methods"),
+    (["--on_policy_fraction", "0.5", "--teacher_cache", "c"], "does not work with a teacher_cache"),
+    (["--on_policy_fraction", "0.5", "--packing", "true"], "does not work with packing"),
+    (["--on_policy_fraction", "0.5", "--rollout_max_new_tokens", "0"], "rollout_max_new_tokens must be >= 1, got 0"),
+    (["--on_policy_fraction", "0.5", "--rollout_top_p", "0"], r"rollout_top_p must be in \(0, 1\], got 0"),
+    (["--on_policy_fraction", "0.5", "--rollout_temperature", "-1"], "rollout_temperature must be >= 0"),
+    (["--on_policy_fraction", "0.5", "--on_policy_loss", "sampled", "--temperature", "2"],
+     "on_policy_loss sampled is the reverse-KL estimator at T = 1: --temperature 2.0 is refused"),
+])
+def test_on_policy_options_are_checked(flags, message):
+    base = ["--student_model", "s", "--dataset", "d.jsonl", "--teacher_model", "t"]
+    if "--teacher_cache" in flags:
+        base = base[:-2]
+    with pytest.raises(ConfigError, match=message):
+        parse_config(base + flags)

@@ -19,6 +19,7 @@ import torch
 from .backends import LOSS_FUNCTIONS
 from .contract import LossParts, LossSettings, answer_mask
 from .cross_vocab import ChunkTargets, cross_tokenizer_parts, cross_vocab_kd_sum
+from .sampled import answer_log_probs, sampled_reverse_kl
 from .vocab_map import VocabularyMap
 
 
@@ -77,3 +78,23 @@ class AlignedTargets(TeacherTargets):
                                     settings, student.weight)
         items = num_items if num_items is not None else answer_mask(labels).sum()
         return cross_tokenizer_parts(ce_only, kd_sum, items, settings)
+
+
+@dataclass
+class SampledTargets(TeacherTargets):
+    """On-policy ``sampled`` steps: the teacher's log-probability of each answer token the student sampled, from a
+    ``TokenTargets`` that carries its hidden states and head or its logits (sampled.py)."""
+
+    teacher: TokenTargets
+
+    def loss(self, student: StudentSide, labels, settings: LossSettings, num_items) -> LossParts:
+        ours = answer_log_probs(student.rows, labels, student.weight, settings.chunk_size)
+        found = self.teacher.teacher
+        with torch.no_grad():
+            if "teacher_hidden" in found:
+                theirs = answer_log_probs(found["teacher_hidden"], labels, found["teacher_weight"], settings.chunk_size)
+            elif "teacher_logits" in found:
+                theirs = answer_log_probs(found["teacher_logits"], labels, None, settings.chunk_size)
+            else:
+                raise ValueError("sampled on-policy steps need the teacher's hidden states or logits")
+        return sampled_reverse_kl(ours, theirs, num_items)

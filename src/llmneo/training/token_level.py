@@ -11,6 +11,7 @@ from ..losses.contract import answer_mask
 from ..losses.targets import StudentSide
 from ..teacher.signal import TeacherSignal
 from .base import DistillationTrainer
+from .on_policy import OnPolicy
 
 
 class NeoTrainer(DistillationTrainer):
@@ -30,6 +31,18 @@ class NeoTrainer(DistillationTrainer):
         self.loss_impl = choose_loss_impl(self.args.loss_impl, self.loss_settings.divergence, self.model, self.teacher,
                                           self.loss_settings.kd_vocab_size, self.parameters_sharded())
         self.count_items_over_shifted_labels()
+        positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        self.on_policy = OnPolicy.from_args(self.args, self.processing_class, positions)
+        self._step_on_policy = False
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """An on-policy step's micro-batches are the student's answers to their prompts, counted again."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_on_policy = self.on_policy is not None and self.on_policy.is_step(self.state.global_step)
+        if not self._step_on_policy or not batches:
+            return batches, num_items
+        batches = self.on_policy.batches(self.model, batches, self.state.global_step)
+        return batches, self.count_items(batches, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Evaluation that keeps the logits (prediction_loss_only off) needs the model's own outputs.
@@ -39,14 +52,20 @@ class NeoTrainer(DistillationTrainer):
             outputs = model(**forward_inputs(inputs, model), use_cache=False)
         student = (StudentSide(impl, captured.hidden, output_head(model).weight) if hidden_states
                    else StudentSide(impl, outputs.logits))
-        parts = self.signal.targets(inputs, student).loss(student, inputs["labels"], self.loss_settings,
-                                                          num_items_in_batch)
+        if self._step_on_policy and model.training:
+            parts = self.on_policy.parts(self.signal, inputs, student, self.loss_settings, num_items_in_batch)
+        else:
+            parts = self.signal.targets(inputs, student).loss(student, inputs["labels"], self.loss_settings,
+                                                              num_items_in_batch)
         loss = self.record_loss(model, parts, num_items_in_batch, answer_mask(inputs["labels"]).sum())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self.model.training:
-            logs.update(self.signal.log_figures(max(self.state.global_step - self._term_last_step, 1)))
+            steps = max(self.state.global_step - self._term_last_step, 1)
+            logs.update(self.signal.log_figures(steps))
+            if self.on_policy is not None:
+                logs.update(self.on_policy.figures(steps))
         super().log(logs, *args, **kwargs)
 
     def after_checkpoint(self, run_dir, save_total_limit) -> None:

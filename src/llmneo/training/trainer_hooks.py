@@ -10,6 +10,7 @@ when transformers stops providing one of them (pyproject.toml bounds transformer
   covers the whole run;
 - ``_train_batch_size``: the Trainer sizes its dataloader from it when the micro-batch changes;
 - ``_loss_shifts_labels``: whether ``num_items_in_batch`` counts labels after the causal shift;
+- ``_get_num_items_in_batch``: an optimizer step's items counted again when its batches are replaced (on-policy);
 - ``create_accelerator_and_postprocess`` / ``is_fsdp_enabled``: FSDP2 across CPU processes, which accelerate does
   not turn on by itself (runtime/processes.py: ``shard_cpu_processes``).
 """
@@ -69,6 +70,10 @@ class TrainerHooks(Trainer):
         """Train with ``micro_batch`` rows per device and ``accumulation`` micro-batches per optimizer step."""
         self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps = micro_batch, accumulation
         self._train_batch_size = self.args.train_batch_size  # the Trainer sizes its dataloader from this
+
+    def count_items(self, batches: list[dict], device):
+        """``num_items_in_batch`` of an optimizer step's micro-batches, counted as the Trainer counts them."""
+        return self._get_num_items_in_batch(batches, device)
 
     def count_items_over_shifted_labels(self, shifted: bool = True) -> None:
         """Whether the Trainer counts ``num_items_in_batch`` over ``labels[:, 1:]`` (token level) or all labels

@@ -1,0 +1,80 @@
+"""On-policy steps: which optimizer steps train on the student's own answers, and their loss.
+
+With ``--on_policy_fraction L``, optimizer step k (from 0) is on-policy iff floor((k+1)·L) − floor(k·L) = 1: the
+on-policy steps are spread evenly and deterministically (L = 0.5 alternates, starting off-policy). On such a step
+every micro-batch is replaced by the student's answers to its prompts (rollouts.py) before the step's answer
+tokens are counted, so the loss is normalised by the generated tokens of the whole step, across accumulation and
+ranks. The loss is the KD term alone — there are no labels, the answer is the student's own:
+
+- ``full``: T²·D(teacher ‖ student) with the run's divergence at every generated token, through the run's loss
+  implementation (the fused head: no B·T·V logits);
+- ``sampled``: the per-token reverse-KL estimator on the sampled tokens (losses/sampled.py), T = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+
+from ..losses.contract import LossParts, LossSettings
+from ..losses.targets import SampledTargets, StudentSide, TeacherTargets
+from ..teacher.signal import TeacherSignal
+from .rollouts import Rollouts, RolloutSettings
+
+
+def is_on_policy_step(step: int, fraction: float) -> bool:
+    share = Fraction(fraction).limit_denominator(10**6)  # 0.29 * 100 must be 29 (not 28.999...), 1/3 * 3 one
+    return (share * (step + 1)).__floor__() - (share * step).__floor__() == 1
+
+
+class OnPolicyLoss:
+    """How an on-policy step's loss reads the teacher."""
+
+    def settings(self, settings: LossSettings) -> LossSettings:
+        return dataclasses.replace(settings, alpha=0.0)  # the KD term alone
+
+    def targets(self, signal: TeacherSignal, inputs: dict, student: StudentSide) -> TeacherTargets:
+        return signal.targets(inputs, student)
+
+
+class SampledLoss(OnPolicyLoss):
+    def targets(self, signal: TeacherSignal, inputs: dict, student: StudentSide) -> TeacherTargets:
+        return SampledTargets(signal.targets(inputs, student))
+
+
+LOSSES = {"full": OnPolicyLoss, "sampled": SampledLoss}
+
+
+class OnPolicy:
+    """The run's on-policy schedule, rollouts and loss (``--on_policy_*``, ``--rollout_*``)."""
+
+    def __init__(self, fraction: float, loss: OnPolicyLoss, rollouts: Rollouts):
+        self.fraction, self.loss, self.rollouts = fraction, loss, rollouts
+        self.steps = 0  # on-policy optimizer steps since the last log
+
+    @classmethod
+    def from_args(cls, args, tokenizer, positions: int | None) -> OnPolicy | None:
+        if args.on_policy_fraction == 0:
+            return None
+        return cls(args.on_policy_fraction, LOSSES[args.on_policy_loss](),
+                   Rollouts(RolloutSettings.from_args(args), tokenizer, positions))
+
+    def is_step(self, step: int) -> bool:
+        return is_on_policy_step(step, self.fraction)
+
+    def batches(self, model, batches: list[dict], step: int) -> list[dict]:
+        self.steps += 1
+        return [self.rollouts.batch(model, batch, step) for batch in batches]
+
+    def parts(self, signal: TeacherSignal, inputs: dict, student: StudentSide, settings: LossSettings,
+              num_items) -> LossParts:
+        parts = self.loss.targets(signal, inputs, student).loss(student, inputs["labels"], self.loss.settings(settings),
+                                                                num_items)
+        return LossParts(parts.loss, parts.ce * 0, parts.kd)  # no CE term on the student's own answers
+
+    def figures(self, steps: int) -> dict:
+        """The log line's on-policy figures over ``steps`` optimizer steps; then counting starts again."""
+        figures = {"on_policy": round(self.steps / steps, 4), **self.rollouts.stats.figures()}
+        self.steps = 0
+        self.rollouts.stats = type(self.rollouts.stats)()
+        return figures

@@ -1,0 +1,61 @@
+"""On-policy distillation through `llm-neo distill`: the schedule in the log, the rollout figures, and a run
+SIGKILLed after a checkpoint and resumed equals the uninterrupted run (sampled rollouts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from safetensors.torch import load_file
+
+from conftest import checkout_env, run_flags
+from killer import KILLER
+from llmneo import cli
+
+pytestmark = pytest.mark.e2e
+ON_POLICY = {"on_policy_fraction": 0.5, "rollout_max_new_tokens": 8, "rollout_temperature": 1.0}
+
+
+STEPS = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "logging_steps": 1}
+
+
+def flags(models_dir, train_file, out, **extra):
+    return ["distill", *run_flags(models_dir, train_file, out, **{**STEPS, **extra})]
+
+
+def adapter(run_dir) -> dict:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def logged(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "kd_loss" in json.loads(line)]
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_on_policy_steps_alternate_and_resume_exactly(models_dir, train_file, tmp_path, loss):
+    options = {**ON_POLICY, "on_policy_loss": loss}
+    straight = tmp_path / "straight"
+    assert cli.main(flags(models_dir, train_file, straight, **options)) == 0
+    lines = logged(straight)
+    assert [line["on_policy"] for line in lines] == [0, 1, 0, 1, 0, 1]
+    for line in lines:
+        if line["on_policy"]:  # the KD term alone, on the student's own answers
+            assert line["ce_loss"] == 0 and line["loss"] == pytest.approx(line["kd_loss"], rel=1e-6)
+            assert line["rollout_tokens"] >= 4 and line["rollout_s"] > 0 and 0 <= line["rollout_cut"] <= 1
+        else:
+            assert line["ce_loss"] > 0 and line["rollout_tokens"] == 0
+
+    killed = tmp_path / "killed"
+    result = subprocess.run([sys.executable, "-c", KILLER, "step", "3", *flags(models_dir, train_file, killed,
+                                                                               **options)],
+                            capture_output=True, text=True, env=checkout_env(OMP_NUM_THREADS="1"))
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert cli.main([*flags(models_dir, train_file, killed, **options), "--resume_from_checkpoint", "latest"]) == 0
+    for name, weight in adapter(straight).items():
+        torch.testing.assert_close(adapter(killed)[name], weight, rtol=0, atol=1e-6)
+    assert [line["loss"] for line in logged(killed)] == pytest.approx([line["loss"] for line in lines], rel=1e-6)
