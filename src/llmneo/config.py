@@ -369,7 +369,6 @@ def _on_policy_checks(config: RunConfig) -> list[tuple[bool, str]]:
     if training.on_policy_fraction == 0.0:
         return checks
     unsupported = [("a teacher_cache (it holds the dataset's answers only)", training.teacher_cache is not None),
-                   ("teacher_server (not yet: use a local --teacher_model)", training.teacher_server is not None),
                    ("cross_tokenizer (not yet)", training.cross_tokenizer is not None),
                    ("packing", config.data.packing), ("loss_impl liger", training.loss_impl == "liger")]
     return [*checks,

@@ -153,3 +153,18 @@ def test_server_killed_mid_run_then_resumed_equals_uninterrupted(models_dir, tra
     assert result.returncode == 0, result.stderr
     assert max_difference(adapter(cut), adapter(tmp_path / "whole")) <= 1e-5
     assert losses(cut) == pytest.approx(losses(tmp_path / "whole"), rel=1e-5, abs=1e-7)
+
+
+def test_on_policy_sampled_from_the_server_equals_the_local_teacher(models_dir, train_file, teacher_dir, server,
+                                                                    tmp_path):
+    """On-policy `sampled` steps read the teacher's log-probability of each token the student sampled: from the
+    server (vLLM's own-token entry of prompt_logprobs) as from the local teacher. (Off-policy steps differ by
+    design: the server gives the top-k, the local teacher its whole distribution.)"""
+    on_policy = ["--on_policy_fraction", "1", "--on_policy_loss", "sampled", "--rollout_max_new_tokens", "8",
+                 "--max_steps", "4"]
+    local = run_flags(models_dir, train_file, tmp_path / "local", teacher=teacher_dir)
+    assert cli.main(["distill", *local, *on_policy]) == 0
+    served = served_flags(models_dir, train_file, tmp_path / "served", server.url)
+    assert cli.main(["distill", *served, *on_policy]) == 0
+    assert losses(tmp_path / "served") == pytest.approx(losses(tmp_path / "local"), rel=1e-4, abs=1e-6)
+    assert max_difference(adapter(tmp_path / "served"), adapter(tmp_path / "local")) <= 1e-4

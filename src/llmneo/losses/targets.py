@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import NeoError
 from .backends import LOSS_FUNCTIONS
 from .contract import LossParts, LossSettings, answer_mask
 from .cross_vocab import ChunkTargets, cross_tokenizer_parts, cross_vocab_kd_sum
@@ -62,6 +63,14 @@ class TokenTargets(TeacherTargets):
 
 
 @dataclass
+class ServedTargets(TokenTargets):
+    """A served teacher's top-k rows, with its log-probability of each answer token itself (NaN where the server
+    gave none), for on-policy ``sampled`` steps."""
+
+    token_log_probs: torch.Tensor | None = None
+
+
+@dataclass
 class AlignedTargets(TeacherTargets):
     """The teacher at aligned boundaries: the student's (row, position) of each and the teacher's targets there,
     chunk by chunk (cross_vocab.from_logit_rows or from_topk)."""
@@ -91,7 +100,12 @@ class SampledTargets(TeacherTargets):
         ours = answer_log_probs(student.rows, labels, student.weight, settings.chunk_size)
         found = self.teacher.teacher
         with torch.no_grad():
-            if "teacher_hidden" in found:
+            if getattr(self.teacher, "token_log_probs", None) is not None:
+                theirs = self.teacher.token_log_probs
+                if not torch.isfinite(theirs).all():
+                    raise NeoError("the teacher server gave no log-probability of some sampled tokens (vLLM adds "
+                                   "each prompt token's own): on_policy_loss sampled needs them; use full")
+            elif "teacher_hidden" in found:
                 theirs = answer_log_probs(found["teacher_hidden"], labels, found["teacher_weight"], settings.chunk_size)
             elif "teacher_logits" in found:
                 theirs = answer_log_probs(found["teacher_logits"], labels, None, settings.chunk_size)

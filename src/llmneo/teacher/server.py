@@ -162,13 +162,14 @@ class TeacherServer:
         if not positions:
             return _empty_rows(k)
         entries = self.prompt_logprobs(input_ids[:max(positions) + 2], k)
-        ids, values = [], []
+        ids, values, actual = [], [], []
         for t in positions:
             where = f"training row {row} at position {t}"
             entry = entries[t] if t < len(entries) else None
             if not entry:
                 raise TeacherServerError(f"teacher server {self.settings.url} returned no log-probabilities for {where}")
             top_ids, top_values = _by_rank(entry, k, where)
+            actual.append(_actual_token(entry, input_ids[t + 1]))
             if max(top_ids) >= vocab:
                 raise TeacherServerError(f"teacher server {self.settings.url} returned token id {max(top_ids)} for "
                                          f"{where}, outside the student's {vocab} ids")
@@ -177,7 +178,7 @@ class TeacherServer:
         log_probs = torch.tensor(values, dtype=torch.float32)
         top = torch.tensor(ids, dtype=torch.int64)
         log_tail = torch.log(-torch.expm1(torch.logsumexp(log_probs, dim=-1).clamp(max=0.0)))
-        return TopKRows(top, log_probs, log_tail)
+        return ScoredRows(top, log_probs, log_tail, torch.tensor(actual, dtype=torch.float32))
 
     # ---- HTTP ------------------------------------------------------------------------------------------------------
 
@@ -239,8 +240,22 @@ def _by_rank(entry: dict, k: int, where: str) -> tuple[list[int], list[float]]:
     return [token for _, token, _ in ranked[:k]], values
 
 
-def _empty_rows(k: int) -> TopKRows:
-    return TopKRows(torch.zeros((0, k), dtype=torch.int64), torch.zeros((0, k)), torch.zeros(0))
+def _actual_token(entry: dict, token: int) -> float:
+    """The log-probability of the row's own next token, which vLLM adds to every position's entry (NaN where a
+    server does not: only on-policy ``sampled`` steps read it, and they refuse NaN)."""
+    found = entry.get(str(token))
+    return float(found["logprob"]) if found is not None else math.nan
+
+
+def _empty_rows(k: int) -> ScoredRows:
+    return ScoredRows(torch.zeros((0, k), dtype=torch.int64), torch.zeros((0, k)), torch.zeros(0), torch.zeros(0))
+
+
+@dataclass
+class ScoredRows(TopKRows):
+    """Top-k rows plus the teacher's log-probability of each position's actual next token (on-policy sampled)."""
+
+    token_log_probs: torch.Tensor = None
 
 
 def _max_allowed(message: str) -> str | None:

@@ -27,7 +27,7 @@ from ..evaluation.cross_tokenizer import evaluate_aligned, teacher_mapped_mass
 from ..lm_head import output_head
 from ..losses.contract import answer_mask
 from ..losses.cross_vocab import from_logit_rows, from_topk, logit_rows
-from ..losses.targets import AlignedTargets, StudentSide, TeacherTargets, TokenTargets
+from ..losses.targets import AlignedTargets, ServedTargets, StudentSide, TeacherTargets, TokenTargets
 from ..losses.topk import TopKRows
 from ..losses.vocab_map import VocabularyMap
 from .cache import TeacherCache
@@ -178,6 +178,11 @@ class ServedTeacher(TeacherSignal):
 
     def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         row_ids, counts = inputs["row_id"].tolist(), _answer_tokens_per_row(inputs)
+        if "rollout" in inputs:  # the student's own answers replaced the rows fetched ahead: score these
+            for b, row in enumerate(row_ids):
+                if self.pending.get(row):
+                    self._take(row).cancel()
+                self.fetch(_batch_row(inputs, b, row))
         for row in row_ids:
             if not self.pending.get(row):  # not fetched ahead
                 self.fetch(self.dataset[row])
@@ -190,7 +195,9 @@ class ServedTeacher(TeacherSignal):
             if len(found) != count:
                 raise TeacherServerError(f"teacher server {self.server.settings.url} returned {len(found)} answer "
                                          f"positions for training row {row}, the batch has {count}")
-        return TokenTargets({"teacher_topk": _concatenated(rows).to(inputs["labels"].device)})
+        device = inputs["labels"].device
+        return ServedTargets({"teacher_topk": _concatenated(rows).to(device)},
+                             torch.cat([row.token_log_probs for row in rows]).to(device))
 
     def _take(self, row: int) -> Future:
         queue = self.pending[row]
@@ -230,6 +237,13 @@ class _FetchingCollator:
             if "row_id" in feature:  # training rows; held-out rows are scored by the student alone
                 self.source.fetch(feature)
         return self.collator(features)
+
+
+def _batch_row(inputs: dict, b: int, row: int) -> dict:
+    """Row ``b`` of a padded batch as a feature (its real tokens and labels)."""
+    real = inputs["attention_mask"][b].bool()
+    return {"input_ids": inputs["input_ids"][b][real].tolist(), "labels": inputs["labels"][b][real].tolist(),
+            "row_id": row}
 
 
 def _concatenated(rows: list[TopKRows]) -> TopKRows:

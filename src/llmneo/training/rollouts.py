@@ -20,6 +20,7 @@ from ..data.tokenize import encode_messages
 from ..errors import ConfigError
 from ..losses.contract import IGNORE_INDEX
 
+ROLLOUT = "rollout"  # the key that marks a batch of the student's own answers (no teacher row was fetched ahead)
 _PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
 
 
@@ -162,7 +163,8 @@ class Rollouts:
             ids[b, :len(row)] = torch.tensor(row)
             labels[b, len(prompt):len(row)] = torch.tensor(answer)
             mask[b, :len(row)] = 1
-        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+                 ROLLOUT: torch.ones(len(prompts), dtype=torch.bool, device=device)}
         if "row_id" in inputs:
             batch["row_id"] = inputs["row_id"]
         return batch

@@ -175,3 +175,24 @@ def test_served_source_fetches_ahead_and_checks_the_probe(standin, tokenizer):
     with pytest.raises(TeacherServerError, match="now serves another model than the one this run started with"):
         source.at_checkpoint()
     source.close()
+
+
+def test_rollout_batches_are_scored_as_they_are_not_as_fetched_ahead(standin, tokenizer):
+    """An on-policy batch replaces the rows fetched ahead: the source scores the batch's own tokens, with the
+    teacher's log-probability of each answer token itself (what `sampled` steps read)."""
+    server = connected(standin, tokenizer)
+    row = feature(tokenizer, 0)
+    source = ServedTeacher(server, server.fingerprint(tokenizer), 4, len(tokenizer), dataset=[row])
+    source.collator(lambda features: {}, tokenizer)([row])  # fetched ahead, as at collate time
+    answer = tokenizer("a green wave", add_special_tokens=False)["input_ids"]
+    ids = row["input_ids"][:3] + answer
+    batch = {"input_ids": torch.tensor([ids + [0]]), "attention_mask": torch.tensor([[1] * len(ids) + [0]]),
+             "labels": torch.tensor([[IGNORE_INDEX] * 3 + answer + [IGNORE_INDEX]]), "row_id": torch.tensor([0]),
+             "rollout": torch.tensor([True])}
+    targets = source.targets(batch, student=None)
+    assert not source.pending
+    top, values = standin.expected(ids[2:-1], 4)
+    assert torch.equal(targets.teacher["teacher_topk"].token_ids, top)
+    own = torch.tensor([float(standin.table[ids[t], ids[t + 1]]) for t in range(2, len(ids) - 1)])
+    torch.testing.assert_close(targets.token_log_probs, own)
+    source.close()
