@@ -32,3 +32,10 @@ def bootstrap_intervals(row_sums: dict[str, np.ndarray], row_tokens: np.ndarray,
             low, high = math.exp(low), math.exp(high)
         intervals[f"{METRIC_OF_SUM[name]}_ci_low"], intervals[f"{METRIC_OF_SUM[name]}_ci_high"] = float(low), float(high)
     return intervals
+
+
+def percentile_interval(name: str, values: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    """``{name}_ci_low`` / ``{name}_ci_high``: the percentile interval of resampled ``values``."""
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return {f"{name}_ci_low": float(low), f"{name}_ci_high": float(high)}

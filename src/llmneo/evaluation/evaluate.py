@@ -26,6 +26,7 @@ from .classification import evaluate_classifier
 from .cross_tokenizer import evaluate_aligned
 from .harness import run_lm_eval
 from .metrics import HeldOutOptions, evaluate_against_teacher
+from .on_policy import OnPolicyEvalOptions, evaluate_on_policy
 from ..runtime.layout import EVAL_FILE, open_target
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class EvalRequest:
     batch_size: int = 8
     skip_bad_rows: bool = False  # skip (and count) --dataset rows that cannot be used, as `distill` does
     bootstrap: int = 1000  # resamples of the held-out rows for 95% intervals (0: none); language models only
+    on_policy: bool = False  # also the student's own answers scored by the teacher (evaluation/on_policy.py)
+    on_policy_max_new_tokens: int = 128  # with on_policy: the answers' token budget
 
 
 def _load_target(request: EvalRequest):
@@ -142,6 +145,11 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
             aligned = AlignedCollator(collator, tokenizer.padding_side, teacher_tokenizer.pad_token_id)
             results["held_out"].update(evaluate_aligned(model, teacher, held_out, aligned, vocab_map,
                                                         request.batch_size))
+        if request.on_policy:
+            results["on_policy"] = _on_policy(request, model, teacher, tokenizer, teacher_tokenizer, held_out, config)
+    elif request.on_policy:
+        raise ConfigError(f"--on_policy answers held-out prompts: {request.target} has none (give --dataset, or a run "
+                          "with --eval_split / --eval_ratio)")
     if request.tasks:
         if _task(config) == "classification":
             raise ConfigError("lm-eval tasks score language models; a classifier is evaluated on held-out rows")
@@ -157,9 +165,19 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
     return results
 
 
+def _on_policy(request: EvalRequest, model, teacher, tokenizer, teacher_tokenizer, held_out, config) -> dict:
+    if _task(config) == "classification" or teacher is None or teacher_tokenizer is not None:
+        raise ConfigError("--on_policy needs a language model and a teacher with its tokenizer (--teacher_model, or "
+                          "the run's)")
+    options = OnPolicyEvalOptions(max_new_tokens=request.on_policy_max_new_tokens, bootstrap=request.bootstrap)
+    return evaluate_on_policy(model, teacher, tokenizer, held_out, options)
+
+
 def flatten(results: dict) -> dict[str, float]:
-    """One level: held-out metrics by name, task metrics as ``task/metric``."""
+    """One level: held-out and on-policy metrics by name, task metrics as ``task/metric``."""
     flat = dict(results.get("held_out", {}))
+    flat.update({key: value for key, value in results.get("on_policy", {}).items()
+                 if isinstance(value, (int, float))})
     for task, metrics in results.get("tasks", {}).items():
         flat.update({f"{task}/{metric}": value for metric, value in metrics.items()})
     return flat

@@ -32,6 +32,7 @@ from ..losses.topk import TopKRows
 from ..losses.vocab_map import VocabularyMap
 from .cache import TeacherCache
 from .online import rows_at, teacher_final_hidden, teacher_logits
+from ..rollouts import ROLLOUT
 from ..runtime.identity import same_probe
 from .server import TeacherServer
 from .signal import TeacherSignal
@@ -178,7 +179,7 @@ class ServedTeacher(TeacherSignal):
 
     def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         row_ids, counts = inputs["row_id"].tolist(), _answer_tokens_per_row(inputs)
-        if "rollout" in inputs:  # the student's own answers replaced the rows fetched ahead: score these
+        if ROLLOUT in inputs:  # the student's own answers replaced the rows fetched ahead: score these
             for b, row in enumerate(row_ids):
                 if self.pending.get(row):
                     self._take(row).cancel()

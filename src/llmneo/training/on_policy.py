@@ -19,7 +19,7 @@ from fractions import Fraction
 from ..losses.contract import LossParts, LossSettings
 from ..losses.targets import SampledTargets, StudentSide, TeacherTargets
 from ..teacher.signal import TeacherSignal
-from .rollouts import Rollouts, RolloutSettings
+from ..rollouts import Rollouts, RolloutSettings
 
 
 def is_on_policy_step(step: int, fraction: float) -> bool:

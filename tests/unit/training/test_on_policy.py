@@ -18,7 +18,7 @@ from llmneo.models.loading import load_student_tokenizer
 from llmneo.pipeline import build_trainer, load_models
 from llmneo.teacher.sources import OnlineTeacher
 from llmneo.training.on_policy import is_on_policy_step
-from llmneo.training.rollouts import last_prompt, stop_token_ids
+from llmneo.rollouts import last_prompt, stop_token_ids
 
 NEW_TOKENS = 6
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.tokenize import encode_messages
-from ..errors import ConfigError
-from ..losses.contract import IGNORE_INDEX
+from .data.tokenize import encode_messages
+from .errors import ConfigError
+from .losses.contract import IGNORE_INDEX
 
 ROLLOUT = "rollout"  # the key that marks a batch of the student's own answers (no teacher row was fetched ahead)
 _PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
