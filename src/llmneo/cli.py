@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .errors import NeoError
+from .errors import ConfigError, NeoError
 
 COMMANDS = {
     "distill": "Distil a teacher into a student (methods sft, lora, kd, neo). `llm-neo distill --help` lists every option.",
@@ -78,11 +78,19 @@ def _add_eval_options(parser) -> None:
     parser.add_argument("--limit", type=float, help="lm-eval: examples per task (or a fraction below 1).")
     parser.add_argument("--num_fewshot", type=int, help="lm-eval: few-shot examples per prompt.")
     parser.add_argument("--eval_batch_size", type=int, default=8, help="Rows per evaluation batch.")
+    parser.add_argument("--on_policy", action="store_true", help="Also let the student answer each held-out prompt "
+                        "(greedy, and sampled at T=1) and the teacher score the answers: on_policy_reverse_kl, "
+                        "teacher_nll_per_token, repetition_rate, distinct_2, with intervals, and a few answers.")
+    parser.add_argument("--on_policy_max_new_tokens", type=int, default=128,
+                        help="With --on_policy: the answers' token budget.")
 
 
 def _eval_options(args) -> dict:
+    if args.on_policy_max_new_tokens < 1:
+        raise ConfigError(f"--on_policy_max_new_tokens must be >= 1, got {args.on_policy_max_new_tokens}")
     return {"tasks": args.tasks, "include_path": args.include_path, "limit": args.limit,
-            "num_fewshot": args.num_fewshot, "batch_size": args.eval_batch_size}
+            "num_fewshot": args.num_fewshot, "batch_size": args.eval_batch_size, "on_policy": args.on_policy,
+            "on_policy_max_new_tokens": args.on_policy_max_new_tokens}
 
 
 def _numbers(text: str, kind):
@@ -107,23 +115,14 @@ def cmd_eval(argv: list[str]) -> int:
                         "be used, e.g. with no answer tokens left after truncation, instead of stopping.")
     parser.add_argument("--bootstrap", type=int, default=1000, help="Resamples of the held-out rows for the 95%% "
                         "intervals of perplexity, agreement and KL (0: no intervals).")
-    parser.add_argument("--on_policy", action="store_true", help="Also let the student answer each held-out prompt "
-                        "(greedy, and sampled at T=1) and the teacher score the answers: on_policy_reverse_kl, "
-                        "teacher_nll_per_token, repetition_rate, distinct_2, with intervals, and a few answers.")
-    parser.add_argument("--on_policy_max_new_tokens", type=int, default=128,
-                        help="With --on_policy: the answers' token budget.")
     _add_eval_options(parser)
     args = parser.parse_args(argv)
     if args.bootstrap < 0:
         parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    if args.on_policy_max_new_tokens < 1:
-        parser.error(f"--on_policy_max_new_tokens must be >= 1, got {args.on_policy_max_new_tokens}")
     request = EvalRequest(target=args.target, dataset=args.dataset, teacher_model=args.teacher_model,
                           teacher_chat_template=args.teacher_chat_template, max_length=args.max_length,
                           max_samples=args.max_samples, bootstrap=args.bootstrap,
-                          skip_bad_rows=args.skip_bad_rows, on_policy=args.on_policy,
-                          on_policy_max_new_tokens=args.on_policy_max_new_tokens,
-                          **_eval_options(args))
+                          skip_bad_rows=args.skip_bad_rows, **_eval_options(args))
     print(json.dumps(evaluate_target(request), indent=2))
     return 0
 

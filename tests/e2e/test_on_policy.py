@@ -59,3 +59,25 @@ def test_on_policy_steps_alternate_and_resume_exactly(models_dir, train_file, tm
     for name, weight in adapter(straight).items():
         torch.testing.assert_close(adapter(killed)[name], weight, rtol=0, atol=1e-6)
     assert [line["loss"] for line in logged(killed)] == pytest.approx([line["loss"] for line in lines], rel=1e-6)
+
+
+def test_accumulation_splits_train_the_same_adapter(models_dir, train_file, tmp_path):
+    """4 rows per step as 4x1, 2x2 and 1x4 micro-batches: on-policy steps (sampled rollouts) train one adapter."""
+    options = {**ON_POLICY, "on_policy_fraction": 1, "max_steps": 2, "save_strategy": "no"}
+    runs = {}
+    for micro, accumulation in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"{micro}x{accumulation}"
+        assert cli.main(["distill", *run_flags(models_dir, train_file, out, **{
+            **options, "per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation})]) == 0
+        runs[micro] = adapter(out)
+    for micro in (2, 1):
+        for name, weight in runs[4].items():
+            torch.testing.assert_close(runs[micro][name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_on_policy_of_a_run(models_dir, train_file, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(flags(models_dir, train_file, out, **ON_POLICY, eval_ratio=0.2)) == 0
+    assert cli.main(["eval", str(out), "--on_policy", "--on_policy_max_new_tokens", "8", "--bootstrap", "50"]) == 0
+    report = json.loads((out / "eval.json").read_text())["on_policy"]
+    assert report["on_policy_prompts"] >= 5 and report["on_policy_reverse_kl_ci_low"] <= report["on_policy_reverse_kl"]
