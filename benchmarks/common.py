@@ -6,7 +6,7 @@ import time
 
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                           TrainerCallback)
 
@@ -80,3 +80,12 @@ class StepClock(TrainerCallback):
     def tokens_per_second(self) -> float:
         """Non-padding input tokens per second after the first step."""
         return (self.tokens[-1] - self.tokens[0]) / (self.times[-1] - self.times[0])
+
+
+def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
+    """A tokenizer of ``vocab`` whole-word ids (t0 t1 ...), with EOS: the rows are ids already; a server (vLLM loads
+    its tokenizer.json) or a chat template (rollouts' stop tokens) needs only a tokenizer that reads them."""
+    words = {"<unk>": 0, "<pad>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")

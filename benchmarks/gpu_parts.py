@@ -272,6 +272,12 @@ def served_teacher(work: Workspace) -> list[Step]:
                  argv=benchmark("served_teacher.py", "--preset", "llama", "--vllm_python", PY), judge=markdown_table)]
 
 
+def on_policy(work: Workspace) -> list[Step]:
+    return [Step("on_policy", "on-policy steps: rollout and training tokens/s, llama preset, 256 new tokens",
+                 timeout=PART_BUDGET_S, table=True, argv=benchmark("on_policy.py", "--preset", "llama"),
+                 judge=markdown_table)]
+
+
 def qlora(work: Workspace) -> list[Step]:
     bnb = ("bitsandbytes",)
     steps = []
@@ -340,5 +346,5 @@ def gpu_tests(work: Workspace) -> list[Step]:
 
 
 PARTS = {"smoke": smoke, "loss_head": loss_head, "throughput": throughput, "cache": cache,
-         "served_teacher": served_teacher, "qlora": qlora,
+         "served_teacher": served_teacher, "on_policy": on_policy, "qlora": qlora,
          "recipe": recipe, "zero": zero, "fsdp": fsdp, "pytest": gpu_tests}

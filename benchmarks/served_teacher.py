@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import PRESETS, StepClock, build_llama, padding_collator, synthetic_rows
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from common import PRESETS, StepClock, build_llama, padding_collator, synthetic_rows, word_tokenizer
 
 from llmneo.adapters.lora import add_lora
 from llmneo.config import AdapterArguments, NeoTrainingArguments
@@ -40,15 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from vllm_server import VllmServer  # noqa: E402  (the tests' server: own process group, killed at the end)
 
 CONCURRENCY = (1, 4, 16)
-
-
-def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
-    """A tokenizer of ``vocab`` whole-word ids (t0 t1 ...) that vLLM loads from its tokenizer.json: the rows are
-    ids already, the server only needs to read the student's ids as the student does."""
-    words = {"<unk>": 0, "<pad>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
-    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
 
 
 def serve(teacher, tokenizer, preset, args, scratch: Path) -> VllmServer:

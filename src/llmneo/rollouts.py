@@ -139,7 +139,7 @@ class Rollouts:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position,
-                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                        use_cache=True, logits_to_keep=1, **_kv_cache(out))
             next_position = next_position + 1
         return answers, [not finished for finished in done]
 
@@ -168,6 +168,13 @@ class Rollouts:
         if "row_id" in inputs:
             batch["row_id"] = inputs["row_id"]
         return batch
+
+
+def _kv_cache(outputs) -> dict:
+    """The KV cache of ``outputs`` as the next forward call takes it: ``cache`` since transformers 5.2x,
+    ``past_key_values`` before (each version's output field has its argument's name)."""
+    name = "cache" if "cache" in outputs else "past_key_values"
+    return {name: outputs[name]}
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
