@@ -17,25 +17,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import PRESETS, StepClock, build_llama, padding_collator, synthetic_rows
+from common import PRESETS, build_llama, padding_collator, synthetic_rows, train_steps
 
 from llmneo.adapters.lora import add_lora
-from llmneo.config import AdapterArguments, NeoTrainingArguments
+from llmneo.config import AdapterArguments
 from llmneo.teacher.cache import TeacherCache
 from llmneo.teacher.capture import CaptureSettings, write_cache
 from llmneo.teacher.sources import CachedTeacher, OnlineTeacher
-from llmneo.training import NeoTrainer
 
 
 def train_tokens_per_second(student, dataset, collator, preset, steps, out, signal) -> float:
-    args = NeoTrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=preset["batch"],
-                                learning_rate=1e-4, logging_steps=10**6, report_to=[], disable_tqdm=True,
-                                bf16=preset["dtype"] == torch.bfloat16, save_strategy="no", seed=0,
-                                remove_unused_columns=False)
-    clock = StepClock()
-    trainer = NeoTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock],
-                         signal=signal)
-    trainer.train()
+    _, clock = train_steps(student, dataset, collator, preset, steps, out, signal)
     steps, seconds = clock.seconds_after_first()
     return steps * preset["batch"] * preset["seq"] / seconds
 
@@ -61,7 +53,7 @@ def main():
         started = time.perf_counter()
         manifest = write_cache(scratch / "cache", teacher.to(device), dataset, collator,
                                CaptureSettings(top_k=args.top_k, batch_size=preset["batch"]), preset["vocab"],
-                               {"benchmark": args.preset, "data": {"answer_tokens": _answer_tokens(dataset)}})
+                               {"benchmark": args.preset, "data": {"rows": rows, "answer_tokens": _answer_tokens(dataset)}})
         capture_seconds = time.perf_counter() - started
         student = add_lora(build_llama(preset["vocab"], preset["student"], preset["dtype"], seed=2),
                            AdapterArguments(lora_r=preset["rank"]))

@@ -66,6 +66,10 @@ class StepClock(TrainerCallback):
 
     def __init__(self):
         self.times, self.tokens = [], []
+        self.started = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
@@ -76,6 +80,10 @@ class StepClock(TrainerCallback):
     def seconds_after_first(self) -> tuple[int, float]:
         """Steps and seconds from the end of the first step (warm-up) to the end of the last."""
         return len(self.times) - 1, self.times[-1] - self.times[0]
+
+    def seconds_per_step(self) -> float:
+        """Mean seconds per optimizer step from the start of training, the first step included."""
+        return (self.times[-1] - self.started) / len(self.times)
 
     def tokens_per_second(self) -> float:
         """Non-padding input tokens per second after the first step."""
@@ -89,3 +97,20 @@ def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+def train_steps(student, dataset, collator, preset, steps, out, signal, tokenizer=None, **options):
+    """``steps`` optimizer steps of the real NeoTrainer (no logging, no saving); the trainer and its StepClock.
+    ``options``: further NeoTrainingArguments fields."""
+    from llmneo.config import NeoTrainingArguments
+    from llmneo.training import NeoTrainer
+
+    args = NeoTrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=preset["batch"],
+                                learning_rate=1e-4, logging_steps=10**6, report_to=[], disable_tqdm=True,
+                                bf16=preset["dtype"] == torch.bfloat16, save_strategy="no", seed=0,
+                                remove_unused_columns=False, **options)
+    clock = StepClock()
+    trainer = NeoTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock],
+                         signal=signal, processing_class=tokenizer)
+    trainer.train()
+    return trainer, clock

@@ -7,7 +7,8 @@ off-policy step on the same rows.
 Rows are synthetic (random ids; the first quarter of each row its prompt). Random weights rarely sample EOS, so
 every answer runs to the token budget: the figures are for full-length answers. Rollout tokens/s counts generated
 tokens over generation time (KV cache, batched, per-row seeded sampling at T = 1); training tokens/s counts the
-on-policy batches' tokens (prompt + answer) over the step time outside generation. The first step is warm-up.
+on-policy batches' tokens (prompt + answer) over the step time outside generation. Times are means over all
+steps, the first (warm-up) included, for both kinds of step.
 """
 
 from __future__ import annotations
@@ -17,30 +18,21 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import PRESETS, StepClock, build_llama, padding_collator, synthetic_rows, word_tokenizer
+from common import PRESETS, build_llama, padding_collator, synthetic_rows, train_steps, word_tokenizer
 
 from llmneo.adapters.lora import add_lora
-from llmneo.config import AdapterArguments, NeoTrainingArguments
+from llmneo.config import AdapterArguments
 from llmneo.data.tokenize import FALLBACK_CHAT_TEMPLATE
 from llmneo.teacher.sources import OnlineTeacher
-from llmneo.training import NeoTrainer
 
 NEW_TOKENS = {"cpu": 64, "llama": 256}
 
 
 def run(student, teacher, dataset, tokenizer, preset, args, out: Path, fraction: float):
-    training = NeoTrainingArguments(
-        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=preset["batch"], learning_rate=1e-4,
-        logging_steps=10**6, report_to=[], disable_tqdm=True, bf16=preset["dtype"] == torch.bfloat16,
-        save_strategy="no", seed=0, remove_unused_columns=False, on_policy_fraction=fraction,
-        rollout_max_new_tokens=args.new_tokens, rollout_temperature=1.0)
-    clock = StepClock()
-    trainer = NeoTrainer(model=student, args=training, train_dataset=dataset, data_collator=padding_collator(),
-                         callbacks=[clock], signal=OnlineTeacher(teacher, None), processing_class=tokenizer)
-    trainer.train()
-    steps = len(clock.times) - 1
-    step_s = (clock.times[-1] - clock.times[0]) / steps
-    return trainer, step_s
+    trainer, clock = train_steps(student, dataset, padding_collator(), preset, args.steps, out,
+                                 OnlineTeacher(teacher, None), tokenizer=tokenizer, on_policy_fraction=fraction,
+                                 rollout_max_new_tokens=args.new_tokens, rollout_temperature=1.0)
+    return trainer, clock.seconds_per_step()  # all steps: the rollout figures cannot leave the first one out
 
 
 def parse_args(argv=None):

@@ -24,15 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import PRESETS, StepClock, build_llama, padding_collator, synthetic_rows, word_tokenizer
+from common import PRESETS, build_llama, padding_collator, synthetic_rows, train_steps, word_tokenizer
 
 from llmneo.adapters.lora import add_lora
-from llmneo.config import AdapterArguments, NeoTrainingArguments
+from llmneo.config import AdapterArguments
 from llmneo.teacher.cache import TeacherCache
 from llmneo.teacher.capture import CaptureSettings, write_cache, write_served_cache
 from llmneo.teacher.server import ServerSettings, TeacherServer
 from llmneo.teacher.sources import CachedTeacher, OnlineTeacher, ServedTeacher
-from llmneo.training import NeoTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from vllm_server import VllmServer  # noqa: E402  (the tests' server: own process group, killed at the end)
@@ -69,13 +68,7 @@ def capture(cache_dir, write, rows) -> tuple[float, dict]:
 
 
 def step_seconds(student, dataset, collator, preset, steps, out, signal) -> float:
-    args = NeoTrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=preset["batch"],
-                                learning_rate=1e-4, logging_steps=10**6, report_to=[], disable_tqdm=True,
-                                bf16=preset["dtype"] == torch.bfloat16, save_strategy="no", seed=0,
-                                remove_unused_columns=False)
-    clock = StepClock()
-    NeoTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock],
-               signal=signal).train()
+    _, clock = train_steps(student, dataset, collator, preset, steps, out, signal)
     steps, seconds = clock.seconds_after_first()
     return seconds / steps
 
