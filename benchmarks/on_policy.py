@@ -4,7 +4,8 @@ off-policy step on the same rows.
     python benchmarks/on_policy.py                    # CPU: small random-init Llamas, 64 new tokens
     python benchmarks/on_policy.py --preset llama     # GPU: Llama-3.1-8B teacher, Llama-3.2-1B student, 256 new tokens
 
-Rows are synthetic (random ids; the first quarter of each row its prompt). Random weights rarely sample EOS, so
+Rows are synthetic (random ids: a prompt, then as many answer tokens as a rollout's budget). Random weights rarely
+sample EOS, so
 every answer runs to the token budget: the figures are for full-length answers. Rollout tokens/s counts generated
 tokens over generation time (KV cache, batched, per-row seeded sampling at T = 1); training tokens/s counts the
 on-policy batches' tokens (prompt + answer) over the step time outside generation. Times are means over all
@@ -35,6 +36,13 @@ def run(student, teacher, dataset, tokenizer, preset, args, out: Path, fraction:
     return trainer, clock.seconds_per_step()  # all steps: the rollout figures cannot leave the first one out
 
 
+def prompt_rows(rows: int, prompt: int, answer: int, vocab: int):
+    """Random rows of ``prompt`` unlabelled then ``answer`` labelled tokens: on-policy rows have the same shape."""
+    dataset = synthetic_rows(rows, prompt + answer, vocab)
+    labels = [[-100] * prompt + row[prompt:] for row in dataset["input_ids"]]
+    return dataset.remove_columns("labels").add_column("labels", labels)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="llama" if torch.cuda.is_available() else "cpu")
@@ -51,7 +59,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab, batch = preset["vocab"], preset["batch"]
     prompt = preset["seq"] // 4
-    dataset = synthetic_rows(args.steps * batch, prompt + args.new_tokens, vocab)
+    dataset = prompt_rows(args.steps * batch, prompt, args.new_tokens, vocab)
     tokenizer = word_tokenizer(vocab)
     tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     teacher = build_llama(vocab, preset["teacher"], preset["dtype"], seed=1).eval().requires_grad_(False).to(device)
