@@ -5,8 +5,7 @@ off-policy step on the same rows.
     python benchmarks/on_policy.py --preset llama     # GPU: Llama-3.1-8B teacher, Llama-3.2-1B student, 256 new tokens
 
 Rows are synthetic (random ids: a prompt, then as many answer tokens as a rollout's budget). Random weights rarely
-sample EOS, so
-every answer runs to the token budget: the figures are for full-length answers. Rollout tokens/s counts generated
+sample EOS, so every answer runs to the token budget: the figures are for full-length answers. Rollout tokens/s counts generated
 tokens over generation time (KV cache, batched, per-row seeded sampling at T = 1); training tokens/s counts the
 on-policy batches' tokens (prompt + answer) over the step time outside generation. Times are means over all
 steps, the first (warm-up) included, for both kinds of step.
