@@ -15,6 +15,7 @@ from .config import ModelArguments
 from .errors import ConfigError
 from .evaluation.answers import continue_greedily, prompt_ids
 from .models.loading import load_pretrained_model, load_student_tokenizer
+from .rollouts import model_positions
 
 
 def load_for_generation(target: str, teacher: bool = False):
@@ -61,11 +62,6 @@ def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int = 1
 def check_max_new_tokens(max_new_tokens: int) -> None:
     if max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens {max_new_tokens}: give a number of tokens >= 1")
-
-
-def model_positions(model) -> int | None:
-    """How many positions (prompt and answer together) the model reads, where its config says."""
-    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
 
 def answer_budget(prompt_tokens: int, max_new_tokens: int, positions: int | None, number: int) -> int:

@@ -76,6 +76,11 @@ def last_prompt(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: t
     return input_ids[:start][real].tolist()
 
 
+def model_positions(model) -> int | None:
+    """How many positions (prompt and answer together) the model reads, where its config says."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
 def row_seed(seed: int, step: int, row_id: int) -> int:
     return ((seed * 1_000_003 + step) * 1_000_033 + row_id) % (2**63 - 1)
 
@@ -83,8 +88,8 @@ def row_seed(seed: int, step: int, row_id: int) -> int:
 class Rollouts:
     """Answers of the student to a batch's prompts, as a training batch whose labels are the answers."""
 
-    def __init__(self, settings: RolloutSettings, tokenizer, positions: int | None):
-        self.settings, self.positions = settings, positions
+    def __init__(self, settings: RolloutSettings, tokenizer):
+        self.settings = settings
         self.stops = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stats = RolloutStats()
@@ -113,12 +118,12 @@ class Rollouts:
         """Each prompt's answer (stop token included) and whether it was cut at the token budget."""
         device = next(model.parameters()).device
         width = max(len(prompt) for prompt in prompts)
-        budget = self.settings.max_new_tokens
-        if self.positions is not None:
-            budget = min(budget, self.positions - width)
+        budget, positions = self.settings.max_new_tokens, model_positions(model)
+        if positions is not None:
+            budget = min(budget, positions - width)
             if budget < 1:
                 raise ConfigError(f"an on-policy prompt of {width} tokens leaves no room for an answer in the "
-                                  f"student's {self.positions} positions: lower --max_length")
+                                  f"model's {positions} positions: lower --max_length")
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
         for b, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column

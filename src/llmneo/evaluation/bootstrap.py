@@ -21,17 +21,27 @@ def bootstrap_intervals(row_sums: dict[str, np.ndarray], row_tokens: np.ndarray,
     tokens = np.asarray(row_tokens, dtype=np.float64)
     if resamples < 1 or tokens.size == 0 or tokens.sum() == 0:
         return {}
-    draws = np.random.default_rng(seed).integers(0, tokens.size, size=(resamples, tokens.size))
-    drawn_tokens = np.maximum(tokens[draws].sum(axis=1), 1.0)  # a resample of only empty rows counts one token
-    tail = (1.0 - level) / 2 * 100
+    draws = resampled_rows(tokens.size, resamples, seed)
     intervals = {}
     for name, sums in row_sums.items():
-        means = np.asarray(sums, dtype=np.float64)[draws].sum(axis=1) / drawn_tokens
-        low, high = np.percentile(means, [tail, 100 - tail])
+        metric = METRIC_OF_SUM[name]
+        found = percentile_interval(metric, resampled_ratios(sums, tokens, draws), level)
         if name == "nll":
-            low, high = math.exp(low), math.exp(high)
-        intervals[f"{METRIC_OF_SUM[name]}_ci_low"], intervals[f"{METRIC_OF_SUM[name]}_ci_high"] = float(low), float(high)
+            found = {key: math.exp(value) for key, value in found.items()}
+        intervals.update(found)
     return intervals
+
+
+def resampled_rows(rows: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """(resamples, rows) row indices drawn with replacement."""
+    return np.random.default_rng(seed).integers(0, rows, size=(resamples, rows))
+
+
+def resampled_ratios(sums, counts, draws: np.ndarray) -> np.ndarray:
+    """Per resample: the drawn rows' summed ``sums`` over their summed ``counts`` (a resample of only empty rows
+    counts one)."""
+    sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    return sums[draws].sum(axis=1) / np.maximum(counts[draws].sum(axis=1), 1.0)
 
 
 def percentile_interval(name: str, values: np.ndarray, level: float = 0.95) -> dict[str, float]:

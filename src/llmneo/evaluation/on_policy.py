@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..rollouts import Rollouts, RolloutSettings, last_prompt
-from .bootstrap import percentile_interval
+from ..losses.sampled import token_log_probs
+from ..rollouts import Rollouts, RolloutSettings, last_prompt, row_seed
+from .bootstrap import percentile_interval, resampled_rows, resampled_ratios
 
 
 @dataclass(frozen=True)
@@ -49,32 +50,31 @@ def distinct_2(answers: list[list[int]]) -> float:
 
 
 @torch.no_grad()
-def answer_log_probs(model, prompt: list[int], answer: list[int]) -> np.ndarray:
+def log_probs_of_answer(model, prompt: list[int], answer: list[int]) -> np.ndarray:
     """log p(answer token | prompt, earlier answer tokens) under ``model``, one per answer token."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt + answer], device=device)
-    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
-    return torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None]).squeeze(1).double().cpu().numpy()
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+    return token_log_probs(logits, ids[0, len(prompt):]).double().cpu().numpy()
 
 
 def evaluate_on_policy(student, teacher, tokenizer, held_out, options: OnPolicyEvalOptions) -> dict:
     prompts = [last_prompt(torch.tensor(row["input_ids"]), torch.tensor(row["labels"]), None) for row in held_out]
-    positions = getattr(student.config.get_text_config(), "max_position_embeddings", None)
-    seeds = [options.seed * 1_000_003 + row for row in range(len(prompts))]
-    greedy, sampled = (Rollouts(RolloutSettings(options.max_new_tokens, temperature, 1.0, options.seed), tokenizer,
-                                positions) for temperature in (0.0, 1.0))
+    seeds = [row_seed(options.seed, 0, row) for row in range(len(prompts))]
+    greedy, sampled = (Rollouts(RolloutSettings(options.max_new_tokens, temperature, 1.0, options.seed), tokenizer)
+                       for temperature in (0.0, 1.0))
     was_training = student.training
     student.eval()
     try:
         greedy_answers = [greedy.generate(student, [p], [s])[0][0] for p, s in zip(prompts, seeds, strict=True)]
         sampled_answers = [sampled.generate(student, [p], [s])[0][0] for p, s in zip(prompts, seeds, strict=True)]
-        gaps = [answer_log_probs(student, p, a) - answer_log_probs(teacher, p, a)
+        gaps = [log_probs_of_answer(student, p, a) - log_probs_of_answer(teacher, p, a)
                 for p, a in zip(prompts, sampled_answers, strict=True)]
         teacher_answers = [greedy.generate(teacher, [p], [s])[0][0]
                            for p, s in zip(prompts[:options.shown], seeds[:options.shown], strict=True)]
     finally:
         student.train(was_training)
-    nll = [-answer_log_probs(teacher, p, a) for p, a in zip(prompts, greedy_answers, strict=True)]
+    nll = [-log_probs_of_answer(teacher, p, a) for p, a in zip(prompts, greedy_answers, strict=True)]
     repeated = np.array([float(repeats_a_4gram(answer)) for answer in greedy_answers])
     per_row = {"on_policy_reverse_kl": ([gap.sum() for gap in gaps], [gap.size for gap in gaps]),
                "teacher_nll_per_token": ([row.sum() for row in nll], [row.size for row in nll]),
@@ -94,10 +94,8 @@ def _intervals(per_row: dict, prompts: int, options: OnPolicyEvalOptions) -> dic
     """Percentile intervals over resampled prompts (each metric a ratio of per-prompt sums)."""
     if options.bootstrap < 1 or not prompts:
         return {}
-    draws = np.random.default_rng(options.seed).integers(0, prompts, size=(options.bootstrap, prompts))
+    draws = resampled_rows(prompts, options.bootstrap, options.seed)
     intervals = {}
     for name, (sums, counts) in per_row.items():
-        sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
-        values = sums[draws].sum(axis=1) / np.maximum(counts[draws].sum(axis=1), 1.0)
-        intervals.update(percentile_interval(name, values))
+        intervals.update(percentile_interval(name, resampled_ratios(sums, counts, draws)))
     return intervals

@@ -19,7 +19,7 @@ from fractions import Fraction
 from ..losses.contract import LossParts, LossSettings
 from ..losses.targets import SampledTargets, StudentSide, TeacherTargets
 from ..teacher.signal import TeacherSignal
-from ..rollouts import Rollouts, RolloutSettings
+from ..rollouts import Rollouts, RolloutSettings, RolloutStats
 
 
 def is_on_policy_step(step: int, fraction: float) -> bool:
@@ -53,11 +53,11 @@ class OnPolicy:
         self.steps = 0  # on-policy optimizer steps since the last log
 
     @classmethod
-    def from_args(cls, args, tokenizer, positions: int | None) -> OnPolicy | None:
+    def from_args(cls, args, tokenizer) -> OnPolicy | None:
         if args.on_policy_fraction == 0:
             return None
         return cls(args.on_policy_fraction, LOSSES[args.on_policy_loss](),
-                   Rollouts(RolloutSettings.from_args(args), tokenizer, positions))
+                   Rollouts(RolloutSettings.from_args(args), tokenizer))
 
     def is_step(self, step: int) -> bool:
         return is_on_policy_step(step, self.fraction)
@@ -76,5 +76,5 @@ class OnPolicy:
         """The log line's on-policy figures over ``steps`` optimizer steps; then counting starts again."""
         figures = {"on_policy": round(self.steps / steps, 4), **self.rollouts.stats.figures()}
         self.steps = 0
-        self.rollouts.stats = type(self.rollouts.stats)()
+        self.rollouts.stats = RolloutStats()
         return figures

@@ -9,6 +9,7 @@ from ..lm_head import capture_final_hidden, output_head
 from ..losses.backends import READS_HIDDEN_STATES, choose_loss_impl, impl_for_call
 from ..losses.contract import answer_mask
 from ..losses.targets import StudentSide
+from ..rollouts import ROLLOUT
 from ..teacher.signal import TeacherSignal
 from .base import DistillationTrainer
 from .on_policy import OnPolicy
@@ -31,15 +32,12 @@ class NeoTrainer(DistillationTrainer):
         self.loss_impl = choose_loss_impl(self.args.loss_impl, self.loss_settings.divergence, self.model, self.teacher,
                                           self.loss_settings.kd_vocab_size, self.parameters_sharded())
         self.count_items_over_shifted_labels()
-        positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        self.on_policy = OnPolicy.from_args(self.args, self.processing_class, positions)
-        self._step_on_policy = False
+        self.on_policy = OnPolicy.from_args(self.args, self.processing_class)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """An on-policy step's micro-batches are the student's answers to their prompts, counted again."""
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._step_on_policy = self.on_policy is not None and self.on_policy.is_step(self.state.global_step)
-        if not self._step_on_policy or not batches:
+        if self.on_policy is None or not batches or not self.on_policy.is_step(self.state.global_step):
             return batches, num_items
         batches = self.on_policy.batches(self.model, batches, self.state.global_step)
         return batches, self.count_items(batches, device)
@@ -52,7 +50,7 @@ class NeoTrainer(DistillationTrainer):
             outputs = model(**forward_inputs(inputs, model), use_cache=False)
         student = (StudentSide(impl, captured.hidden, output_head(model).weight) if hidden_states
                    else StudentSide(impl, outputs.logits))
-        if self._step_on_policy and model.training:
+        if ROLLOUT in inputs:  # the student's own answers (get_batch_samples)
             parts = self.on_policy.parts(self.signal, inputs, student, self.loss_settings, num_items_in_batch)
         else:
             parts = self.signal.targets(inputs, student).loss(student, inputs["labels"], self.loss_settings,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
-from llmneo.evaluation.on_policy import answer_log_probs, distinct_2, repeats_a_4gram
+from llmneo.evaluation.on_policy import distinct_2, log_probs_of_answer, repeats_a_4gram
 from llmneo.models.loading import load_pretrained_model
 
 
@@ -29,7 +29,7 @@ def test_answer_log_probs_equal_a_full_forward(models_dir):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].double()
     expected = [float(torch.log_softmax(logits[len(prompt) - 1 + i], -1)[token]) for i, token in enumerate(answer)]
-    assert answer_log_probs(model, prompt, answer).tolist() == pytest.approx(expected, rel=1e-5)
+    assert log_probs_of_answer(model, prompt, answer).tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_student_that_is_its_own_teacher(models_dir, train_file):
