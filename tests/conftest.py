@@ -17,7 +17,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from llmneo.demo.tiny import build_tiny_llama, build_tokenizer, corpus_rows, corpus_texts  # noqa: E402
+from llmneo.demo.tiny import build_char_tokenizer, build_tiny_llama, build_tokenizer, corpus_rows, corpus_texts  # noqa: E402
 
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -75,6 +75,15 @@ def models_dir(tmp_path_factory, tokenizer):
             root / "teacher_other", build_tiny_llama(other, hidden_size=48, seed=4), other),
     }
     return paths
+
+
+@pytest.fixture(scope="session")
+def char_teacher(tmp_path_factory):
+    """A tiny teacher on a character-level, ▁-convention tokenizer without a chat template (another tokenizer
+    than the student's, for --cross_tokenizer)."""
+    tokenizer = build_char_tokenizer(corpus_texts())
+    return save_model(tmp_path_factory.mktemp("char") / "teacher", build_tiny_llama(tokenizer, hidden_size=48, seed=5),
+                      tokenizer)
 
 
 @pytest.fixture(scope="session")

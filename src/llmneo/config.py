@@ -369,7 +369,6 @@ def _on_policy_checks(config: RunConfig) -> list[tuple[bool, str]]:
     if training.on_policy_fraction == 0.0:
         return checks
     unsupported = [("a teacher_cache (it holds the dataset's answers only)", training.teacher_cache is not None),
-                   ("cross_tokenizer (not yet)", training.cross_tokenizer is not None),
                    ("packing", config.data.packing), ("loss_impl liger", training.loss_impl == "liger")]
     return [*checks,
             (METHODS[training.method].uses_teacher, f"on_policy_fraction is for the kd and neo methods (a teacher "

@@ -24,6 +24,7 @@ from .artifacts import (resolved_config, run_settings, save_final_weights, save_
 from .data.collators import make_collator
 from .data.vocabulary import build_vocabulary_map
 from .losses.vocab_map import VocabularyMap, load_vocabulary_map
+from .data.alignment import PROMPT_COLUMN, AnswerAligner
 from .data.loading import DataReport, build_datasets
 from .data.packing import PackingCollator
 from .errors import DiskFullError, NonFiniteError, TeacherServerError, TrainingOutOfMemory, VocabularyError
@@ -104,7 +105,9 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     tokenizer = load_student_tokenizer(config.model, config.data.task)
     served = connect_served_teacher(config, tokenizer)  # before any model loads: the server must answer
     teacher_tokenizer = reading_teacher_tokenizer(config)
-    dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer)
+    keep_prompts = teacher_tokenizer is not None and config.training.on_policy_fraction > 0
+    dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer,
+                                               keep_prompts)
     log_data(report, held_out)
     head = class_head(config, tokenizer, report)
     data = data_fingerprint(dataset, config.data.dataset)
@@ -115,7 +118,8 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     if served is not None:
         served = ServedTeacher(*served, config.training.teacher_top_k, min(len(tokenizer), output_rows(student)),
                                dataset)
-    signal = served or teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vocab_size, cache)
+    signal = served or teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vocab_size, cache,
+                                      dataset)
     identity = run_identity(resolved_config(config), data, signal.identity(), read_models(config, base, teacher))
     resume = prepare_run_dir(config, identity)
     initial_adapter = save_initial_adapter(student, Path(config.training.output_dir)) if saves_adapter(config) else None
@@ -162,8 +166,9 @@ def reading_teacher_tokenizer(config):
 
 
 def teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vocab_size,
-                   cache: TeacherCache | None) -> TeacherSignal:
-    """The run's teacher source (teacher/sources.py), chosen here once."""
+                   cache: TeacherCache | None, dataset=None) -> TeacherSignal:
+    """The run's teacher source (teacher/sources.py), chosen here once; ``dataset``: the training rows, whose
+    prompt messages an on-policy run across tokenizers renders for the teacher."""
     mode = config.training.cross_tokenizer
     if cache is not None and cache.across_tokenizers:
         vocab_map = cached_vocabulary_map(cache, tokenizer, student)
@@ -172,7 +177,9 @@ def teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vo
         signal = CachedTeacher(cache, kd_vocab_size)
     elif teacher is not None and teacher_tokenizer is not None:
         vocab_map = cross_vocabulary_map(config, tokenizer, teacher_tokenizer, student, teacher)
-        signal = AlignedOnlineTeacher(teacher, teacher_tokenizer, vocab_map, mode)
+        answers = (AnswerAligner(tokenizer, teacher_tokenizer, dataset[PROMPT_COLUMN])
+                   if dataset is not None and PROMPT_COLUMN in dataset.column_names else None)
+        signal = AlignedOnlineTeacher(teacher, teacher_tokenizer, vocab_map, mode, answers)
     elif teacher is not None:
         signal = OnlineTeacher(teacher, kd_vocab_size)
     else:

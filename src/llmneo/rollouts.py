@@ -111,7 +111,7 @@ class Rollouts:
         self.stats.tokens += sum(len(answer) for answer in answers)
         self.stats.answers += len(answers)
         self.stats.cut += sum(cut)
-        return self._as_batch(prompts, answers, inputs)
+        return self.as_batch(prompts, answers, inputs)
 
     @torch.no_grad()
     def generate(self, model, prompts: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool]]:
@@ -157,7 +157,8 @@ class Rollouts:
         return torch.cat([torch.multinomial(probs[b], 1, generator=generator)
                           for b, generator in enumerate(generators)])
 
-    def _as_batch(self, prompts, answers, inputs: dict) -> dict:
+    def as_batch(self, prompts: list[list[int]], answers: list[list[int]], inputs: dict) -> dict:
+        """``inputs`` with each row replaced by its prompt followed by ``answers`` (labelled), right-padded."""
         device = inputs["input_ids"].device
         width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_flags, save_model
+from conftest import run_flags
 from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.data.vocabulary import byte_lengths
 from llmneo.runtime.layout import MAP_FILE
-from llmneo.demo.tiny import build_char_tokenizer, build_tiny_llama, corpus_texts
 from llmneo.errors import ConfigError
 from llmneo.evaluation.metrics import HeldOutOptions, evaluate_against_teacher
 from llmneo.data.collators import make_collator
@@ -58,14 +57,6 @@ def test_exact_with_one_tokenizer_equals_the_standard_step(models_dir, train_fil
     assert standard[3].keys() == across[3].keys()
     for name, grad in standard[3].items():
         torch.testing.assert_close(across[3][name], grad, rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def char_teacher(tmp_path_factory):
-    """A tiny teacher on a character-level, ▁-convention tokenizer without a chat template."""
-    tokenizer = build_char_tokenizer(corpus_texts())
-    return save_model(tmp_path_factory.mktemp("char") / "teacher", build_tiny_llama(tokenizer, hidden_size=48, seed=5),
-                      tokenizer)
 
 
 @pytest.mark.e2e

@@ -36,9 +36,12 @@ def logged(run_dir):
             if "kd_loss" in json.loads(line)]
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled"])
-def test_on_policy_steps_alternate_and_resume_exactly(models_dir, train_file, tmp_path, loss):
+@pytest.mark.parametrize("loss,across", [("full", False), ("sampled", False), ("sampled", True)])
+def test_on_policy_steps_alternate_and_resume_exactly(models_dir, train_file, tmp_path, char_teacher, loss, across):
+    """``across``: a character-level teacher (--cross_tokenizer exact) scores the BPE student's answers."""
     options = {**ON_POLICY, "on_policy_loss": loss}
+    if across:
+        options.update(cross_tokenizer="exact", teacher=char_teacher)
     straight = tmp_path / "straight"
     assert cli.main(flags(models_dir, train_file, straight, **options)) == 0
     lines = logged(straight)

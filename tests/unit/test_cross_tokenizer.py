@@ -3,6 +3,8 @@ against an independent reference written here."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,21 +108,27 @@ def reference_boundaries(tokenizer, text: str, ids: list[int], span: tuple[int, 
     return found
 
 
+def shared_bytes(s_answer: bytes, t_answer: bytes, student_tokenizer, teacher_tokenizer) -> int:
+    """The length of the answers' common byte prefix, where a chat marker is compared whole: the shared text stops
+    where the first marker of either side begins, unless both have the same marker there."""
+    limit = next((i for i, (a, b) in enumerate(zip(s_answer, t_answer, strict=False)) if a != b),
+                 min(len(s_answer), len(t_answer)))
+    markers = [(answer.find(name.encode()), name) for answer, tokenizer in ((s_answer, student_tokenizer),
+               (t_answer, teacher_tokenizer)) for name in tokenizer.all_special_tokens if name.encode() in answer]
+    for at, name in sorted(markers):
+        if at < limit and not (s_answer[at:].startswith(name.encode()) and t_answer[at:].startswith(name.encode())
+                               and at + len(name) <= limit):
+            limit = at
+    return limit
+
+
 def reference_alignment(student_tokenizer, teacher_tokenizer, messages, max_length):
     student = render_messages(student_tokenizer, messages, max_length)
     teacher = render_messages(teacher_tokenizer, messages, max_length)
     pairs = []
     for s_span, t_span in zip(student[1], teacher[1], strict=False):
         s_answer, t_answer = student[0][slice(*s_span)].encode(), teacher[0][slice(*t_span)].encode()
-        limit = next((i for i, (a, b) in enumerate(zip(s_answer, t_answer, strict=False)) if a != b), min(len(s_answer), len(t_answer)))
-        # A chat marker is compared whole: the shared text stops where the first marker of either side begins,
-        # unless both have the same marker there.
-        markers = [(answer.find(name.encode()), name) for answer, tokenizer in ((s_answer, student_tokenizer),
-                   (t_answer, teacher_tokenizer)) for name in tokenizer.all_special_tokens if name.encode() in answer]
-        for at, name in sorted(markers):
-            if at < limit and not (s_answer[at:].startswith(name.encode()) and t_answer[at:].startswith(name.encode())
-                                   and at + len(name) <= limit):
-                limit = at
+        limit = shared_bytes(s_answer, t_answer, student_tokenizer, teacher_tokenizer)
         s_at = reference_boundaries(student_tokenizer, student[0], student[2], s_span, limit)
         t_at = reference_boundaries(teacher_tokenizer, teacher[0], teacher[2], t_span, limit)
         pairs += [(s_at[c], t_at[c]) for c in sorted(s_at.keys() & t_at.keys())]
@@ -195,6 +203,65 @@ def test_plain_text_rows_align_from_the_first_token(bpe, chars):
                                token_bytes(chars))
     assert alignment.student_positions[0] == 0 and alignment.teacher_positions[0] == 0  # BOS predicts the text
     assert len(alignment.student_positions) == len(render_text(bpe, text, 512)[2]) - 2  # all but BOS-less EOS step
+
+
+# ---------------------------------------------------------------- on-policy answers (the student's own tokens)
+
+PROMPT = CONVERSATION[:3]
+
+
+def sampled_answer(tokenizer, pieces: list[str], stop: bool = True, tail: list[int] = ()) -> list[int]:
+    """A tokenization the tokenizer would not produce itself: each piece encoded on its own, as a sample can be."""
+    answer = [token for piece in pieces for token in tokenizer(piece, add_special_tokens=False)["input_ids"]]
+    return answer + list(tail) + ([tokenizer.convert_tokens_to_ids("<|im_end|>")] if stop else [])
+
+
+def reference_answer_alignment(student_tokenizer, teacher_tokenizer, answer: list[int], prompt_length: int):
+    """By decoding: the student's boundaries from its tokens' joined spellings, the teacher's from prefixes of its
+    rendering of the prompt and the decoded answer; pairs before the shared end, and the pair at it."""
+    spelled = [value if value is not None else student_tokenizer.convert_ids_to_tokens(i).encode()
+               for i, value in enumerate(token_bytes(student_tokenizer))]
+    data = b"".join(spelled[token] for token in answer)
+    text = student_tokenizer.decode(answer, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    whole = "\ufffd" not in text
+    text = text.split("\ufffd")[0]  # an answer cut inside a character: the text before it
+    teacher = render_messages(teacher_tokenizer, PROMPT + [{"role": "assistant", "content": text}], 10**6)
+    t_answer = teacher[0][slice(*teacher[1][-1])].encode()
+    limit = shared_bytes(data if whole else text.encode(), t_answer, student_tokenizer, teacher_tokenizer)
+    s_at = {len(b"".join(spelled[token] for token in answer[:i])): prompt_length + i - 1 for i in range(len(answer) + 1)}
+    t_at = reference_boundaries(teacher_tokenizer, teacher[0], teacher[2], teacher[1][-1], limit + 1)
+    pairs = [(s_at[c], t_at[c]) for c in sorted(s_at.keys() & t_at.keys()) if c < limit]
+    end = (s_at[limit], t_at[limit]) if limit in s_at and limit in t_at else None
+    return teacher[2], pairs, end
+
+
+def byte_token(tokenizer, value: int) -> int:
+    return next(i for i, spelled in enumerate(token_bytes(tokenizer)) if spelled == bytes([value]))
+
+
+@pytest.mark.parametrize("teacher_name", ["chars", "bpe_other_merges", "bpe"])
+@pytest.mark.parametrize("case", ["stopped", "cut", "inside a character"])
+def test_sampled_answers_align_token_by_token_against_decoding(bpe, teacher_name, case, request):
+    """The student's own tokens (not a re-tokenization of its text) against the teacher's rendering of the prompt
+    and the answer's text: multi-byte characters, a sample that stops, one cut at the budget, one cut inside a
+    character (its bytes up to the character are shared, nothing after)."""
+    from llmneo.data.alignment import AnswerAligner
+
+    teacher = request.getfixturevalue(teacher_name)
+    pieces = ["Su", "re: na", "ïve 東", "京 hel", "lo."]
+    answer = {"stopped": sampled_answer(bpe, pieces), "cut": sampled_answer(bpe, pieces, stop=False),
+              "inside a character": sampled_answer(bpe, ["Sure ", "ok"], stop=False,
+                                                   tail=[byte_token(bpe, 0xE6), byte_token(bpe, 0x9D)])}[case]
+    prompt_length = 17
+    ours = AnswerAligner(bpe, teacher, [json.dumps(PROMPT)]).align(0, answer, prompt_length)
+    ids, pairs, end = reference_answer_alignment(bpe, teacher, answer, prompt_length)
+    assert ours.teacher_input_ids == ids
+    assert list(zip(ours.student_positions, ours.teacher_positions, strict=True)) == pairs
+    assert ours.end == end
+    assert len(pairs) >= 5 and all(prompt_length - 1 <= s < prompt_length + len(answer) - 1 for s, _ in pairs)
+    if teacher_name == "bpe" and case == "stopped":  # the shared end-of-turn marker aligns (its
+        # rendering ends with a newline after it)
+        assert pairs[-1][0] == prompt_length + len(answer) - 2 and end == (prompt_length + len(answer) - 1, len(ids) - 2)
 
 
 # ---------------------------------------------------------------- the KD modes

@@ -15,10 +15,12 @@ KD term compares; the student's CE still uses all of its answer tokens.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from ..errors import DataError
 from .tokenize import assistant_spans
+from .vocabulary import token_bytes
 
 
 ALIGNMENT_COLUMNS = ("teacher_input_ids", "aligned_student", "aligned_teacher")  # the dataset columns of a row
@@ -133,3 +135,100 @@ def align_rendered(student, teacher, student_ids: list[int], student_bytes: list
             student_positions.append(student_at[character])
             teacher_positions.append(teacher_at[character])
     return Alignment(teacher_ids, student_positions, teacher_positions)
+
+
+# ---------------------------------------------------------------- on-policy answers across tokenizers
+#
+# On an on-policy step the student's answer is its own sampled tokens, not a rendering of text: its boundaries are
+# where its tokens' bytes (token_bytes) start, counted from the answer's first byte, so a tokenization the student
+# sampled that the tokenizer would never produce aligns as it is. The teacher reads its own rendering of the row's
+# prompt messages followed by the answer's text and is cut by its own tokenizer, exactly as for dataset rows.
+
+PROMPT_COLUMN = "teacher_prompt"  # on-policy across tokenizers: the row's messages before its last answer (JSON)
+
+
+@dataclass
+class AnswerAlignment:
+    """One sampled answer against the teacher's rendering: position pairs (the token before each shared boundary,
+    in the rollout row and in ``teacher_input_ids``), and the pair at the end of the shared text where both sides
+    have a token boundary there (None otherwise): the end of the last byte span the ``sampled`` loss compares."""
+
+    teacher_input_ids: list[int]
+    student_positions: list[int]
+    teacher_positions: list[int]
+    end: tuple[int, int] | None
+
+
+def last_answer_prompt(rendered, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages before the last answer the (possibly truncated) student row still labels: the prompt of that
+    row's on-policy answer (rollouts.last_prompt takes the tokens before the same answer)."""
+    _, spans, _, offsets = rendered
+    answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    present = [index for index, (start, end) in zip(answers, spans, strict=True)
+               if any(a < end and b > start for a, b in offsets)]
+    if not present:
+        raise DataError("no answer left after truncation to give an on-policy prompt")
+    return messages[:present[-1]]
+
+
+def sampled_units(answer: list[int], token_bytes: list, names: dict[int, str]) -> tuple[list, list[int]]:
+    """A sampled answer as the units ``answer_units`` compares (its text's characters, then a special token it
+    stops with as one unit) and the byte where each of its tokens starts, then the byte where the last one ends.
+
+    The text is the longest prefix of the answer's bytes that is whole UTF-8 up to its first special token: a
+    sample that ends inside a character, or that spells invalid UTF-8, shares nothing beyond it."""
+    starts, data = [0], b""
+    for token in answer:
+        piece = token_bytes[token]
+        data += piece if piece is not None else names[token].encode("utf-8")
+        starts.append(len(data))
+    text_end = next((i for i, token in enumerate(answer) if token_bytes[token] is None), len(answer))
+    text_bytes = data[:starts[text_end]]
+    try:
+        text = text_bytes.decode("utf-8")
+    except UnicodeDecodeError as error:
+        text, text_end = text_bytes[:error.start].decode("utf-8"), -1
+    units = list(text)
+    if 0 <= text_end < len(answer):  # the answer's text is whole and a special token follows it
+        name = names[answer[text_end]]
+        units += [("special", name)] + [None] * (len(name) - 1)
+    return units, starts
+
+
+def align_answer(answer: list[int], prompt_length: int, student_bytes: list, student_names: dict[int, str],
+                 teacher, teacher_bytes: list) -> AnswerAlignment:
+    """The aligned boundaries of one sampled ``answer`` (after ``prompt_length`` prompt tokens in the rollout row)
+    with ``teacher``, the teacher's ``render_messages`` of the prompt messages and the answer's text."""
+    units, starts = sampled_units(answer, student_bytes, student_names)
+    teacher_text, teacher_spans, teacher_ids, _ = teacher
+    span = teacher_spans[-1]
+    shared = common_prefix(units, answer_units(teacher, teacher_bytes, span))
+    limit = len(_spelled(units[:shared]))
+    student_at = {start: prompt_length + index - 1 for index, start in enumerate(starts) if start <= limit}
+    teacher_at = boundary_positions(teacher, teacher_bytes, span[0], limit + 1, byte_offsets(teacher_text))
+    shared_bytes = sorted(key for key in student_at.keys() & teacher_at.keys() if key < limit)
+    end = (student_at[limit], teacher_at[limit]) if limit in student_at and limit in teacher_at else None
+    return AnswerAlignment(teacher_ids, [student_at[b] for b in shared_bytes], [teacher_at[b] for b in shared_bytes],
+                           end)
+
+
+def _spelled(units: list) -> bytes:
+    return "".join(unit if isinstance(unit, str) else unit[1] for unit in units if unit is not None).encode("utf-8")
+
+
+class AnswerAligner:
+    """On-policy steps across tokenizers: each sampled answer aligned with the teacher's rendering of its prompt
+    messages (``PROMPT_COLUMN``, by row id) followed by the answer's text."""
+
+    def __init__(self, student_tokenizer, teacher_tokenizer, prompts: list[str]):
+        self.teacher_tokenizer, self.prompts = teacher_tokenizer, prompts
+        self.student_bytes, self.teacher_bytes = token_bytes(student_tokenizer), token_bytes(teacher_tokenizer)
+        self.names = {index: student_tokenizer.convert_ids_to_tokens(index)
+                      for index, value in enumerate(self.student_bytes) if value is None}
+
+    def align(self, row_id: int, answer: list[int], prompt_length: int) -> AnswerAlignment:
+        units, _ = sampled_units(answer, self.student_bytes, self.names)
+        text = "".join(unit for unit in units if isinstance(unit, str))
+        messages = json.loads(self.prompts[row_id]) + [{"role": "assistant", "content": text}]
+        teacher = render_messages(self.teacher_tokenizer, messages, 10**9)  # the prompt fit; the answer is budgeted
+        return align_answer(answer, prompt_length, self.student_bytes, self.names, teacher, self.teacher_bytes)

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 import datasets
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .classification import encode_labelled_text, label_id, resolve_class_names
 from .formats import detect_format, required_columns, row_to_messages, row_to_text
 from ..losses.contract import count_answer_tokens
-from .alignment import ALIGNMENT_COLUMNS, align_rendered, render_messages, render_text
+from .alignment import (ALIGNMENT_COLUMNS, PROMPT_COLUMN, align_rendered, last_answer_prompt, render_messages,
+                        render_text)
 from .tokenize import encode_messages, encode_text
 from .vocabulary import token_bytes
 
@@ -198,11 +199,15 @@ def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
         raise DataError(f"the data files have different column types: {error}") from error
 
 
-def _encoder(tokenizer, fmt: str, max_length: int, class_names: list[str] | None, teacher_tokenizer=None):
+def _encoder(tokenizer, fmt: str, max_length: int, class_names: list[str] | None, teacher_tokenizer=None,
+             keep_prompts: bool = False):
     main_field = required_columns(fmt)[-1]
     empty_labels = -1 if fmt == "classification" else []  # the column's type either way
-    aligner = _aligner(tokenizer, teacher_tokenizer, fmt, max_length) if teacher_tokenizer is not None else None
+    aligner = (_aligner(tokenizer, teacher_tokenizer, fmt, max_length, keep_prompts) if teacher_tokenizer is not None
+               else None)
     empty_alignment = dict.fromkeys(ALIGNMENT_COLUMNS, []) if aligner else {}
+    if keep_prompts and aligner:
+        empty_alignment[PROMPT_COLUMN] = ""
 
     def encode_row(row: dict):
         if fmt == "classification":
@@ -229,10 +234,14 @@ def _encoder(tokenizer, fmt: str, max_length: int, class_names: list[str] | None
     return encode
 
 
-def _aligner(tokenizer, teacher_tokenizer, fmt: str, max_length: int):
-    """For --cross_tokenizer: a row's teacher tokens and its aligned boundaries (data/alignment.py)."""
+def _aligner(tokenizer, teacher_tokenizer, fmt: str, max_length: int, keep_prompts: bool):
+    """For --cross_tokenizer: a row's teacher tokens and its aligned boundaries (data/alignment.py); with
+    ``keep_prompts`` (on-policy steps) also the messages of its on-policy prompt, for the teacher to render."""
     if fmt == "classification":
         raise DataError("distilling across tokenizers is for token-level rows, not classification")
+    if keep_prompts and fmt == "text":
+        raise ConfigError("on-policy distillation across tokenizers needs conversations (the teacher renders each "
+                          "prompt with its own chat template): plain-text rows have no prompt")
     student_bytes, teacher_bytes = token_bytes(tokenizer), token_bytes(teacher_tokenizer)
 
     def align(row: dict, input_ids: list[int]) -> dict:
@@ -243,21 +252,26 @@ def _aligner(tokenizer, teacher_tokenizer, fmt: str, max_length: int):
             messages = row_to_messages(row, fmt)
             student = render_messages(tokenizer, messages, max_length)
             teacher = render_messages(teacher_tokenizer, messages, max_length)
-        return align_rendered(student, teacher, input_ids, student_bytes, teacher_bytes).columns()
+        columns = align_rendered(student, teacher, input_ids, student_bytes, teacher_bytes).columns()
+        if keep_prompts:
+            columns[PROMPT_COLUMN] = json.dumps(last_answer_prompt(student, messages), ensure_ascii=False)
+        return columns
 
     return align
 
 
-def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None) -> tuple[datasets.Dataset, DataReport]:
+def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None,
+                  keep_prompts: bool = False) -> tuple[datasets.Dataset, DataReport]:
     """Tokenized rows (``input_ids``, ``labels``) ready for the collator, and a report of what was dropped. With a
-    ``teacher_tokenizer`` (--cross_tokenizer) each row also has the teacher's tokens and the aligned boundaries."""
+    ``teacher_tokenizer`` (--cross_tokenizer) each row also has the teacher's tokens and the aligned boundaries,
+    and with ``keep_prompts`` its on-policy prompt's messages."""
     rows, fmt = load_rows(data_args, seed)
     class_names = None
     if fmt == "classification":
         values = [json.loads(v) for v in rows["label"]] if JSON_MARKER in rows.column_names else rows["label"]
         class_names = resolve_class_names(values, data_args.class_names, data_args.dataset)
     encoded = rows.map(
-        _encoder(tokenizer, fmt, data_args.max_length, class_names, teacher_tokenizer),
+        _encoder(tokenizer, fmt, data_args.max_length, class_names, teacher_tokenizer, keep_prompts),
         remove_columns=[c for c in rows.column_names if c not in ("_source", "_row")],
         load_from_cache_file=False,
         desc="Tokenizing",
@@ -282,10 +296,10 @@ def _answer_tokens(encoded: datasets.Dataset, fmt: str) -> int:
     return sum(count_answer_tokens(labels) for labels in encoded["labels"])
 
 
-def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None):
+def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep_prompts: bool = False):
     """Training rows, held-out rows (``--eval_split`` or ``--eval_ratio``; None without either) and the report of the
     training rows. Training and the teacher cache both call this, so they see the same rows in the same order."""
-    train, report = build_dataset(data_args, tokenizer, seed, teacher_tokenizer)
+    train, report = build_dataset(data_args, tokenizer, seed, teacher_tokenizer, keep_prompts)
     held_out = None
     if data_args.eval_ratio > 0:
         if len(train) < 2:
@@ -300,5 +314,5 @@ def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None):
             held_out_args.dataset = data_args.eval_split
         else:
             held_out_args.dataset_split = data_args.eval_split
-        held_out, _ = build_dataset(held_out_args, tokenizer, seed, teacher_tokenizer)
+        held_out, _ = build_dataset(held_out_args, tokenizer, seed, teacher_tokenizer, keep_prompts)
     return train, held_out, report

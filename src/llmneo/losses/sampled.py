@@ -66,3 +66,26 @@ def answer_log_probs(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
     """log p of every answer token (the shift of contract.py), from hidden states + head or logits."""
     mask = answer_mask(labels)
     return token_log_probs(answer_rows(x, mask), answer_targets(labels, mask), weight, chunk_size)
+
+
+def span_reverse_kl(student_log_probs: torch.Tensor, mask: torch.Tensor, spans: torch.Tensor,
+                    teacher_span_log_probs: torch.Tensor, num_items) -> LossParts:
+    """Across tokenizers, on aligned byte spans: span k = (row, a, b) holds the student's prediction positions
+    [a, b) of its row (``mask``: answer_mask) and the same bytes the teacher's ``teacher_span_log_probs[k]`` covers.
+    The gap g_k = Σ log p_s − log p_t over the span is logged summed over spans per answer token, and each
+    student token of span k gets g_k (held constant) times ∇ log p_s: with one tokenizer every span is one token and
+    this is ``sampled_reverse_kl``."""
+    items = num_items if num_items is not None else student_log_probs.numel()
+    per_position = student_log_probs.new_zeros(mask.shape).index_put(tuple(mask.nonzero().T), student_log_probs)
+    # A span's sum as a difference of running sums: in float64, or the rows' long sums would swamp the small gaps.
+    running = per_position.detach().double().cumsum(1)
+    running = torch.cat([running.new_zeros(mask.shape[0], 1), running], dim=1)
+    rows, starts, ends = spans.unbind(1)
+    gap = (running[rows, ends] - running[rows, starts] - teacher_span_log_probs.double()).to(per_position.dtype)
+    advantage = per_position.new_zeros(mask.shape[0], mask.shape[1] + 1)
+    advantage.index_put_((rows, starts), gap, accumulate=True)
+    advantage.index_put_((rows, ends), -gap, accumulate=True)
+    advantage = advantage.cumsum(1)[:, :-1]
+    kd = gap.sum() / items
+    surrogate = (advantage * (per_position - per_position.detach())).sum() / items
+    return LossParts(kd + surrogate, torch.zeros_like(kd), kd)

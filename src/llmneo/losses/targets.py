@@ -20,7 +20,7 @@ from ..errors import NeoError
 from .backends import LOSS_FUNCTIONS
 from .contract import LossParts, LossSettings, answer_mask
 from .cross_vocab import ChunkTargets, cross_tokenizer_parts, cross_vocab_kd_sum
-from .sampled import answer_log_probs, sampled_reverse_kl
+from .sampled import answer_log_probs, sampled_reverse_kl, span_reverse_kl
 from .vocab_map import VocabularyMap
 
 
@@ -112,3 +112,16 @@ class SampledTargets(TeacherTargets):
             else:
                 raise ValueError("sampled on-policy steps need the teacher's hidden states or logits")
         return sampled_reverse_kl(ours, theirs, num_items)
+
+
+@dataclass
+class AlignedSampledTargets(TeacherTargets):
+    """On-policy ``sampled`` steps across tokenizers: per aligned byte span of the student's answers, (row, first,
+    end) of its student prediction positions and the teacher's log-probability of the same bytes (sampled.py)."""
+
+    spans: torch.Tensor  # (K, 3) long
+    teacher_log_probs: torch.Tensor  # (K,)
+
+    def loss(self, student: StudentSide, labels, settings: LossSettings, num_items) -> LossParts:
+        ours = answer_log_probs(student.rows, labels, student.weight, settings.chunk_size)
+        return span_reverse_kl(ours, answer_mask(labels), self.spans, self.teacher_log_probs, num_items)

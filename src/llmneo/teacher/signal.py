@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..evaluation.metrics import HeldOutOptions, evaluate_against_teacher
-from ..losses.targets import StudentSide, TeacherTargets, TokenTargets
+from ..losses.targets import SampledTargets, StudentSide, TeacherTargets, TokenTargets
 
 
 class TeacherSignal:
@@ -42,6 +42,10 @@ class TeacherSignal:
     def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         """The teacher's side of this batch's loss (none: CE only)."""
         return TokenTargets()
+
+    def sampled_targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
+        """An on-policy ``sampled`` step's targets: the teacher's log-probability of each token the student sampled."""
+        return SampledTargets(self.targets(inputs, student))
 
     def diagnostics(self, trainer, dataset, report) -> dict:
         """Figures logged (as ``train_<name>``) before the first step and kept in the run's final metrics."""

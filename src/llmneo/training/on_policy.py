@@ -17,7 +17,7 @@ import dataclasses
 from fractions import Fraction
 
 from ..losses.contract import LossParts, LossSettings
-from ..losses.targets import SampledTargets, StudentSide, TeacherTargets
+from ..losses.targets import StudentSide, TeacherTargets
 from ..teacher.signal import TeacherSignal
 from ..rollouts import Rollouts, RolloutSettings, RolloutStats
 
@@ -39,7 +39,7 @@ class OnPolicyLoss:
 
 class SampledLoss(OnPolicyLoss):
     def targets(self, signal: TeacherSignal, inputs: dict, student: StudentSide) -> TeacherTargets:
-        return SampledTargets(signal.targets(inputs, student))
+        return signal.sampled_targets(inputs, student)
 
 
 LOSSES = {"full": OnPolicyLoss, "sampled": SampledLoss}

@@ -15,8 +15,8 @@ from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.losses.contract import IGNORE_INDEX
 from llmneo.models.loading import load_student_tokenizer
-from llmneo.pipeline import build_trainer, load_models
-from llmneo.teacher.sources import OnlineTeacher
+from llmneo.pipeline import build_trainer, load_models, reading_teacher_tokenizer, teacher_signal
+from llmneo.teacher.sources import AlignedOnlineTeacher, OnlineTeacher
 from llmneo.training.on_policy import is_on_policy_step
 from llmneo.rollouts import last_prompt, stop_token_ids
 
@@ -24,16 +24,23 @@ NEW_TOKENS = 6
 
 
 def on_policy_trainer(models_dir, train_file, out, **extra):
+    """A one-step on-policy trainer with greedy rollouts; with ``cross_tokenizer`` its teacher reads its own
+    rendering of the rows (the pipeline's teacher source and the rows' prompt messages)."""
     options = {"max_steps": 1, "warmup_steps": 0, "on_policy_fraction": 1, "rollout_temperature": 0,
                "rollout_max_new_tokens": NEW_TOKENS, **extra}
     flags = run_flags(models_dir, train_file, out, **options)
     config = parse_config(flags)
     tokenizer = load_student_tokenizer(config.model)
-    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed)
+    teacher_tokenizer = reading_teacher_tokenizer(config)
+    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed, teacher_tokenizer,
+                               keep_prompts=teacher_tokenizer is not None)
     dataset = dataset.add_column("row_id", list(range(len(dataset))))
     torch.manual_seed(0)
     student, teacher, kd_vocab = load_models(config, tokenizer)
-    trainer = build_trainer(config, student, OnlineTeacher(teacher, kd_vocab), dataset, tokenizer)
+    (out).mkdir(parents=True, exist_ok=True)
+    signal = teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vocab, None, dataset)
+    assert isinstance(signal, AlignedOnlineTeacher if teacher_tokenizer else OnlineTeacher)
+    trainer = build_trainer(config, student, signal, dataset, tokenizer)
     return trainer, dataset, tokenizer
 
 
@@ -100,6 +107,95 @@ def test_first_step_kd_equals_a_float64_reference(models_dir, train_file, tmp_pa
     # away from the same logits summed in float64.
     assert kd == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert float(trainer.loss_terms()["ce_loss"]) == 0.0
+
+
+# ---------------------------------------------------------------- across tokenizers
+
+
+def answered_rows(trainer, rows: list[dict]) -> tuple[dict, list[list[int]], list[list[int]]]:
+    """A rollout batch whose answers are each row's own last answer (text a random tiny student would not sample:
+    its greedy answers are mostly stray bytes, which share no text with another tokenizer past the first)."""
+    prompts, answers, stops = [], [], trainer.on_policy.rollouts.stops
+    for row in rows:
+        ids, labels = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])
+        prompts.append(last_prompt(ids, labels, None))
+        answer = [token for token in labels[len(prompts[-1]):].tolist() if token != IGNORE_INDEX]
+        answers.append(answer[:next((i for i, token in enumerate(answer) if token in stops), len(answer) - 1) + 1])
+    batch = trainer.on_policy.rollouts.as_batch(prompts, answers, trainer.data_collator(rows))
+    return batch, prompts, answers
+
+
+def answered_step_kd(trainer, rows: list[dict]) -> float:
+    batch, _, answers = answered_rows(trainer, rows)
+    trainer.model.train()
+    trainer.reset_loss_terms()
+    trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(sum(map(len, answers))))
+    return float(trainer.loss_terms()["kd_loss"])
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_across_one_tokenizer_equals_the_one_tokenizer_step(models_dir, train_file, tmp_path, loss):
+    """--cross_tokenizer exact with the student's own tokenizer: every answer token is its own aligned span, so
+    the step equals the one-tokenizer step (itself checked against the float64 reference above)."""
+    same, dataset, _ = on_policy_trainer(models_dir, train_file, tmp_path / "same", on_policy_loss=loss)
+    across, aligned, _ = on_policy_trainer(models_dir, train_file, tmp_path / "across", on_policy_loss=loss,
+                                           cross_tokenizer="exact")
+    expected = answered_step_kd(same, [dataset[i] for i in range(4)])
+    assert expected != 0 and answered_step_kd(across, [aligned[i] for i in range(4)]) == pytest.approx(expected, rel=1e-5)
+
+
+@torch.no_grad()
+def reference_across(trainer, rows, sampled: bool) -> float:
+    """Each answer aligned with the teacher's rendering of its prompt and text (the alignment is checked against
+    decoding in test_cross_tokenizer.py); float64 logits of both models. ``sampled``: per aligned byte span, the
+    student's log-probability of its tokens in it minus the teacher's of its own; ``full``: forward KL over
+    [mapped pairs, rest] (exact mode) at each aligned boundary. Summed, over the answer tokens."""
+    signal = trainer.signal
+    student, teacher = copy.deepcopy(trainer.model).eval(), copy.deepcopy(trainer.teacher).eval()
+    mapping = signal.vocab_map.to("cpu")
+    _, prompts, answers = answered_rows(trainer, rows)
+    total, spans = 0.0, 0
+    for row, prompt, answer in zip(rows, prompts, answers, strict=True):
+        alignment = signal.answers.align(row["row_id"], answer, len(prompt))
+        ids, teacher_ids = prompt + answer, alignment.teacher_input_ids
+        log_s = F.log_softmax(student(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        log_t = F.log_softmax(teacher(input_ids=torch.tensor([teacher_ids])).logits[0].double(), -1)
+        pairs = list(zip(alignment.student_positions, alignment.teacher_positions, strict=True))
+        if sampled:
+            ends = pairs[1:] + ([alignment.end] if alignment.end else [])
+            spans += len(ends)
+            for (s, t), (s_end, t_end) in zip(pairs, ends, strict=False):
+                total += sum(float(log_s[p, ids[p + 1]]) for p in range(s, s_end))
+                total -= sum(float(log_t[p, teacher_ids[p + 1]]) for p in range(t, t_end))
+        else:
+            spans += len(pairs)
+            for s, t in pairs:
+                p_s, p_t = log_s[s].exp(), log_t[t].exp()
+                q_s = torch.cat([p_s[mapping.student_ids], (1 - p_s[mapping.student_ids].sum())[None]])
+                q_t = torch.cat([p_t[mapping.teacher_ids], (1 - p_t[mapping.teacher_ids].sum())[None]])
+                total += float((q_t * (q_t.log() - q_s.log())).sum())
+    assert spans > sum(map(len, answers)) / 2  # the answers' text aligns (not only their first bytes)
+    return total / sum(map(len, answers))
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_across_tokenizers_step_equals_a_float64_reference(models_dir, train_file, tmp_path, char_teacher, loss):
+    """A BPE student and a character-level teacher with another chat template: the student's answers re-rendered
+    for the teacher, its multi-character tokens against the teacher's characters."""
+    trainer, dataset, _ = on_policy_trainer(models_dir, train_file, tmp_path / "run", on_policy_loss=loss,
+                                            cross_tokenizer="exact", teacher=char_teacher)
+    rows = [dataset[i] for i in range(4)]
+    expected = reference_across(trainer, rows, loss == "sampled")
+    assert expected != 0 and answered_step_kd(trainer, rows) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert float(trainer.loss_terms()["ce_loss"]) == 0.0
+
+
+def test_across_tokenizers_greedy_step_runs_the_rollouts(models_dir, train_file, tmp_path, char_teacher):
+    """The whole path with generation: rollouts replace the batch and the teacher scores what aligns."""
+    trainer, dataset, _ = on_policy_trainer(models_dir, train_file, tmp_path / "run", cross_tokenizer="exact",
+                                            teacher=char_teacher)
+    kd, (batch,) = first_step_kd(trainer, [dataset[i] for i in range(4)])
+    assert "rollout" in batch and kd > 0 and torch.isfinite(torch.tensor(kd))
 
 
 def test_rollout_batches_hold_prompt_then_labelled_answer(models_dir, train_file, tmp_path):
