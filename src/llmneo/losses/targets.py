@@ -5,6 +5,8 @@ two teacher target types, each of which computes the batch's ``LossParts``.
   its logits, or cached top-k rows), or nothing (CE only): the one-tokenizer loss of backends.py.
 - ``AlignedTargets``: the teacher at the aligned boundaries of the answers (across tokenizers): CE on all of the
   student's answer tokens plus the cross-vocabulary KD term (cross_vocab.py) at those rows.
+- ``SampledTargets`` / ``AlignedSampledTargets``: on-policy ``sampled`` steps, the teacher's log-probability of
+  each sampled token, or across tokenizers of each aligned byte span (sampled.py).
 
 Teacher sources (teacher/signal.py) build these; the trainer only calls ``targets.loss(student, ...)``.
 """
