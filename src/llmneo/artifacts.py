@@ -17,6 +17,7 @@ from .models.loading import load_student, load_tokenizer
 from .models.identity import model_identity
 from .report import before_after_markdown
 from .runtime.checkpoints import checkpoint_step, is_complete
+from .runtime.model_dir import check_model_files, model_directory
 from .runtime.run_dir import require_finished, require_new_output
 from .runtime.layout import ADAPTER_DIR, CARD_FILE, CONFIG_FILE, METRICS_FILE, MODEL_DIR, open_target
 
@@ -137,6 +138,7 @@ def load_run_model(run_dir: str | Path, command: str = "merge", dtype: str | Non
     overrides = {"student_quantization": "none", **({"dtype": dtype} if dtype else {})}  # merge into full weights
     model_args = ModelArguments(**{**config["model"], **overrides})
     if (adapter_dir / "adapter_config.json").is_file():
+        check_model_files(model_args.student_model, "student")  # a half-written base is named, not "changed"
         check_base(adapter_dir, model_args.student_model)
         tokenizer = load_tokenizer(str(adapter_dir), role="adapter")
         base = load_student(model_args, ClassHead.from_run_config(config, tokenizer))
@@ -154,7 +156,8 @@ def merge_run(run_dir: str | Path, output: str | Path, dtype: str | None = None)
     dtype (default: the run's --dtype, bf16 on a GPU)."""
     require_new_output(output)
     merged, tokenizer = load_run_model(run_dir, "merge", dtype)
-    merged.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    with model_directory(output) as partial:
+        merged.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     logger.info("merged model written to %s", output)
     return Path(output)

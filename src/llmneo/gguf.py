@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ConfigError
+from .runtime.model_dir import model_directory
 from .runtime.run_dir import require_new_output
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ def import_gguf(source: str, output: str) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config).to(loaded.dtype)
     model.load_state_dict(loaded.state_dict(), strict=True)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    with model_directory(output) as partial:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     logger.info("%s (%s, %d layers) written to %s as safetensors", path.name, type(model).__name__,
                 config.num_hidden_layers, output)
     return Path(output)

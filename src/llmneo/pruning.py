@@ -33,6 +33,7 @@ from .errors import ConfigError
 from .lm_head import capture_final_hidden, output_head
 from .losses.contract import answer_mask, answer_rows, answer_targets
 from .models.loading import load_student_tokenizer, load_tokenizer
+from .runtime.model_dir import check_model_files, model_directory
 from .runtime.run_dir import require_new_output
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def prune_model_dir(path: str, output: str, keep: int | None = None, drop: list[
         raise ConfigError(f"unknown --strategy {strategy}; expected one of {', '.join(STRATEGIES)}")
     if strategy != "even" and (calibration is None or drop is not None):
         raise ConfigError(f"--strategy {strategy} chooses the layers from --calibration data with --keep N")
+    check_model_files(path, "source")
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
     total = model.config.num_hidden_layers
     if strategy == "even":
@@ -71,10 +73,11 @@ def prune_model_dir(path: str, output: str, keep: int | None = None, drop: list[
         choose = block_influence_choice if strategy == "block-influence" else greedy_choice
         result = choose(model, batches, total - keep)
     model.config.use_cache = False
-    prune_layers(model, result.kept).save_pretrained(output)
-    load_tokenizer(path, role="source").save_pretrained(output)
-    Path(output, PRUNING_FILE).write_text(json.dumps({**asdict(result), "source": str(path), "layers": total},
-                                                     indent=1) + "\n", encoding="utf-8")
+    with model_directory(output) as partial:
+        prune_layers(model, result.kept).save_pretrained(partial)
+        load_tokenizer(path, role="source").save_pretrained(partial)
+        Path(partial, PRUNING_FILE).write_text(json.dumps({**asdict(result), "source": str(path), "layers": total},
+                                                          indent=1) + "\n", encoding="utf-8")
     logger.info("kept layers %s of %d (%s); student written to %s", result.kept, total, strategy, output)
     return result
 

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
-from ..runtime.run_dir import require_new_output
+from ..runtime.model_dir import model_directory
 from .lora import mutates_base, peft_wrapping
 from .moslora import fold_mixers, register_moslora
 from ..runtime.layout import INITIAL_ADAPTER_DIR
@@ -88,11 +88,10 @@ def export_plain_lora(adapter_dir: Path, output: Path) -> Path:
         raise ConfigError(f"{adapter_dir} holds no {WEIGHTS_FILE}")
     if output.resolve() == adapter_dir.resolve():
         raise ConfigError("export-lora writes a new directory: --output must differ from the adapter directory")
-    require_new_output(output)
-    output.mkdir(parents=True, exist_ok=True)
-    for item in adapter_dir.iterdir():
-        if item.is_file() and item.name not in (WEIGHTS_FILE, KIND_FILE):
-            shutil.copy2(item, output / item.name)
-    save_file(fold_mixers(load_file(adapter_dir / WEIGHTS_FILE)), output / WEIGHTS_FILE, metadata={"format": "pt"})
+    with model_directory(output) as partial:
+        for item in adapter_dir.iterdir():
+            if item.is_file() and item.name not in (WEIGHTS_FILE, KIND_FILE):
+                shutil.copy2(item, partial / item.name)
+        save_file(fold_mixers(load_file(adapter_dir / WEIGHTS_FILE)), partial / WEIGHTS_FILE, metadata={"format": "pt"})
     logger.info("plain LoRA form of the %s adapter written to %s", kind, output)
     return output

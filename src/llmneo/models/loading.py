@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ..data.tokenize import ensure_chat_template, set_chat_template
 from ..errors import ConfigError
+from ..runtime.model_dir import check_model_files
 from .class_head import ClassHead
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "student"):
     _check_path(path, role)
+    check_model_files(path, role)  # before transformers' own message about a missing tokenizer (misleading here)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
@@ -130,6 +132,7 @@ def load_pretrained_model(path: str, role: str, dtype: str | None, attn_implemen
     """The model at ``path``: a causal LM, or with ``head_kwargs`` (ClassHead.model_kwargs) a sequence classifier
     whose head is read from the checkpoint when it has one and newly initialised otherwise (see check_class_head)."""
     _check_path(path, role)
+    check_model_files(path, role)
     _check_weight_format(path, role, allow_pickle)
     torch_dtype = resolve_dtype(dtype)
     quantized = quantization_config(quantization, torch_dtype)

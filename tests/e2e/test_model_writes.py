@@ -1,0 +1,120 @@
+"""Model directories appear whole or not at all: merge, export-lora, prune-layers and import-gguf SIGKILLed (by
+their own PID) before the weights, in the middle of them and before the tokenizer files leave no output directory;
+the next call removes what the killed one left and writes a directory equal to an uninterrupted write (weights
+byte-identical). A hand-truncated model directory gets a one-line message from every reader."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import checkout_env, run_flags
+from killer import WRITE_KILLER
+from tiny_gguf import write_gguf
+from llmneo import cli
+
+pytestmark = pytest.mark.e2e
+POINTS = ("weights-start", "weights-middle", "tokenizer")
+WEIGHTS = {"export-lora": "adapter_model.safetensors"}  # the others write model.safetensors
+
+
+@pytest.fixture(scope="module")
+def sources(models_dir, train_file, tokenizer, tmp_path_factory) -> dict:
+    """A finished neo run, a model directory and a GGUF package: what the four writers read."""
+    from llmneo.demo.tiny import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("sources")
+    assert cli.main(["distill", *run_flags(models_dir, train_file, root / "run", max_steps=1)]) == 0
+    (root / "pkg").mkdir()
+    write_gguf(build_tiny_llama(tokenizer, num_layers=2, seed=52).eval(), tokenizer, root / "pkg" / "tiny.Q.gguf")
+    return {"run": str(root / "run"), "model": models_dir["teacher"], "gguf": str(root / "pkg")}
+
+
+def command(writer: str, sources: dict, output: Path) -> list[str]:
+    source = {"merge": sources["run"], "export-lora": sources["run"], "prune-layers": sources["model"],
+              "import-gguf": sources["gguf"]}[writer]
+    extra = ["--keep", "1"] if writer == "prune-layers" else []
+    return [writer, source, *extra, "--output", str(output)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sources, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    for writer in ("merge", "export-lora", "prune-layers", "import-gguf"):
+        assert cli.main(command(writer, sources, root / writer)) == 0
+    return {writer: root / writer for writer in ("merge", "export-lora", "prune-layers", "import-gguf")}
+
+
+@pytest.mark.parametrize("writer", ["merge", "export-lora", "prune-layers", "import-gguf"])
+def test_a_killed_write_leaves_no_directory_and_the_next_is_whole(sources, uninterrupted, tmp_path, writer, caplog):
+    expected = uninterrupted[writer]
+    for point in POINTS:
+        output = tmp_path / point / "out"
+        output.parent.mkdir()
+        killed = subprocess.run([sys.executable, "-c", WRITE_KILLER, point, *command(writer, sources, output)],
+                                capture_output=True, text=True, env=checkout_env(OMP_NUM_THREADS="1"))
+        assert killed.returncode == -9, (point, killed.stderr[-2000:])
+        assert not output.exists(), point
+        (leftover,) = output.parent.iterdir()  # the killed write's hidden sibling, never named as the output
+        assert leftover.name.startswith(".out.partial-"), point
+        caplog.clear()
+        assert cli.main(command(writer, sources, output)) == 0
+        assert str(leftover) in caplog.text and [path.name for path in output.parent.iterdir()] == ["out"]
+        assert sorted(path.name for path in output.iterdir()) == sorted(path.name for path in expected.iterdir())
+        weights = WEIGHTS.get(writer, "model.safetensors")
+        assert (output / weights).read_bytes() == (expected / weights).read_bytes(), point
+    if writer != "export-lora":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        AutoModelForCausalLM.from_pretrained(output), AutoTokenizer.from_pretrained(output)
+
+
+def truncated(source: str, folder: Path, damage: str) -> Path:
+    """A copy of a model directory at ``folder``, damaged as an interrupted write leaves one."""
+    shutil.copytree(source, folder)
+    return damaged(folder, damage)
+
+
+def damaged(folder: Path, damage: str) -> Path:
+    if damage == "no tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink()
+    elif damage == "short weights":
+        os.truncate(folder / "model.safetensors", (folder / "model.safetensors").stat().st_size // 2)
+    else:
+        (folder / "model.safetensors").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("damage, named", [("no tokenizer", "no tokenizer files"),
+                                           ("short weights", "model.safetensors is broken"),
+                                           ("no weights", "no weights (model.safetensors)")])
+def test_every_reader_names_a_half_written_model_directory(models_dir, train_file, tmp_path, capsys, damage, named):
+    base = tmp_path / "base"  # a run's base, damaged after the run finished: merge reads it again
+    shutil.copytree(models_dir["student"], base)
+    run = tmp_path / "run"
+    assert cli.main(["distill", *run_flags({**models_dir, "student": str(base)}, train_file, run, max_steps=1)]) == 0
+    damaged(base, damage)
+    broken = str(truncated(models_dir["student"], tmp_path / "student", damage))
+    teacher = str(truncated(models_dir["teacher"], tmp_path / "teacher", damage))
+    readers = {
+        "merge (the run's base)": ["merge", str(run), "--output", str(tmp_path / "merged")],
+        "eval": ["eval", broken, "--dataset", train_file],
+        "generate": ["generate", broken, "--prompt", "hello"],
+        "distill --student_model": ["distill", *run_flags({**models_dir, "student": broken}, train_file,
+                                                          tmp_path / "a")],
+        "distill --teacher_model": ["distill", *run_flags(models_dir, train_file, tmp_path / "b", teacher=teacher)],
+        "cache-teacher": ["cache-teacher", "--cache_dir", str(tmp_path / "cache"),
+                          *run_flags(models_dir, train_file, tmp_path / "c", teacher=teacher)],
+    }
+    for name, argv in readers.items():
+        capsys.readouterr()
+        assert cli.main(argv) != 0, name
+        printed = capsys.readouterr().err
+        lines = [line for line in printed.splitlines() if "interrupted write" in line]
+        assert len(lines) == 1 and named in lines[0], (name, printed[-1500:])
