@@ -195,11 +195,9 @@ def sampled_units(answer: list[int], token_bytes: list, names: dict[int, str]) -
     return units, starts
 
 
-def align_answer(answer: list[int], prompt_length: int, student_bytes: list, student_names: dict[int, str],
-                 teacher, teacher_bytes: list) -> AnswerAlignment:
-    """The aligned boundaries of one sampled ``answer`` (after ``prompt_length`` prompt tokens in the rollout row)
-    with ``teacher``, the teacher's ``render_messages`` of the prompt messages and the answer's text."""
-    units, starts = sampled_units(answer, student_bytes, student_names)
+def align_answer(units: list, starts: list[int], prompt_length: int, teacher, teacher_bytes: list) -> AnswerAlignment:
+    """The aligned boundaries of one sampled answer (its ``sampled_units``, after ``prompt_length`` prompt tokens in
+    the rollout row) with ``teacher``, the teacher's ``render_messages`` of the prompt messages and the answer's text."""
     teacher_text, teacher_spans, teacher_ids, _ = teacher
     span = teacher_spans[-1]
     shared = common_prefix(units, answer_units(teacher, teacher_bytes, span))
@@ -227,8 +225,8 @@ class AnswerAligner:
                       for index, value in enumerate(self.student_bytes) if value is None}
 
     def align(self, row_id: int, answer: list[int], prompt_length: int) -> AnswerAlignment:
-        units, _ = sampled_units(answer, self.student_bytes, self.names)
+        units, starts = sampled_units(answer, self.student_bytes, self.names)
         text = "".join(unit for unit in units if isinstance(unit, str))
         messages = json.loads(self.prompts[row_id]) + [{"role": "assistant", "content": text}]
         teacher = render_messages(self.teacher_tokenizer, messages, 10**9)  # the prompt fit; the answer is budgeted
-        return align_answer(answer, prompt_length, self.student_bytes, self.names, teacher, self.teacher_bytes)
+        return align_answer(units, starts, prompt_length, teacher, self.teacher_bytes)
