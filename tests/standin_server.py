@@ -19,6 +19,7 @@ class StandInServer:
         self.table = torch.log_softmax(torch.randn(len(tokenizer), len(tokenizer), generator=generator) * 3, dim=-1)
         self.failures = 0  # answer this many requests with HTTP 500 first
         self.corrupt = None  # callable(prompt_logprobs list) -> list, applied to completions answers
+        self.raw = None  # callable(handler, answer bytes): writes a completions answer's bytes itself (HTTP faults)
         self.requests: list[tuple[str, dict]] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -63,8 +64,10 @@ class StandInServer:
             row = self.table[prompt[t - 1]]
             order = row.argsort(descending=True)
             ranks = {int(token): rank + 1 for rank, token in enumerate(order.tolist())}
-            entry = {str(int(token)): {"logprob": float(row[token]), "rank": ranks[int(token)]} for token in order[:k]}
-            entry[str(prompt[t])] = {"logprob": float(row[prompt[t]]), "rank": ranks[prompt[t]]}
+            # vLLM's order: the position's own next token first, then the top-k by rank (a token in both, once)
+            entry = {str(prompt[t]): {"logprob": float(row[prompt[t]]), "rank": ranks[prompt[t]]}}
+            for token in order[:k].tolist():
+                entry.setdefault(str(token), {"logprob": float(row[token]), "rank": ranks[token]})
             positions.append(entry)
         if self.corrupt is not None:
             positions = self.corrupt(positions)
@@ -83,6 +86,9 @@ class StandInServer:
                 else:
                     status, answer = server._answer(self.path, body)
                 data = json.dumps(answer).encode()
+                if server.raw is not None and self.path == "/v1/completions" and status == 200:
+                    server.raw(self, data)
+                    return
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))

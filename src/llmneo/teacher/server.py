@@ -14,14 +14,16 @@ special tokens, and ``/detokenize`` of ids across the vocabulary), and that it r
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
 import os
 import re
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,12 @@ PROBE_MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
                   {"role": "user", "content": "Name three colours of the sea, and why."},
                   {"role": "assistant", "content": "Blue, green and grey: the sky and the depth decide."}]
 PROBE_TOP_K = 4  # log-probabilities per probe position in the fingerprint
+# What a served log-probability may be off by and still be taken (float32 rounding on the server): a value above
+# LOG_PROB_TOLERANCE, top-k probabilities summing past 1 + MASS_TOLERANCE, or a rank whose value exceeds the rank
+# before it by more than RANK_TOLERANCE is refused.
+LOG_PROB_TOLERANCE = 1e-4
+MASS_TOLERANCE = 1e-3
+RANK_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -46,7 +54,7 @@ class ServerSettings:
     url: str  # the OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
     model: str | None = None  # the served model name; None: the server's only model
     api_key_env: str | None = None  # the environment variable holding the API key, if the server wants one
-    timeout: float = 120.0  # seconds to wait for one answer
+    timeout: float = 120.0  # seconds one whole answer may take (connecting, sending and reading it all)
     retries: int = 4  # further tries of a request that failed to connect, timed out or got a 5xx answer
     backoff: float = 1.0  # seconds before the first retry, doubled for each next one
 
@@ -54,6 +62,18 @@ class ServerSettings:
     def from_config(cls, training) -> ServerSettings:
         return cls(training.teacher_server, training.teacher_server_model, training.teacher_server_api_key_env,
                    training.teacher_server_timeout, training.teacher_server_retries)
+
+    def api_key(self) -> str | None:
+        """The key from the named environment variable: one that is missing or empty is refused, each by name."""
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if key is None:
+            raise ConfigError(f"--teacher_server_api_key_env {self.api_key_env}: that environment variable is not set")
+        if not key.strip():
+            raise ConfigError(f"--teacher_server_api_key_env {self.api_key_env}: that environment variable is set but "
+                              "empty; put the server's API key in it")
+        return key.strip()
 
 
 class TeacherServer:
@@ -143,10 +163,12 @@ class TeacherServer:
                                {"model": self.model, "prompt": list(token_ids), "max_tokens": 1, "temperature": 0.0,
                                 "prompt_logprobs": k})
         try:
-            positions = answer["choices"][0]["prompt_logprobs"][1:]
+            positions = answer["choices"][0]["prompt_logprobs"]
         except (KeyError, IndexError, TypeError):
-            raise TeacherServerError(f"teacher server {self.settings.url} answered without prompt_logprobs") from None
-        return positions
+            positions = None
+        if not isinstance(positions, list):
+            raise TeacherServerError(f"teacher server {self.settings.url} answered without prompt_logprobs")
+        return positions[1:]
 
     def row_topk(self, feature: dict, k: int, vocab: int) -> TopKRows:
         """The teacher's top-k at the answer positions of one tokenized training row (``input_ids``, ``labels``,
@@ -200,24 +222,85 @@ class TeacherServer:
 
     def _send(self, method: str, url: str, payload: dict | None) -> dict:
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None
-        if self.settings.api_key_env and not key:
-            raise ConfigError(f"--teacher_server_api_key_env {self.settings.api_key_env}: that environment variable "
-                              "is not set")
+        key = self.settings.api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
         data = json.dumps(payload).encode() if payload is not None else None
-        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        status, body = _exchange(method, url, data, headers, self.settings.timeout)
+        if status >= 400:
+            raise self._refusal(url, status, body)
         try:
-            with urllib.request.urlopen(request, timeout=self.settings.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            raise TeacherServerError.from_answer(url, error.code, error.read()) from None
-        except (urllib.error.URLError, OSError) as error:  # refused, reset, timed out
-            reason = getattr(error, "reason", error)
-            raise TeacherServerError(f"teacher server {url}: {reason}", reason=str(reason), retryable=True) from None
-        except json.JSONDecodeError:
-            raise TeacherServerError(f"teacher server {url} answered with something that is not JSON") from None
+            return json.loads(body, object_pairs_hook=_unique_keys)
+        except ValueError as error:  # not JSON, or a key given twice
+            raise TeacherServerError(f"teacher server {url} answered with something that is not valid JSON "
+                                     f"({error})") from None
+
+    def _refusal(self, url: str, status: int, body: bytes) -> TeacherServerError:
+        error = TeacherServerError.from_answer(url, status, body)
+        if status in (401, 403):
+            hint = (f"the server refused the key in ${self.settings.api_key_env}: check it"
+                    if self.settings.api_key_env else
+                    "the server wants an API key: put it in an environment variable and name that variable with "
+                    "--teacher_server_api_key_env")
+            error.args = (f"{error}; {hint}",)
+        return error
+
+
+def _exchange(method: str, url: str, data: bytes | None, headers: dict, timeout: float) -> tuple[int, bytes]:
+    """One HTTP request and its whole answer within ``timeout`` seconds: a watchdog shuts the socket at the
+    deadline, so a server that answers slowly (a byte at a time) cannot hold the run past it. Transport faults
+    (refused, reset, a malformed status line, a body shorter than its Content-Length, the deadline) are
+    retryable TeacherServerErrors."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, parts.port, timeout=timeout)
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        if connection.sock is not None:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(timeout, cut)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection.request(method, path, body=data, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except (http.client.HTTPException, OSError) as error:
+        reason = (f"no whole answer within {timeout:g} s (--teacher_server_timeout)" if expired.is_set()
+                  else _transport_reason(error))
+        raise TeacherServerError(f"teacher server {url}: {reason}", reason=reason, retryable=True) from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+
+
+def _transport_reason(error: Exception) -> str:
+    if isinstance(error, http.client.IncompleteRead):
+        return (f"the answer broke off after {len(error.partial)} bytes"
+                + (f", {error.expected} more were announced" if error.expected is not None else ""))
+    if isinstance(error, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(error, http.client.BadStatusLine):
+        return f"the server answered with a malformed status line {str(error)[:80]!r}"
+    if isinstance(error, http.client.HTTPException):
+        return f"the server's answer is not valid HTTP ({type(error).__name__}: {str(error)[:120]})"
+    return str(getattr(error, "reason", None) or error) or type(error).__name__
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are unique: an answer naming one token twice at a position is malformed."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        twice = sorted({key for key, _ in pairs if sum(other == key for other, _ in pairs) > 1})
+        raise ValueError(f"key {twice[0]!r} appears twice in one object")
+    return found
 
 
 def probe_text(tokenizer) -> str:
@@ -227,22 +310,57 @@ def probe_text(tokenizer) -> str:
     return " ".join(message["content"] for message in PROBE_MESSAGES)
 
 
-def _by_rank(entry: dict, k: int, where: str) -> tuple[list[int], list[float]]:
+def _by_rank(entry, k: int, where: str) -> tuple[list[int], list[float]]:
     """The k most likely ids of one position and their log-probabilities, by rank (the entry also holds the
-    actual next token, at whatever rank it has)."""
-    ranked = sorted((int(value["rank"]), int(token), float(value["logprob"])) for token, value in entry.items()
-                    if int(value["rank"]) <= k)
+    actual next token, at whatever rank it has), checked: ranks 1..k once each, every value a log-probability
+    (<= 0), values falling with rank, and a top-k mass of at most 1, each within its stated tolerance."""
+    ranked = sorted(item for item in _parsed(entry, where) if item[0] <= k)
     if len(ranked) < k:
         raise TeacherServerError(f"the teacher server returned {len(ranked)} of {k} log-probabilities for {where}")
-    values = [value for _, _, value in ranked[:k]]
-    if not all(math.isfinite(value) for value in values):
+    ranks = [rank for rank, _, _ in ranked]
+    if ranks != list(range(1, len(ranks) + 1)):
+        raise TeacherServerError(f"the teacher server returned ranks {ranks} for {where}: the top {k} must have "
+                                 f"ranks 1..{k}, each once")
+    ids, values = [token for _, token, _ in ranked], [value for _, _, value in ranked]
+    for rank in range(1, k):
+        if values[rank] > values[rank - 1] + RANK_TOLERANCE:
+            raise TeacherServerError(f"the teacher server returned log-probability {values[rank]:.6g} at rank "
+                                     f"{rank + 1} above {values[rank - 1]:.6g} at rank {rank} for {where}")
+    mass = math.fsum(math.exp(value) for value in values)
+    if mass > 1 + MASS_TOLERANCE:
+        raise TeacherServerError(f"the teacher server's top-{k} probabilities sum to {mass:.6g} for {where}: more "
+                                 f"than 1 (tolerance {MASS_TOLERANCE:g})")
+    return ids, values
+
+
+def _parsed(entry, where: str) -> list[tuple[int, int, float]]:
+    """(rank, token id, log-probability) of each item of one position's entry, each value checked."""
+    if not isinstance(entry, dict):
+        raise TeacherServerError(f"the teacher server returned a {type(entry).__name__} where the log-probabilities "
+                                 f"of {where} belong (expected an object of token id -> logprob and rank)")
+    items = []
+    for token, value in entry.items():
+        try:
+            item = (int(value["rank"]), int(token), float(value["logprob"]))
+        except (KeyError, TypeError, ValueError):
+            raise TeacherServerError(f"the teacher server returned {json.dumps(value)[:80]} for token {token} at "
+                                     f"{where}: expected {{\"logprob\": number, \"rank\": integer}}") from None
+        items.append(item)
+        _check_log_prob(item[2], item[1], where)
+    return items
+
+
+def _check_log_prob(value: float, token: int, where: str) -> None:
+    if not math.isfinite(value):
         raise TeacherServerError(f"the teacher server returned a non-finite log-probability for {where}")
-    return [token for _, token, _ in ranked[:k]], values
+    if value > LOG_PROB_TOLERANCE:
+        raise TeacherServerError(f"the teacher server returned log-probability {value:.6g} > 0 for token {token} at "
+                                 f"{where}: not a log-probability (tolerance {LOG_PROB_TOLERANCE:g})")
 
 
 def _actual_token(entry: dict, token: int) -> float:
     """The log-probability of the row's own next token, which vLLM adds to every position's entry (NaN where a
-    server does not: only on-policy ``sampled`` steps read it, and they refuse NaN)."""
+    server does not: only on-policy ``sampled`` steps read it, and they refuse NaN). Checked by ``_by_rank``."""
     found = entry.get(str(token))
     return float(found["logprob"]) if found is not None else math.nan
 

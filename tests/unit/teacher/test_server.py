@@ -3,7 +3,9 @@ against the stand-in's own model, retries, every refusal and fault message, the 
 
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import pytest
 import torch
@@ -76,8 +78,29 @@ def test_client_errors_are_not_retried(standin, tokenizer):
     (lambda positions: positions[:4], "returned no log-probabilities for training row 7 at position 3"),
     (lambda positions: [None, *[{**p, next(iter(p)): {"logprob": float("nan"), "rank": 1}} for p in positions[1:]]],
      "non-finite log-probability for training row 7 at position 2"),
-    (lambda positions: [None, *[dict(list(p.items())[1:]) for p in positions[1:]]],
+    (lambda positions: [None, *[{t: v for t, v in p.items() if v["rank"] != 1} for p in positions[1:]]],
      "returned 2 of 3 log-probabilities for training row 7 at position 2"),
+    # row 1 of the reliability round: values that are not log-probabilities
+    (lambda positions: [None, *[{t: {**v, "logprob": v["logprob"] + 8.0} for t, v in p.items()} for p in positions[1:]]],
+     r"returned log-probability \d+\.\d+ > 0 for token \d+ at training row 7 at position 2: not a log-probability "
+     r"\(tolerance 0\.0001\)"),
+    # row 2: top-k probabilities summing past 1 (each value still <= 0)
+    (lambda positions: [None, *[{t: {**v, "logprob": -0.05 * v["rank"]} for t, v in p.items()} for p in positions[1:]]],
+     r"top-3 probabilities sum to 2\.7\d* for training row 7 at position 2: more than 1 \(tolerance 0\.001\)"),
+    # row 3: every entry rank 1
+    (lambda positions: [None, *[{t: {**v, "rank": 1} for t, v in p.items()} for p in positions[1:]]],
+     r"returned ranks \[1, 1, 1.*\] for training row 7 at position 2: the top 3 must have ranks 1\.\.3, each once"),
+    # ranks that disagree with the values
+    (lambda positions: [None, *[{t: {**v, "rank": 4 - v["rank"] if v["rank"] <= 3 else v["rank"]} for t, v in p.items()}
+                                for p in positions[1:]]],
+     r"log-probability -\d+\.\d+ at rank 2 above -\d+\.\d+ at rank 1 for training row 7 at position 2"),
+    # row 4: null or a list where an entry belongs, null inside an entry
+    (lambda positions: [None, None, None, ["a", 1], *positions[4:]],
+     r"returned a list where the log-probabilities of training row 7 at position 2 belong"),
+    (lambda positions: [None, *[{t: None for t in p} for p in positions[1:]]],
+     r"returned null for token \d+ at training row 7 at position 2: expected"),
+    (lambda positions: [None, *[{t: {"logprob": "x", "rank": 1} for t in p} for p in positions[1:]]],
+     r"returned \{\"logprob\": \"x\", \"rank\": 1\} for token \d+ at training row 7 at position 2"),
 ])
 def test_a_broken_answer_names_the_row_and_position(standin, tokenizer, fault, message):
     server = connected(standin, tokenizer)
@@ -129,8 +152,16 @@ def test_api_key_from_the_environment(tokenizer, monkeypatch):
     try:
         with pytest.raises(ConfigError, match="NEO_KEY: that environment variable is not set"):
             client(server.url, api_key_env="NEO_KEY").connect(tokenizer)
-        with pytest.raises(TeacherServerError, match="HTTP 401: Unauthorized"):
+        with pytest.raises(TeacherServerError, match="HTTP 401: Unauthorized; the server wants an API key: put it in "
+                                                     "an environment variable and name that variable with "
+                                                     "--teacher_server_api_key_env"):
             client(server.url).connect(tokenizer)
+        monkeypatch.setenv("NEO_KEY", "")
+        with pytest.raises(ConfigError, match="NEO_KEY: that environment variable is set but empty"):
+            client(server.url, api_key_env="NEO_KEY").connect(tokenizer)
+        monkeypatch.setenv("NEO_KEY", "wrong")
+        with pytest.raises(TeacherServerError, match=r"HTTP 401: Unauthorized; the server refused the key in \$NEO_KEY"):
+            client(server.url, api_key_env="NEO_KEY").connect(tokenizer)
         monkeypatch.setenv("NEO_KEY", "s3cret")
         assert client(server.url, api_key_env="NEO_KEY").connect(tokenizer).model == "teacher"
         assert server.requests[-1][1]["authorization"] == "Bearer s3cret"
@@ -196,3 +227,112 @@ def test_rollout_batches_are_scored_as_they_are_not_as_fetched_ahead(standin, to
     own = torch.tensor([float(standin.table[ids[t], ids[t + 1]]) for t in range(2, len(ids) - 1)])
     torch.testing.assert_close(targets.token_log_probs, own)
     source.close()
+
+
+def _same_token_twice(handler, data: bytes) -> None:
+    """A completions answer whose first position names one token twice (JSON keeps the last of duplicate keys)."""
+    answer = json.loads(data)
+    entry = answer["choices"][0]["prompt_logprobs"][1]
+    token, value = next(iter(entry.items()))
+    text = json.dumps(answer).replace(json.dumps({token: value})[1:-1],
+                                      json.dumps({token: value})[1:-1] + ", " + json.dumps({token: value})[1:-1], 1)
+    _send_raw(handler, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+              + str(len(text)).encode() + b"\r\n\r\n" + text.encode())
+
+
+def _send_raw(handler, data: bytes, pause: float = 0.0) -> None:
+    handler.close_connection = True
+    if not pause:
+        handler.wfile.write(data)
+        return
+    for i in range(len(data)):
+        handler.wfile.write(data[i:i + 1])
+        handler.wfile.flush()
+        time.sleep(pause)
+
+
+def _bad_status_line(handler, data: bytes) -> None:
+    _send_raw(handler, b"HTPP/1.1 2OO fine\r\n\r\n" + data)
+
+
+def _short_body(handler, data: bytes) -> None:
+    _send_raw(handler, b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(data) + 100).encode() + b"\r\n\r\n" + data)
+
+
+def test_a_token_named_twice_at_one_position_is_refused(standin, tokenizer):
+    server = connected(standin, tokenizer)
+    standin.raw = _same_token_twice
+    with pytest.raises(TeacherServerError, match=r"not valid JSON \(key '\d+' appears twice in one object\)"):
+        server.row_topk(feature(tokenizer, row=7), 3, len(tokenizer))
+
+
+@pytest.mark.parametrize("fault, message", [
+    (_bad_status_line, r"malformed status line 'HTPP/1.1 2OO fine"),
+    (_short_body, r"the answer broke off after \d+ bytes, 100 more were announced"),
+])
+def test_broken_http_is_named_in_one_line_and_retried(standin, tokenizer, fault, message):
+    """Row 4: a malformed status line or a body shorter than its Content-Length is one line, tried again (a
+    retry can help: the next answer may be whole), and a good answer after it is taken."""
+    server = connected(standin, tokenizer, retries=2)
+    standin.raw = fault
+    before = sum(path == "/v1/completions" for path, _ in standin.requests)
+    with pytest.raises(TeacherServerError, match=message + r".*\(after 3 tries\)") as raised:
+        server.row_topk(feature(tokenizer, row=7), 3, len(tokenizer))
+    assert "\n" not in str(raised.value)
+    assert sum(path == "/v1/completions" for path, _ in standin.requests) == before + 3
+    calls = []
+    standin.raw = lambda handler, data: (calls.append(1), fault(handler, data)) if not calls else _send_raw(
+        handler, b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    assert len(server.row_topk(feature(tokenizer, row=7), 3, len(tokenizer))) > 0
+
+
+def test_the_timeout_bounds_the_whole_answer_not_each_read(standin, tokenizer):
+    """Row 5: a server that sends a valid answer a byte every 0.2 s with a 1 s timeout and one retry is given up
+    on after about 2 s, not after the many seconds the whole answer would take."""
+    server = connected(standin, tokenizer, retries=1, timeout=1.0)
+    standin.raw = lambda handler, data: _send_raw(
+        handler, b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data, pause=0.2)
+    start = time.monotonic()
+    with pytest.raises(TeacherServerError, match=r"no whole answer within 1 s \(--teacher_server_timeout\) "
+                                                 r"\(after 2 tries\)"):
+        server.row_topk(feature(tokenizer, row=7), 3, len(tokenizer))
+    assert time.monotonic() - start < 4.0
+
+
+def test_retries_wait_a_doubling_backoff(standin, tokenizer, monkeypatch):
+    waits = []
+    monkeypatch.setattr("llmneo.teacher.server.time.sleep", waits.append)
+    server = TeacherServer(ServerSettings(standin.url, retries=3, backoff=0.5)).connect(tokenizer)
+    standin.failures = 3
+    server.prompt_logprobs([1, 2, 3], 2)
+    assert waits == [0.5, 1.0, 2.0]
+    standin.failures = 4
+    with pytest.raises(TeacherServerError, match="after 4 tries"):
+        server.prompt_logprobs([1, 2, 3], 2)
+    assert waits[3:] == [0.5, 1.0, 2.0]  # no wait after the last try
+
+
+def test_the_standin_answers_in_vllms_order(standin, tokenizer):
+    """Each position: its own next token first, then the top-k by rank; the unit layer sees what vLLM sends."""
+    server = connected(standin, tokenizer)
+    ids = feature(tokenizer)["input_ids"]
+    entries = server.prompt_logprobs(ids, 3)
+    for t, entry in enumerate(entries):
+        keys = list(entry)
+        assert keys[0] == str(ids[t + 1])
+        rest = [int(entry[key]["rank"]) for key in keys[1:]]
+        assert rest == sorted(rest) and set(range(1, 4)) <= {int(v["rank"]) for v in entry.values()}
+
+
+def test_a_changed_value_at_the_same_ids_is_another_model(standin, tokenizer):
+    """The probe comparison looks at values, not only at which ids come first: weights scaled so the order of
+    every row stays while its values move are another model."""
+    server = connected(standin, tokenizer)
+    saved = server.fingerprint(tokenizer)
+    standin.table = torch.log_softmax(standin.table * 1.5, dim=-1)  # same ranking, other probabilities
+    changed = server.fingerprint(tokenizer)
+    assert [[token for token, _ in row] for row in changed["probe"]] == [[token for token, _ in row]
+                                                                          for row in saved["probe"]]
+    assert not same_probe(saved, changed)
+    shifted = {**saved, "probe": [[[token, value - 0.06] for token, value in row] for row in saved["probe"]]}
+    assert not same_probe(saved, shifted)  # just past the stated tolerance of 0.05
