@@ -17,6 +17,8 @@ from .errors import ConfigError
 from .methods import METHODS
 from .recipes import RECIPE_HELP, RECIPES
 
+MIN_ROLLOUT_TEMPERATURE = 1e-3  # the smallest sampling temperature taken (0 is greedy): below it logits / T overflow
+
 
 def _help(text: str, default=None, **kwargs):
     return field(default=default, metadata={"help": text}, **kwargs)
@@ -377,7 +379,9 @@ def _on_policy_checks(config: RunConfig) -> list[tuple[bool, str]]:
             *[(not used, f"on_policy_fraction does not work with {name}") for name, used in unsupported],
             (training.rollout_max_new_tokens >= 1,
              f"rollout_max_new_tokens must be >= 1, got {training.rollout_max_new_tokens}"),
-            (training.rollout_temperature >= 0, f"rollout_temperature must be >= 0, got {training.rollout_temperature}"),
+            (training.rollout_temperature == 0 or training.rollout_temperature >= MIN_ROLLOUT_TEMPERATURE,
+             f"rollout_temperature must be 0 (greedy) or >= {MIN_ROLLOUT_TEMPERATURE:g} (below it logits / T "
+             f"overflow and sampling breaks), got {training.rollout_temperature:g}"),
             (0 < training.rollout_top_p <= 1, f"rollout_top_p must be in (0, 1], got {training.rollout_top_p}"),
             (training.on_policy_loss == "full" or training.temperature == 1.0,
              f"on_policy_loss sampled is the reverse-KL estimator at T = 1: --temperature {training.temperature} "

@@ -9,7 +9,7 @@ import json
 import logging
 import shlex
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from .losses.vocab_map import VocabularyMap, load_vocabulary_map
 from .data.alignment import PROMPT_COLUMN, AnswerAligner
 from .data.loading import DataReport, build_datasets
 from .data.packing import PackingCollator
-from .errors import DiskFullError, NonFiniteError, TeacherServerError, TrainingOutOfMemory, VocabularyError
+from .errors import ConfigError, DiskFullError, NonFiniteError, TeacherServerError, TrainingOutOfMemory, VocabularyError
 from .evaluation.classification import class_fidelity_kl
 from .evaluation.metrics import teacher_fidelity_kl
 from .methods import METHODS
@@ -45,7 +45,7 @@ from .runtime.lock import DirectoryLock
 from .runtime.planner import plan_micro_batch
 from .runtime.processes import check_processes
 from .runtime.resume import cut_metrics, resolve_checkpoint
-from .runtime.run_dir import claim_output_dir, mark_finished, mark_started
+from .runtime.run_dir import claim_output_dir, mark_failed, mark_finished, mark_started
 from .teacher.cache import TeacherCache, cached_vocab_size, open_teacher_cache
 from .teacher.loading import load_teacher
 from .teacher.signal import NoTeacher, TeacherSignal
@@ -92,6 +92,18 @@ def distill(config, callbacks=()) -> RunSummary:
             raise DiskFullError(disk_full_message(error, config.training.output_dir)) from None
 
 
+@contextmanager
+def failure_marked(config):
+    """A started run that stops on an error is marked "failed" in run.json with the error (never left
+    "running"); a kill cannot be marked, and is told from a live run by the run directory's lock."""
+    try:
+        yield
+    except BaseException as error:
+        if config.training.process_index == 0:
+            mark_failed(config.training.output_dir, error)
+        raise
+
+
 def disk_full_message(error: OSError, run_dir) -> str:
     complete = complete_checkpoints(run_dir)
     resume = (f"the last complete checkpoint is {complete[-1][1].name}: free some space, then resume with "
@@ -108,6 +120,7 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     keep_prompts = teacher_tokenizer is not None and config.training.on_policy_fraction > 0
     dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer,
                                                keep_prompts)
+    check_on_policy_rows(config, report)
     log_data(report, held_out)
     head = class_head(config, tokenizer, report)
     data = data_fingerprint(dataset, config.data.dataset)
@@ -122,25 +135,35 @@ def train_and_write(config, callbacks=()) -> RunSummary:
                                       dataset)
     identity = run_identity(resolved_config(config), data, signal.identity(), read_models(config, base, teacher))
     resume = prepare_run_dir(config, identity)
-    initial_adapter = save_initial_adapter(student, Path(config.training.output_dir)) if saves_adapter(config) else None
-    trainer = build_trainer(config, student, signal, dataset, tokenizer, callbacks, held_out,
-                            checkpoint_files(config, identity, base))
-    if config.training.auto_micro_batch:
-        plan_micro_batch(trainer, dataset, config.training.auto_micro_batch_budget_gib)
-    quantized_teacher = teacher is not None and is_quantized(teacher)
-    fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head) if quantized_teacher else None
-    diagnostics = log_diagnostics(trainer, signal, dataset, report)
-    before = measure_before(trainer, config, tokenizer, held_out, resume, signal.teacher_tokenizer)
-    try:
-        result = train_or_explain(trainer, config, resume)
-    finally:
-        signal.close()
-    final_metrics = {**collect_final_metrics(trainer, result, report, held_out is not None, fidelity), **diagnostics}
-    outcome = RunOutcome(report, final_metrics, *compare_with_before(trainer, tokenizer, before, final_metrics))
-    weights_dir = write_artifacts(trainer, config, tokenizer, outcome, initial_adapter, base)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return RunSummary(Path(config.training.output_dir), weights_dir, trainer.state.global_step, final_metrics, report,
-                      config, trainable, trainer.items_seen())
+    with failure_marked(config):
+        run_dir = Path(config.training.output_dir)
+        initial_adapter = save_initial_adapter(student, run_dir) if saves_adapter(config) else None
+        trainer = build_trainer(config, student, signal, dataset, tokenizer, callbacks, held_out,
+                                checkpoint_files(config, identity, base))
+        if config.training.auto_micro_batch:
+            plan_micro_batch(trainer, dataset, config.training.auto_micro_batch_budget_gib)
+        quantized_teacher = teacher is not None and is_quantized(teacher)
+        fidelity = log_teacher_fidelity(config, trainer, teacher, kd_vocab_size, head) if quantized_teacher else None
+        diagnostics = log_diagnostics(trainer, signal, dataset, report)
+        before = measure_before(trainer, config, tokenizer, held_out, resume, signal.teacher_tokenizer)
+        try:
+            result = train_or_explain(trainer, config, resume)
+        finally:
+            signal.close()
+        final_metrics = {**collect_final_metrics(trainer, result, report, held_out is not None, fidelity), **diagnostics}
+        outcome = RunOutcome(report, final_metrics, *compare_with_before(trainer, tokenizer, before, final_metrics))
+        weights_dir = write_artifacts(trainer, config, tokenizer, outcome, initial_adapter, base)
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        return RunSummary(Path(config.training.output_dir), weights_dir, trainer.state.global_step, final_metrics, report,
+                          config, trainable, trainer.items_seen())
+
+
+def check_on_policy_rows(config, report: DataReport) -> None:
+    """On-policy steps answer each row's prompt: plain text rows have none (every token is trained on)."""
+    if config.training.on_policy_fraction > 0 and report.data_format == "text":
+        raise ConfigError(f"on_policy_fraction {config.training.on_policy_fraction:g}: {config.data.dataset} has "
+                          "plain 'text' rows, with no prompt for the student to answer; on-policy steps need rows "
+                          "with a prompt (messages, conversations, or prompt and completion)")
 
 
 def connect_served_teacher(config, tokenizer) -> tuple[TeacherServer, dict] | None:
@@ -374,7 +397,9 @@ def train_or_explain(trainer, config, resume):
         raise NonFiniteError(f"{error}. {saved}") from None
     except TeacherServerError as error:
         saved = _save_last_good_step(trainer, resume_hint=False)
-        raise TeacherServerError(f"{error}. {saved} {resume_command(config)}") from None
+        then = (resume_command(config) if complete_checkpoints(config.training.output_dir) else
+                "Run the same command again once the server answers (there is nothing to resume).")
+        raise TeacherServerError(f"{error}. {saved} {then}") from None
     except torch.OutOfMemoryError:
         saved = _save_last_good_step(trainer)
         args = config.training

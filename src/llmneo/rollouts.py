@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .data.tokenize import encode_messages
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .losses.contract import IGNORE_INDEX
 
 ROLLOUT = "rollout"  # the key that marks a batch of the student's own answers (no teacher row was fetched ahead)
@@ -101,6 +101,10 @@ class Rollouts:
         prompts = [last_prompt(inputs["input_ids"][b], inputs["labels"][b], None if mask is None else mask[b])
                    for b in range(inputs["input_ids"].shape[0])]
         row_ids = inputs["row_id"].tolist() if "row_id" in inputs else list(range(len(prompts)))
+        for prompt, row in zip(prompts, row_ids, strict=True):
+            if not prompt:
+                raise DataError(f"training row {row} has no prompt before its answer: on-policy steps need rows "
+                                "with a prompt for the student to answer")
         was_training = model.training
         model.eval()
         try:

@@ -84,3 +84,44 @@ def test_eval_on_policy_of_a_run(models_dir, train_file, tmp_path):
     assert cli.main(["eval", str(out), "--on_policy", "--on_policy_max_new_tokens", "8", "--bootstrap", "50"]) == 0
     report = json.loads((out / "eval.json").read_text())["on_policy"]
     assert report["on_policy_prompts"] >= 5 and report["on_policy_reverse_kl_ci_low"] <= report["on_policy_reverse_kl"]
+
+
+def test_plain_text_rows_are_refused_before_training(models_dir, tmp_path, capsys):
+    """Row 7: on-policy steps need a prompt to answer; plain text rows have none."""
+    from conftest import write_jsonl
+    from llmneo.demo.tiny import corpus_texts
+
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in corpus_texts()[:16]])
+    out = tmp_path / "run"
+    assert cli.main(flags(models_dir, data, out, **ON_POLICY)) == 1
+    err = capsys.readouterr().err
+    assert "plain 'text' rows, with no prompt for the student to answer; on-policy steps need rows with a prompt" in err
+    assert "Traceback" not in err and not (out / "adapter").exists()
+
+
+@pytest.mark.parametrize("temperature", ["1e-45", "0.0005", "-1"])
+def test_a_temperature_too_small_to_sample_with_is_refused(models_dir, train_file, tmp_path, capsys, temperature):
+    """Row 8: below 0.001 logits / T overflow; 0 (greedy) stays allowed."""
+    out = tmp_path / "run"
+    assert cli.main(flags(models_dir, train_file, out, **{**ON_POLICY, "rollout_temperature": temperature})) == 1
+    assert "rollout_temperature must be 0 (greedy) or >= 0.001" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_crash_marks_the_run_failed_not_running(models_dir, train_file, tmp_path):
+    """A run that stops on an error never stays "running" in run.json: it says failed, and why."""
+    from transformers import TrainerCallback
+
+    from llmneo.config import parse_config
+    from llmneo.pipeline import distill
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError("a fault in step 2")
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="a fault in step 2"):
+        distill(parse_config(run_flags(models_dir, train_file, out, **ON_POLICY)), callbacks=[Boom()])
+    state = json.loads((out / "run.json").read_text())
+    assert state["status"] == "failed" and state["error"] == "RuntimeError: a fault in step 2" and state["stopped"]

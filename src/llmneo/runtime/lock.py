@@ -24,8 +24,10 @@ class DirectoryLock:
 
     def __init__(self, directory: str | Path, command: str):
         self.path, self.command, self.handle = Path(directory) / LOCK_FILE, command, None
+        self.created = False  # whether this lock made the directory (removed again if nothing else was written)
 
     def __enter__(self) -> DirectoryLock:
+        self.created = not self.path.parent.exists()
         writable_directory(self.path.parent)
         handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
         try:
@@ -45,10 +47,16 @@ class DirectoryLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
-            self.handle = None
+        if self.handle is None:
+            return
+        # A command refused before it wrote anything leaves no trace: no lone lock file, no directory it made.
+        if [item.name for item in self.path.parent.iterdir()] == [LOCK_FILE]:
+            self.path.unlink()
+            if self.created:
+                self.path.parent.rmdir()
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+        self.handle = None
 
 
 def _describe(holder: str) -> str:

@@ -33,6 +33,17 @@ def mark_finished(run_dir: str | Path, steps: int) -> None:
     _write_run_state(Path(run_dir), {**state, "status": "finished", "steps": steps, "finished": _now()})
 
 
+def mark_failed(run_dir: str | Path, error: BaseException) -> None:
+    """The run stopped on ``error``: run.json says so, with the error's first line (only a run marked running:
+    a refusal before the run started leaves the directory as it was)."""
+    state = read_run_state(run_dir)
+    if state is None or state.get("status") != "running":
+        return
+    reason = (str(error).splitlines() or [""])[0][:500] or type(error).__name__
+    _write_run_state(Path(run_dir), {**state, "status": "failed", "error": f"{type(error).__name__}: {reason}",
+                                     "stopped": _now()})
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
