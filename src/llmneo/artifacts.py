@@ -17,7 +17,7 @@ from .models.loading import load_student, load_tokenizer
 from .models.identity import model_identity
 from .report import before_after_markdown
 from .runtime.checkpoints import checkpoint_step, is_complete
-from .runtime.model_dir import check_model_files, model_directory
+from .runtime.model_dir import check_model_files, model_directory, seal_directory
 from .runtime.run_dir import require_finished, require_new_output
 from .runtime.layout import ADAPTER_DIR, CARD_FILE, CONFIG_FILE, METRICS_FILE, MODEL_DIR, open_target
 
@@ -53,6 +53,7 @@ def save_final_weights(model, tokenizer, run_dir: Path, config, initial_adapter:
         target = run_dir / MODEL_DIR
         model.save_pretrained(target, state_dict=state_dict)
     tokenizer.save_pretrained(target)
+    seal_directory(target)
     return target
 
 

@@ -118,3 +118,62 @@ def test_every_reader_names_a_half_written_model_directory(models_dir, train_fil
         printed = capsys.readouterr().err
         lines = [line for line in printed.splitlines() if "interrupted write" in line]
         assert len(lines) == 1 and named in lines[0], (name, printed[-1500:])
+
+
+def zero_last_block(path: Path, size: int = 4096) -> None:
+    """Storage corruption that keeps the size and the header: the last ``size`` bytes become zeros."""
+    with open(path, "r+b") as handle:
+        handle.seek(-size, os.SEEK_END)
+        handle.write(b"\0" * size)
+
+
+def test_every_reader_names_weights_damaged_after_a_write(models_dir, train_file, uninterrupted, tmp_path, capsys):
+    """Row 9: a merged model whose model.safetensors had its last 4 KiB zeroed (same size, same header) is named
+    by every reader instead of being evaluated, answered with or trained on."""
+    merged = tmp_path / "merged"
+    shutil.copytree(uninterrupted["merge"], merged)
+    zero_last_block(merged / "model.safetensors")
+    run = tmp_path / "run"  # a run on the merged model, whose base is damaged afterwards: merge reads it again
+    base = tmp_path / "base"
+    shutil.copytree(uninterrupted["merge"], base)
+    assert cli.main(["distill", *run_flags({**models_dir, "student": str(base)}, train_file, run, max_steps=1)]) == 0
+    zero_last_block(base / "model.safetensors")
+    readers = {
+        "eval": ["eval", str(merged), "--dataset", train_file],
+        "generate": ["generate", str(merged), "--prompt", "hello"],
+        "distill --student_model": ["distill", *run_flags({**models_dir, "student": str(merged)}, train_file,
+                                                          tmp_path / "a")],
+        "distill --teacher_model": ["distill", *run_flags(models_dir, train_file, tmp_path / "b", teacher=str(merged))],
+        "cache-teacher": ["cache-teacher", "--cache_dir", str(tmp_path / "cache"),
+                          *run_flags(models_dir, train_file, tmp_path / "c", teacher=str(merged))],
+        "merge (the run's base)": ["merge", str(run), "--output", str(tmp_path / "merged-again")],
+        "prune-layers": ["prune-layers", str(merged), "--keep", "1", "--output", str(tmp_path / "pruned")],
+    }
+    for name, argv in readers.items():
+        capsys.readouterr()
+        assert cli.main(argv) == 1, name
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llm-neo ")]
+        assert len(lines) == 1, (name, lines)
+        assert "model.safetensors does not match the checksum recorded when llm-neo wrote it" in lines[0], (name, lines)
+        assert "differ from what was written" in lines[0], (name, lines)
+
+
+@pytest.mark.parametrize("writer", ["merge", "export-lora", "prune-layers", "import-gguf"])
+def test_a_flipped_byte_in_any_file_of_a_written_directory_is_named(uninterrupted, tmp_path, writer):
+    from llmneo.runtime.checksums import CHECKSUM_FILE, verify_checksums
+    from llmneo.errors import ConfigError
+
+    names = sorted(path.name for path in uninterrupted[writer].iterdir() if path.name != CHECKSUM_FILE)
+    assert any(name.endswith(".safetensors") for name in names)
+    for name in names:
+        copy = tmp_path / name
+        shutil.copytree(uninterrupted[writer], copy)
+        verify_checksums(copy, writer)
+        size = (copy / name).stat().st_size
+        with open(copy / name, "r+b") as handle:
+            handle.seek(size * 2 // 3)
+            byte = handle.read(1)
+            handle.seek(size * 2 // 3)
+            handle.write(bytes([byte[0] ^ 0x80]))
+        with pytest.raises(ConfigError, match=f"{name} does not match the checksum"):
+            verify_checksums(copy, writer)

@@ -196,7 +196,8 @@ def test_a_served_teacher_is_a_teacher():
     (["--on_policy_fraction", "0.5", "--packing", "true"], "does not work with packing"),
     (["--on_policy_fraction", "0.5", "--rollout_max_new_tokens", "0"], "rollout_max_new_tokens must be >= 1, got 0"),
     (["--on_policy_fraction", "0.5", "--rollout_top_p", "0"], r"rollout_top_p must be in \(0, 1\], got 0"),
-    (["--on_policy_fraction", "0.5", "--rollout_temperature", "-1"], "rollout_temperature must be >= 0"),
+    (["--on_policy_fraction", "0.5", "--rollout_temperature", "-1"], r"rollout_temperature must be 0 \(greedy\) or >= 0.001"),
+    (["--on_policy_fraction", "0.5", "--rollout_temperature", "1e-45"], r"rollout_temperature must be 0 \(greedy\) or >= 0.001.*got 1e-45"),
     (["--on_policy_fraction", "0.5", "--on_policy_loss", "sampled", "--temperature", "2"],
      "on_policy_loss sampled is the reverse-KL estimator at T = 1: --temperature 2.0 is refused"),
 ])

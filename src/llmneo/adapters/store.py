@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
+from ..runtime.checksums import CHECKSUM_FILE, verify_checksums
 from ..runtime.model_dir import model_directory
 from .lora import mutates_base, peft_wrapping
 from .moslora import fold_mixers, register_moslora
@@ -69,6 +70,7 @@ def load_adapter(base, adapter_dir: Path, is_trainable: bool = False):
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{adapter_dir} is not an adapter directory: {CONFIG_FILE} is missing")
+    verify_checksums(adapter_dir, "adapter")
     kind = adapter_kind(adapter_dir)
     config = None
     if kind["adapter"] == "moslora":
@@ -88,9 +90,10 @@ def export_plain_lora(adapter_dir: Path, output: Path) -> Path:
         raise ConfigError(f"{adapter_dir} holds no {WEIGHTS_FILE}")
     if output.resolve() == adapter_dir.resolve():
         raise ConfigError("export-lora writes a new directory: --output must differ from the adapter directory")
+    verify_checksums(adapter_dir, "adapter")
     with model_directory(output) as partial:
         for item in adapter_dir.iterdir():
-            if item.is_file() and item.name not in (WEIGHTS_FILE, KIND_FILE):
+            if item.is_file() and item.name not in (WEIGHTS_FILE, KIND_FILE, CHECKSUM_FILE):
                 shutil.copy2(item, partial / item.name)
         save_file(fold_mixers(load_file(adapter_dir / WEIGHTS_FILE)), partial / WEIGHTS_FILE, metadata={"format": "pt"})
     logger.info("plain LoRA form of the %s adapter written to %s", kind, output)

@@ -3,7 +3,8 @@
 A writer (merge, export-lora, prune-layers, import-gguf) fills a hidden sibling ``.NAME.partial-PID`` on the same
 filesystem, flushes every file and renames it into place last: a kill at any moment leaves no ``NAME`` or a complete
 one. The next write of ``NAME`` removes a sibling its dead process left (saying so) and refuses one whose process
-still runs. A reader that finds a directory with config.json but no weights or tokenizer files, or weights shorter
+still runs. Every file of a finished directory has its checksum recorded (runtime/checksums.py), and the
+permissions a plain write would give. A reader that finds a directory with config.json but no weights or tokenizer files, or weights shorter
 than their header says (written by hand, by another tool, or by an older llm-neo), names the file in one line.
 """
 
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ConfigError
+from .checksums import record_checksums, verify_checksums
 from .run_dir import require_new_output
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ def model_directory(output: str | Path, option: str = "--output") -> Iterator[Pa
     partial.mkdir(parents=True)
     try:
         yield partial
+        seal_directory(partial)
         _flush_tree(partial)
         os.replace(partial, output)  # an empty output directory is replaced too
         _flush(output.parent)
@@ -72,6 +75,19 @@ def _running(pid: int) -> bool:
     return True
 
 
+def seal_directory(directory: Path) -> None:
+    """A written model or adapter directory made ordinary and checkable: the permissions a plain write under the
+    user's umask gives (libraries write some files through private temporary files, mode 0600, which another user
+    or a server running as another user cannot read), and the checksum of every file (runtime/checksums.py)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(directory):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+    record_checksums(directory)
+
+
 def _flush_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
@@ -90,8 +106,11 @@ def _flush(folder: Path) -> None:
 
 def check_model_files(path: str, role: str, weights: bool = True) -> None:
     """A local model directory (one with config.json) must hold its tokenizer files and, with ``weights``, whole
-    safetensors weights; otherwise a one-line error names the file."""
+    safetensors weights; otherwise a one-line error names the file. A directory llm-neo wrote must match the
+    checksums it recorded."""
     directory = Path(os.path.expanduser(path))
+    if directory.is_dir():
+        verify_checksums(directory, f"{role} model")
     if not (directory / "config.json").is_file():
         return
     problem = _missing_tokenizer(directory) or (_weights_problem(directory) if weights else None)

@@ -237,3 +237,15 @@ def test_seeded_sampling_is_reproducible_and_differs_by_step(models_dir, train_f
 def test_schedule_spreads_on_policy_steps_evenly(fraction, expected):
     assert [int(is_on_policy_step(k, fraction)) for k in range(6)] == expected
     assert sum(is_on_policy_step(k, 0.29) for k in range(100)) == 29
+
+
+def test_a_row_without_a_prompt_is_named(models_dir, train_file, tmp_path):
+    """A row whose labels start at its first token (no prompt) is named by its row id, not a reshape error."""
+    from llmneo.errors import DataError
+
+    trainer, dataset, _ = on_policy_trainer(models_dir, train_file, tmp_path / "run")
+    rows = [dict(dataset[i]) for i in range(2)]
+    rows[1]["labels"] = list(rows[1]["input_ids"])
+    batch = trainer.data_collator(rows)
+    with pytest.raises(DataError, match=f"training row {rows[1]['row_id']} has no prompt before its answer"):
+        trainer.on_policy.rollouts.batch(trainer.model, batch, 0)
