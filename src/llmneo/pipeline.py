@@ -368,7 +368,7 @@ def prepare_run_dir(config, identity: dict) -> str | None:
         check_resume(resume, identity)
     if config.training.process_index == 0:
         save_resolved_config(run_dir, config)
-        mark_started(run_dir, config.training.method)
+        mark_started(run_dir, config.training.method, identity.get("models"))
         if resume is None:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
         else:

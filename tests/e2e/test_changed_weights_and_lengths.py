@@ -91,3 +91,31 @@ def test_blank_prompt_lines_are_skipped_and_counted(model_dir, tmp_path, capsys)
 def test_a_blank_prompt_is_refused(model_dir, capsys):
     assert cli.main(["generate", model_dir, "--prompt", "  "]) == 1
     assert "--prompt is blank" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_eval_of_a_run_whose_teacher_was_rewritten_is_refused_unless_named(own_models, train_file, tmp_path, tokenizer,
+                                                                          capsys):
+    """Row 11: `eval RUN --on_policy` after the teacher's weights were rewritten in place: refused before scoring
+    (eval.json keeps the earlier figures); with --teacher_model the user says so and eval.json records which."""
+    import json
+
+    out = tmp_path / "run"
+    assert cli.main(["distill", *run_flags(own_models, train_file, out, max_steps=1, eval_ratio=0.2)]) == 0
+    evaluate = ["eval", str(out), "--on_policy", "--on_policy_max_new_tokens", "4", "--bootstrap", "0"]
+    assert cli.main(evaluate) == 0
+    first = json.loads((out / "eval.json").read_text())
+    assert first["teacher"] == {"path": str(own_models["teacher"]), "sha256": first["teacher"]["sha256"],
+                                "chosen_by": "the run", "same_as_the_runs_teacher": True}
+    build_tiny_llama(tokenizer, hidden_size=48, seed=99).save_pretrained(own_models["teacher"])  # same shapes
+    capsys.readouterr()
+    assert cli.main(evaluate) == 1
+    err = capsys.readouterr().err
+    assert f"the run's teacher {own_models['teacher']}: its weights changed since the run trained with it" in err
+    assert f"--teacher_model {own_models['teacher']}" in err
+    assert json.loads((out / "eval.json").read_text()) == first  # not overwritten
+    assert cli.main([*evaluate, "--teacher_model", own_models["teacher"]]) == 0
+    chosen = json.loads((out / "eval.json").read_text())
+    assert chosen["teacher"]["chosen_by"] == "--teacher_model" and chosen["teacher"]["same_as_the_runs_teacher"] is False
+    assert chosen["teacher"]["sha256"] != first["teacher"]["sha256"]
+    assert chosen["on_policy"]["on_policy_reverse_kl"] != first["on_policy"]["on_policy_reverse_kl"]

@@ -27,7 +27,9 @@ from .cross_tokenizer import evaluate_aligned
 from .harness import run_lm_eval
 from .metrics import HeldOutOptions, evaluate_against_teacher
 from .on_policy import OnPolicyEvalOptions, evaluate_on_policy
+from ..models.identity import model_identity
 from ..runtime.layout import EVAL_FILE, open_target
+from ..runtime.run_dir import recorded_model
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +120,31 @@ def _teacher(request: EvalRequest, config: dict | None):
     return load_teacher(args, quantized=False, head=ClassHead.from_run_config(config, tokenizer) if tokenizer else None)
 
 
+def _which_teacher(request: EvalRequest, config: dict | None) -> dict:
+    """Which teacher the figures are against (recorded in eval.json). The run's own teacher must still be the
+    weights the run trained with: rewritten in place, KL and on-policy figures would silently be against another
+    model, so that is refused unless the user names the teacher with --teacher_model."""
+    path = _teacher_path(request, config)
+    try:
+        current = model_identity(path, sample_weights=True)
+    except (OSError, ValueError) as error:
+        logger.warning("cannot fingerprint the teacher %s (%s): eval.json will not say which weights it had", path,
+                       error)
+        current = {"path": path}
+    record = {"path": path, "sha256": current.get("sha256"), "chosen_by": "--teacher_model" if request.teacher_model
+              else "the run"}
+    opened = open_target(request.target)
+    recorded = recorded_model(opened.run_dir, "teacher") if opened.run_dir is not None else None
+    if recorded and recorded.get("path") == current.get("path"):
+        record["same_as_the_runs_teacher"] = recorded == current
+        if recorded != current and not request.teacher_model:
+            raise ConfigError(f"the run's teacher {path}: its weights changed since the run trained with it, so its "
+                              "KL and on-policy figures would be against another model: restore that teacher, or "
+                              f"evaluate against it as it is now with --teacher_model {path} (eval.json then "
+                              "records it)")
+    return record
+
+
 def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
     """Offline metrics (when held-out rows exist) and lm-eval task scores (when tasks are named)."""
     model, tokenizer, config = _load_target(request)
@@ -127,6 +154,8 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
     teacher_tokenizer = _other_teacher_tokenizer(request, config, tokenizer)
     held_out = _held_out_rows(request, tokenizer, config, teacher_tokenizer)
     if held_out is not None:
+        if _teacher_path(request, config):  # checked before the teacher loads
+            results["teacher"] = _which_teacher(request, config)
         teacher = _teacher(request, config)
         teacher = teacher.to(device) if teacher is not None else None
         classifying = _task(config) == "classification"

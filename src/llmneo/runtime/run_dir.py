@@ -24,8 +24,16 @@ def _write_run_state(run_dir: Path, state: dict) -> None:
     write_atomically(Path(run_dir) / RUN_FILE, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
 
 
-def mark_started(run_dir: str | Path, method: str) -> None:
-    _write_run_state(Path(run_dir), {"status": "running", "method": method, "started": _now()})
+def mark_started(run_dir: str | Path, method: str, models: dict | None = None) -> None:
+    """``models``: the identities of the weights the run reads by path (role -> models/identity.model_identity),
+    which `eval` of the run checks again before it scores against the run's teacher."""
+    _write_run_state(Path(run_dir), {"status": "running", "method": method, "started": _now(),
+                                     **({"models": models} if models else {})})
+
+
+def recorded_model(run_dir: str | Path, role: str) -> dict | None:
+    """The identity of the ``role`` weights the run read when it started, if it recorded one."""
+    return ((read_run_state(run_dir) or {}).get("models") or {}).get(role)
 
 
 def mark_finished(run_dir: str | Path, steps: int) -> None:
