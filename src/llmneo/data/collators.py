@@ -42,6 +42,28 @@ class AlignedCollator:
 _TEACHER_SIDE = (*ALIGNMENT_COLUMNS, PROMPT_COLUMN)  # columns the student's collator never sees
 
 
+def rendered_answers(aligner, inputs: dict, pad_id: int) -> tuple[dict, torch.Tensor]:
+    """The teacher's rendering of each row of a batch of answers (``inputs``: right-padded input_ids with labels on
+    each row's answer, and row_id), aligned by ``aligner`` (an AnswerAligner): the teacher's rows with the aligned
+    boundaries (``teacher_side``), and the aligned byte spans as rows of (row, student start, student end, teacher
+    start, teacher end), prediction positions, ends exclusive."""
+    features, spans = [], []
+    for index, row_id in enumerate(inputs["row_id"].tolist()):
+        labels = inputs["labels"][index]
+        labelled = (labels != IGNORE_INDEX).nonzero().flatten()
+        alignment = aligner.align(row_id, labels[labelled].tolist(), int(labelled[0]))
+        features.append({"teacher_input_ids": alignment.teacher_input_ids,
+                         "aligned_student": alignment.student_positions,
+                         "aligned_teacher": alignment.teacher_positions})
+        pairs = list(zip(alignment.student_positions, alignment.teacher_positions, strict=True))
+        pairs += [alignment.end] if alignment.end is not None else []
+        spans += [(index, s, s_next, t, t_next) for (s, t), (s_next, t_next) in zip(pairs, pairs[1:], strict=False)]
+    teacher = teacher_side(features, pad_id, [0] * len(features))  # right-padded
+    device = inputs["input_ids"].device
+    return ({key: value.to(device) for key, value in teacher.items()},
+            torch.tensor(spans, dtype=torch.long).reshape(-1, 5))
+
+
 def teacher_side(features: list[dict], pad_id: int, shifts: list[int]) -> dict:
     """The teacher's rows of ``features`` (right-padded, with their attention mask) and their aligned boundaries as
     flat index tensors, the student positions moved by each row's ``shifts`` (its left padding)."""

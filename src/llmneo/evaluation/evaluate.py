@@ -14,6 +14,7 @@ import torch
 
 from ..artifacts import load_run_config, load_run_model
 from ..config import DataArguments, ModelArguments
+from ..data.alignment import PROMPT_COLUMN, AnswerAligner
 from ..data.collators import AlignedCollator, make_collator
 from ..data.vocabulary import build_vocabulary_map, byte_lengths, same_vocabulary
 from ..data.loading import build_dataset, build_datasets
@@ -26,7 +27,7 @@ from .classification import evaluate_classifier
 from .cross_tokenizer import evaluate_aligned
 from .harness import run_lm_eval
 from .metrics import HeldOutOptions, evaluate_against_teacher
-from .on_policy import OnPolicyEvalOptions, evaluate_on_policy
+from .on_policy import AlignedScorer, OnPolicyEvalOptions, evaluate_on_policy
 from ..models.identity import model_identity
 from ..runtime.layout import EVAL_FILE, open_target
 from ..runtime.run_dir import recorded_model
@@ -74,6 +75,8 @@ def _task(config: dict | None) -> str:
 
 
 def _held_out_rows(request: EvalRequest, tokenizer, config: dict | None, teacher_tokenizer=None):
+    """The held-out rows (across tokenizers with the teacher's own rows; with --on_policy also each row's prompt
+    messages, which the teacher renders with the student's answer)."""
     rows = _all_held_out_rows(request, tokenizer, config, teacher_tokenizer)
     if rows is not None and request.max_samples is not None:
         if request.max_samples < 1:
@@ -84,17 +87,19 @@ def _held_out_rows(request: EvalRequest, tokenizer, config: dict | None, teacher
 
 def _all_held_out_rows(request: EvalRequest, tokenizer, config: dict | None, teacher_tokenizer=None):
     data = (config or {}).get("data", {})
+    keep_prompts = request.on_policy and teacher_tokenizer is not None
     max_length = request.max_length or data.get("max_length", 512)
     if request.dataset is not None:
         data_args = DataArguments(dataset=request.dataset, max_length=max_length, task=_task(config),
                                   class_names=data.get("class_names"), skip_bad_rows=request.skip_bad_rows)
-        return build_dataset(data_args, tokenizer, seed=0, teacher_tokenizer=teacher_tokenizer)[0]
+        return build_dataset(data_args, tokenizer, seed=0, teacher_tokenizer=teacher_tokenizer,
+                             keep_prompts=keep_prompts)[0]
     if "training" not in (config or {}):
         return None
     data_args = DataArguments(**{**config["data"], "max_length": max_length})
     if not (data_args.eval_split or data_args.eval_ratio):
         return None
-    return build_datasets(data_args, tokenizer, config["training"]["seed"], teacher_tokenizer)[1]
+    return build_datasets(data_args, tokenizer, config["training"]["seed"], teacher_tokenizer, keep_prompts)[1]
 
 
 def _teacher_path(request: EvalRequest, config: dict | None) -> str | None:
@@ -195,11 +200,16 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
 
 
 def _on_policy(request: EvalRequest, model, teacher, tokenizer, teacher_tokenizer, held_out, config) -> dict:
-    if _task(config) == "classification" or teacher is None or teacher_tokenizer is not None:
-        raise ConfigError("--on_policy needs a language model and a teacher with its tokenizer (--teacher_model, or "
-                          "the run's)")
-    options = OnPolicyEvalOptions(max_new_tokens=request.on_policy_max_new_tokens, bootstrap=request.bootstrap)
-    return evaluate_on_policy(model, teacher, tokenizer, held_out, options)
+    if _task(config) == "classification" or teacher is None:
+        raise ConfigError("--on_policy needs a language model and a teacher (--teacher_model, or the run's)")
+    options = OnPolicyEvalOptions(max_new_tokens=request.on_policy_max_new_tokens, bootstrap=request.bootstrap,
+                                  batch_size=request.batch_size)
+    scorer = None
+    if teacher_tokenizer is not None:  # the teacher reads its own rendering, aligned as on-policy training does
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        aligner = AnswerAligner(tokenizer, teacher_tokenizer, held_out[PROMPT_COLUMN])
+        scorer = AlignedScorer(model, teacher, aligner, pad_id, teacher_tokenizer.pad_token_id, request.batch_size)
+    return evaluate_on_policy(model, teacher, tokenizer, held_out, options, scorer)
 
 
 def flatten(results: dict) -> dict[str, float]:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ..lm_head import capture_final_hidden, fused_head_unsupported_reason, output_head
 from ..losses.contract import answer_rows
+from ..losses.sampled import token_log_probs
 
 
 @torch.no_grad()
@@ -54,3 +55,17 @@ def rows_at(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if fused_head_unsupported_reason(model) is None:
         return teacher_final_hidden(model, input_ids, attention_mask)[rows, positions], output_head(model).weight
     return teacher_logits(model, input_ids, attention_mask)[rows, positions], None
+
+
+def span_log_probs(model: torch.nn.Module, teacher: dict, spans: torch.Tensor) -> torch.Tensor:
+    """``model``'s log-probability of each aligned byte span (``data.collators.rendered_answers``: its rows in
+    ``teacher``, span k = (row, ., ., start, end) predicting tokens start + 1 .. end of that row), summed over the
+    span's tokens."""
+    ids = teacher["teacher_input_ids"]
+    lengths = spans[:, 4] - spans[:, 3]
+    span_of = torch.repeat_interleave(torch.arange(len(spans)), lengths)
+    within = torch.arange(len(span_of)) - (lengths.cumsum(0) - lengths)[span_of]
+    rows, positions = spans[span_of, 0].to(ids.device), (spans[span_of, 3] + within).to(ids.device)
+    found, weight = rows_at(model, ids, teacher["teacher_attention_mask"], rows, positions)
+    theirs = token_log_probs(found, ids[rows, positions + 1], weight)
+    return theirs.new_zeros(len(spans)).index_add(0, span_of.to(theirs.device), theirs)

@@ -21,19 +21,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..data.alignment import AnswerAligner
-from ..data.collators import AlignedCollator, teacher_side
+from ..data.collators import AlignedCollator, rendered_answers
 from ..data.packing import forward_inputs, packed_row_index
 from ..errors import DataError, TeacherServerError
 from ..evaluation.cross_tokenizer import evaluate_aligned, teacher_mapped_mass
 from ..lm_head import output_head
-from ..losses.contract import IGNORE_INDEX, answer_mask
+from ..losses.contract import answer_mask
 from ..losses.cross_vocab import from_logit_rows, from_topk, logit_rows
-from ..losses.sampled import token_log_probs
 from ..losses.targets import AlignedSampledTargets, AlignedTargets, ServedTargets, StudentSide, TeacherTargets, TokenTargets
 from ..losses.topk import TopKRows
 from ..losses.vocab_map import VocabularyMap
 from .cache import TeacherCache
-from .online import rows_at, teacher_final_hidden, teacher_logits
+from .online import rows_at, span_log_probs, teacher_final_hidden, teacher_logits
 from ..rollouts import ROLLOUT
 from ..runtime.identity import same_probe
 from .server import TeacherServer
@@ -106,37 +105,13 @@ class AlignedOnlineTeacher(TeacherSignal):
     def sampled_targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         """The teacher's log-probability of each aligned byte span of the student's answers (its tokens in it)."""
         teacher, spans = self._rendered_answers(inputs)
-        ids = teacher["teacher_input_ids"]
-        lengths = spans[:, 4] - spans[:, 3]
-        span_of = torch.repeat_interleave(torch.arange(len(spans)), lengths)
-        within = torch.arange(len(span_of)) - (lengths.cumsum(0) - lengths)[span_of]
-        rows, positions = spans[span_of, 0].to(ids.device), (spans[span_of, 3] + within).to(ids.device)
-        found, weight = rows_at(self.teacher, ids, teacher["teacher_attention_mask"], rows, positions)
-        theirs = token_log_probs(found, ids[rows, positions + 1], weight)
-        totals = theirs.new_zeros(len(spans)).index_add(0, span_of.to(theirs.device), theirs)
+        totals = span_log_probs(self.teacher, teacher, spans)
         return AlignedSampledTargets(spans[:, :3].to(student.rows.device), totals.to(student.rows.device))
 
     def _rendered_answers(self, inputs: dict) -> tuple[dict, torch.Tensor]:
-        """The teacher's rendering of each rollout row (its prompt messages and the student's answer text) with the
-        aligned boundaries, and the aligned byte spans: rows of (row, student start, student end, teacher start,
-        teacher end), prediction positions, ends exclusive."""
         if self.answers is None:
             raise ValueError("on-policy steps across tokenizers need the rows' prompt messages (an AnswerAligner)")
-        features, spans = [], []
-        for index, row_id in enumerate(inputs["row_id"].tolist()):
-            labels = inputs["labels"][index]
-            labelled = (labels != IGNORE_INDEX).nonzero().flatten()
-            alignment = self.answers.align(row_id, labels[labelled].tolist(), int(labelled[0]))
-            features.append({"teacher_input_ids": alignment.teacher_input_ids,
-                             "aligned_student": alignment.student_positions,
-                             "aligned_teacher": alignment.teacher_positions})
-            pairs = list(zip(alignment.student_positions, alignment.teacher_positions, strict=True))
-            pairs += [alignment.end] if alignment.end is not None else []
-            spans += [(index, s, s_next, t, t_next) for (s, t), (s_next, t_next) in zip(pairs, pairs[1:], strict=False)]
-        teacher = teacher_side(features, self.teacher_tokenizer.pad_token_id, [0] * len(features))  # right-padded
-        device = inputs["input_ids"].device
-        return ({key: value.to(device) for key, value in teacher.items()},
-                torch.tensor(spans, dtype=torch.long).reshape(-1, 5))
+        return rendered_answers(self.answers, inputs, self.teacher_tokenizer.pad_token_id)
 
     def diagnostics(self, trainer, dataset, report) -> dict:
         """The share of answer tokens at aligned boundaries (all rows) and the teacher's probability on mapped
