@@ -41,3 +41,37 @@ def test_the_data_fingerprint_counts_answer_tokens_and_sees_any_change():
     assert (fingerprint["rows"], fingerprint["answer_tokens"], fingerprint["dataset"]) == (2, 3, "train.jsonl")
     changed = data_fingerprint(Dataset.from_dict({**rows, "labels": [[-100, -100, 3], [-100, 5]]}), "train.jsonl")
     assert changed["sha256"] != fingerprint["sha256"] and changed["answer_tokens"] == 2
+
+
+def test_sampled_blocks_are_spread_over_a_large_file(tmp_path):
+    """A weight file much larger than the sampled blocks (8 × 64 KiB): a change in its last block only, and one
+    inner tensor rewritten in place while the first tensor stays, each give another identity; the file's size and
+    header stay the same in both."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from llmneo.models.identity import model_identity
+
+    tensors = {"a_first": torch.zeros(1024), "b_inner": torch.zeros(512, 1024), "c_last": torch.zeros(64 * 1024)}
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file(tensors, folder / "model.safetensors")
+    assert (folder / "model.safetensors").stat().st_size > 2 * 2**20
+    original = model_identity(str(folder), sample_weights=True)
+
+    last = tmp_path / "last"
+    shutil.copytree(folder, last)
+    with open(last / "model.safetensors", "r+b") as handle:
+        handle.seek(-8, 2)
+        handle.write(b"\x01" * 8)
+    inner = tmp_path / "inner"
+    shutil.copytree(folder, inner)
+    save_file({**tensors, "b_inner": torch.full((512, 1024), 0.5)}, inner / "model.safetensors")
+    for changed in (last, inner):
+        assert (changed / "model.safetensors").stat().st_size == (folder / "model.safetensors").stat().st_size
+        current = model_identity(str(changed), sample_weights=True)
+        assert current["sha256"] != original["sha256"], changed.name
+        assert model_identity(str(changed))["sha256"] == model_identity(str(folder))["sha256"]  # header and size alike

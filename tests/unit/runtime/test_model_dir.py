@@ -109,3 +109,52 @@ def test_directories_without_config_are_not_model_directories(tmp_path):
     (tmp_path / "adapter").mkdir()
     check_model_files(str(tmp_path / "adapter"), "adapter")  # adapters, runs and hub ids are checked elsewhere
     check_model_files("org/name", "teacher")
+
+
+def test_a_live_writer_of_another_user_is_refused(tmp_path, monkeypatch):
+    """A process the signal check may not touch (another user's: PermissionError) is alive, so its write is
+    refused, not removed."""
+    other = 4_000_000  # a PID this test treats as another user's live process
+    real_kill = os.kill
+
+    def kill(pid, signal):
+        if pid == other:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, signal)
+
+    monkeypatch.setattr(os, "kill", kill)
+    live = partial_sibling(tmp_path / "model", other)
+    live.mkdir()
+    (live / "model.safetensors").write_bytes(b"theirs")
+    with pytest.raises(ConfigError, match=f"being written by process {other}"), model_directory(tmp_path / "model"):
+        pass
+    assert (live / "model.safetensors").read_bytes() == b"theirs"
+
+
+def test_every_file_and_folder_is_flushed_before_the_rename(tmp_path, monkeypatch):
+    """Durability order: each file's data, then its folder, are on disk before the directory is renamed into place;
+    the parent folder (the rename itself) is flushed after."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        target = os.readlink(f"/proc/self/fd/{descriptor}")
+        events.append(("fsync", os.path.relpath(target, tmp_path)))
+        real_fsync(descriptor)
+
+    def replace(source, destination):
+        events.append(("rename", os.path.relpath(destination, tmp_path)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with model_directory(tmp_path / "model") as partial:
+        (partial / "sub").mkdir()
+        (partial / "model.safetensors").write_bytes(b"w" * 10)
+        (partial / "sub" / "tokenizer.json").write_text("{}")
+        hidden = partial.name
+    rename = events.index(("rename", "model"))
+    flushed = {path for kind, path in events[:rename] if kind == "fsync"}
+    for inside in ("model.safetensors", "sub/tokenizer.json", "sub", "llmneo-checksums.json", ""):
+        assert os.path.normpath(os.path.join(hidden, inside)) in flushed, inside
+    assert ("fsync", ".") in events[rename + 1:]  # the parent, after the rename
