@@ -130,7 +130,7 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     student, teacher, kd_vocab_size = load_models(config, tokenizer, head, cache)
     if served is not None:
         served = ServedTeacher(*served, config.training.teacher_top_k, min(len(tokenizer), output_rows(student)),
-                               dataset)
+                               dataset, deferred=config.training.on_policy_fraction > 0)
     signal = served or teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vocab_size, cache,
                                       dataset)
     identity = run_identity(resolved_config(config), data, signal.identity(), read_models(config, base, teacher))

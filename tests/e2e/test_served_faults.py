@@ -118,3 +118,20 @@ def test_cache_teacher_refused_at_its_start_leaves_nothing(models_dir, train_fil
     existing.mkdir()
     assert cli.main(["cache-teacher", "--cache_dir", str(existing), "--top_k", "100", *flags]) == 1
     assert existing.is_dir() and not any(existing.iterdir())  # the user's own folder stays, empty as it was
+
+
+def test_on_policy_steps_ask_nothing_for_the_rows_they_replace(models_dir, train_file, standin, tokenizer, tmp_path):
+    """--on_policy_fraction 0.5 over 4 steps of 4 rows: the server is asked for the 8 rows of the two off-policy
+    steps and the 8 answers of the two on-policy steps, not for the rows the answers replace nor for the batch the
+    data loader collates ahead after the last step."""
+    from llmneo.teacher.server import probe_text
+
+    out = tmp_path / "run"
+    flags = served(models_dir, train_file, out, standin.url, max_steps=4, on_policy_fraction=0.5,
+                   rollout_max_new_tokens=4, rollout_temperature=0)
+    assert cli.main(["distill", *flags]) == 0
+    probe = tokenizer(probe_text(tokenizer), add_special_tokens=False)["input_ids"]
+    asked = [body["prompt"] for path, body in standin.requests if path == "/v1/completions" and body["prompt"] != probe]
+    assert len(asked) == 16, len(asked)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["on_policy"] for row in logged if "on_policy" in row] == [0.0, 1.0, 0.0, 1.0]

@@ -9,6 +9,8 @@ kind it has. A source supplies
 - ``targets(inputs, student)``: one ``TeacherTargets`` for the batch;
 - ``diagnostics``: what it logs before the first step (e.g. coverage across tokenizers);
 - ``evaluate``: the held-out metrics it can compute;
+- ``planned``: on-policy runs tell it which collated rows a step trains on as they are and which it replaces by
+  the student's answers, so that it asks nothing for rows no step reads;
 - ``log_figures`` and ``at_checkpoint``: what it adds to each log line, and checks before a checkpoint counts;
 - ``identity``: what it adds to the run identity, so that a resume against another teacher signal is refused.
 
@@ -46,6 +48,11 @@ class TeacherSignal:
     def sampled_targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         """An on-policy ``sampled`` step's targets: the teacher's log-probability of each token the student sampled."""
         return SampledTargets(self.targets(inputs, student))
+
+    def planned(self, rows: list[int], on_policy: bool, next_on_policy: bool) -> None:
+        """An on-policy run's step has its micro-batches: ``rows`` (their row ids) are trained on as they are unless
+        ``on_policy`` (then the student's answers replace them); rows collated ahead belong to the next step,
+        which does not read them either when ``next_on_policy`` (it is on-policy, or there is none)."""
 
     def diagnostics(self, trainer, dataset, report) -> dict:
         """Figures logged (as ``train_<name>``) before the first step and kept in the run's final metrics."""

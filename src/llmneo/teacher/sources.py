@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -175,14 +175,18 @@ class ServedTeacher(TeacherSignal):
     """A teacher served by vLLM on the student's own tokens: the top-k of each answer token, as the cache holds
     them. The collator asks the server for a batch's rows as soon as the batch is collated (the data loader runs
     one batch, and the Trainer one optimizer step, ahead), so the requests are answered while the student computes;
-    ``targets`` waits only for what has not arrived (logged as ``teacher_wait_s``)."""
+    ``targets`` waits only for what has not arrived (logged as ``teacher_wait_s``). In an on-policy run
+    (``deferred``) collated rows wait until the trainer says whether their step trains on them (``planned``): rows
+    an on-policy step replaces by the student's answers are never asked for."""
 
     def __init__(self, server: TeacherServer, fingerprint: dict, top_k: int, kd_vocab_size: int, dataset,
-                 concurrency: int = 8):
+                 concurrency: int = 8, deferred: bool = False):
         self.server, self.fingerprint, self.top_k, self.kd_vocab_size = server, fingerprint, top_k, kd_vocab_size
         self.dataset = dataset  # the training rows by row_id, for a batch that was not fetched ahead (packing)
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="teacher-server")
         self.pending: dict[int, deque[Future]] = defaultdict(deque)
+        self.deferred = deferred
+        self.waiting: deque[dict] = deque()  # deferred: collated rows not asked for yet, in collation order
         self.waited, self.steps_waited = 0.0, 0
 
     def collator(self, padded, tokenizer):
@@ -193,12 +197,27 @@ class ServedTeacher(TeacherSignal):
         self.pending[int(feature["row_id"])].append(
             self.pool.submit(self.server.row_topk, feature, self.top_k, self.kd_vocab_size))
 
+    def collated(self, feature: dict) -> None:
+        """A training row was collated: ask for it now, or (deferred) once its step is known to read it."""
+        if self.deferred:
+            self.waiting.append(feature)
+        else:
+            self.fetch(feature)
+
+    def planned(self, rows: list[int], on_policy: bool, next_on_policy: bool) -> None:
+        step = Counter(rows)
+        for feature in list(self.waiting):  # this step's rows come first; what follows was collated ahead
+            row = int(feature["row_id"])
+            reads = (not on_policy) if step[row] > 0 else (not next_on_policy)
+            step[row] -= 1
+            if reads:
+                self.fetch(feature)
+        self.waiting.clear()
+
     def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         row_ids, counts = inputs["row_id"].tolist(), _answer_tokens_per_row(inputs)
-        if ROLLOUT in inputs:  # the student's own answers replaced the rows fetched ahead: score these
+        if ROLLOUT in inputs:  # the student's own answers (their rows were never asked for: ``planned``)
             for b, row in enumerate(row_ids):
-                if self.pending.get(row):
-                    self._take(row).cancel()
                 self.fetch(_batch_row(inputs, b, row))
         for row in row_ids:
             if not self.pending.get(row):  # not fetched ahead
@@ -252,7 +271,7 @@ class _FetchingCollator:
     def __call__(self, features: list[dict]) -> dict:
         for feature in features:
             if "row_id" in feature:  # training rows; held-out rows are scored by the student alone
-                self.source.fetch(feature)
+                self.source.collated(feature)
         return self.collator(features)
 
 

@@ -37,9 +37,15 @@ class NeoTrainer(DistillationTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """An on-policy step's micro-batches are the student's answers to their prompts, counted again."""
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.on_policy is None or not batches or not self.on_policy.is_step(self.state.global_step):
+        if self.on_policy is None or not batches:
             return batches, num_items
-        batches = self.on_policy.batches(self.model, batches, self.state.global_step)
+        step = self.state.global_step
+        rows = [row for batch in batches if "row_id" in batch for row in batch["row_id"].tolist()]
+        last = step + 1 >= self.state.max_steps  # rows collated ahead then belong to no step
+        self.signal.planned(rows, self.on_policy.is_step(step), last or self.on_policy.is_step(step + 1))
+        if not self.on_policy.is_step(step):
+            return batches, num_items
+        batches = self.on_policy.batches(self.model, batches, step)
         return batches, self.count_items(batches, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
