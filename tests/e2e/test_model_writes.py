@@ -177,3 +177,15 @@ def test_a_flipped_byte_in_any_file_of_a_written_directory_is_named(uninterrupte
             handle.write(bytes([byte[0] ^ 0x80]))
         with pytest.raises(ConfigError, match=f"{name} does not match the checksum"):
             verify_checksums(copy, writer)
+
+
+@pytest.mark.parametrize("writer", ["merge", "export-lora", "prune-layers", "import-gguf"])
+def test_written_files_have_the_permissions_of_a_plain_write(uninterrupted, writer):
+    """Row 10: `merge` wrote model.safetensors with mode 0600 (a library's private temporary file renamed into
+    place), unreadable by another user or a server running as one; every file gets what the umask gives."""
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in uninterrupted[writer].iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
