@@ -159,8 +159,8 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
     teacher_tokenizer = _other_teacher_tokenizer(request, config, tokenizer)
     held_out = _held_out_rows(request, tokenizer, config, teacher_tokenizer)
     if held_out is not None:
-        if _teacher_path(request, config):  # checked before the teacher loads
-            results["teacher"] = _which_teacher(request, config)
+        # which teacher, checked before it loads; recorded after the metrics (eval.json opens with them)
+        which = _which_teacher(request, config) if _teacher_path(request, config) else None
         teacher = _teacher(request, config)
         teacher = teacher.to(device) if teacher is not None else None
         classifying = _task(config) == "classification"
@@ -181,6 +181,8 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
                                                         request.batch_size))
         if request.on_policy:
             results["on_policy"] = _on_policy(request, model, teacher, tokenizer, teacher_tokenizer, held_out, config)
+        if which is not None:
+            results["teacher"] = which
     elif request.on_policy:
         raise ConfigError(f"--on_policy answers held-out prompts: {request.target} has none (give --dataset, or a run "
                           "with --eval_split / --eval_ratio)")
