@@ -124,7 +124,9 @@ class DistillArguments:
     teacher_server_model: str | None = _help("With --teacher_server: the served model name; default the server's only model.")
     teacher_server_api_key_env: str | None = _help(
         "With --teacher_server: the environment variable holding the server's API key (sent as a bearer token).")
-    teacher_server_timeout: float = _help("With --teacher_server: seconds one whole answer may take (connecting, sending, reading it all) before trying again.", 120.0)
+    teacher_server_timeout: float = _help(
+        "With --teacher_server: seconds one whole answer may take (connecting, sending, reading it all) before "
+        "trying again.", 120.0)
     teacher_server_retries: int = _help(
         "With --teacher_server: further tries of a request that failed (backoff 1, 2, 4... s); then the run saves "
         "its last step and stops with the resume command.", 4)

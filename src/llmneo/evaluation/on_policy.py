@@ -115,6 +115,10 @@ class SameTokenizerScorer:
         theirs = answer_token_log_probs(self.teacher, prompts, answers, self.pad_id, self.batch_size)
         return [AnswerScores(s, t, len(s)) for s, t in zip(ours, theirs, strict=True)]
 
+    def teacher_answers(self, rollouts: Rollouts, prompts: list[list[int]], seeds: list[int]) -> list[list[int]]:
+        """The teacher's own greedy answers to the same prompts, shown beside the student's."""
+        return _answers(rollouts, self.teacher, prompts, seeds, self.batch_size)
+
 
 class AlignedScorer:
     """A teacher with another tokenizer reads its own rendering of each row's prompt messages and the answer's
@@ -145,6 +149,10 @@ class AlignedScorer:
                 found.append(AnswerScores(ours[mine].numpy(), theirs[mine].numpy(), int((ends - starts)[mine].sum())))
         return found
 
+    def teacher_answers(self, rollouts: Rollouts, prompts: list[list[int]], seeds: list[int]) -> list[list[int]]:
+        """None shown: the teacher answers in its own tokens, from its own rendering of the prompts."""
+        return []
+
 
 def evaluate_on_policy(student, teacher, tokenizer, held_out, options: OnPolicyEvalOptions, scorer=None) -> dict:
     """``scorer``: how the teacher scores the answers (default: it reads the student's tokens)."""
@@ -162,9 +170,7 @@ def evaluate_on_policy(student, teacher, tokenizer, held_out, options: OnPolicyE
         rows = list(range(len(prompts)))
         gaps = [(row.student - row.teacher, row.tokens) for row in scorer.scores(prompts, sampled_answers, rows)]
         nll = [(-row.teacher, row.tokens) for row in scorer.scores(prompts, greedy_answers, rows)]
-        shown = min(options.shown, len(prompts))
-        teacher_answers = (_answers(greedy, teacher, prompts[:shown], seeds[:shown], options.batch_size)
-                           if isinstance(scorer, SameTokenizerScorer) else [])
+        teacher_answers = scorer.teacher_answers(greedy, prompts[:options.shown], seeds[:options.shown])
     finally:
         student.train(was_training)
     repeated = np.array([float(repeats_a_4gram(answer)) for answer in greedy_answers])

@@ -239,3 +239,112 @@ def test_rollout_batches_are_scored_as_they_are_and_their_rows_never_asked_for(s
     own = torch.tensor([float(standin.table[ids[t], ids[t + 1]]) for t in range(2, len(ids) - 1)])
     torch.testing.assert_close(targets.token_log_probs, own)
     source.close()
+
+
+def _same_token_twice(handler, data: bytes) -> None:
+    """A completions answer whose first position names one token twice (JSON keeps the last of duplicate keys)."""
+    answer = json.loads(data)
+    entry = answer["choices"][0]["prompt_logprobs"][1]
+    token, value = next(iter(entry.items()))
+    text = json.dumps(answer).replace(json.dumps({token: value})[1:-1],
+                                      json.dumps({token: value})[1:-1] + ", " + json.dumps({token: value})[1:-1], 1)
+    _send_raw(handler, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+              + str(len(text)).encode() + b"\r\n\r\n" + text.encode())
+
+
+def _send_raw(handler, data: bytes, pause: float = 0.0) -> None:
+    handler.close_connection = True
+    if not pause:
+        handler.wfile.write(data)
+        return
+    for i in range(len(data)):
+        handler.wfile.write(data[i:i + 1])
+        handler.wfile.flush()
+        time.sleep(pause)
+
+
+def _bad_status_line(handler, data: bytes) -> None:
+    _send_raw(handler, b"HTPP/1.1 2OO fine\r\n\r\n" + data)
+
+
+def _short_body(handler, data: bytes) -> None:
+    _send_raw(handler, b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(data) + 100).encode() + b"\r\n\r\n" + data)
+
+
+def test_a_token_named_twice_at_one_position_is_refused(standin, tokenizer):
+    server = connected(standin, tokenizer)
+    standin.raw = _same_token_twice
+    with pytest.raises(TeacherServerError, match=r"not valid JSON \(key '\d+' appears twice in one object\)"):
+        server.row_topk(feature(tokenizer, row=7), 3, len(tokenizer))
+
+
+@pytest.mark.parametrize("fault, message", [
+    (_bad_status_line, r"malformed status line 'HTPP/1.1 2OO fine"),
+    (_short_body, r"the answer broke off after \d+ bytes, 100 more were announced"),
+])
+def test_broken_http_is_named_in_one_line_and_retried(standin, tokenizer, fault, message):
+    """Row 4: a malformed status line or a body shorter than its Content-Length is one line, tried again (a
+    retry can help: the next answer may be whole), and a good answer after it is taken."""
+    server = connected(standin, tokenizer, retries=2)
+    standin.raw = fault
+    before = sum(path == "/v1/completions" for path, _ in standin.requests)
+    with pytest.raises(TeacherServerError, match=message + r".*\(after 3 tries\)") as raised:
+        server.row_topk(feature(tokenizer, row=7), 3, len(tokenizer))
+    assert "\n" not in str(raised.value)
+    assert sum(path == "/v1/completions" for path, _ in standin.requests) == before + 3
+    calls = []
+    standin.raw = lambda handler, data: (calls.append(1), fault(handler, data)) if not calls else _send_raw(
+        handler, b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    assert len(server.row_topk(feature(tokenizer, row=7), 3, len(tokenizer))) > 0
+
+
+def test_the_timeout_bounds_the_whole_answer_not_each_read(standin, tokenizer):
+    """Row 5: a server that sends a valid answer a byte every 0.2 s with a 1 s timeout and one retry is given up
+    on after about 2 s, not after the many seconds the whole answer would take."""
+    server = connected(standin, tokenizer, retries=1, timeout=1.0)
+    standin.raw = lambda handler, data: _send_raw(
+        handler, b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data, pause=0.2)
+    start = time.monotonic()
+    with pytest.raises(TeacherServerError, match=r"no whole answer within 1 s \(--teacher_server_timeout\) "
+                                                 r"\(after 2 tries\)"):
+        server.row_topk(feature(tokenizer, row=7), 3, len(tokenizer))
+    assert time.monotonic() - start < 4.0
+
+
+def test_retries_wait_a_doubling_backoff(standin, tokenizer, monkeypatch):
+    waits = []
+    monkeypatch.setattr("llmneo.teacher.server.time.sleep", waits.append)
+    server = TeacherServer(ServerSettings(standin.url, retries=3, backoff=0.5)).connect(tokenizer)
+    standin.failures = 3
+    server.prompt_logprobs([1, 2, 3], 2)
+    assert waits == [0.5, 1.0, 2.0]
+    standin.failures = 4
+    with pytest.raises(TeacherServerError, match="after 4 tries"):
+        server.prompt_logprobs([1, 2, 3], 2)
+    assert waits[3:] == [0.5, 1.0, 2.0]  # no wait after the last try
+
+
+def test_the_standin_answers_in_vllms_order(standin, tokenizer):
+    """Each position: its own next token first, then the top-k by rank; the unit layer sees what vLLM sends."""
+    server = connected(standin, tokenizer)
+    ids = feature(tokenizer)["input_ids"]
+    entries = server.prompt_logprobs(ids, 3)
+    for t, entry in enumerate(entries):
+        keys = list(entry)
+        assert keys[0] == str(ids[t + 1])
+        rest = [int(entry[key]["rank"]) for key in keys[1:]]
+        assert rest == sorted(rest) and set(range(1, 4)) <= {int(v["rank"]) for v in entry.values()}
+
+
+def test_a_changed_value_at_the_same_ids_is_another_model(standin, tokenizer):
+    """The probe comparison looks at values, not only at which ids come first: weights scaled so the order of
+    every row stays while its values move are another model."""
+    server = connected(standin, tokenizer)
+    saved = server.fingerprint(tokenizer)
+    standin.table = torch.log_softmax(standin.table * 1.5, dim=-1)  # same ranking, other probabilities
+    changed = server.fingerprint(tokenizer)
+    assert [[token for token, _ in row] for row in changed["probe"]] == [[token for token, _ in row]
+                                                                          for row in saved["probe"]]
+    assert not same_probe(saved, changed)
+    shifted = {**saved, "probe": [[[token, value - 0.06] for token, value in row] for row in saved["probe"]]}
+    assert not same_probe(saved, shifted)  # just past the stated tolerance of 0.05
