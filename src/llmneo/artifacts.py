@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .adapters.store import adapter_kind, load_adapter, save_adapter
+from .adapters.store import adapter_kind, base_mutating_init, load_adapter, save_adapter
 from .config import ModelArguments
 from .errors import ConfigError
 from .methods import METHODS
@@ -113,10 +113,11 @@ def run_weights(path: str | Path, command: str) -> tuple[dict, Path, Path]:
         return load_run_config(path), path / ADAPTER_DIR, path / MODEL_DIR
     if not is_complete(path):
         raise ConfigError(f"checkpoint {path} is incomplete (its save was interrupted)")
-    kind = adapter_kind(path).get("adapter")
-    if kind in ("pissa", "olora"):
-        raise ConfigError(f"checkpoint {path} holds a {kind} adapter for the base as {kind} modified it: resume "
-                          "the run to finish it (its final save converts the adapter for the original base)")
+    init = base_mutating_init(path)
+    if init is not None:
+        raise ConfigError(f"checkpoint {path} holds an adapter initialised with {init}, for the base as that "
+                          "initialisation modified it: resume the run to finish it (its final save converts the "
+                          "adapter for the original base)")
     logger.info("using checkpoint %s of run %s (step %d)", path.name, target.run_dir, checkpoint_step(path))
     return load_run_config(target.run_dir), path, path
 

@@ -66,7 +66,11 @@ def parse_peft_options(options) -> dict:
 
 
 def mutates_base(config: LoraConfig) -> bool:
-    init = config.init_lora_weights
+    return is_base_mutating(config.init_lora_weights)
+
+
+def is_base_mutating(init) -> bool:
+    """Whether a LoraConfig ``init_lora_weights`` value moves part of the base into the adapter."""
     return isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS)
 
 

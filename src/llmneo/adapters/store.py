@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import ConfigError
 from ..runtime.checksums import CHECKSUM_FILE, verify_checksums
 from ..runtime.model_dir import model_directory
-from .lora import mutates_base, peft_wrapping
+from .lora import is_base_mutating, mutates_base, peft_wrapping
 from .moslora import fold_mixers, register_moslora
 from ..runtime.layout import INITIAL_ADAPTER_DIR
 
@@ -39,6 +39,16 @@ def save_initial_adapter(model, run_dir: Path) -> Path | None:
     model.save_pretrained(target)
     config.init_lora_weights = init
     return target
+
+
+def base_mutating_init(adapter_dir: Path) -> str | None:
+    """The saved adapter's initialisation when it moved part of the base into the adapter (PiSSA, OLoRA, CorDA,
+    whether chosen with --adapter or through --peft_options): read from its adapter_config.json, not its name."""
+    path = Path(adapter_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    init = json.loads(path.read_text(encoding="utf-8")).get("init_lora_weights")
+    return init if is_base_mutating(init) else None
 
 
 def kind_record(adapter_args, base: dict | None = None) -> dict:

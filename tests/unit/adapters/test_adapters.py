@@ -259,3 +259,19 @@ def test_wrapping_prints_no_deprecation_of_ours_and_lets_other_warnings_through(
 def test_llmneo_never_reads_the_deprecated_checkpointing_alias():
     reads = re.compile(r"\.is_gradient_checkpointing\b|getattr\([^)]*[\"']is_gradient_checkpointing")
     assert not [path for path in Path(llmneo.__file__).parent.rglob("*.py") if reads.search(path.read_text())]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("flags", [{"adapter": "pissa"}, {"adapter": "olora"},
+                                   {"adapter": "lora", "peft_options": '{"init_lora_weights": "pissa_niter_4"}'}])
+def test_a_checkpoint_of_a_base_mutating_init_is_not_merged(models_dir, train_file, tmp_path, flags):
+    """A checkpoint's adapter fits the base as PiSSA/OLoRA modified it, whether the init came with --adapter or
+    through --peft_options: merging it onto the original base is refused, read from its adapter_config.json."""
+    out = tmp_path / "run"
+    distill(parse_config(run_flags(models_dir, train_file, out, max_steps=2, save_strategy="steps", save_steps=2,
+                                   **flags)))
+    init = json.loads((out / "checkpoint-2" / "adapter_config.json").read_text())["init_lora_weights"]
+    with pytest.raises(ConfigError, match=f"checkpoint .*checkpoint-2 holds an adapter initialised with {init}, for "
+                                          "the base as that initialisation modified it: resume the run"):
+        merge_run(out / "checkpoint-2", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
