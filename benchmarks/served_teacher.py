@@ -114,9 +114,8 @@ def main():
         scratch = Path(scratch)
         vllm = serve(teacher, tokenizer, preset, args, scratch)
         try:
-            server = TeacherServer(ServerSettings(vllm.url)).connect(tokenizer)
-            fingerprint = {"served_teacher": server.fingerprint(tokenizer)}
-            server.check_top_k(args.top_k)
+            server, served_fingerprint = TeacherServer.open(ServerSettings(vllm.url), tokenizer, args.top_k, "--top_k")
+            fingerprint = {"served_teacher": served_fingerprint}
             teacher.to(device)
             local, _ = capture(scratch / "local", lambda out: write_cache(
                 out, teacher, capture_rows, collator, settings, vocab, {"data": {"rows": rows}}), rows * seq)

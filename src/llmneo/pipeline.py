@@ -171,9 +171,8 @@ def connect_served_teacher(config, tokenizer) -> tuple[TeacherServer, dict] | No
     --teacher_top_k log-probabilities; with its fingerprint."""
     if config.training.teacher_server is None:
         return None
-    server = TeacherServer(ServerSettings.from_config(config.training)).connect(tokenizer)
-    fingerprint = server.fingerprint(tokenizer)
-    server.check_top_k(config.training.teacher_top_k, "--teacher_top_k")
+    server, fingerprint = TeacherServer.open(ServerSettings.from_config(config.training), tokenizer,
+                                             config.training.teacher_top_k, "--teacher_top_k")
     logger.info("teacher server %s: %s, top-%d per answer token; the teacher is not loaded",
                 config.training.teacher_server, server.model, config.training.teacher_top_k)
     return server, fingerprint

@@ -68,10 +68,10 @@ def cache_teacher(config, cache_dir: str | Path, settings: CaptureSettings, conc
     if config.training.teacher_server is not None:
         if concurrency < 1:
             raise ConfigError(f"--teacher_server_concurrency must be >= 1, got {concurrency}")
-        server = TeacherServer(ServerSettings.from_config(config.training)).connect(tokenizer)
+        served = TeacherServer.open(ServerSettings.from_config(config.training), tokenizer, settings.top_k, "--top_k")
     with DirectoryLock(cache_dir, "llm-neo cache-teacher") if PartialState().is_main_process else nullcontext():
         if config.training.teacher_server is not None:
-            return capture_served_cache(config, cache_dir, settings, tokenizer, server, concurrency)
+            return capture_served_cache(config, cache_dir, settings, tokenizer, served, concurrency)
         if config.training.cross_tokenizer:
             return capture_aligned_cache(config, cache_dir, settings, tokenizer)
         return capture_teacher_cache(config, cache_dir, settings, tokenizer, make_collator(tokenizer))
@@ -89,13 +89,13 @@ def capture_teacher_cache(config, cache_dir: str | Path, settings: CaptureSettin
     return write_cache(cache_dir, teacher, dataset, collator, settings, vocab, fingerprint)
 
 
-def capture_served_cache(config, cache_dir: str | Path, settings: CaptureSettings, tokenizer, server: TeacherServer,
-                         concurrency: int) -> dict:
+def capture_served_cache(config, cache_dir: str | Path, settings: CaptureSettings, tokenizer,
+                         served: tuple[TeacherServer, dict], concurrency: int) -> dict:
     """The cache of a served teacher (--teacher_server): its top-k of every answer token, ``concurrency`` rows in
     flight, in the format and with the checks of a local capture; the served model's fingerprint is its teacher."""
+    server, served_fingerprint = served  # TeacherServer.open's
     dataset, _, _ = build_datasets(config.data, tokenizer, config.training.seed)
-    teacher = {"served_teacher": server.fingerprint(tokenizer)}
-    server.check_top_k(settings.top_k, "--top_k")
+    teacher = {"served_teacher": served_fingerprint}
     vocab = min(len(tokenizer), AutoConfig.from_pretrained(config.model.student_model).vocab_size)
     fingerprint = {**run_fingerprint(config, tokenizer, dataset), "teacher": teacher}
     return write_served_cache(cache_dir, server, dataset, settings, vocab, fingerprint, concurrency)

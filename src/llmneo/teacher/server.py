@@ -84,9 +84,18 @@ class TeacherServer:
         self.base = settings.url.rstrip("/")
         self.root = self.base.removesuffix("/v1")  # vLLM serves /tokenize and /detokenize beside /v1
         self.model = settings.model
-        self.max_top_k: int | None = None
+        self.probe_ids: list[int] = []  # the student's tokens of the probe (set by connect)
 
     # ---- checks at start ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, settings: ServerSettings, tokenizer, top_k: int, option: str) -> tuple[TeacherServer, dict]:
+        """The served teacher, checked (connect, and ``top_k`` log-probabilities per position, ``option`` naming
+        where k came from), and its fingerprint: what a run and a cache capture both start with."""
+        server = cls(settings).connect(tokenizer)
+        fingerprint = server.fingerprint()
+        server.check_top_k(top_k, option)
+        return server, fingerprint
 
     def connect(self, tokenizer) -> TeacherServer:
         """Check, before any model loads, that the server answers, serves one (or the named) model and has the
@@ -107,6 +116,7 @@ class TeacherServer:
             raise ConfigError(f"teacher server {self.settings.url} does not serve '{self.model}'; it serves "
                               f"{', '.join(names)}")
         self.check_tokenizer(tokenizer)
+        self.probe_ids = tokenizer(probe_text(tokenizer), add_special_tokens=False)["input_ids"]
         return self
 
     def check_tokenizer(self, tokenizer) -> None:
@@ -139,14 +149,12 @@ class TeacherServer:
                                   f"{f' ({limit})' if limit else ''}: lower {option}, or restart vLLM with "
                                   f"--max-logprobs {k} or more") from None
             raise
-        self.max_top_k = k
 
     # ---- the fingerprint -----------------------------------------------------------------------------------------
 
-    def fingerprint(self, tokenizer) -> dict:
+    def fingerprint(self) -> dict:
         """The served model's name and its top log-probabilities over the probe: another model, or other weights
         under the same name, give another fingerprint."""
-        self.probe_ids = tokenizer(probe_text(tokenizer), add_special_tokens=False)["input_ids"]
         return {"server_model": self.model, "probe": self.probe_log_probs()}
 
     def probe_log_probs(self) -> list:

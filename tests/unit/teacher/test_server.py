@@ -33,7 +33,7 @@ def client(url: str, **settings) -> TeacherServer:
 
 def connected(standin, tokenizer, **settings) -> TeacherServer:
     server = client(standin.url, **settings).connect(tokenizer)
-    server.fingerprint(tokenizer)
+    server.fingerprint()
     return server
 
 
@@ -171,13 +171,13 @@ def test_api_key_from_the_environment(tokenizer, monkeypatch):
 
 def test_fingerprint_tolerates_noise_not_another_model(standin, tokenizer):
     server = connected(standin, tokenizer)
-    saved = server.fingerprint(tokenizer)
-    assert same_probe(saved, server.fingerprint(tokenizer))
+    saved = server.fingerprint()
+    assert same_probe(saved, server.fingerprint())
     noisy = {**saved, "probe": [[[token, value + 0.01] for token, value in row] for row in saved["probe"]]}
     assert same_probe(saved, noisy)
     assert not same_probe(saved, {**saved, "server_model": "other"})
     standin.table = standin.table.roll(1, dims=1)  # other weights under the same name
-    changed = server.fingerprint(tokenizer)
+    changed = server.fingerprint()
     assert not same_probe(saved, changed)
     identity = {"options": {}, "data": {}, "teacher": {"served_teacher": saved}}
     assert differences(identity, {**identity, "teacher": {"served_teacher": noisy}}) == []
@@ -188,7 +188,7 @@ def test_fingerprint_tolerates_noise_not_another_model(standin, tokenizer):
 def test_served_source_fetches_ahead_and_checks_the_probe(standin, tokenizer):
     server = connected(standin, tokenizer)
     rows = [feature(tokenizer, row) for row in range(3)]
-    source = ServedTeacher(server, server.fingerprint(tokenizer), 4, len(tokenizer), dataset=rows)
+    source = ServedTeacher(server, server.fingerprint(), 4, len(tokenizer), dataset=rows)
     collate = source.collator(lambda features: {"row_id": torch.tensor([f["row_id"] for f in features]),
                                                 "labels": torch.tensor([f["labels"] for f in features])}, tokenizer)
     batch = collate(rows[:2])
@@ -217,7 +217,7 @@ def test_rollout_batches_are_scored_as_they_are_and_their_rows_never_asked_for(s
     for row, text in enumerate(["the sea is blue and calm", "a storm comes over the hill", "grey clouds and rain"]):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:], "row_id": row})
-    source = ServedTeacher(server, server.fingerprint(tokenizer), 4, len(tokenizer), dataset=rows, deferred=True)
+    source = ServedTeacher(server, server.fingerprint(), 4, len(tokenizer), dataset=rows, deferred=True)
     before = len(standin.requests)
     source.collator(lambda features: {}, tokenizer)([rows[0], rows[1]])  # step k, on-policy
     source.collator(lambda features: {}, tokenizer)([rows[2]])  # collated ahead for step k + 1, off-policy
@@ -340,11 +340,21 @@ def test_a_changed_value_at_the_same_ids_is_another_model(standin, tokenizer):
     """The probe comparison looks at values, not only at which ids come first: weights scaled so the order of
     every row stays while its values move are another model."""
     server = connected(standin, tokenizer)
-    saved = server.fingerprint(tokenizer)
+    saved = server.fingerprint()
     standin.table = torch.log_softmax(standin.table * 1.5, dim=-1)  # same ranking, other probabilities
-    changed = server.fingerprint(tokenizer)
+    changed = server.fingerprint()
     assert [[token for token, _ in row] for row in changed["probe"]] == [[token for token, _ in row]
                                                                           for row in saved["probe"]]
     assert not same_probe(saved, changed)
     shifted = {**saved, "probe": [[[token, value - 0.06] for token, value in row] for row in saved["probe"]]}
     assert not same_probe(saved, shifted)  # just past the stated tolerance of 0.05
+
+
+def test_open_checks_k_right_after_connecting(standin, tokenizer):
+    """check_top_k needs only connect (it read a probe only fingerprint() set); open does connect, fingerprint
+    and the k check, in one call, for runs and cache captures alike."""
+    client(standin.url).connect(tokenizer).check_top_k(20, "--top_k")
+    server, fingerprint = TeacherServer.open(ServerSettings(standin.url, backoff=0.0), tokenizer, 8, "--top_k")
+    assert fingerprint == server.fingerprint() and fingerprint["server_model"] == "teacher"
+    with pytest.raises(ConfigError, match=r"--top_k 32 is more than .* returns \(20\)"):
+        TeacherServer.open(ServerSettings(standin.url, backoff=0.0), tokenizer, 32, "--top_k")
