@@ -92,6 +92,10 @@ class AdapterArguments:
         "all-linear",
     )
 
+    def scaling_alpha(self) -> float:
+        """lora_alpha, or the paper's default 2 * lora_r when it is not set."""
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
+
 
 @dataclass
 class DistillArguments:
@@ -280,8 +284,7 @@ def resolve_defaults(config: RunConfig) -> None:
     preset = METHODS[config.training.method]
     if config.training.learning_rate is None:
         config.training.learning_rate = 2e-4 if preset.uses_adapter else 2e-5
-    if config.adapter.lora_alpha is None:
-        config.adapter.lora_alpha = 2.0 * config.adapter.lora_r
+    config.adapter.lora_alpha = config.adapter.scaling_alpha()
     if config.training.min_lr_ratio > 0 and config.training.lr_scheduler_type in ("cosine", "cosine_with_min_lr"):
         config.training.lr_scheduler_type = "cosine_with_min_lr"
         config.training.lr_scheduler_kwargs = {"min_lr_rate": config.training.min_lr_ratio}
@@ -336,10 +339,8 @@ def validate(config: RunConfig) -> None:
                        f"method {config.training.method} needs teacher_model (or a teacher_cache or teacher_server)"))
     if config.training.teacher_cache is not None:
         checks.append((preset.uses_teacher, f"teacher_cache is for the kd and neo methods, not {config.training.method}"))
-        checks.append((config.training.loss_impl != "liger", "loss_impl liger needs the teacher's hidden states, "
-                                                              "not a teacher_cache: use fused or naive"))
     checks += (_classification_checks(config) + _cross_tokenizer_checks(config) + _served_teacher_checks(config)
-               + _on_policy_checks(config))
+               + _on_policy_checks(config) + _liger_checks(config))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -356,8 +357,6 @@ def _served_teacher_checks(config: RunConfig) -> list[tuple[bool, str]]:
             (training.cross_tokenizer is None, "a served teacher must share the student's tokenizer: distil across "
                                                "tokenizers with a local --teacher_model and --cross_tokenizer"),
             (config.data.task == "causal_lm", "teacher_server is for --task causal_lm"),
-            (training.loss_impl != "liger", "loss_impl liger needs the teacher's hidden states, not a teacher_server: "
-                                            "use fused or naive"),
             (training.teacher_top_k >= 1, f"teacher_top_k must be >= 1, got {training.teacher_top_k}"),
             (training.teacher_server_timeout > 0, f"teacher_server_timeout must be > 0, got {training.teacher_server_timeout}"),
             (training.teacher_server_retries >= 0, f"teacher_server_retries must be >= 0, got {training.teacher_server_retries}"),
@@ -373,7 +372,7 @@ def _on_policy_checks(config: RunConfig) -> list[tuple[bool, str]]:
     if training.on_policy_fraction == 0.0:
         return checks
     unsupported = [("a teacher_cache (it holds the dataset's answers only)", training.teacher_cache is not None),
-                   ("packing", config.data.packing), ("loss_impl liger", training.loss_impl == "liger")]
+                   ("packing", config.data.packing)]
     return [*checks,
             (METHODS[training.method].uses_teacher, f"on_policy_fraction is for the kd and neo methods (a teacher "
                                                    f"scores the answers), not {training.method}"),
@@ -402,8 +401,22 @@ def _cross_tokenizer_checks(config: RunConfig) -> list[tuple[bool, str]]:
             (config.data.task == "causal_lm", f"{name} is for --task causal_lm"),
             (not config.data.packing, f"{name} needs padded rows: leave --packing off"),
             (config.training.cache_tail == "bucket", f"{name} keeps the cached tail as its rest bucket: cache_tail "
-                                                    "renormalize is for a cache over the student's own tokens"),
-            (config.training.loss_impl != "liger", f"{name} computes its KD term itself: use loss_impl fused or naive")]
+                                                    "renormalize is for a cache over the student's own tokens")]
+
+
+def _liger_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Liger's chunked loss reads a loaded teacher's final hidden states on the student's own tokens, every answer
+    token of a causal LM: each other source of the teacher's signal is named with the refusal."""
+    if config.training.loss_impl != "liger":
+        return []
+    training = config.training
+    others = [("a teacher_cache", training.teacher_cache is not None),
+              ("a teacher_server", training.teacher_server is not None),
+              (f"cross_tokenizer {training.cross_tokenizer}", training.cross_tokenizer is not None),
+              ("on_policy_fraction (its KD term is computed by llm-neo)", training.on_policy_fraction > 0),
+              ("--task classification", config.data.task == "classification")]
+    return [(not used, f"loss_impl liger needs a loaded teacher's hidden states on the student's own tokens (it is "
+                       f"for --task causal_lm), not {name}: use loss_impl fused or naive") for name, used in others]
 
 
 def _classification_checks(config: RunConfig) -> list[tuple[bool, str]]:
@@ -412,8 +425,7 @@ def _classification_checks(config: RunConfig) -> list[tuple[bool, str]]:
     if not classifying:
         return [(config.data.data_format != "classification", "data_format classification needs --task classification")]
     unsupported = [("teacher_cache", config.training.teacher_cache is not None), ("packing", config.data.packing),
-                   ("auto_micro_batch", config.training.auto_micro_batch),
-                   ("loss_impl liger", config.training.loss_impl == "liger")]
+                   ("auto_micro_batch", config.training.auto_micro_batch)]
     checks = [(not used, f"{name} is for --task causal_lm; a classification run computes the teacher's class "
                          "logits online and needs none of it") for name, used in unsupported]
     checks.append((config.data.data_format in ("auto", "classification"),

@@ -142,7 +142,7 @@ def test_bad_rows_name_file_row_and_field(tmp_path, tokenizer, row, message):
 
 @pytest.mark.parametrize("flag,message", [
     (["--packing", "true"], "packing is for --task causal_lm"),
-    (["--loss_impl", "liger"], "loss_impl liger is for --task causal_lm"),
+    (["--loss_impl", "liger"], r"loss_impl liger .*\(it is for --task causal_lm\), not --task classification"),
     (["--data_format", "sharegpt"], "--task classification reads text\\+label rows"),
 ])
 def test_causal_only_options_are_refused(flag, message):

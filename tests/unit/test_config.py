@@ -172,7 +172,7 @@ def test_stray_positional_argument_is_rejected():
     (["--teacher_cache", "c"], "give one teacher: teacher_server, teacher_model or teacher_cache"),
     (["--method", "lora"], "teacher_server is for the kd and neo methods, not lora"),
     (["--cross_tokenizer", "exact"], "a served teacher must share the student's tokenizer"),
-    (["--loss_impl", "liger"], "loss_impl liger needs the teacher's hidden states, not a teacher_server"),
+    (["--loss_impl", "liger"], r"loss_impl liger needs a loaded teacher's hidden states .*, not a teacher_server: use"),
     (["--teacher_top_k", "0"], "teacher_top_k must be >= 1, got 0"),
     (["--teacher_server_retries", "-1"], "teacher_server_retries must be >= 0, got -1"),
     (["--teacher_server_timeout", "0"], "teacher_server_timeout must be > 0"),
@@ -207,3 +207,15 @@ def test_on_policy_options_are_checked(flags, message):
         base = base[:-2]
     with pytest.raises(ConfigError, match=message):
         parse_config(base + flags)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--teacher_model", "t", "--cross_tokenizer", "exact"], "cross_tokenizer exact"),
+    (["--teacher_model", "t", "--on_policy_fraction", "0.5"], "on_policy_fraction"),
+    (["--teacher_cache", "c"], "a teacher_cache"),
+])
+def test_liger_is_refused_once_for_every_other_teacher_signal(flags, named):
+    with pytest.raises(ConfigError, match=rf"loss_impl liger needs a loaded teacher's hidden states on the student's "
+                                          rf"own tokens \(it is for --task causal_lm\), not {named}"):
+        parse_config(["--student_model", "s", "--dataset", "d.jsonl", "--loss_impl", "liger", *flags])
+    parse_config(["--student_model", "s", "--dataset", "d.jsonl", "--loss_impl", "liger", "--teacher_model", "t"])

@@ -81,7 +81,7 @@ def lora_config(adapter_args, task_type: str = "CAUSAL_LM") -> LoraConfig:
     try:
         config = LoraConfig(
             r=adapter_args.lora_r,
-            lora_alpha=adapter_args.lora_alpha if adapter_args.lora_alpha is not None else 2 * adapter_args.lora_r,
+            lora_alpha=adapter_args.scaling_alpha(),
             lora_dropout=adapter_args.lora_dropout,
             target_modules=resolve_target_modules(adapter_args.target_modules),
             bias="none",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import DataError
 from .tokenize import assistant_spans
@@ -47,14 +48,14 @@ def byte_offsets(text: str) -> list[int]:
     return offsets
 
 
-def boundary_positions(rendered, token_bytes: list, span_start: int, limit: int,
+def boundary_positions(rendered: Rendering, token_bytes: list, span_start: int, limit: int,
                        to_byte: list[int]) -> dict[int, int]:
     """{byte b of the answer (0 <= b < limit): the position whose logits predict the text from b on};
     ``to_byte``: ``byte_offsets`` of the rendered text.
 
     A token that starts at a character boundary starts at the byte where the token before it ends; a token that
     starts inside a character (one of its bytes) starts after the bytes of the token before it."""
-    _, _, ids, offsets = rendered
+    ids, offsets = rendered.ids, rendered.offsets
     origin, positions, start = to_byte[span_start], {}, None
     for index in range(1, len(ids)):
         previous_end = offsets[index - 1][1]
@@ -68,10 +69,10 @@ def boundary_positions(rendered, token_bytes: list, span_start: int, limit: int,
     return positions
 
 
-def answer_units(rendered, token_bytes: list, span: tuple[int, int]) -> list:
+def answer_units(rendered: Rendering, token_bytes: list, span: tuple[int, int]) -> list:
     """The answer span as a sequence to compare: its characters, except that a special token (a chat marker) is
     one unit, its name, so that two markers are never matched on the characters of their names."""
-    text, _, ids, offsets = rendered
+    text, ids, offsets = rendered.text, rendered.ids, rendered.offsets
     special = {start: (end, name) for token, (start, end), name in
                zip(ids, offsets, (text[a:b] for a, b in offsets), strict=True) if token_bytes[token] is None and end > start}
     units, index = [], span[0]
@@ -99,42 +100,51 @@ def common_prefix(first: list, second: list) -> int:
     return length
 
 
-def render_messages(tokenizer, messages: list[dict[str, str]], max_length: int):
-    """A conversation as one tokenizer sees it: text, answer spans, ids and offsets (cut at ``max_length``)."""
+class Rendering(NamedTuple):
+    """A row as one tokenizer sees it: its text, the character spans of its answers, and its token ids with their
+    character offsets (cut at the row's max_length)."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+def render_messages(tokenizer, messages: list[dict[str, str]], max_length: int) -> Rendering:
+    """A conversation as one tokenizer sees it (cut at ``max_length``)."""
     text, spans = assistant_spans(tokenizer, messages)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return text, spans, list(encoding["input_ids"])[:max_length], list(encoding["offset_mapping"])[:max_length]
+    return Rendering(text, spans, list(encoding["input_ids"])[:max_length], list(encoding["offset_mapping"])[:max_length])
 
 
-def render_text(tokenizer, text: str, max_length: int):
+def render_text(tokenizer, text: str, max_length: int) -> Rendering:
     """A plain-text row as one tokenizer sees it (as ``encode_text`` tokenizes it): the whole text is the answer."""
     encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids, offsets = ids + [tokenizer.eos_token_id], offsets + [(len(text), len(text))]
-    return text, [(0, len(text))], ids[:max_length], offsets[:max_length]
+    return Rendering(text, [(0, len(text))], ids[:max_length], offsets[:max_length])
 
 
-def align_rendered(student, teacher, student_ids: list[int], student_bytes: list, teacher_bytes: list) -> Alignment:
+def align_rendered(student: Rendering, teacher: Rendering, student_ids: list[int], student_bytes: list,
+                   teacher_bytes: list) -> Alignment:
     """The aligned boundaries of one row rendered by both tokenizers (``render_messages`` / ``render_text``);
     ``student_ids`` is the student's row as training sees it, checked against the rendering; ``*_bytes``: each
     tokenizer's ``token_bytes``."""
-    student_text, student_spans, ids, _ = student
-    teacher_text, teacher_spans, teacher_ids, _ = teacher
-    if ids != list(student_ids):
+    if student.ids != list(student_ids):
         raise DataError("the student's tokens of this row differ from a second rendering of it")
-    student_to_byte, teacher_to_byte = byte_offsets(student_text), byte_offsets(teacher_text)
+    student_to_byte, teacher_to_byte = byte_offsets(student.text), byte_offsets(teacher.text)
     student_positions, teacher_positions = [], []
-    for (s_start, s_end), (t_start, t_end) in zip(student_spans, teacher_spans, strict=True):
+    for (s_start, s_end), (t_start, t_end) in zip(student.spans, teacher.spans, strict=True):
         shared = common_prefix(answer_units(student, student_bytes, (s_start, s_end)),
                                answer_units(teacher, teacher_bytes, (t_start, t_end)))
-        limit = len(student_text[s_start:s_start + shared].encode("utf-8"))
+        limit = len(student.text[s_start:s_start + shared].encode("utf-8"))
         student_at = boundary_positions(student, student_bytes, s_start, limit, student_to_byte)
         teacher_at = boundary_positions(teacher, teacher_bytes, t_start, limit, teacher_to_byte)
         for character in sorted(student_at.keys() & teacher_at.keys()):
             student_positions.append(student_at[character])
             teacher_positions.append(teacher_at[character])
-    return Alignment(teacher_ids, student_positions, teacher_positions)
+    return Alignment(teacher.ids, student_positions, teacher_positions)
 
 
 # ---------------------------------------------------------------- on-policy answers across tokenizers
@@ -159,13 +169,12 @@ class AnswerAlignment:
     end: tuple[int, int] | None
 
 
-def last_answer_prompt(rendered, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+def last_answer_prompt(rendered: Rendering, messages: list[dict[str, str]]) -> list[dict[str, str]]:
     """The messages before the last answer the (possibly truncated) student row still labels: the prompt of that
     row's on-policy answer (rollouts.last_prompt takes the tokens before the same answer)."""
-    _, spans, _, offsets = rendered
     answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-    present = [index for index, (start, end) in zip(answers, spans, strict=True)
-               if any(a < end and b > start for a, b in offsets)]
+    present = [index for index, (start, end) in zip(answers, rendered.spans, strict=True)
+               if any(a < end and b > start for a, b in rendered.offsets)]
     if not present:
         raise DataError("no answer left after truncation to give an on-policy prompt")
     return messages[:present[-1]]
@@ -195,18 +204,18 @@ def sampled_units(answer: list[int], token_bytes: list, names: dict[int, str]) -
     return units, starts
 
 
-def align_answer(units: list, starts: list[int], prompt_length: int, teacher, teacher_bytes: list) -> AnswerAlignment:
+def align_answer(units: list, starts: list[int], prompt_length: int, teacher: Rendering,
+                 teacher_bytes: list) -> AnswerAlignment:
     """The aligned boundaries of one sampled answer (its ``sampled_units``, after ``prompt_length`` prompt tokens in
     the rollout row) with ``teacher``, the teacher's ``render_messages`` of the prompt messages and the answer's text."""
-    teacher_text, teacher_spans, teacher_ids, _ = teacher
-    span = teacher_spans[-1]
+    span = teacher.spans[-1]
     shared = common_prefix(units, answer_units(teacher, teacher_bytes, span))
     limit = len(_spelled(units[:shared]))
     student_at = {start: prompt_length + index - 1 for index, start in enumerate(starts) if start <= limit}
-    teacher_at = boundary_positions(teacher, teacher_bytes, span[0], limit + 1, byte_offsets(teacher_text))
+    teacher_at = boundary_positions(teacher, teacher_bytes, span[0], limit + 1, byte_offsets(teacher.text))
     shared_bytes = sorted(key for key in student_at.keys() & teacher_at.keys() if key < limit)
     end = (student_at[limit], teacher_at[limit]) if limit in student_at and limit in teacher_at else None
-    return AnswerAlignment(teacher_ids, [student_at[b] for b in shared_bytes], [teacher_at[b] for b in shared_bytes],
+    return AnswerAlignment(teacher.ids, [student_at[b] for b in shared_bytes], [teacher_at[b] for b in shared_bytes],
                            end)
 
 

@@ -3,6 +3,8 @@ across tokenizers, also the teacher's rows and the aligned boundaries."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
@@ -42,11 +44,21 @@ class AlignedCollator:
 _TEACHER_SIDE = (*ALIGNMENT_COLUMNS, PROMPT_COLUMN)  # columns the student's collator never sees
 
 
-def rendered_answers(aligner, inputs: dict, pad_id: int) -> tuple[dict, torch.Tensor]:
+class AlignedSpans(NamedTuple):
+    """Aligned byte spans of a batch of answers, one entry per span: its row, and the prediction positions it
+    covers on each side (starts inclusive, ends exclusive)."""
+
+    row: torch.Tensor
+    student_start: torch.Tensor
+    student_end: torch.Tensor
+    teacher_start: torch.Tensor
+    teacher_end: torch.Tensor
+
+
+def rendered_answers(aligner, inputs: dict, pad_id: int) -> tuple[dict, AlignedSpans]:
     """The teacher's rendering of each row of a batch of answers (``inputs``: right-padded input_ids with labels on
     each row's answer, and row_id), aligned by ``aligner`` (an AnswerAligner): the teacher's rows with the aligned
-    boundaries (``teacher_side``), and the aligned byte spans as rows of (row, student start, student end, teacher
-    start, teacher end), prediction positions, ends exclusive."""
+    boundaries (``teacher_side``), and the aligned byte spans between consecutive shared boundaries."""
     features, spans = [], []
     for index, row_id in enumerate(inputs["row_id"].tolist()):
         labels = inputs["labels"][index]
@@ -60,8 +72,8 @@ def rendered_answers(aligner, inputs: dict, pad_id: int) -> tuple[dict, torch.Te
         spans += [(index, s, s_next, t, t_next) for (s, t), (s_next, t_next) in zip(pairs, pairs[1:], strict=False)]
     teacher = teacher_side(features, pad_id, [0] * len(features))  # right-padded
     device = inputs["input_ids"].device
-    return ({key: value.to(device) for key, value in teacher.items()},
-            torch.tensor(spans, dtype=torch.long).reshape(-1, 5))
+    table = torch.tensor(spans, dtype=torch.long).reshape(-1, 5)
+    return {key: value.to(device) for key, value in teacher.items()}, AlignedSpans(*table.unbind(1))
 
 
 def teacher_side(features: list[dict], pad_id: int, shifts: list[int]) -> dict:

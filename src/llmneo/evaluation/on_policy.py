@@ -142,7 +142,7 @@ class AlignedScorer:
             theirs = span_log_probs(self.teacher, teacher, spans).double().cpu()
             running = per_position_log_probs(self.student, ids, mask).double().cpu().cumsum(1)
             running = torch.cat([running.new_zeros(len(ids), 1), running], dim=1)
-            index, starts, ends = spans[:, 0], spans[:, 1], spans[:, 2]
+            index, starts, ends = spans.row, spans.student_start, spans.student_end
             ours = running[index, ends] - running[index, starts]
             for b in range(len(ids)):
                 mine = index == b

@@ -57,15 +57,14 @@ def rows_at(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return teacher_logits(model, input_ids, attention_mask)[rows, positions], None
 
 
-def span_log_probs(model: torch.nn.Module, teacher: dict, spans: torch.Tensor) -> torch.Tensor:
+def span_log_probs(model: torch.nn.Module, teacher: dict, spans) -> torch.Tensor:
     """``model``'s log-probability of each aligned byte span (``data.collators.rendered_answers``: its rows in
-    ``teacher``, span k = (row, ., ., start, end) predicting tokens start + 1 .. end of that row), summed over the
-    span's tokens."""
+    ``teacher``, span k predicting tokens teacher_start + 1 .. teacher_end of its row), summed over its tokens."""
     ids = teacher["teacher_input_ids"]
-    lengths = spans[:, 4] - spans[:, 3]
-    span_of = torch.repeat_interleave(torch.arange(len(spans)), lengths)
+    lengths = spans.teacher_end - spans.teacher_start
+    span_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
     within = torch.arange(len(span_of)) - (lengths.cumsum(0) - lengths)[span_of]
-    rows, positions = spans[span_of, 0].to(ids.device), (spans[span_of, 3] + within).to(ids.device)
+    rows, positions = spans.row[span_of].to(ids.device), (spans.teacher_start[span_of] + within).to(ids.device)
     found, weight = rows_at(model, ids, teacher["teacher_attention_mask"], rows, positions)
     theirs = token_log_probs(found, ids[rows, positions + 1], weight)
-    return theirs.new_zeros(len(spans)).index_add(0, span_of.to(theirs.device), theirs)
+    return theirs.new_zeros(len(lengths)).index_add(0, span_of.to(theirs.device), theirs)

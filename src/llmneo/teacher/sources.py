@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..data.alignment import AnswerAligner
-from ..data.collators import AlignedCollator, rendered_answers
+from ..data.collators import AlignedCollator, AlignedSpans, rendered_answers
 from ..data.packing import forward_inputs, packed_row_index
 from ..errors import DataError, TeacherServerError
 from ..evaluation.cross_tokenizer import evaluate_aligned, teacher_mapped_mass
@@ -106,9 +106,10 @@ class AlignedOnlineTeacher(TeacherSignal):
         """The teacher's log-probability of each aligned byte span of the student's answers (its tokens in it)."""
         teacher, spans = self._rendered_answers(inputs)
         totals = span_log_probs(self.teacher, teacher, spans)
-        return AlignedSampledTargets(spans[:, :3].to(student.rows.device), totals.to(student.rows.device))
+        student_spans = torch.stack([spans.row, spans.student_start, spans.student_end], dim=1)
+        return AlignedSampledTargets(student_spans.to(student.rows.device), totals.to(student.rows.device))
 
-    def _rendered_answers(self, inputs: dict) -> tuple[dict, torch.Tensor]:
+    def _rendered_answers(self, inputs: dict) -> tuple[dict, AlignedSpans]:
         if self.answers is None:
             raise ValueError("on-policy steps across tokenizers need the rows' prompt messages (an AnswerAligner)")
         return rendered_answers(self.answers, inputs, self.teacher_tokenizer.pad_token_id)
@@ -138,7 +139,7 @@ class AlignedCachedTeacher(TeacherSignal):
         self.cache, self.vocab_map, self.mode, self.padding_side = cache, vocab_map, mode, padding_side
 
     def attach(self, teacher, device) -> None:
-        self.teacher, self.vocab_map = teacher, self.vocab_map.to(device)
+        self.vocab_map = self.vocab_map.to(device)  # no teacher model: its rows come from the cache
 
     def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         rows, positions, topk = self._alignment(inputs)

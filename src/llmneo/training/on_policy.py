@@ -28,21 +28,30 @@ def is_on_policy_step(step: int, fraction: float) -> bool:
 
 
 class OnPolicyLoss:
-    """How an on-policy step's loss reads the teacher."""
+    """How an on-policy step's loss reads the teacher: the KD term alone, from the targets ``targets`` gives."""
 
     def settings(self, settings: LossSettings) -> LossSettings:
         return dataclasses.replace(settings, alpha=0.0)  # the KD term alone
+
+    def targets(self, signal: TeacherSignal, inputs: dict, student: StudentSide) -> TeacherTargets:
+        raise NotImplementedError
+
+
+class FullLoss(OnPolicyLoss):
+    """T²·D at every generated token, from the teacher's whole distribution (the run's divergence)."""
 
     def targets(self, signal: TeacherSignal, inputs: dict, student: StudentSide) -> TeacherTargets:
         return signal.targets(inputs, student)
 
 
 class SampledLoss(OnPolicyLoss):
+    """The per-token reverse-KL estimator on the sampled tokens."""
+
     def targets(self, signal: TeacherSignal, inputs: dict, student: StudentSide) -> TeacherTargets:
         return signal.sampled_targets(inputs, student)
 
 
-LOSSES = {"full": OnPolicyLoss, "sampled": SampledLoss}
+LOSSES = {"full": FullLoss, "sampled": SampledLoss}
 
 
 class OnPolicy:

@@ -10,7 +10,7 @@ from ..losses.backends import READS_HIDDEN_STATES, choose_loss_impl, impl_for_ca
 from ..losses.contract import answer_mask
 from ..losses.targets import StudentSide
 from ..rollouts import ROLLOUT
-from ..teacher.signal import TeacherSignal
+from ..teacher.signal import NoTeacher, TeacherSignal
 from .base import DistillationTrainer
 from .on_policy import OnPolicy
 
@@ -24,7 +24,7 @@ class NeoTrainer(DistillationTrainer):
     """
 
     def __init__(self, *args, signal: TeacherSignal | None = None, **kwargs):
-        signal = signal if signal is not None else TeacherSignal()  # the interface's defaults: no teacher
+        signal = signal if signal is not None else NoTeacher()
         super().__init__(*args, teacher=signal.teacher, kd_vocab_size=signal.kd_vocab_size, **kwargs)
         self.signal = signal
         self.signal.attach(self.teacher, self.args.device)
