@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .contract import DEFAULT_LOSS_SETTINGS, LossParts, LossSettings, answer_mask, answer_rows, answer_targets
 from .divergences import kl_from_log_probs
-from .topk import TopKRows, kd_per_row
+from .topk import LogitRows, TopKRows, kd_per_row
 
 # Row reductions over a chunk run on eighth-chunk blocks so that their temporaries stay small.
 REDUCTION_BLOCKS = 8
@@ -101,32 +101,51 @@ def _ce_divergence_autograd(z, teacher, targets, settings: LossSettings):
     return ce_sum, kd_sum, z
 
 
-def _chunk_terms(z, teacher, targets, settings: LossSettings):
+def _chunk_terms(z, teacher: LogitRows | TopKRows | None, targets, settings: LossSettings):
     if teacher is None:
         return _ce_only(z, targets)
-    if settings.divergence.closed_form_gradient and not isinstance(teacher, TopKRows):
-        return _ce_forward_kl(z, teacher, targets, settings)
+    if settings.divergence.closed_form_gradient and teacher.full_distribution:
+        return _ce_forward_kl(z, teacher.logits, targets, settings)
     return _ce_divergence_autograd(z, teacher, targets, settings)
 
 
+# The teacher at the answer rows, chunk by chunk: each gives a chunk's rows over the shared vocabulary (logits as an
+# fp32 tensor the caller may overwrite, or cached top-k rows).
+
 @dataclass
-class _TeacherRows:
-    """The teacher at the answer rows: final hidden states with its head weight, logits, cached top-k, or none."""
+class _HiddenChunks:
+    hidden: torch.Tensor  # (N, H) answer rows
+    weight: torch.Tensor  # the teacher's head
 
-    hidden: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
-    logits: torch.Tensor | TopKRows | None = None
+    def chunk(self, rows: slice, vocab: int) -> LogitRows:
+        return LogitRows(F.linear(self.hidden[rows], self.weight[:vocab]).float())
 
-    def chunk(self, rows: slice, vocab: int):
-        """The chunk's teacher logits over the shared vocabulary, as an fp32 tensor the caller may overwrite, or
-        its cached top-k rows."""
-        if isinstance(self.logits, TopKRows):
-            return self.logits[rows]
-        if self.hidden is not None:
-            return F.linear(self.hidden[rows], self.weight[:vocab]).float()
-        if self.logits is not None:
-            return self.logits[rows, :vocab].to(torch.float32, copy=True)
-        return None
+
+@dataclass
+class _LogitChunks:
+    logits: torch.Tensor  # (N, V) answer rows
+
+    def chunk(self, rows: slice, vocab: int) -> LogitRows:
+        return LogitRows(self.logits[rows, :vocab].to(torch.float32, copy=True))
+
+
+@dataclass
+class _TopKChunks:
+    topk: TopKRows  # answer order
+
+    def chunk(self, rows: slice, vocab: int) -> TopKRows:
+        return self.topk[rows]
+
+
+def _teacher_chunks(mask, teacher_hidden, teacher_weight, teacher_logits, teacher_topk):
+    """The chunk source of whichever teacher form the call was given (none: CE only)."""
+    if teacher_hidden is not None:
+        if teacher_weight is None:
+            raise ValueError("teacher_hidden needs teacher_weight")
+        return _HiddenChunks(answer_rows(teacher_hidden, mask), teacher_weight)
+    if teacher_logits is not None:
+        return _LogitChunks(answer_rows(teacher_logits, mask))
+    return _TopKChunks(teacher_topk) if teacher_topk is not None else None
 
 
 @dataclass
@@ -138,15 +157,14 @@ class _Gradients:
     weight: torch.Tensor | None
 
 
-def _chunk_step(rows: slice, hidden, weight, teacher: _TeacherRows, targets, settings: LossSettings,
-                grads: _Gradients | None):
+def _chunk_step(rows: slice, hidden, weight, teacher, targets, settings: LossSettings, grads: _Gradients | None):
     """One chunk: its loss sums, with its gradients written into ``grads`` (None: values only).
 
     A function of its own so that the chunk's buffers are freed before the next chunk allocates its own.
     """
     vocab = settings.kd_vocab_size or weight.shape[0]
     z = F.linear(hidden[rows], weight).float()
-    teacher_chunk = teacher.chunk(rows, vocab)
+    teacher_chunk = teacher.chunk(rows, vocab) if teacher is not None else None
     ce, kd, grad_z = _chunk_terms(z, teacher_chunk, targets[rows], settings)
     del z, teacher_chunk
     if grads is None:  # evaluation: values only
@@ -162,13 +180,11 @@ class _FusedHeadLoss(torch.autograd.Function):
     """Forward computes the loss and its gradients chunk by chunk; backward scales them by the incoming grad."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, teacher_logits, targets, num_items,
-                settings: LossSettings):
+    def forward(ctx, hidden, weight, teacher, targets, num_items, settings: LossSettings):
         scale = 1.0 / num_items
         grad_hidden = torch.empty_like(hidden) if any(ctx.needs_input_grad[:2]) else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         grads = _Gradients(scale, grad_hidden, grad_weight) if grad_hidden is not None else None
-        teacher = _TeacherRows(teacher_hidden, teacher_weight, teacher_logits)
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         kd_sum = torch.zeros_like(ce_sum)
         for start in range(0, hidden.shape[0], settings.chunk_size):
@@ -176,7 +192,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             ce, kd = _chunk_step(rows, hidden, weight, teacher, targets, settings, grads)
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
         ctx.save_for_backward(grad_hidden, grad_weight)
-        has_teacher = teacher_hidden is not None or teacher_logits is not None
+        has_teacher = teacher is not None
         ce, kd = ce_sum * scale, kd_sum * settings.temperature**2 * scale
         loss = settings.mix(ce, kd, has_teacher).clone()  # a tensor of its own: ce and kd carry no gradient
         ctx.mark_non_differentiable(ce, kd)
@@ -188,7 +204,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)  # only called when grads were computed
         if grad_weight is not None:
             grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def fused_distillation_loss(
@@ -208,23 +224,11 @@ def fused_distillation_loss(
     The teacher side is its final hidden states with its head weight, its logits (B, T, V), cached top-k rows in
     answer order (``teacher_topk``), or nothing for CE only.
     """
-    if teacher_hidden is not None and teacher_weight is None:
-        raise ValueError("teacher_hidden needs teacher_weight")
     mask = answer_mask(labels)
+    teacher = _teacher_chunks(mask, teacher_hidden, teacher_weight, teacher_logits, teacher_topk)
     if num_items is None:
         num_items = mask.sum()
     num_items = torch.as_tensor(num_items, dtype=torch.float32, device=student_hidden.device)
-    teacher_rows = teacher_topk  # cached rows are already in answer order
-    if teacher_logits is not None:
-        teacher_rows = answer_rows(teacher_logits, mask)
-    loss, ce, kd = _FusedHeadLoss.apply(
-        answer_rows(student_hidden, mask),
-        student_weight,
-        answer_rows(teacher_hidden, mask) if teacher_hidden is not None else None,
-        teacher_weight,
-        teacher_rows,
-        answer_targets(labels, mask),
-        num_items,
-        settings,
-    )
+    loss, ce, kd = _FusedHeadLoss.apply(answer_rows(student_hidden, mask), student_weight, teacher,
+                                        answer_targets(labels, mask), num_items, settings)
     return LossParts(loss=loss, ce=ce, kd=kd)

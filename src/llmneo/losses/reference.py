@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .contract import DEFAULT_LOSS_SETTINGS, LossParts, LossSettings, answer_mask, answer_rows, answer_targets
-from .topk import TopKRows, kd_per_row
+from .topk import LogitRows, TopKRows, kd_per_row
 
 
 def distillation_loss(
@@ -31,19 +31,17 @@ def distillation_loss(
     if num_items is None:
         num_items = mask.sum()
     student_rows, target_rows = answer_rows(student_logits, mask), answer_targets(labels, mask)
-    teacher_rows = answer_rows(teacher_logits, mask) if teacher_logits is not None else teacher_topk
     vocab, chunk = settings.kd_vocab_size or student_logits.shape[-1], settings.chunk_size
+    teacher_rows = (LogitRows(answer_rows(teacher_logits, mask)[:, :vocab]) if teacher_logits is not None
+                    else teacher_topk)  # cached rows are already in answer order
     ce_sum = student_logits.new_zeros((), dtype=torch.float32)
     kd_sum = torch.zeros_like(ce_sum)
     for start in range(0, student_rows.shape[0], chunk):
         rows = student_rows[start : start + chunk].float()
         ce_sum = ce_sum + F.cross_entropy(rows, target_rows[start : start + chunk], reduction="sum")
         if teacher_rows is not None:
-            chunk_teacher = teacher_rows[start : start + chunk]
-            if not isinstance(chunk_teacher, TopKRows):
-                chunk_teacher = chunk_teacher[:, :vocab]
-            kd_sum = kd_sum + kd_per_row(rows[:, :vocab], chunk_teacher, settings.divergence, settings.temperature,
-                                         settings.tail_mode).sum()
+            kd_sum = kd_sum + kd_per_row(rows[:, :vocab], teacher_rows[start : start + chunk], settings.divergence,
+                                         settings.temperature, settings.tail_mode).sum()
     ce = ce_sum / num_items
     kd = kd_sum * settings.temperature**2 / num_items
     return LossParts(loss=settings.mix(ce, kd, teacher_rows is not None), ce=ce.detach(), kd=kd.detach())

@@ -1,8 +1,9 @@
 """What the loss of one batch compares the student with: the student's side (hidden states or logits) and one of
 two teacher target types, each of which computes the batch's ``LossParts``.
 
-- ``TokenTargets``: the teacher at every answer token of the student's own rows (its final hidden states and head,
-  its logits, or cached top-k rows), or nothing (CE only): the one-tokenizer loss of backends.py.
+- ``TokenTargets``: the teacher at every answer token of the student's own rows, as one of the ``TeacherRows``
+  types (``HiddenStates`` with its head, ``Logits``, or ``TopK`` rows of a cache or server), or nothing (CE only):
+  the one-tokenizer loss of backends.py.
 - ``AlignedTargets``: the teacher at the aligned boundaries of the answers (across tokenizers): CE on all of the
   student's answer tokens plus the cross-vocabulary KD term (cross_vocab.py) at those rows.
 - ``SampledTargets`` / ``AlignedSampledTargets``: on-policy ``sampled`` steps, the teacher's log-probability of
@@ -14,7 +15,7 @@ Teacher sources (teacher/signal.py) build these; the trainer only calls ``target
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +24,7 @@ from .backends import LOSS_FUNCTIONS
 from .contract import LossParts, LossSettings, answer_mask
 from .cross_vocab import ChunkTargets, cross_tokenizer_parts, cross_vocab_kd_sum
 from .sampled import answer_log_probs, sampled_reverse_kl, span_reverse_kl
+from .topk import TopKRows
 from .vocab_map import VocabularyMap
 
 
@@ -39,10 +41,70 @@ class StudentSide:
     def reads_hidden_states(self) -> bool:
         return self.weight is not None
 
-    def loss(self, labels: torch.Tensor, settings: LossSettings, num_items, **teacher) -> LossParts:
-        """The one-tokenizer loss against ``teacher`` (keyword arguments of the loss functions; none: CE only)."""
+    def loss(self, labels: torch.Tensor, settings: LossSettings, num_items,
+             teacher: TeacherRows | None = None) -> LossParts:
+        """The one-tokenizer loss against ``teacher`` (none: CE only)."""
         outputs = (self.rows, self.weight) if self.reads_hidden_states else (self.rows,)
-        return LOSS_FUNCTIONS[self.impl](*outputs, labels, **teacher, settings=settings, num_items=num_items)
+        found = teacher.loss_arguments() if teacher is not None else {}
+        return LOSS_FUNCTIONS[self.impl](*outputs, labels, **found, settings=settings, num_items=num_items)
+
+
+class TeacherRows(ABC):
+    """The teacher at every position of the student's own rows, in one of the forms the loss functions read."""
+
+    @abstractmethod
+    def loss_arguments(self) -> dict:
+        """The keyword arguments that hand these rows to a loss function (backends.LOSS_FUNCTIONS)."""
+
+    @abstractmethod
+    def answer_log_probs(self, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """The teacher's log-probability of each answer token (on-policy ``sampled`` steps)."""
+
+
+@dataclass
+class HiddenStates(TeacherRows):
+    """Final hidden states (B, T, H) with the output head's weight: logits are built a chunk at a time."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+    def loss_arguments(self) -> dict:
+        return dict(teacher_hidden=self.hidden, teacher_weight=self.weight)
+
+    def answer_log_probs(self, labels, chunk_size: int) -> torch.Tensor:
+        return answer_log_probs(self.hidden, labels, self.weight, chunk_size)
+
+
+@dataclass
+class Logits(TeacherRows):
+    """Logits (B, T, V), for heads the fused loss cannot reproduce."""
+
+    logits: torch.Tensor
+
+    def loss_arguments(self) -> dict:
+        return dict(teacher_logits=self.logits)
+
+    def answer_log_probs(self, labels, chunk_size: int) -> torch.Tensor:
+        return answer_log_probs(self.logits, labels, None, chunk_size)
+
+
+@dataclass
+class TopK(TeacherRows):
+    """Top-k rows in answer order (a cache, or a server), and where a server gave them the teacher's
+    log-probability of each answer token itself (NaN where it gave none)."""
+
+    rows: TopKRows
+    token_log_probs: torch.Tensor | None = None
+
+    def loss_arguments(self) -> dict:
+        return dict(teacher_topk=self.rows)
+
+    def answer_log_probs(self, labels, chunk_size: int) -> torch.Tensor:
+        if self.token_log_probs is None or not torch.isfinite(self.token_log_probs).all():
+            raise NeoError("the teacher's top-k rows hold no log-probability of some sampled tokens (a vLLM server "
+                           "adds each prompt token's own; a cache holds none): on_policy_loss sampled needs them; "
+                           "use full")
+        return self.token_log_probs
 
 
 class TeacherTargets(ABC):
@@ -55,21 +117,12 @@ class TeacherTargets(ABC):
 
 @dataclass
 class TokenTargets(TeacherTargets):
-    """The teacher at every answer token: ``teacher_hidden`` + ``teacher_weight``, ``teacher_logits`` or
-    ``teacher_topk``, as the loss functions take them; empty for CE only."""
+    """The teacher at every answer token (None: CE only)."""
 
-    teacher: dict = field(default_factory=dict)
+    teacher: TeacherRows | None = None
 
     def loss(self, student: StudentSide, labels, settings: LossSettings, num_items) -> LossParts:
-        return student.loss(labels, settings, num_items, **self.teacher)
-
-
-@dataclass
-class ServedTargets(TokenTargets):
-    """A served teacher's top-k rows, with its log-probability of each answer token itself (NaN where the server
-    gave none), for on-policy ``sampled`` steps."""
-
-    token_log_probs: torch.Tensor | None = None
+        return student.loss(labels, settings, num_items, self.teacher)
 
 
 @dataclass
@@ -99,20 +152,11 @@ class SampledTargets(TeacherTargets):
     teacher: TokenTargets
 
     def loss(self, student: StudentSide, labels, settings: LossSettings, num_items) -> LossParts:
+        if self.teacher.teacher is None:
+            raise ValueError("sampled on-policy steps need a teacher")
         ours = answer_log_probs(student.rows, labels, student.weight, settings.chunk_size)
-        found = self.teacher.teacher
         with torch.no_grad():
-            if getattr(self.teacher, "token_log_probs", None) is not None:
-                theirs = self.teacher.token_log_probs
-                if not torch.isfinite(theirs).all():
-                    raise NeoError("the teacher server gave no log-probability of some sampled tokens (vLLM adds "
-                                   "each prompt token's own): on_policy_loss sampled needs them; use full")
-            elif "teacher_hidden" in found:
-                theirs = answer_log_probs(found["teacher_hidden"], labels, found["teacher_weight"], settings.chunk_size)
-            elif "teacher_logits" in found:
-                theirs = answer_log_probs(found["teacher_logits"], labels, None, settings.chunk_size)
-            else:
-                raise ValueError("sampled on-policy steps need the teacher's hidden states or logits")
+            theirs = self.teacher.teacher.answer_log_probs(labels, settings.chunk_size)
         return sampled_reverse_kl(ours, theirs, num_items)
 
 

@@ -14,8 +14,27 @@ With k = V (every token cached) both modes equal the online KD term exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+
+@dataclass
+class LogitRows:
+    """The teacher's logits at answer rows (N, V over the shared vocabulary): its whole distribution."""
+
+    logits: torch.Tensor
+    full_distribution: ClassVar[bool] = True  # the fused head's closed-form gradients apply
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def __getitem__(self, rows: slice) -> LogitRows:
+        return LogitRows(self.logits[rows])
+
+    def divergence_per_row(self, student_rows: torch.Tensor, divergence, temperature: float,
+                           tail_mode: str = "bucket") -> torch.Tensor:
+        return divergence(student_rows, self.logits, temperature)
 
 
 @dataclass
@@ -25,6 +44,12 @@ class TopKRows:
     token_ids: torch.Tensor
     log_probs: torch.Tensor
     log_tail: torch.Tensor
+    full_distribution: ClassVar[bool] = False  # k (+1) buckets, compared through bucket_logits
+
+    def divergence_per_row(self, student_rows: torch.Tensor, divergence, temperature: float,
+                           tail_mode: str = "bucket") -> torch.Tensor:
+        student_buckets, teacher_buckets = bucket_logits(student_rows, self, temperature, tail_mode)
+        return divergence(student_buckets, teacher_buckets, 1.0)
 
     def __len__(self) -> int:
         return self.token_ids.shape[0]
@@ -51,10 +76,7 @@ def bucket_logits(student_rows: torch.Tensor, teacher: TopKRows, temperature: fl
     return torch.cat([student, student_tail], dim=1), torch.cat([teacher_logits, teacher_tail], dim=1)
 
 
-def kd_per_row(student_rows: torch.Tensor, teacher, divergence, temperature: float,
+def kd_per_row(student_rows: torch.Tensor, teacher: LogitRows | TopKRows, divergence, temperature: float,
                tail_mode: str = "bucket") -> torch.Tensor:
     """The divergence per answer row, against teacher logit rows (over the shared vocabulary) or cached top-k."""
-    if isinstance(teacher, TopKRows):
-        student_buckets, teacher_buckets = bucket_logits(student_rows, teacher, temperature, tail_mode)
-        return divergence(student_buckets, teacher_buckets, 1.0)
-    return divergence(student_rows, teacher, temperature)
+    return teacher.divergence_per_row(student_rows, divergence, temperature, tail_mode)

@@ -28,7 +28,8 @@ from ..evaluation.cross_tokenizer import evaluate_aligned, teacher_mapped_mass
 from ..lm_head import output_head
 from ..losses.contract import answer_mask
 from ..losses.cross_vocab import from_logit_rows, from_topk, logit_rows
-from ..losses.targets import AlignedSampledTargets, AlignedTargets, ServedTargets, StudentSide, TeacherTargets, TokenTargets
+from ..losses.targets import (AlignedSampledTargets, AlignedTargets, HiddenStates, Logits, StudentSide, TeacherTargets,
+                              TokenTargets, TopK)
 from ..losses.topk import TopKRows
 from ..losses.vocab_map import VocabularyMap
 from .cache import TeacherCache
@@ -50,9 +51,9 @@ class OnlineTeacher(TeacherSignal):
     def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         teacher_inputs = forward_inputs(inputs, self.teacher)
         if student.reads_hidden_states:
-            return TokenTargets({"teacher_hidden": teacher_final_hidden(self.teacher, **teacher_inputs),
-                                 "teacher_weight": output_head(self.teacher).weight})
-        return TokenTargets({"teacher_logits": teacher_logits(self.teacher, **teacher_inputs)})
+            return TokenTargets(HiddenStates(teacher_final_hidden(self.teacher, **teacher_inputs),
+                                             output_head(self.teacher).weight))
+        return TokenTargets(Logits(teacher_logits(self.teacher, **teacher_inputs)))
 
     def scoring_teacher(self) -> torch.nn.Module:
         return self.teacher
@@ -72,7 +73,7 @@ class CachedTeacher(TeacherSignal):
             if cached != count:
                 raise DataError(f"teacher cache {self.cache.cache_dir} holds {cached} answer tokens for training row "
                                 f"{row} but the batch has {count}: it was captured from other data")
-        return TokenTargets({"teacher_topk": self.cache.rows(row_ids).to(inputs["labels"].device)})
+        return TokenTargets(TopK(self.cache.rows(row_ids).to(inputs["labels"].device)))
 
     def identity(self) -> dict:
         return _cache_identity(self.cache)
@@ -233,8 +234,7 @@ class ServedTeacher(TeacherSignal):
                 raise TeacherServerError(f"teacher server {self.server.settings.url} returned {len(found)} answer "
                                          f"positions for training row {row}, the batch has {count}")
         device = inputs["labels"].device
-        return ServedTargets({"teacher_topk": _concatenated(rows).to(device)},
-                             torch.cat([row.token_log_probs for row in rows]).to(device))
+        return TokenTargets(TopK(_concatenated(rows).to(device), torch.cat([row.token_log_probs for row in rows]).to(device)))
 
     def _take(self, row: int) -> Future:
         queue = self.pending[row]

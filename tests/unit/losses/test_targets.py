@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from llmneo.losses.contract import IGNORE_INDEX, LossSettings, answer_mask
 from llmneo.losses.cross_vocab import from_logit_rows
-from llmneo.losses.targets import AlignedTargets, StudentSide, TokenTargets
+from llmneo.losses.targets import AlignedTargets, Logits, StudentSide, TokenTargets
 from llmneo.losses.vocab_map import VocabularyMap
 
 
@@ -31,7 +31,7 @@ def naive(student, teacher, labels, settings: LossSettings, items: int):
 def test_token_targets_are_the_standard_loss():
     student, teacher, labels = setup()
     settings = LossSettings(alpha=0.3, temperature=2.0)
-    parts = TokenTargets({"teacher_logits": teacher}).loss(StudentSide("naive", student), labels, settings, 11)
+    parts = TokenTargets(Logits(teacher)).loss(StudentSide("naive", student), labels, settings, 11)
     torch.testing.assert_close(parts.loss, naive(student, teacher, labels, settings, 11))
     ce_only = TokenTargets().loss(StudentSide("naive", student), labels, settings, 11)
     torch.testing.assert_close(ce_only.loss, F.cross_entropy(student[:, :-1][answer_mask(labels)],

@@ -193,12 +193,12 @@ def test_served_source_fetches_ahead_and_checks_the_probe(standin, tokenizer):
                                                 "labels": torch.tensor([f["labels"] for f in features])}, tokenizer)
     batch = collate(rows[:2])
     assert sorted(source.pending) == [0, 1]  # asked for as soon as the batch was collated
-    fetched = source.targets(batch, student=None).teacher["teacher_topk"]
+    fetched = source.targets(batch, student=None).teacher.rows
     assert not source.pending
     direct = [server.row_topk(row, 4, len(tokenizer)) for row in rows[:2]]
     assert torch.equal(fetched.token_ids, torch.cat([top.token_ids for top in direct]))
     late = {"row_id": torch.tensor([2]), "labels": torch.tensor([rows[2]["labels"]])}  # not fetched ahead
-    assert torch.equal(source.targets(late, student=None).teacher["teacher_topk"].token_ids,
+    assert torch.equal(source.targets(late, student=None).teacher.rows.token_ids,
                        server.row_topk(rows[2], 4, len(tokenizer)).token_ids)
     assert source.log_figures(steps=2)["teacher_wait_s"] >= 0
     source.at_checkpoint()
@@ -231,13 +231,14 @@ def test_rollout_batches_are_scored_as_they_are_and_their_rows_never_asked_for(s
              "labels": torch.tensor([[IGNORE_INDEX] * 3 + answer + [IGNORE_INDEX]]), "row_id": torch.tensor([0]),
              "rollout": torch.tensor([True])}
     targets = source.targets(batch, student=None)
+    source.pending[2][0].result()  # the row asked for ahead is answered in the background: wait for it
     asked = [body["prompt"] for path, body in standin.requests[before:] if path == "/v1/completions"]
     assert row["input_ids"] not in asked and rows[1]["input_ids"] not in asked  # replaced rows: never
     assert sorted(asked) == sorted([ids, rows[2]["input_ids"]])  # the rollout row, and the row for the next step
     top, values = standin.expected(ids[2:-1], 4)
-    assert torch.equal(targets.teacher["teacher_topk"].token_ids, top)
+    assert torch.equal(targets.teacher.rows.token_ids, top)
     own = torch.tensor([float(standin.table[ids[t], ids[t + 1]]) for t in range(2, len(ids) - 1)])
-    torch.testing.assert_close(targets.token_log_probs, own)
+    torch.testing.assert_close(targets.teacher.token_log_probs, own)
     source.close()
 
 

@@ -13,7 +13,7 @@ from conftest import run_flags
 from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.losses.contract import IGNORE_INDEX
-from llmneo.losses.targets import StudentSide, TokenTargets
+from llmneo.losses.targets import Logits, StudentSide, TokenTargets
 from llmneo.models.loading import load_student_tokenizer
 from llmneo.pipeline import build_trainer, load_models
 from llmneo.teacher.signal import NoTeacher, TeacherSignal
@@ -30,7 +30,7 @@ class UniformTeacher(TeacherSignal):
     def targets(self, inputs: dict, student: StudentSide) -> TokenTargets:
         self.calls += 1
         rows, length = inputs["input_ids"].shape
-        return TokenTargets({"teacher_logits": torch.zeros(rows, length, self.vocab)})
+        return TokenTargets(Logits(torch.zeros(rows, length, self.vocab)))
 
     def identity(self) -> dict:
         return {"uniform_over": self.vocab}

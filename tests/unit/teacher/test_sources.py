@@ -58,15 +58,15 @@ def test_the_online_teacher_gives_its_hidden_states_or_its_logits(tokenizer, hid
                          output_hidden_states=True)
     assert isinstance(targets, TokenTargets)
     if hidden_states:
-        assert targets.teacher["teacher_weight"] is teacher.lm_head.weight
-        torch.testing.assert_close(targets.teacher["teacher_hidden"], output.hidden_states[-1])
+        assert targets.teacher.weight is teacher.lm_head.weight
+        torch.testing.assert_close(targets.teacher.hidden, output.hidden_states[-1])
     else:
-        torch.testing.assert_close(targets.teacher["teacher_logits"], output.logits)
+        torch.testing.assert_close(targets.teacher.logits, output.logits)
 
 
 def test_the_cache_gives_the_rows_of_the_batch_and_refuses_other_data():
     targets = CachedTeacher(FakeCache({0: 3, 1: 2}), 50).targets(batch(), StudentSide("naive", torch.zeros(1)))
-    assert len(targets.teacher["teacher_topk"]) == 5
+    assert len(targets.teacher.rows) == 5
     with pytest.raises(DataError, match=r"teacher cache cache/dir holds 4 answer tokens for training row 0 but the "
                                         r"batch has 3: it was captured from other data"):
         CachedTeacher(FakeCache({0: 4, 1: 2}), 50).targets(batch(), StudentSide("naive", torch.zeros(1)))
