@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -15,10 +16,11 @@ from .methods import METHODS
 from .models.class_head import ClassHead
 from .models.loading import load_student, load_tokenizer
 from .models.identity import model_identity
-from .report import before_after_markdown
+from .data.loading import DataReport
+from .report import before_after_markdown, write_run_report
 from .runtime.checkpoints import checkpoint_step, is_complete
 from .runtime.model_dir import check_model_files, model_directory, seal_directory
-from .runtime.run_dir import require_finished, require_new_output
+from .runtime.run_dir import mark_finished, require_finished, require_new_output
 from .runtime.layout import ADAPTER_DIR, CARD_FILE, CONFIG_FILE, METRICS_FILE, MODEL_DIR, open_target
 
 logger = logging.getLogger(__name__)
@@ -163,3 +165,67 @@ def merge_run(run_dir: str | Path, output: str | Path, dtype: str | None = None)
         tokenizer.save_pretrained(partial)
     logger.info("merged model written to %s", output)
     return Path(output)
+
+
+@dataclass
+class RunOutcome:
+    """What the model card and the report say about a finished run."""
+
+    report: DataReport
+    final_metrics: dict
+    comparison: list | None = None  # before/after rows of the held-out metrics
+    samples: dict | None = None  # held-out prompts with the teacher's and the student's answers
+
+
+def final_evaluation(trainer) -> dict:
+    """The held-out metrics after the last step: logged already when the Trainer evaluated at that step."""
+    step = trainer.state.global_step
+    logged = [entry for entry in trainer.state.log_history
+              if entry.get("step") == step and any(key.startswith("eval_") for key in entry)]
+    if logged:
+        return {key: value for key, value in logged[-1].items() if key.startswith("eval_")}
+    return trainer.evaluate()
+
+
+def last_logged_terms(log_history: list[dict]) -> dict:
+    """CE and KD of the last logging step, for the model card."""
+    logged = [entry for entry in log_history if "ce_loss" in entry]
+    return {key: logged[-1][key] for key in ("ce_loss", "kd_loss")} if logged else {}
+
+
+def collect_final_metrics(trainer, result, report: DataReport, has_held_out: bool, fidelity: float | None) -> dict:
+    """What the model card and report state about the end of the run."""
+    final_metrics = {"train_loss": round(result.training_loss, 6), **last_logged_terms(trainer.state.log_history)}
+    if has_held_out:
+        final_metrics.update(final_evaluation(trainer))
+    if fidelity is not None:
+        final_metrics["teacher_fidelity_kl"] = round(fidelity, 6)
+    if trainer.bad_steps:
+        final_metrics["skipped_steps"] = trainer.bad_steps
+    if report.skipped:
+        final_metrics["skipped_rows"] = len(report.skipped)
+    return final_metrics
+
+
+def gathered_state_dict(trainer) -> dict:
+    """The full weights of a sharded model, gathered by every process. On CPU processes accelerate's FSDP2 gather
+    hands back the shards (DTensors) still: those are gathered here."""
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    return {name: value.full_tensor() if hasattr(value, "full_tensor") else value for name, value in state_dict.items()}
+
+
+def write_artifacts(trainer, config, tokenizer, outcome: RunOutcome, initial_adapter, base: dict | None = None) -> Path:
+    """The final adapter or weights, the model card and the run report (main process only); the weights' folder."""
+    run_dir = Path(config.training.output_dir)
+    # Sharded weights (FSDP2, ZeRO-3) are gathered by every process together, before the others leave.
+    state_dict = gathered_state_dict(trainer) if trainer.parameters_sharded() else None
+    if not trainer.is_world_process_zero():
+        return run_dir
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter, base, state_dict)
+    steps, report = trainer.state.global_step, outcome.report
+    write_model_card(run_dir, config, steps, report, outcome.final_metrics, outcome.comparison)
+    write_run_report(run_dir, outcome.final_metrics, run_settings(config, steps, report), outcome.comparison,
+                     outcome.samples)
+    mark_finished(run_dir, trainer.state.global_step)
+    return weights_dir

@@ -13,7 +13,8 @@ from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.data.collators import make_collator
 from llmneo.models.loading import load_student_tokenizer
-from llmneo.pipeline import build_trainer, load_models, teacher_signal
+from llmneo.teacher.choice import load_models, teacher_signal
+from llmneo.training.setup import build_trainer
 
 SPLITS = [(8, 1), (4, 2), (1, 8)]  # (micro-batch size, accumulation steps)
 
@@ -27,9 +28,8 @@ def make_trainer(models_dir, train_file, out, method="neo", batch=8, accumulatio
     dataset, _ = build_dataset(config.data, tokenizer, config.training.seed)
     dataset = dataset.select(range(8))
     torch.manual_seed(0)
-    student, teacher, kd_vocab = load_models(config, tokenizer)
-    signal = teacher_signal(config, tokenizer, None, student, teacher, kd_vocab, None)
-    return build_trainer(config, student, signal, dataset, tokenizer), dataset, tokenizer
+    models = load_models(config, tokenizer)
+    return build_trainer(config, models, teacher_signal(config, models), dataset), dataset, tokenizer
 
 
 def trainable(model):

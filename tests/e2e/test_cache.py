@@ -18,7 +18,9 @@ from llmneo.data.loading import build_dataset
 from llmneo.errors import ConfigError
 from llmneo.data.collators import make_collator
 from llmneo.models.loading import load_student_tokenizer
-from llmneo.pipeline import build_trainer, distill, load_models, teacher_signal
+from llmneo.pipeline import distill
+from llmneo.teacher.choice import load_models, teacher_signal
+from llmneo.training.setup import build_trainer
 from llmneo.teacher.cache import merge_parts, open_teacher_cache
 from llmneo.teacher.capture import CaptureSettings, cache_teacher
 
@@ -50,10 +52,8 @@ def first_step(models_dir, train_file, tmp_path, loss_impl, **extra):
         dataset = dataset.add_column("row_id", list(range(len(dataset))))
         config.model.teacher_model = None
     torch.manual_seed(0)
-    student, teacher, kd_vocab = load_models(config, tokenizer)
-    kd_vocab = cache.settings["kd_vocab_size"] if cache is not None else kd_vocab
-    trainer = build_trainer(config, student, teacher_signal(config, tokenizer, None, student, teacher, kd_vocab, cache),
-                            dataset, tokenizer)
+    models = load_models(config, tokenizer)
+    trainer = build_trainer(config, models, teacher_signal(config, models, cache), dataset)
     batch = make_collator(tokenizer)([dataset[i] for i in range(8)])
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch)

@@ -19,7 +19,9 @@ from llmneo.errors import ConfigError
 from llmneo.evaluation.metrics import HeldOutOptions, evaluate_against_teacher
 from llmneo.data.collators import make_collator
 from llmneo.models.loading import load_reading_tokenizer, load_student_tokenizer
-from llmneo.pipeline import build_trainer, distill, load_models, teacher_signal
+from llmneo.pipeline import distill
+from llmneo.teacher.choice import load_models, teacher_signal
+from llmneo.training.setup import build_trainer
 
 
 def first_step(models_dir, train_file, tmp_path, teacher: str, loss_impl: str, **extra):
@@ -31,10 +33,9 @@ def first_step(models_dir, train_file, tmp_path, teacher: str, loss_impl: str, *
                          if config.training.cross_tokenizer else None)
     dataset, _ = build_dataset(config.data, tokenizer, config.training.seed, teacher_tokenizer)
     torch.manual_seed(0)
-    student, teacher_model, kd_vocab = load_models(config, tokenizer)
+    models = load_models(config, tokenizer, teacher_tokenizer=teacher_tokenizer)
     (tmp_path / "run").mkdir(parents=True, exist_ok=True)
-    signal = teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher_model, kd_vocab, None)
-    trainer = build_trainer(config, student, signal, dataset, tokenizer)
+    trainer = build_trainer(config, models, teacher_signal(config, models), dataset)
     batch = trainer.data_collator([dataset[i] for i in range(8)])
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(400))

@@ -10,9 +10,11 @@ import warnings
 from contextlib import contextmanager
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from ..errors import ConfigError
+from ..methods import METHODS
+from ..models.loading import is_quantized
 from .moslora import register_moslora
 
 TARGET_PRESETS = {
@@ -122,3 +124,16 @@ def add_lora(student, adapter_args, task: str = "causal_lm"):
                         if isinstance(module, torch.nn.Linear)})
         raise ConfigError(f"target_modules {adapter_args.target_modules!r} matches no layer of the student; its "
                           f"linear layers are named {', '.join(names)}") from None
+
+
+def with_adapter(config, student):
+    """The student as the run trains it: with its adapter for lora and neo (QLoRA-prepared when quantized: fp32
+    norms, input gradients for checkpointing), as it is otherwise."""
+    if not METHODS[config.training.method].uses_adapter:
+        return student
+    if is_quantized(student):
+        # activation_checkpointing is the newer transformers 5 name of gradient_checkpointing (absent in 5.17)
+        checkpointing = getattr(config.training, "activation_checkpointing", False) or \
+            config.training.gradient_checkpointing
+        student = prepare_model_for_kbit_training(student, use_gradient_checkpointing=checkpointing)
+    return add_lora(student, config.adapter, config.data.task)

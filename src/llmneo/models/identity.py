@@ -4,9 +4,12 @@ tokenized rows. Run identities, adapter bases and cache fingerprints are built f
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from ..losses.contract import count_answer_tokens
+
+logger = logging.getLogger(__name__)
 
 
 def model_identity(path: str, config=None, sample_weights: bool = False) -> dict:
@@ -52,3 +55,26 @@ def data_fingerprint(dataset, dataset_name: str) -> dict:
         digest.update(labels.tobytes())
         answer_tokens += count_answer_tokens(labels) if labels.ndim else 1  # a class id: one labelled text
     return {"dataset": dataset_name, "rows": len(dataset), "answer_tokens": answer_tokens, "sha256": digest.hexdigest()}
+
+
+def student_identity(config) -> dict | None:
+    """The identity of the student's base weights, or None when it cannot be read (a hub id offline)."""
+    return weights_identity(config.model.student_model, "student", "merging and resuming will not check its base")
+
+
+def weights_identity(path: str, role: str, consequence: str) -> dict | None:
+    try:
+        return model_identity(path, sample_weights=True)
+    except (OSError, ValueError) as error:
+        logger.warning("cannot fingerprint the %s %s (%s): %s", role, path, error, consequence)
+        return None
+
+
+def read_models(config, base: dict | None, teacher) -> dict:
+    """The weights a resume reads again from their paths rather than from the checkpoint: an adapter's frozen base
+    and an online teacher (a cached teacher is checked by its cache's manifest). Rewritten in place, they would
+    mix two models into one run, so the run identity records them."""
+    models = {"student": base} if base else {}
+    if teacher is not None and config.model.teacher_model:
+        models["teacher"] = weights_identity(config.model.teacher_model, "teacher", "resuming will not check it")
+    return models

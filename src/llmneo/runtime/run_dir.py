@@ -47,9 +47,9 @@ def mark_failed(run_dir: str | Path, error: BaseException) -> None:
     state = read_run_state(run_dir)
     if state is None or state.get("status") != "running":
         return
-    reason = (str(error).splitlines() or [""])[0][:500] or type(error).__name__
-    _write_run_state(Path(run_dir), {**state, "status": "failed", "error": f"{type(error).__name__}: {reason}",
-                                     "stopped": _now()})
+    reason = (str(error).splitlines() or [""])[0][:500]
+    said = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+    _write_run_state(Path(run_dir), {**state, "status": "failed", "error": said, "stopped": _now()})
 
 
 def _now() -> str:

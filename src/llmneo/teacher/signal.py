@@ -14,15 +14,42 @@ kind it has. A source supplies
 - ``log_figures`` and ``at_checkpoint``: what it adds to each log line, and checks before a checkpoint counts;
 - ``identity``: what it adds to the run identity, so that a resume against another teacher signal is refused.
 
-The sources live in teacher/sources.py; a new one is one class there (or anywhere: the tests add a toy one).
+Each source class also says from which settings a run uses it and builds itself (``chosen``, ``connect``,
+``reading_tokenizer``, ``open_cache``, ``loads_teacher``, ``build``): teacher/choice.py asks the registered
+classes, in order, and is the one place a run's source is chosen. The sources live in teacher/sources.py; a new
+one is one class there (or anywhere, registered with ``choice.register_source``: the tests add a toy one).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from ..evaluation.metrics import HeldOutOptions, evaluate_against_teacher
 from ..losses.targets import SampledTargets, StudentSide, TeacherTargets, TokenTargets
+
+
+@dataclass
+class RunModels:
+    """A run's models and tokenizers, as one record."""
+
+    tokenizer: Any  # the student's
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None = None  # loaded when the source reads a teacher model
+    teacher_tokenizer: Any = None  # the teacher's own, when it reads its own rendering of each row
+    head: Any = None  # a classification run's ClassHead
+
+
+@dataclass
+class SourceParts:
+    """What a source is built from: the run's models, and what the earlier steps of the run opened for it."""
+
+    models: RunModels
+    cache: Any = None  # the teacher cache (open_cache)
+    connection: Any = None  # what connect returned (a served teacher)
+    dataset: Any = None  # the training rows (with row_id)
 
 
 class TeacherSignal:
@@ -32,6 +59,33 @@ class TeacherSignal:
     teacher: torch.nn.Module | None = None  # a loaded teacher model (placed by the trainer), if any
     teacher_tokenizer = None  # the teacher's own tokenizer when it reads its own rendering of each row
     kd_vocab_size: int | None = None  # the shared vocabulary the one-tokenizer KD term compares
+    loads_teacher: ClassVar[bool] = False  # a run of this source loads the teacher model (teacher/loading.py)
+
+    # ---- how a run's settings choose and build a source (teacher/choice.py) ----
+
+    @classmethod
+    def chosen(cls, config) -> bool:
+        """Whether a run with these settings uses this source (the registered sources are asked in order)."""
+        return False
+
+    @classmethod
+    def connect(cls, config, tokenizer) -> Any:
+        """Checks made before any model loads (a server must answer); what they return reaches ``build``."""
+        return None
+
+    @classmethod
+    def reading_tokenizer(cls, config) -> Any:
+        """The teacher's own tokenizer when it reads its own rendering of each row (the data side adds its rows)."""
+        return None
+
+    @classmethod
+    def open_cache(cls, config, tokenizer, dataset, data: dict) -> Any:
+        """The teacher cache this source reads, checked against the run's rows (None: it reads none)."""
+        return None
+
+    @classmethod
+    def build(cls, config, parts: SourceParts) -> TeacherSignal:
+        raise NotImplementedError
 
     def attach(self, teacher: torch.nn.Module | None, device) -> None:
         """Take the teacher as the trainer placed it (DDP, ZeRO, FSDP2) and move own tensors to ``device``."""
@@ -86,3 +140,11 @@ class TeacherSignal:
 
 class NoTeacher(TeacherSignal):
     """CE only (sft, lora): the interface's defaults, named."""
+
+    @classmethod
+    def chosen(cls, config) -> bool:
+        return True  # asked last: a run no other source takes has no teacher
+
+    @classmethod
+    def build(cls, config, parts: SourceParts) -> TeacherSignal:
+        return cls()

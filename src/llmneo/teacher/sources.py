@@ -23,7 +23,14 @@ import torch
 from ..data.alignment import AnswerAligner
 from ..data.collators import AlignedCollator, AlignedSpans, rendered_answers
 from ..data.packing import forward_inputs, packed_row_index
-from ..errors import DataError, TeacherServerError
+from ..data.alignment import PROMPT_COLUMN
+from ..data.vocabulary import build_vocabulary_map
+from ..errors import DataError, TeacherServerError, VocabularyError
+from ..lm_head import output_rows
+from ..losses.vocab_map import load_vocabulary_map
+from ..methods import METHODS
+from ..models.loading import load_reading_tokenizer, load_tokenizer
+from ..models.vocabulary_check import check_vocabularies
 from ..evaluation.cross_tokenizer import evaluate_aligned, teacher_mapped_mass
 from ..lm_head import output_head
 from ..losses.contract import answer_mask
@@ -32,12 +39,12 @@ from ..losses.targets import (AlignedSampledTargets, AlignedTargets, HiddenState
                               TokenTargets, TopK)
 from ..losses.topk import TopKRows
 from ..losses.vocab_map import VocabularyMap
-from .cache import TeacherCache
+from .cache import TeacherCache, cached_vocab_size, open_teacher_cache
 from .online import rows_at, span_log_probs, teacher_final_hidden, teacher_logits
 from ..rollouts import ROLLOUT
 from ..runtime.identity import same_probe
-from .server import TeacherServer
-from .signal import TeacherSignal
+from .server import ServerSettings, TeacherServer
+from .signal import RunModels, SourceParts, TeacherSignal
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +52,23 @@ logger = logging.getLogger(__name__)
 class OnlineTeacher(TeacherSignal):
     """A loaded teacher on the student's own tokens: one forward pass per batch, without gradient."""
 
+    loads_teacher = True
+
     def __init__(self, teacher: torch.nn.Module, kd_vocab_size: int | None):
         self.teacher, self.kd_vocab_size = teacher, kd_vocab_size
+
+    @classmethod
+    def chosen(cls, config) -> bool:
+        return METHODS[config.training.method].uses_teacher and config.model.teacher_model is not None
+
+    @classmethod
+    def build(cls, config, parts: SourceParts) -> TeacherSignal:
+        """The shared vocabulary is checked here: same tokenizer, padded output sizes sliced to the shared range."""
+        models = parts.models
+        teacher_tokenizer = load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher")
+        sizes = ((models.student, models.teacher) if models.head is None
+                 else (len(models.tokenizer), len(teacher_tokenizer)))  # a classifier's inputs only
+        return cls(models.teacher, check_vocabularies(models.tokenizer, teacher_tokenizer, *sizes))
 
     def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         teacher_inputs = forward_inputs(inputs, self.teacher)
@@ -64,6 +86,18 @@ class CachedTeacher(TeacherSignal):
 
     def __init__(self, cache: TeacherCache, kd_vocab_size: int):
         self.cache, self.kd_vocab_size = cache, kd_vocab_size
+
+    @classmethod
+    def chosen(cls, config) -> bool:
+        return config.training.teacher_cache is not None
+
+    @classmethod
+    def open_cache(cls, config, tokenizer, dataset, data: dict) -> TeacherCache:
+        return open_teacher_cache(config, tokenizer, dataset, data)
+
+    @classmethod
+    def build(cls, config, parts: SourceParts) -> TeacherSignal:
+        return cls(parts.cache, cached_vocab_size(parts.cache, output_rows(parts.models.student)))
 
     def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         """The batch's cached rows, after checking they cover exactly its answer positions."""
@@ -87,6 +121,27 @@ class AlignedOnlineTeacher(TeacherSignal):
                  answers: AnswerAligner | None = None):
         self.teacher, self.teacher_tokenizer, self.vocab_map, self.mode = teacher, teacher_tokenizer, vocab_map, mode
         self.answers = answers  # on-policy runs: aligns the student's sampled answers with the teacher's rendering
+
+    loads_teacher = True
+
+    @classmethod
+    def chosen(cls, config) -> bool:
+        return config.training.cross_tokenizer is not None and config.model.teacher_model is not None
+
+    @classmethod
+    def reading_tokenizer(cls, config):
+        return load_reading_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher",
+                                      chat_template=config.model.teacher_chat_template)
+
+    @classmethod
+    def build(cls, config, parts: SourceParts) -> TeacherSignal:
+        """With the vocabulary map (saved in the run directory) and, for on-policy rows that keep their prompt
+        messages, the aligner of the student's sampled answers."""
+        models, dataset = parts.models, parts.dataset
+        vocab_map = cross_vocabulary_map(config, models)
+        answers = (AnswerAligner(models.tokenizer, models.teacher_tokenizer, dataset[PROMPT_COLUMN])
+                   if dataset is not None and PROMPT_COLUMN in dataset.column_names else None)
+        return cls(models.teacher, models.teacher_tokenizer, vocab_map, config.training.cross_tokenizer, answers)
 
     def attach(self, teacher, device) -> None:
         self.teacher, self.vocab_map = teacher, self.vocab_map.to(device)
@@ -139,6 +194,20 @@ class AlignedCachedTeacher(TeacherSignal):
     def __init__(self, cache: TeacherCache, vocab_map: VocabularyMap, mode: str, padding_side: str = "right"):
         self.cache, self.vocab_map, self.mode, self.padding_side = cache, vocab_map, mode, padding_side
 
+    @classmethod
+    def chosen(cls, config) -> bool:
+        return config.training.teacher_cache is not None and config.training.cross_tokenizer is not None
+
+    @classmethod
+    def open_cache(cls, config, tokenizer, dataset, data: dict) -> TeacherCache:
+        return open_teacher_cache(config, tokenizer, dataset, data)
+
+    @classmethod
+    def build(cls, config, parts: SourceParts) -> TeacherSignal:
+        models = parts.models
+        vocab_map = cached_vocabulary_map(parts.cache, models.tokenizer, models.student)
+        return cls(parts.cache, vocab_map, config.training.cross_tokenizer, models.tokenizer.padding_side)
+
     def attach(self, teacher, device) -> None:
         self.vocab_map = self.vocab_map.to(device)  # no teacher model: its rows come from the cache
 
@@ -190,6 +259,27 @@ class ServedTeacher(TeacherSignal):
         self.deferred = deferred
         self.waiting: deque[dict] = deque()  # deferred: collated rows not asked for yet, in collation order
         self.waited, self.steps_waited = 0.0, 0
+
+    @classmethod
+    def chosen(cls, config) -> bool:
+        return config.training.teacher_server is not None
+
+    @classmethod
+    def connect(cls, config, tokenizer) -> tuple[TeacherServer, dict]:
+        """Before any model loads: the server answers, serves the student's tokenizer and returns
+        --teacher_top_k log-probabilities; with its fingerprint."""
+        server, fingerprint = TeacherServer.open(ServerSettings.from_config(config.training), tokenizer,
+                                                 config.training.teacher_top_k, "--teacher_top_k")
+        logger.info("teacher server %s: %s, top-%d per answer token; the teacher is not loaded",
+                    config.training.teacher_server, server.model, config.training.teacher_top_k)
+        return server, fingerprint
+
+    @classmethod
+    def build(cls, config, parts: SourceParts) -> TeacherSignal:
+        models = parts.models
+        vocab = min(len(models.tokenizer), output_rows(models.student))
+        return cls(*parts.connection, config.training.teacher_top_k, vocab, parts.dataset,
+                   deferred=config.training.on_policy_fraction > 0)
 
     def collator(self, padded, tokenizer):
         return _FetchingCollator(padded, self)
@@ -293,6 +383,33 @@ def _answer_tokens_per_row(inputs) -> list[int]:
         return answers.sum(1).tolist()
     row = packed_row_index(inputs["position_ids"])[:-1]  # the row each prediction belongs to
     return torch.bincount(row[answers[0]], minlength=len(inputs["row_id"])).tolist()
+
+
+def cached_vocabulary_map(cache: TeacherCache, tokenizer, student) -> VocabularyMap:
+    """The vocabulary map a cache across tokenizers was captured with, checked against this student."""
+    vocab_map = cache.vocabulary_map()
+    student_size = min(len(tokenizer), output_rows(student))
+    if vocab_map.student_size != student_size:
+        raise VocabularyError(f"teacher cache {cache.cache_dir} was captured for a student of "
+                              f"{vocab_map.student_size} ids, this student has {student_size}")
+    return vocab_map
+
+
+def cross_vocabulary_map(config, models: RunModels) -> VocabularyMap:
+    """The map between the two vocabularies: the one saved in the run directory, or built now and saved there."""
+    run_dir = config.training.output_dir
+    teacher, student = models.teacher, models.student
+    sizes = (min(len(models.teacher_tokenizer), output_rows(teacher)), min(len(models.tokenizer), output_rows(student)))
+    saved = load_vocabulary_map(run_dir) if config.training.resume_from_checkpoint else None
+    if saved is not None and (saved.teacher_size, saved.student_size) == sizes:
+        return saved
+    vocab_map = build_vocabulary_map(models.teacher_tokenizer, models.tokenizer, output_rows(teacher),
+                                     output_rows(student))
+    if config.training.process_index == 0:
+        vocab_map.save(run_dir)
+    logger.info("vocabulary map: %d of the student's %d ids have a teacher id with the same bytes (teacher %d ids)",
+                len(vocab_map), vocab_map.student_size, vocab_map.teacher_size)
+    return vocab_map
 
 
 def _cache_identity(cache: TeacherCache) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -313,8 +314,8 @@ def test_the_timeout_bounds_the_whole_answer_not_each_read(standin, tokenizer):
 
 
 def test_retries_wait_a_doubling_backoff(standin, tokenizer, monkeypatch):
-    waits = []
-    monkeypatch.setattr("llmneo.teacher.server.time.sleep", waits.append)
+    waits = []  # the client's own waits only (patching time.sleep itself would also catch other threads' sleeps)
+    monkeypatch.setattr("llmneo.teacher.server.time", SimpleNamespace(sleep=waits.append))
     server = TeacherServer(ServerSettings(standin.url, retries=3, backoff=0.5)).connect(tokenizer)
     standin.failures = 3
     server.prompt_logprobs([1, 2, 3], 2)

@@ -15,7 +15,8 @@ from llmneo.data.loading import build_dataset
 from llmneo.losses.contract import IGNORE_INDEX
 from llmneo.losses.targets import Logits, StudentSide, TokenTargets
 from llmneo.models.loading import load_student_tokenizer
-from llmneo.pipeline import build_trainer, load_models
+from llmneo.teacher.choice import load_models
+from llmneo.training.setup import build_trainer
 from llmneo.teacher.signal import NoTeacher, TeacherSignal
 from llmneo.training.token_level import NeoTrainer
 
@@ -61,8 +62,7 @@ def trainer_with(signal, models_dir, train_file, out, **extra):
     tokenizer = load_student_tokenizer(config.model)
     dataset, _ = build_dataset(config.data, tokenizer, config.training.seed)
     torch.manual_seed(0)
-    student, _, _ = load_models(config, tokenizer)
-    return build_trainer(config, student, signal, dataset, tokenizer), dataset
+    return build_trainer(config, load_models(config, tokenizer), signal, dataset), dataset
 
 
 def first_batch_step(trainer, dataset):

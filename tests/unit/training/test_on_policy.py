@@ -15,7 +15,8 @@ from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.losses.contract import IGNORE_INDEX
 from llmneo.models.loading import load_student_tokenizer
-from llmneo.pipeline import build_trainer, load_models, reading_teacher_tokenizer, teacher_signal
+from llmneo.teacher.choice import load_models, reading_teacher_tokenizer, teacher_signal
+from llmneo.training.setup import build_trainer
 from llmneo.teacher.sources import AlignedOnlineTeacher, OnlineTeacher
 from llmneo.training.on_policy import is_on_policy_step
 from llmneo.rollouts import last_prompt, stop_token_ids
@@ -36,11 +37,11 @@ def on_policy_trainer(models_dir, train_file, out, **extra):
                                keep_prompts=teacher_tokenizer is not None)
     dataset = dataset.add_column("row_id", list(range(len(dataset))))
     torch.manual_seed(0)
-    student, teacher, kd_vocab = load_models(config, tokenizer)
+    models = load_models(config, tokenizer, teacher_tokenizer=teacher_tokenizer)
     (out).mkdir(parents=True, exist_ok=True)
-    signal = teacher_signal(config, tokenizer, teacher_tokenizer, student, teacher, kd_vocab, None, dataset)
+    signal = teacher_signal(config, models, dataset=dataset)
     assert isinstance(signal, AlignedOnlineTeacher if teacher_tokenizer else OnlineTeacher)
-    trainer = build_trainer(config, student, signal, dataset, tokenizer)
+    trainer = build_trainer(config, models, signal, dataset)
     return trainer, dataset, tokenizer
 
 
