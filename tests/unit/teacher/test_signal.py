@@ -98,3 +98,44 @@ def test_without_a_signal_the_trainer_has_no_teacher_and_computes_ce_only(models
     (ce, _), loss = first_batch_step(trainer, dataset)
     assert trainer.teacher is None
     assert float(loss) == close_to(ce) and float(trainer.loss_terms()["kd_loss"]) == 0.0
+
+
+class UniformSource(UniformTeacher):
+    """The toy source as a run chooses it: registered in this test alone, chosen by its own teacher name, built
+    from the run's models."""
+
+    NAME = "uniform-teacher"
+    built: list = []
+
+    @classmethod
+    def chosen(cls, config) -> bool:
+        return config.model.teacher_model == cls.NAME
+
+    @classmethod
+    def build(cls, config, parts):
+        source = cls(len(parts.models.tokenizer))
+        cls.built.append(source)
+        return source
+
+
+def test_a_registered_source_is_chosen_and_built_by_the_pipeline(models_dir, train_file, tmp_path):
+    """`distill` asks the one place that chooses sources: a source registered here trains a whole run, nothing
+    else in the pipeline knowing of it; unregistered, the same settings choose a loaded teacher again."""
+    import json
+
+    from llmneo.pipeline import distill
+    from llmneo.teacher.choice import register_source, source_kind, unregister_source
+
+    config = parse_config(run_flags(models_dir, train_file, tmp_path / "run", teacher=UniformSource.NAME, max_steps=2))
+    register_source(UniformSource)
+    try:
+        assert source_kind(config) is UniformSource
+        summary = distill(config)
+    finally:
+        unregister_source(UniformSource)
+    (source,) = UniformSource.built
+    assert summary.steps == 2 and source.calls >= 2
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "kd_loss" in row] == [1, 2]
+    assert all(row["kd_loss"] > 0 for row in logged if "kd_loss" in row)
+    assert source_kind(config).__name__ == "OnlineTeacher"
