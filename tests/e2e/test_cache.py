@@ -12,7 +12,7 @@ import torch
 
 from conftest import checkout_env, run_flags, save_model
 from llmneo import cli
-from llmneo import pipeline as pipeline_module
+from llmneo.teacher import choice as choice_module
 from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.errors import ConfigError
@@ -82,7 +82,7 @@ def metrics(run_dir: Path) -> list[dict]:
 def test_full_cache_run_matches_online_run_without_loading_the_teacher(models_dir, train_file, tmp_path, exact_cache,
                                                                        monkeypatch):
     distill(parse_config(run_flags(models_dir, train_file, tmp_path / "online")))
-    monkeypatch.setattr(pipeline_module, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(choice_module, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     flags = run_flags(models_dir, train_file, tmp_path / "cached", teacher_cache=exact_cache)
     teacher_at = flags.index("--teacher_model")
     del flags[teacher_at:teacher_at + 2]  # the cache replaces the teacher
