@@ -8,7 +8,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-import llmneo.pipeline as pipeline
+import llmneo.teacher.choice as choice
 from conftest import run_flags
 from llmneo.artifacts import merge_run
 from llmneo.config import parse_config
@@ -28,7 +28,7 @@ def saved_weights(model_dir) -> dict:
 def runs(models_dir, train_file, tmp_path_factory):
     """One short run per method, recording the trained model and every teacher forward call."""
     results = {}
-    original_load_teacher = pipeline.load_teacher
+    original_load_teacher = choice.load_teacher  # the one place a run's teacher model loads
     for method in ("sft", "lora", "kd", "neo"):
         calls, loaded = [], []
 
@@ -38,13 +38,13 @@ def runs(models_dir, train_file, tmp_path_factory):
             loaded.append(teacher)
             return teacher
 
-        pipeline.load_teacher = load_teacher
+        choice.load_teacher = load_teacher
         try:
             out = tmp_path_factory.mktemp(method)
             capture = CaptureModel()
             summary = distill(parse_config(run_flags(models_dir, train_file, out, method=method)), callbacks=[capture])
         finally:
-            pipeline.load_teacher = original_load_teacher
+            choice.load_teacher = original_load_teacher
         results[method] = {"summary": summary, "model": capture.model, "teacher": loaded, "calls": calls, "out": out}
     return results
 
