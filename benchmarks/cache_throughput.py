@@ -22,7 +22,7 @@ from common import PRESETS, build_llama, padding_collator, synthetic_rows, train
 from llmneo.adapters.lora import add_lora
 from llmneo.config import AdapterArguments
 from llmneo.teacher.cache import TeacherCache
-from llmneo.teacher.capture import CaptureSettings, write_cache
+from llmneo.teacher.capture import CaptureJob, CaptureSettings, write_cache
 from llmneo.teacher.sources import CachedTeacher, OnlineTeacher
 
 
@@ -51,8 +51,9 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         started = time.perf_counter()
-        manifest = write_cache(scratch / "cache", teacher.to(device), dataset, collator,
-                               CaptureSettings(top_k=args.top_k, batch_size=preset["batch"]), preset["vocab"],
+        job = CaptureJob(teacher.to(device), dataset, collator,
+                         CaptureSettings(top_k=args.top_k, batch_size=preset["batch"]), preset["vocab"])
+        manifest = write_cache(scratch / "cache", job,
                                {"benchmark": args.preset, "data": {"rows": rows, "answer_tokens": _answer_tokens(dataset)}})
         capture_seconds = time.perf_counter() - started
         student = add_lora(build_llama(preset["vocab"], preset["student"], preset["dtype"], seed=2),

@@ -29,7 +29,7 @@ from common import PRESETS, build_llama, padding_collator, synthetic_rows, train
 from llmneo.adapters.lora import add_lora
 from llmneo.config import AdapterArguments
 from llmneo.teacher.cache import TeacherCache
-from llmneo.teacher.capture import CaptureSettings, write_cache, write_served_cache
+from llmneo.teacher.capture import CaptureJob, CaptureSettings, write_cache, write_served_cache
 from llmneo.teacher.server import ServerSettings, TeacherServer
 from llmneo.teacher.sources import CachedTeacher, OnlineTeacher, ServedTeacher
 
@@ -118,15 +118,17 @@ def main():
             fingerprint = {"served_teacher": served_fingerprint}
             teacher.to(device)
             local, _ = capture(scratch / "local", lambda out: write_cache(
-                out, teacher, capture_rows, collator, settings, vocab, {"data": {"rows": rows}}), rows * seq)
+                out, CaptureJob(teacher, capture_rows, collator, settings, vocab), {"data": {"rows": rows}}), rows * seq)
             served = {}
             for n in CONCURRENCY:
                 served[n], _ = capture(scratch / f"served-{n}", lambda out, n=n: write_served_cache(
-                    out, server, capture_rows, settings, vocab, {"data": {"rows": rows}, **fingerprint}, n),
+                    out, CaptureJob(server, capture_rows, None, settings, vocab), {"data": {"rows": rows}, **fingerprint},
+                    n),
                     rows * seq)
             check = None if args.dummy_weights else agreement(scratch / "local", scratch / "served-1", rows)
             train = dataset.select(range(args.steps * batch))
-            write_cache(scratch / "train-cache", teacher, train, collator, settings, vocab, {"data": {"rows": len(train)}})
+            write_cache(scratch / "train-cache", CaptureJob(teacher, train, collator, settings, vocab),
+                        {"data": {"rows": len(train)}})
             times = {}
             for name in ("online", "cache", "served"):
                 student = add_lora(build_llama(vocab, preset["student"], preset["dtype"], seed=2),

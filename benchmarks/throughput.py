@@ -31,7 +31,7 @@ from llmneo.config import AdapterArguments, NeoTrainingArguments
 from llmneo.data.packing import PackingCollator
 from llmneo.runtime.memory import PeakMemory
 from llmneo.teacher.cache import TeacherCache
-from llmneo.teacher.capture import CaptureSettings, write_cache
+from llmneo.teacher.capture import CaptureJob, CaptureSettings, write_cache
 from llmneo.teacher.sources import CachedTeacher, OnlineTeacher
 from llmneo.training import NeoTrainer
 
@@ -165,8 +165,8 @@ def main():
               flush=True)
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
-            write_cache(scratch / "cache", teacher, dataset, padding_collator(), CaptureSettings(top_k=64),
-                        preset["vocab"], {"data": {"answer_tokens": 0}})
+            write_cache(scratch / "cache", CaptureJob(teacher, dataset, padding_collator(), CaptureSettings(top_k=64),
+                                                      preset["vocab"]), {"data": {"answer_tokens": 0}})
             for label, method, options in ROWS:
                 if reason := available(options, device):
                     print(f"| {label} | {batch}x{seq} | {reason} | | | |")

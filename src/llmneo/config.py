@@ -295,7 +295,18 @@ def resolve_defaults(config: RunConfig) -> None:
 
 
 def validate(config: RunConfig) -> None:
-    checks = [
+    """Every rule, in order: the first broken one is the error (one line naming the option, value and fix)."""
+    checks = (_value_checks(config) + _method_checks(config) + _classification_checks(config)
+              + _cross_tokenizer_checks(config) + _served_teacher_checks(config) + _on_policy_checks(config)
+              + _liger_checks(config))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _value_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Each option's own range."""
+    return [
         (config.model.student_model is not None, "student_model is required"),
         (config.data.dataset is not None, "dataset is required"),
         (0.0 <= config.training.alpha <= 1.0, f"alpha must be in [0, 1], got {config.training.alpha}"),
@@ -329,21 +340,20 @@ def validate(config: RunConfig) -> None:
         (0.0 < config.training.akl_mu < 1.0, f"akl_mu must be in (0, 1), got {config.training.akl_mu}"),
         (0.0 <= config.training.min_lr_ratio < 1.0, f"min_lr_ratio must be in [0, 1), got {config.training.min_lr_ratio}"),
     ]
-    preset = METHODS[config.training.method]
-    if config.model.student_quantization != "none" and not preset.uses_adapter:
-        checks.append((False, f"a quantized student (--student_quantization {config.model.student_quantization}) trains "
-                              f"only through an adapter: use method lora or neo, not {config.training.method}"))
-    if preset.uses_teacher:
-        checks.append((config.model.teacher_model is not None or config.training.teacher_cache is not None
-                       or config.training.teacher_server is not None,
-                       f"method {config.training.method} needs teacher_model (or a teacher_cache or teacher_server)"))
-    if config.training.teacher_cache is not None:
-        checks.append((preset.uses_teacher, f"teacher_cache is for the kd and neo methods, not {config.training.method}"))
-    checks += (_classification_checks(config) + _cross_tokenizer_checks(config) + _served_teacher_checks(config)
-               + _on_policy_checks(config) + _liger_checks(config))
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+
+
+def _method_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """What the method needs: an adapter for a quantized student, a teacher for kd and neo."""
+    preset, training = METHODS[config.training.method], config.training
+    has_teacher = (config.model.teacher_model is not None or training.teacher_cache is not None
+                   or training.teacher_server is not None)
+    return [(config.model.student_quantization == "none" or preset.uses_adapter,
+             f"a quantized student (--student_quantization {config.model.student_quantization}) trains only through "
+             f"an adapter: use method lora or neo, not {training.method}"),
+            (has_teacher or not preset.uses_teacher,
+             f"method {training.method} needs teacher_model (or a teacher_cache or teacher_server)"),
+            (training.teacher_cache is None or preset.uses_teacher,
+             f"teacher_cache is for the kd and neo methods, not {training.method}")]
 
 
 def _served_teacher_checks(config: RunConfig) -> list[tuple[bool, str]]:

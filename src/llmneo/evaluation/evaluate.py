@@ -150,68 +150,85 @@ def _which_teacher(request: EvalRequest, config: dict | None) -> dict:
     return record
 
 
+@dataclass
+class EvalModels:
+    """What one evaluation scores with: the model, its tokenizer and run config, and the teacher (with its own
+    tokenizer when it reads other tokens)."""
+
+    model: object
+    tokenizer: object
+    config: dict | None
+    teacher: object = None
+    teacher_tokenizer: object = None
+
+
 def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
     """Offline metrics (when held-out rows exist) and lm-eval task scores (when tasks are named)."""
     model, tokenizer, config = _load_target(request)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
-    results = {}
-    teacher_tokenizer = _other_teacher_tokenizer(request, config, tokenizer)
-    held_out = _held_out_rows(request, tokenizer, config, teacher_tokenizer)
-    if held_out is not None:
-        # which teacher, checked before it loads; recorded after the metrics (eval.json opens with them)
-        which = _which_teacher(request, config) if _teacher_path(request, config) else None
-        teacher = _teacher(request, config)
-        teacher = teacher.to(device) if teacher is not None else None
-        classifying = _task(config) == "classification"
-        collator = make_collator(tokenizer, _task(config))
-        same_tokens = None if teacher_tokenizer else teacher
-        if classifying:
-            results["held_out"] = evaluate_classifier(model, held_out, collator, teacher=same_tokens,
-                                                      batch_size=request.batch_size, progress=True)
-        else:
-            options = HeldOutOptions(batch_size=request.batch_size, progress=True, bootstrap=request.bootstrap,
-                                     byte_lengths=byte_lengths(tokenizer))
-            results["held_out"] = evaluate_against_teacher(model, held_out, collator, same_tokens, options)
-        if teacher_tokenizer is not None and teacher is not None:
-            vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_rows(teacher),
-                                             output_rows(model))
-            aligned = AlignedCollator(collator, tokenizer.padding_side, teacher_tokenizer.pad_token_id)
-            results["held_out"].update(evaluate_aligned(model, teacher, held_out, aligned, vocab_map,
-                                                        request.batch_size))
-        if request.on_policy:
-            results["on_policy"] = _on_policy(request, model, teacher, tokenizer, teacher_tokenizer, held_out, config)
-        if which is not None:
-            results["teacher"] = which
-    elif request.on_policy:
+    models = EvalModels(model.to(device), tokenizer, config, None, _other_teacher_tokenizer(request, config, tokenizer))
+    held_out = _held_out_rows(request, tokenizer, config, models.teacher_tokenizer)
+    results = _held_out_results(request, models, held_out, device) if held_out is not None else {}
+    if request.on_policy and held_out is None:
         raise ConfigError(f"--on_policy answers held-out prompts: {request.target} has none (give --dataset, or a run "
                           "with --eval_split / --eval_ratio)")
     if request.tasks:
         if _task(config) == "classification":
             raise ConfigError("lm-eval tasks score language models; a classifier is evaluated on held-out rows")
-        results["tasks"] = run_lm_eval(model, tokenizer, request.tasks, request.include_path, request.limit,
+        results["tasks"] = run_lm_eval(models.model, tokenizer, request.tasks, request.include_path, request.limit,
                                        request.num_fewshot, request.batch_size)
     if not results:
         raise ConfigError(f"nothing to evaluate for {request.target}: give --tasks, or --dataset for a model "
                           "directory (a run evaluates its --eval_split / --eval_ratio rows)")
-    if write:
-        path = Path(request.target) / EVAL_FILE
-        if open_target(request.target).kind == "run":  # a run directory; model directories stay untouched
-            path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if write and open_target(request.target).kind == "run":  # a run directory; model directories stay untouched
+        (Path(request.target) / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 
 
-def _on_policy(request: EvalRequest, model, teacher, tokenizer, teacher_tokenizer, held_out, config) -> dict:
-    if _task(config) == "classification" or teacher is None:
+def _held_out_results(request: EvalRequest, models: EvalModels, held_out, device) -> dict:
+    """The held-out metrics (against the teacher, where there is one), on-policy figures when asked, and which
+    teacher they are against."""
+    # which teacher, checked before it loads; recorded after the metrics (eval.json opens with them)
+    which = _which_teacher(request, models.config) if _teacher_path(request, models.config) else None
+    teacher = _teacher(request, models.config)
+    models.teacher = teacher.to(device) if teacher is not None else None
+    results = {"held_out": _held_out_metrics(request, models, held_out)}
+    if request.on_policy:
+        results["on_policy"] = _on_policy(request, models, held_out)
+    if which is not None:
+        results["teacher"] = which
+    return results
+
+
+def _held_out_metrics(request: EvalRequest, models: EvalModels, held_out) -> dict:
+    model, tokenizer, teacher, teacher_tokenizer = models.model, models.tokenizer, models.teacher, models.teacher_tokenizer
+    collator = make_collator(tokenizer, _task(models.config))
+    same_tokens = None if teacher_tokenizer else teacher
+    if _task(models.config) == "classification":
+        return evaluate_classifier(model, held_out, collator, teacher=same_tokens, batch_size=request.batch_size,
+                                   progress=True)
+    options = HeldOutOptions(batch_size=request.batch_size, progress=True, bootstrap=request.bootstrap,
+                             byte_lengths=byte_lengths(tokenizer))
+    metrics = evaluate_against_teacher(model, held_out, collator, same_tokens, options)
+    if teacher_tokenizer is not None and teacher is not None:
+        vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_rows(teacher), output_rows(model))
+        aligned = AlignedCollator(collator, tokenizer.padding_side, teacher_tokenizer.pad_token_id)
+        metrics.update(evaluate_aligned(model, teacher, held_out, aligned, vocab_map, request.batch_size))
+    return metrics
+
+
+def _on_policy(request: EvalRequest, models: EvalModels, held_out) -> dict:
+    if _task(models.config) == "classification" or models.teacher is None:
         raise ConfigError("--on_policy needs a language model and a teacher (--teacher_model, or the run's)")
     options = OnPolicyEvalOptions(max_new_tokens=request.on_policy_max_new_tokens, bootstrap=request.bootstrap,
                                   batch_size=request.batch_size)
-    scorer = None
+    scorer, tokenizer, teacher_tokenizer = None, models.tokenizer, models.teacher_tokenizer
     if teacher_tokenizer is not None:  # the teacher reads its own rendering, aligned as on-policy training does
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         aligner = AnswerAligner(tokenizer, teacher_tokenizer, held_out[PROMPT_COLUMN])
-        scorer = AlignedScorer(model, teacher, aligner, pad_id, teacher_tokenizer.pad_token_id, request.batch_size)
-    return evaluate_on_policy(model, teacher, tokenizer, held_out, options, scorer)
+        scorer = AlignedScorer(models.model, models.teacher, aligner, pad_id, teacher_tokenizer.pad_token_id,
+                               request.batch_size)
+    return evaluate_on_policy(models.model, models.teacher, tokenizer, held_out, options, scorer)
 
 
 def flatten(results: dict) -> dict[str, float]:

@@ -13,7 +13,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import partial
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import safetensors.torch
@@ -56,6 +56,18 @@ class CaptureSettings:
     chunk_rows: int = 1024  # answer positions per logits chunk (bounds the V-wide buffers): the run's --kd_chunk_size
 
 
+@dataclass
+class CaptureJob:
+    """What a capture reads: the teacher (a model, or a TeacherServer), the tokenized rows, their collator (None for
+    a server), the settings and the vocabulary the top-k is taken over."""
+
+    teacher: object
+    dataset: object
+    collator: object
+    settings: CaptureSettings
+    vocab: int
+
+
 def cache_teacher(config, cache_dir: str | Path, settings: CaptureSettings, concurrency: int = 8) -> dict:
     """`llm-neo cache-teacher`: the teacher's top-k over the data exactly as `distill` tokenises it; returns the
     manifest. ``concurrency``: requests in flight to a --teacher_server."""
@@ -86,7 +98,7 @@ def capture_teacher_cache(config, cache_dir: str | Path, settings: CaptureSettin
     vocab = check_vocabularies(tokenizer, teacher_tokenizer, student_size, teacher)
     fingerprint = {**run_fingerprint(config, tokenizer, dataset),
                    "teacher": model_identity(config.model.teacher_model, teacher.config)}
-    return write_cache(cache_dir, teacher, dataset, collator, settings, vocab, fingerprint)
+    return write_cache(cache_dir, CaptureJob(teacher, dataset, collator, settings, vocab), fingerprint)
 
 
 def capture_served_cache(config, cache_dir: str | Path, settings: CaptureSettings, tokenizer,
@@ -98,20 +110,18 @@ def capture_served_cache(config, cache_dir: str | Path, settings: CaptureSetting
     teacher = {"served_teacher": served_fingerprint}
     vocab = min(len(tokenizer), AutoConfig.from_pretrained(config.model.student_model).vocab_size)
     fingerprint = {**run_fingerprint(config, tokenizer, dataset), "teacher": teacher}
-    return write_served_cache(cache_dir, server, dataset, settings, vocab, fingerprint, concurrency)
+    return write_served_cache(cache_dir, CaptureJob(server, dataset, None, settings, vocab), fingerprint, concurrency)
 
 
-def write_served_cache(cache_dir: str | Path, server: TeacherServer, dataset, settings: CaptureSettings, vocab: int,
-                       fingerprint: dict, concurrency: int) -> dict:
-    """``write_cache`` with a served teacher: ``concurrency`` rows of ``dataset`` in flight."""
+def write_served_cache(cache_dir: str | Path, job: CaptureJob, fingerprint: dict, concurrency: int) -> dict:
+    """``write_cache`` with a served teacher (``job.teacher``): ``concurrency`` rows in flight."""
     with ThreadPoolExecutor(concurrency, thread_name_prefix="teacher-server") as pool:
-        return write_cache(cache_dir, server, dataset, None, settings, vocab, fingerprint,
-                           partial(_served_capture_rows, pool))
+        return write_cache(cache_dir, job, fingerprint, partial(_served_capture_rows, pool))
 
 
-def _served_capture_rows(pool, server: TeacherServer, dataset, rows: range, collator, settings: CaptureSettings,
-                         vocab: int, device) -> dict:
+def _served_capture_rows(pool, job: CaptureJob, rows: range, device) -> dict:
     """The served teacher's top-k of the answer tokens of ``rows``, requested in parallel, kept in row order."""
+    server, dataset, settings, vocab = job.teacher, job.dataset, job.settings, job.vocab
     found = list(pool.map(lambda row: server.row_topk({**dataset[row], "row_id": row}, settings.top_k, vocab), rows))
     id_dtype = torch.uint16 if vocab <= 65536 else torch.int32
     return {"token_ids": torch.cat([top.token_ids for top in found]).to(id_dtype),
@@ -137,16 +147,16 @@ def capture_aligned_cache(config, cache_dir: str | Path, settings: CaptureSettin
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         vocab_map.save(cache_dir)
     collator = AlignedCollator(make_collator(tokenizer), tokenizer.padding_side, teacher_tokenizer.pad_token_id)
-    return write_cache(cache_dir, teacher, dataset, collator, settings, vocab_map.teacher_size, fingerprint,
+    return write_cache(cache_dir, CaptureJob(teacher, dataset, collator, settings, vocab_map.teacher_size), fingerprint,
                        _capture_aligned_rows)
 
 
-def write_cache(cache_dir: str | Path, teacher, dataset, collator, settings: CaptureSettings, vocab: int,
-                fingerprint: dict, capture_rows=None) -> dict:
-    """Capture ``teacher`` over the tokenized ``dataset`` into ``cache_dir``, resuming a capture of the same
+def write_cache(cache_dir: str | Path, job: CaptureJob, fingerprint: dict, capture_rows=None) -> dict:
+    """Capture ``job.teacher`` over the tokenized ``job.dataset`` into ``cache_dir``, resuming a capture of the same
     fingerprint and settings. Under several processes (accelerate launch, torchrun) shard i is captured by rank
     i mod world size; each rank lists its shards in its own part file and the main process writes the manifest.
     ``capture_rows``: the tensors of a range of rows (default: the top-k at every answer position)."""
+    teacher, settings, vocab = job.teacher, job.settings, job.vocab
     if settings.top_k <= 0 or settings.shard_rows <= 0 or settings.batch_size <= 0:
         raise ConfigError("top_k, shard_rows and batch_size must be > 0")
     if settings.cache_dtype not in CACHE_DTYPES:
@@ -160,12 +170,11 @@ def write_cache(cache_dir: str | Path, teacher, dataset, collator, settings: Cap
     state.wait_for_everyone()
     manifest = read_manifest(cache_dir)
     if isinstance(teacher, torch.nn.Module) and getattr(teacher, "hf_quantizer", None) is None:
-        teacher = teacher.to(state.device)
-    _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, state,
-                    capture_rows or _capture_rows)
+        job = replace(job, teacher=teacher.to(state.device))
+    _capture_shards(cache_dir, manifest, job, state, capture_rows or _capture_rows)
     state.wait_for_everyone()
     if state.is_main_process:
-        _finish_manifest(cache_dir, manifest, math.ceil(len(dataset) / settings.shard_rows))
+        _finish_manifest(cache_dir, manifest, math.ceil(len(job.dataset) / settings.shard_rows))
     state.wait_for_everyone()
     return read_manifest(cache_dir)
 
@@ -202,8 +211,9 @@ def _verified(cache_dir: Path, shards: list[dict]) -> list[dict]:
     return good
 
 
-def _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, vocab, state, capture_rows) -> None:
-    rows, done = len(dataset), {entry["file"] for entry in manifest["shards"]}
+def _capture_shards(cache_dir, manifest, job: CaptureJob, state, capture_rows) -> None:
+    settings = job.settings
+    rows, done = len(job.dataset), {entry["file"] for entry in manifest["shards"]}
     mine = [index for index in range(math.ceil(rows / settings.shard_rows))
             if index % state.num_processes == state.process_index and shard_name(index) not in done]
     written = []
@@ -211,8 +221,7 @@ def _capture_shards(cache_dir, manifest, teacher, dataset, collator, settings, v
               disable=not state.is_main_process) as bar:
         for index in mine:
             first = index * settings.shard_rows
-            tensors = capture_rows(teacher, dataset, range(first, min(first + settings.shard_rows, rows)), collator,
-                                   settings, vocab, state.device)
+            tensors = capture_rows(job, range(first, min(first + settings.shard_rows, rows)), state.device)
             written.append(_write_shard(cache_dir, index, first, tensors))
             write_part(cache_dir, state.process_index, written)
             bar.update(1)
@@ -241,7 +250,8 @@ def _bytes_per_token(manifest: dict) -> float:
 
 
 @torch.no_grad()
-def _capture_rows(teacher, dataset, rows: range, collator, settings: CaptureSettings, vocab: int, device) -> dict:
+def _capture_rows(job: CaptureJob, rows: range, device) -> dict:
+    teacher, dataset, collator, settings, vocab = job.teacher, job.dataset, job.collator, job.settings, job.vocab
     parts, counts = {"token_ids": [], "log_probs": [], "log_tail": []}, []
     for start in range(rows.start, rows.stop, settings.batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + settings.batch_size, rows.stop))])
@@ -259,10 +269,10 @@ def _capture_rows(teacher, dataset, rows: range, collator, settings: CaptureSett
 
 
 @torch.no_grad()
-def _capture_aligned_rows(teacher, dataset, rows: range, collator, settings: CaptureSettings, vocab: int,
-                          device) -> dict:
+def _capture_aligned_rows(job: CaptureJob, rows: range, device) -> dict:
     """The teacher's top-k at the aligned boundaries of ``rows`` (the teacher reads its own tokens) and
     ``student_positions``, the student position of each, relative to its row."""
+    teacher, dataset, collator, settings, vocab = job.teacher, job.dataset, job.collator, job.settings, job.vocab
     parts, positions = {"token_ids": [], "log_probs": [], "log_tail": []}, []
     for start in range(rows.start, rows.stop, settings.batch_size):
         features = [dataset[i] for i in range(start, min(start + settings.batch_size, rows.stop))]
