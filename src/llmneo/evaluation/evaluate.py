@@ -28,7 +28,7 @@ from .cross_tokenizer import evaluate_aligned
 from .harness import run_lm_eval
 from .metrics import HeldOutOptions, evaluate_against_teacher
 from .on_policy import AlignedScorer, OnPolicyEvalOptions, evaluate_on_policy
-from ..models.identity import model_identity
+from ..models.identity import weights_identity
 from ..runtime.layout import EVAL_FILE, open_target
 from ..runtime.run_dir import recorded_model
 
@@ -130,12 +130,7 @@ def _which_teacher(request: EvalRequest, config: dict | None) -> dict:
     weights the run trained with: rewritten in place, KL and on-policy figures would silently be against another
     model, so that is refused unless the user names the teacher with --teacher_model."""
     path = _teacher_path(request, config)
-    try:
-        current = model_identity(path, sample_weights=True)
-    except (OSError, ValueError) as error:
-        logger.warning("cannot fingerprint the teacher %s (%s): eval.json will not say which weights it had", path,
-                       error)
-        current = {"path": path}
+    current = weights_identity(path, "teacher", "eval.json will not say which weights it had") or {"path": path}
     record = {"path": path, "sha256": current.get("sha256"), "chosen_by": "--teacher_model" if request.teacher_model
               else "the run"}
     opened = open_target(request.target)
