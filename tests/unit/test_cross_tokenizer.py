@@ -15,8 +15,8 @@ from llmneo.data.vocabulary import build_vocabulary_map, byte_lengths, token_byt
 from llmneo.losses.vocab_map import load_vocabulary_map
 from llmneo.demo.tiny import build_char_tokenizer, build_tokenizer, corpus_texts
 from llmneo.losses.contract import LossSettings, answer_mask
-from llmneo.losses.cross_vocab import (cross_tokenizer_parts, cross_vocab_kd_sum, from_logit_rows, mapped_buckets,
-                                       student_divergence, teacher_targets)
+from llmneo.losses.cross_vocab import cross_tokenizer_parts, cross_vocab_kd_sum, from_logit_rows
+from llmneo.losses.cross_vocab_modes import CROSS_VOCAB_MODES, mapped_buckets, student_divergence, teacher_targets
 from llmneo.losses.divergences import get_divergence
 from llmneo.losses.reference import distillation_loss
 
@@ -282,8 +282,8 @@ def naive_uld(student_logits, teacher_logits, temperature):
 
 def cross_vocab_divergence(student, teacher, mapping, mode, settings):
     """The divergence per aligned row from both models' logit rows."""
-    return student_divergence(student, teacher_targets(teacher, mapping, mode, settings.temperature), mapping, mode,
-                              settings)
+    return student_divergence(student, teacher_targets(teacher, mapping, CROSS_VOCAB_MODES[mode], settings.temperature),
+                              mapping, settings)
 
 
 def small_map(teacher_vocab=11, student_vocab=7):
@@ -375,8 +375,8 @@ def test_exact_with_one_tokenizer_equals_the_standard_loss(bpe, divergence, padd
     batch, position = answer_mask(labels).nonzero(as_tuple=True)
     ce_only = distillation_loss(student_logits, labels, settings=settings, num_items=11)
     kd_sum = cross_vocab_kd_sum(student_logits[batch, position],
-                                from_logit_rows(teacher_logits[batch, position], mapping, "exact"),
-                                mapping, "exact", settings)
+                                from_logit_rows(teacher_logits[batch, position], mapping, CROSS_VOCAB_MODES["exact"]),
+                                mapping, settings)
     ours = cross_tokenizer_parts(ce_only, kd_sum, 11, settings)
     for name in ("loss", "ce", "kd"):
         torch.testing.assert_close(getattr(ours, name), getattr(reference, name), atol=1e-5, rtol=1e-5)
@@ -390,11 +390,11 @@ def test_hidden_state_rows_equal_logit_rows_and_are_checkpointed():
     mapping, settings = small_map(), LossSettings(chunk_size=2)
     hidden, weight = torch.randn(5, 6, requires_grad=True), torch.randn(7, 6, requires_grad=True)
     teacher_hidden, teacher_weight = torch.randn(5, 4), torch.randn(11, 4)
-    from_hidden = cross_vocab_kd_sum(hidden, from_logit_rows(teacher_hidden, mapping, "hybrid", teacher_weight),
-                                     mapping, "hybrid", settings, weight)
-    from_logits = cross_vocab_kd_sum(hidden @ weight.T,
-                                     from_logit_rows(teacher_hidden @ teacher_weight.T, mapping, "hybrid"),
-                                     mapping, "hybrid", settings)
+    hybrid = CROSS_VOCAB_MODES["hybrid"]
+    from_hidden = cross_vocab_kd_sum(hidden, from_logit_rows(teacher_hidden, mapping, hybrid, teacher_weight),
+                                     mapping, settings, weight)
+    from_logits = cross_vocab_kd_sum(hidden @ weight.T, from_logit_rows(teacher_hidden @ teacher_weight.T, mapping, hybrid),
+                                     mapping, settings)
     torch.testing.assert_close(from_hidden, from_logits)
     grads = torch.autograd.grad(from_hidden, (hidden, weight))
     expected = torch.autograd.grad(from_logits, (hidden, weight))

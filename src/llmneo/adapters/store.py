@@ -41,13 +41,16 @@ def save_initial_adapter(model, run_dir: Path) -> Path | None:
     return target
 
 
+def saved_lora_config(adapter_dir: Path) -> dict:
+    """The saved adapter's adapter_config.json ({} when there is none): what it is, whatever name it was chosen by."""
+    path = Path(adapter_dir) / CONFIG_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def base_mutating_init(adapter_dir: Path) -> str | None:
     """The saved adapter's initialisation when it moved part of the base into the adapter (PiSSA, OLoRA, CorDA,
-    whether chosen with --adapter or through --peft_options): read from its adapter_config.json, not its name."""
-    path = Path(adapter_dir) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    init = json.loads(path.read_text(encoding="utf-8")).get("init_lora_weights")
+    whether chosen with --adapter or through --peft_options)."""
+    init = saved_lora_config(adapter_dir).get("init_lora_weights")
     return init if is_base_mutating(init) else None
 
 
@@ -93,7 +96,7 @@ def export_plain_lora(adapter_dir: Path, output: Path) -> Path:
     """Write ``adapter_dir`` as a standard PEFT LoRA that stock PEFT, vLLM and other LoRA loaders read."""
     adapter_dir, output = Path(adapter_dir), Path(output)
     kind = adapter_kind(adapter_dir)["adapter"]
-    if kind == "dora":
+    if saved_lora_config(adapter_dir).get("use_dora"):  # --adapter dora or --peft_options '{"use_dora": true}'
         raise ConfigError("a DoRA adapter has no plain-LoRA form (its magnitude vector rescales W0): "
                           "use `llm-neo merge` for a standalone model")
     if not (adapter_dir / WEIGHTS_FILE).is_file():

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from ..data.alignment import ALIGNMENT_COLUMNS
 from ..losses.vocab_map import VocabularyMap
 from ..losses.contract import answer_mask
-from ..losses.cross_vocab import logit_rows, mapped_buckets
+from ..losses.cross_vocab import logit_rows
+from ..losses.cross_vocab_modes import mapped_buckets
 from ..losses.divergences import forward_kl
 from ..teacher.online import rows_at
 

@@ -134,12 +134,11 @@ class AlignedTargets(TeacherTargets):
     positions: torch.Tensor  # (N,) the student's position there, in the padded batch
     teacher: ChunkTargets
     vocab_map: VocabularyMap
-    mode: str  # exact, uld or hybrid
 
     def loss(self, student: StudentSide, labels, settings: LossSettings, num_items) -> LossParts:
         ce_only = student.loss(labels, settings, num_items)
-        kd_sum = cross_vocab_kd_sum(student.rows[self.rows, self.positions], self.teacher, self.vocab_map, self.mode,
-                                    settings, student.weight)
+        kd_sum = cross_vocab_kd_sum(student.rows[self.rows, self.positions], self.teacher, self.vocab_map, settings,
+                                    student.weight)
         items = num_items if num_items is not None else answer_mask(labels).sum()
         return cross_tokenizer_parts(ce_only, kd_sum, items, settings)
 

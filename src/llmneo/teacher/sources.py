@@ -35,6 +35,7 @@ from ..evaluation.cross_tokenizer import evaluate_aligned, teacher_mapped_mass
 from ..lm_head import output_head
 from ..losses.contract import answer_mask
 from ..losses.cross_vocab import from_logit_rows, from_topk, logit_rows
+from ..losses.cross_vocab_modes import CrossVocabMode, cross_vocab_mode
 from ..losses.targets import (AlignedSampledTargets, AlignedTargets, HiddenStates, Logits, StudentSide, TeacherTargets,
                               TokenTargets, TopK)
 from ..losses.topk import TopKRows
@@ -117,7 +118,7 @@ class AlignedOnlineTeacher(TeacherSignal):
     """A loaded teacher with its own tokenizer (``--cross_tokenizer``): it reads its own rendering of each row, and
     the KD term compares both models at the answers' aligned boundaries (data/alignment.py)."""
 
-    def __init__(self, teacher: torch.nn.Module, teacher_tokenizer, vocab_map: VocabularyMap, mode: str,
+    def __init__(self, teacher: torch.nn.Module, teacher_tokenizer, vocab_map: VocabularyMap, mode: CrossVocabMode,
                  answers: AnswerAligner | None = None):
         self.teacher, self.teacher_tokenizer, self.vocab_map, self.mode = teacher, teacher_tokenizer, vocab_map, mode
         self.answers = answers  # on-policy runs: aligns the student's sampled answers with the teacher's rendering
@@ -141,7 +142,8 @@ class AlignedOnlineTeacher(TeacherSignal):
         vocab_map = cross_vocabulary_map(config, models)
         answers = (AnswerAligner(models.tokenizer, models.teacher_tokenizer, dataset[PROMPT_COLUMN])
                    if dataset is not None and PROMPT_COLUMN in dataset.column_names else None)
-        return cls(models.teacher, models.teacher_tokenizer, vocab_map, config.training.cross_tokenizer, answers)
+        return cls(models.teacher, models.teacher_tokenizer, vocab_map, cross_vocab_mode(config.training.cross_tokenizer),
+                   answers)
 
     def attach(self, teacher, device) -> None:
         self.teacher, self.vocab_map = teacher, self.vocab_map.to(device)
@@ -156,7 +158,7 @@ class AlignedOnlineTeacher(TeacherSignal):
         teacher_rows, weight = rows_at(self.teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], rows,
                                        inputs["aligned_teacher"])
         return AlignedTargets(rows, inputs["aligned_student"], from_logit_rows(teacher_rows, self.vocab_map, self.mode,
-                                                                               weight), self.vocab_map, self.mode)
+                                                                               weight), self.vocab_map)
 
     def sampled_targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         """The teacher's log-probability of each aligned byte span of the student's answers (its tokens in it)."""
@@ -191,7 +193,7 @@ class AlignedCachedTeacher(TeacherSignal):
     """A cache captured across tokenizers (``cache-teacher --cross_tokenizer``): per row the student positions of
     its aligned boundaries and the teacher's top-k there, in its own ids; no teacher or teacher tokenizer loads."""
 
-    def __init__(self, cache: TeacherCache, vocab_map: VocabularyMap, mode: str, padding_side: str = "right"):
+    def __init__(self, cache: TeacherCache, vocab_map: VocabularyMap, mode: CrossVocabMode, padding_side: str = "right"):
         self.cache, self.vocab_map, self.mode, self.padding_side = cache, vocab_map, mode, padding_side
 
     @classmethod
@@ -206,14 +208,15 @@ class AlignedCachedTeacher(TeacherSignal):
     def build(cls, config, parts: SourceParts) -> TeacherSignal:
         models = parts.models
         vocab_map = cached_vocabulary_map(parts.cache, models.tokenizer, models.student)
-        return cls(parts.cache, vocab_map, config.training.cross_tokenizer, models.tokenizer.padding_side)
+        return cls(parts.cache, vocab_map, cross_vocab_mode(config.training.cross_tokenizer),
+                   models.tokenizer.padding_side)
 
     def attach(self, teacher, device) -> None:
         self.vocab_map = self.vocab_map.to(device)  # no teacher model: its rows come from the cache
 
     def targets(self, inputs: dict, student: StudentSide) -> TeacherTargets:
         rows, positions, topk = self._alignment(inputs)
-        return AlignedTargets(rows, positions, from_topk(topk, self.vocab_map, self.mode), self.vocab_map, self.mode)
+        return AlignedTargets(rows, positions, from_topk(topk, self.vocab_map, self.mode), self.vocab_map)
 
     def _alignment(self, inputs) -> tuple[torch.Tensor, torch.Tensor, TopKRows]:
         """The batch's aligned boundaries as (row, student position) pairs in the padded batch, after checking that

@@ -193,9 +193,13 @@ def test_export_lora_command(models_dir, train_file, tmp_path, tokenizer, capsys
     assert "plain LoRA adapter written to" in capsys.readouterr().out
 
 
-def test_dora_has_no_plain_lora_form(tokenizer, tmp_path):
-    model = add_lora(base_model(tokenizer), AdapterArguments(adapter="dora", lora_r=RANK))
-    save_adapter(model, tmp_path / "dora", AdapterArguments(adapter="dora"))
+@pytest.mark.parametrize("adapter_args", [AdapterArguments(adapter="dora", lora_r=RANK),
+                                          AdapterArguments(adapter="lora", lora_r=RANK, peft_options='{"use_dora": true}')],
+                         ids=["adapter dora", "use_dora through peft_options"])
+def test_dora_has_no_plain_lora_form(tokenizer, tmp_path, adapter_args):
+    """Decided from the saved adapter_config.json, so DoRA chosen through --peft_options is refused too."""
+    model = add_lora(base_model(tokenizer), adapter_args)
+    save_adapter(model, tmp_path / "dora", adapter_args)
     with pytest.raises(ConfigError, match="DoRA adapter has no plain-LoRA form"):
         export_plain_lora(tmp_path / "dora", tmp_path / "plain")
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from llmneo.losses.vocab_map import VocabularyMap
 from llmneo.losses.contract import LossSettings
-from llmneo.losses.cross_vocab import (cached_teacher_targets, cross_vocab_kd_sum, from_logit_rows, from_topk,
-                                       student_divergence, teacher_targets)
+from llmneo.losses.cross_vocab import cross_vocab_kd_sum, from_logit_rows, from_topk
+from llmneo.losses.cross_vocab_modes import CROSS_VOCAB_MODES, cached_teacher_targets, student_divergence, teacher_targets
 from llmneo.losses.divergences import get_divergence
 from llmneo.losses.topk import TopKRows
 
@@ -35,8 +35,8 @@ def cached(teacher_logits: torch.Tensor, k: int) -> TopKRows:
 
 
 def divergence_of(student, topk, mapping, mode, settings):
-    targets = cached_teacher_targets(topk, mapping, mode, settings.temperature)
-    return student_divergence(student, targets, mapping, mode, settings)
+    targets = cached_teacher_targets(topk, mapping, CROSS_VOCAB_MODES[mode], settings.temperature)
+    return student_divergence(student, targets, mapping, settings)
 
 
 @pytest.mark.parametrize("map_name", sorted(MAPS))
@@ -49,7 +49,8 @@ def test_a_cache_of_every_teacher_id_equals_the_online_term(map_name, mode, dive
     student = torch.randn(6, mapping.student_size, requires_grad=True)
     teacher = torch.randn(6, mapping.teacher_size)
     settings = LossSettings(temperature=temperature, divergence=get_divergence(divergence))
-    online = student_divergence(student, teacher_targets(teacher, mapping, mode, temperature), mapping, mode, settings)
+    online = student_divergence(student, teacher_targets(teacher, mapping, CROSS_VOCAB_MODES[mode], temperature), mapping,
+                                settings)
     ours = divergence_of(student, cached(teacher, mapping.teacher_size), mapping, mode, settings)
     torch.testing.assert_close(ours, online, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(ours.sum(), student)[0],
@@ -111,10 +112,10 @@ def test_chunked_sum_from_hidden_rows_equals_the_online_sum():
     hidden, weight = torch.randn(7, 5, requires_grad=True), torch.randn(mapping.student_size, 5, requires_grad=True)
     teacher = torch.randn(7, mapping.teacher_size)
     settings = LossSettings(chunk_size=3, temperature=2.0)
-    ours = cross_vocab_kd_sum(hidden, from_topk(cached(teacher, mapping.teacher_size), mapping, "hybrid"), mapping,
-                              "hybrid", settings, weight)
-    online = cross_vocab_kd_sum(hidden @ weight.T, from_logit_rows(teacher, mapping, "hybrid"), mapping, "hybrid",
-                                settings)
+    hybrid = CROSS_VOCAB_MODES["hybrid"]
+    ours = cross_vocab_kd_sum(hidden, from_topk(cached(teacher, mapping.teacher_size), mapping, hybrid), mapping,
+                              settings, weight)
+    online = cross_vocab_kd_sum(hidden @ weight.T, from_logit_rows(teacher, mapping, hybrid), mapping, settings)
     torch.testing.assert_close(ours, online, atol=1e-5, rtol=1e-5)
     for mine, reference in zip(torch.autograd.grad(ours, (hidden, weight)), torch.autograd.grad(online, (hidden, weight)),
                                strict=True):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from llmneo.losses.contract import IGNORE_INDEX, LossSettings, answer_mask
 from llmneo.losses.cross_vocab import from_logit_rows
+from llmneo.losses.cross_vocab_modes import cross_vocab_mode
 from llmneo.losses.targets import AlignedTargets, Logits, StudentSide, TokenTargets
 from llmneo.losses.vocab_map import VocabularyMap
 
@@ -43,8 +44,8 @@ def test_aligned_targets_at_every_answer_position_with_one_vocabulary_equal_toke
     settings = LossSettings(alpha=0.3, temperature=2.0, chunk_size=3)
     rows, positions = answer_mask(labels).nonzero(as_tuple=True)
     identity = VocabularyMap(torch.arange(9), torch.arange(9), 9, 9, identical=True)
-    aligned = AlignedTargets(rows, positions, from_logit_rows(teacher[rows, positions], identity, "exact"), identity,
-                             "exact")
+    aligned = AlignedTargets(rows, positions, from_logit_rows(teacher[rows, positions], identity, cross_vocab_mode("exact")),
+                             identity)
     ours = aligned.loss(StudentSide("naive", student), labels, settings, None)
     expected = naive(student, teacher, labels, settings, int(answer_mask(labels).sum()))
     torch.testing.assert_close(ours.loss, expected)

@@ -11,6 +11,7 @@ import torch
 from llmneo.demo.tiny import build_tiny_llama
 from llmneo.errors import DataError
 from llmneo.losses.contract import IGNORE_INDEX
+from llmneo.losses.cross_vocab_modes import cross_vocab_mode
 from llmneo.losses.targets import AlignedTargets, StudentSide, TokenTargets
 from llmneo.losses.topk import TopKRows
 from llmneo.losses.vocab_map import VocabularyMap
@@ -86,12 +87,12 @@ def test_an_aligned_cache_places_its_boundaries_in_the_padded_batch(side):
     if side == "left":  # row 1 is shorter by one token, padded on the left
         inputs["attention_mask"][1, 0] = 0
     cache = FakeCache({0: 2, 1: 1}, {0: [2, 4], 1: [3] if side == "right" else [2]})
-    targets = AlignedCachedTeacher(cache, vocab_map, "exact", side).targets(inputs, StudentSide("naive", torch.zeros(1)))
+    targets = AlignedCachedTeacher(cache, vocab_map, cross_vocab_mode("exact"), side).targets(inputs, StudentSide("naive", torch.zeros(1)))
     assert isinstance(targets, AlignedTargets)
     assert targets.rows.tolist() == [0, 0, 1] and targets.positions.tolist() == [2, 4, 3]
     bad = FakeCache({0: 2, 1: 1}, {0: [0, 4], 1: [3]})  # position 0 predicts a prompt token
     with pytest.raises(DataError, match=r"the aligned boundaries it holds for training row 0 are not answer positions"):
-        AlignedCachedTeacher(bad, vocab_map, "exact").targets(batch(), StudentSide("naive", torch.zeros(1)))
+        AlignedCachedTeacher(bad, vocab_map, cross_vocab_mode("exact")).targets(batch(), StudentSide("naive", torch.zeros(1)))
 
 
 def test_a_teacher_is_moved_to_the_process_device_without_engines(tokenizer):
