@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,8 +21,59 @@ from .recipes import RECIPE_HELP, RECIPES
 MIN_ROLLOUT_TEMPERATURE = 1e-3  # the smallest sampling temperature taken (0 is greedy): below it logits / T overflow
 
 
-def _help(text: str, default=None, **kwargs):
-    return field(default=default, metadata={"help": text}, **kwargs)
+@dataclass(frozen=True)
+class Range:
+    """The values an option takes: from ``low`` to ``high`` (None: unbounded), each end included or not; ``why``
+    ends the refusal."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def holds(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, AT_LEAST_ONE, NON_NEGATIVE = Range(0, low_open=True), Range(1), Range(0)
+FRACTION, PROPER_FRACTION = Range(0, 1), Range(0, 1, high_open=True)  # [0, 1] and [0, 1)
+
+
+class _Metadata(Mapping):
+    """A field's metadata: its help, and the range declared with it under ``valid``. HfArgumentParser passes every
+    key it iterates to argparse's add_argument, which knows no ``valid``: the range is readable by key only."""
+
+    def __init__(self, help_text: str, valid: Range | None):
+        self._items, self._valid = {"help": help_text}, valid
+
+    def __getitem__(self, key):
+        return self._valid if key == "valid" else self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _help(text: str, default=None, valid: Range | None = None, **kwargs):
+    """A field with its one-line help and, for a number, the range ``validate`` checks it against (None skipped)."""
+    return field(default=default, metadata=_Metadata(text, valid), **kwargs)
+
+
+def declared_ranges(section) -> list[tuple[str, Range]]:
+    """The ranges declared with a section's fields (and, for the training section, transformers' fields it uses)."""
+    declared = [(item.name, item.metadata["valid"]) for item in dataclasses.fields(section)
+                if item.metadata.get("valid") is not None]
+    return declared + [(name, rule) for name, rule in TRAINER_RANGES.items() if hasattr(section, name)]
 
 
 @dataclass
@@ -61,15 +113,15 @@ class DataArguments:
         "Row format; auto detects it from the columns (conversations, messages, prompt+completion, text; "
         "text+label with --task classification).", "auto"
     )
-    max_samples: int | None = _help("Train on a random subset of this many rows (drawn with --seed).")
-    max_length: int = _help("Truncate every tokenized row to this many tokens.", 512)
+    max_samples: int | None = _help("Train on a random subset of this many rows (drawn with --seed).", valid=AT_LEAST_ONE)
+    max_length: int = _help("Truncate every tokenized row to this many tokens.", 512, valid=Range(1, low_open=True))
     skip_bad_rows: bool = _help("Skip and count unusable rows instead of stopping at the first one.", False)
     packing: bool = _help(
         "Pack each micro-batch into one row without padding (exact: attention and labels stay within each row).",
         False)
     eval_split: str | None = _help(
         "Held-out rows for evaluation: a split name of --dataset (hub or dataset folder) or local file(s).")
-    eval_ratio: float = _help("Hold out this fraction of the training rows (seeded) for evaluation instead.", 0.0)
+    eval_ratio: float = _help("Hold out this fraction of the training rows (seeded) for evaluation instead.", 0.0, valid=PROPER_FRACTION)
 
 
 @dataclass
@@ -83,9 +135,10 @@ class AdapterArguments:
     peft_options: str | None = _help(
         "Further peft.LoraConfig options as a JSON object (a mapping in YAML), e.g. {\"init_lora_weights\": \"pissa_niter_4\"}."
     )
-    lora_r: int = _help("LoRA rank r (paper: 128; larger ranks want lower learning rates).", 128)
-    lora_alpha: float | None = _help("LoRA scaling numerator; default 2 * lora_r as in the paper.")
-    lora_dropout: float = _help("Dropout on the LoRA branch input.", 0.0)
+    lora_r: int = _help("LoRA rank r (paper: 128; larger ranks want lower learning rates).", 128, valid=POSITIVE)
+    lora_alpha: float | None = _help("LoRA scaling numerator; default 2 * lora_r as in the paper.",
+        valid=Range(0, low_open=True, why=": the adapter's scaling alpha / r would make it do nothing"))
+    lora_dropout: float = _help("Dropout on the LoRA branch input.", 0.0, valid=PROPER_FRACTION)
     target_modules: str = _help(
         "Linear layers that get adapters: all-linear (every linear except lm_head), attention (q,k,v,o), "
         "qkv, or a comma-separated list of module names.",
@@ -102,18 +155,20 @@ class DistillArguments:
     method: Literal["sft", "lora", "kd", "neo"] = _help(
         "sft: full fine-tune, CE; lora: adapter, CE; kd: full fine-tune, CE+KD; neo: adapter, CE+KD.", "neo"
     )
-    alpha: float = _help("Mixing weight: loss = alpha * CE + (1 - alpha) * T^2 * D, D = KL(teacher || student) by default.", 0.5)
-    temperature: float = _help("Distillation temperature T applied to both models' logits.", 1.0)
+    alpha: float = _help("Mixing weight: loss = alpha * CE + (1 - alpha) * T^2 * D, D = KL(teacher || student) by default.", 0.5,
+        valid=FRACTION)
+    temperature: float = _help("Distillation temperature T applied to both models' logits.", 1.0, valid=POSITIVE)
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "akl"] = _help(
         "KD divergence: forward_kl (paper), reverse_kl, jsd (generalized, --jsd_beta), tvd, skew_forward_kl / "
         "skew_reverse_kl (DistiLLM, --skew_lambda), akl (adaptive KL, --akl_mu).",
         "forward_kl",
     )
-    jsd_beta: float = _help("Generalized JSD weight beta: 0 is forward KL, 1 is reverse KL.", 0.5)
-    skew_lambda: float = _help("Skew KL mixing weight lambda: KL(p || lambda * p + (1 - lambda) * q).", 0.1)
+    jsd_beta: float = _help("Generalized JSD weight beta: 0 is forward KL, 1 is reverse KL.", 0.5, valid=FRACTION)
+    skew_lambda: float = _help("Skew KL mixing weight lambda: KL(p || lambda * p + (1 - lambda) * q).", 0.1, valid=PROPER_FRACTION)
     akl_mu: float = _help(
         "Adaptive KL head threshold mu: the head is the top teacher tokens whose cumulative mass stays <= mu (always "
-        "at least the top-1 token); the token that crosses mu is tail, as in the AKL authors' code.", 0.5)
+        "at least the top-1 token); the token that crosses mu is tail, as in the AKL authors' code.", 0.5,
+        valid=Range(0, 1, low_open=True, high_open=True))
     loss_impl: Literal["fused", "naive", "liger"] = _help(
         "Loss implementation: fused (chunked head, no B*T*V logits), naive (full logits from both models), "
         "liger (Liger-Kernel's chunked JSD loss, if installed; forward_kl, reverse_kl, jsd).",
@@ -130,12 +185,12 @@ class DistillArguments:
         "With --teacher_server: the environment variable holding the server's API key (sent as a bearer token).")
     teacher_server_timeout: float = _help(
         "With --teacher_server: seconds one whole answer may take (connecting, sending, reading it all) before "
-        "trying again.", 120.0)
+        "trying again.", 120.0, valid=POSITIVE)
     teacher_server_retries: int = _help(
         "With --teacher_server: further tries of a request that failed (backoff 1, 2, 4... s); then the run saves "
-        "its last step and stops with the resume command.", 4)
+        "its last step and stops with the resume command.", 4, valid=NON_NEGATIVE)
     teacher_top_k: int = _help(
-        "With --teacher_server: teacher tokens per answer position (at most the server's --max-logprobs).", 64)
+        "With --teacher_server: teacher tokens per answer position (at most the server's --max-logprobs).", 64, valid=AT_LEAST_ONE)
     cache_tail: Literal["bucket", "renormalize"] = _help(
         "With --teacher_cache or --teacher_server: bucket compares the top-k tokens plus one bucket for the rest of the vocabulary; "
         "renormalize compares the top-k tokens only, renormalised.",
@@ -149,23 +204,25 @@ class DistillArguments:
     nonfinite_policy: Literal["stop", "skip"] = _help(
         "On a NaN/inf loss or gradient: stop (save a checkpoint of the last good step and stop, naming the step and "
         "its rows) or skip (drop that update, count it, stop after --max_bad_steps).", "stop")
-    max_bad_steps: int = _help("With --nonfinite_policy skip: how many skipped updates are tolerated.", 10)
+    max_bad_steps: int = _help("With --nonfinite_policy skip: how many skipped updates are tolerated.", 10, valid=NON_NEGATIVE)
     auto_micro_batch: bool = _help(
         "Probe the largest micro-batch that fits and use it, adjusting gradient accumulation so that each optimizer "
         "step sees the same rows.", False)
     auto_micro_batch_budget_gib: float | None = _help(
         "Memory budget of --auto_micro_batch; default 90%% of the GPU, or of the available memory on CPU.")
-    kd_chunk_size: int = _help("Answer tokens per chunk when computing the loss (bounds the fp32 logits memory).", 1024)
-    min_lr_ratio: float = _help("Floor of the cosine schedule as a fraction of the peak learning rate (0: decay to 0).", 0.0)
+    kd_chunk_size: int = _help("Answer tokens per chunk when computing the loss (bounds the fp32 logits memory).", 1024, valid=POSITIVE)
+    min_lr_ratio: float = _help("Floor of the cosine schedule as a fraction of the peak learning rate (0: decay to 0).", 0.0,
+        valid=PROPER_FRACTION)
     on_policy_fraction: float = _help(
         "Share of optimizer steps trained on the student's own answers to the rows' prompts, scored by the teacher "
-        "(0: none); step k is on-policy iff floor((k+1)L) - floor(kL) = 1.", 0.0)
+        "(0: none); step k is on-policy iff floor((k+1)L) - floor(kL) = 1.", 0.0, valid=FRACTION)
     on_policy_loss: Literal["full", "sampled"] = _help(
         "On-policy steps: full (T^2 * --divergence at every generated token) or sampled (per-token reverse-KL "
         "estimator log p_s(y) - log p_t(y) on the sampled tokens, score-function gradient, T = 1).", "full")
-    rollout_max_new_tokens: int = _help("On-policy steps: the student's answer stops at this many new tokens.", 128)
+    rollout_max_new_tokens: int = _help("On-policy steps: the student's answer stops at this many new tokens.", 128, valid=AT_LEAST_ONE)
     rollout_temperature: float = _help("On-policy steps: the student's sampling temperature (0: greedy).", 1.0)
-    rollout_top_p: float = _help("On-policy steps: nucleus sampling mass (1: the whole distribution).", 1.0)
+    rollout_top_p: float = _help("On-policy steps: nucleus sampling mass (1: the whole distribution).", 1.0,
+        valid=Range(0, 1, low_open=True))
 
 
 @dataclass
@@ -177,7 +234,8 @@ class NeoTrainingArguments(TrainingArguments, DistillArguments):
     overwrite_output_dir: bool = _help(
         "Replace the run already in --output_dir (its old contents are removed first); without it such a directory "
         "is refused.", False)
-    learning_rate: float | None = _help("Peak learning rate; default 2e-4 for adapter methods, 2e-5 for full fine-tuning.")
+    learning_rate: float | None = _help("Peak learning rate; default 2e-4 for adapter methods, 2e-5 for full fine-tuning.",
+        valid=Range(0, low_open=True, why=": a run with it would train nothing"))
     lr_scheduler_type: str = _help("Learning-rate schedule (cosine with warmup as in the paper).", "cosine")
     warmup_steps: float = _help("Warmup steps; a float in [0, 1) is a fraction of all steps.", 0.1)
     logging_steps: float = _help("Log (and write metrics.jsonl) every this many optimizer steps.", 10)
@@ -187,6 +245,10 @@ class NeoTrainingArguments(TrainingArguments, DistillArguments):
 
 CONFIG_CLASSES = (ModelArguments, DataArguments, AdapterArguments, NeoTrainingArguments)
 DISTILL_FIELDS = tuple(f.name for f in dataclasses.fields(DistillArguments))
+
+
+# The ranges of transformers' TrainingArguments fields that llm-neo checks before a run.
+TRAINER_RANGES = {"per_device_train_batch_size": AT_LEAST_ONE, "gradient_accumulation_steps": AT_LEAST_ONE}
 
 
 @dataclass
@@ -305,18 +367,13 @@ def validate(config: RunConfig) -> None:
 
 
 def _value_checks(config: RunConfig) -> list[tuple[bool, str]]:
-    """Each option's own range."""
+    """The required options, each option's declared range, and the step count."""
+    sections = (config.model, config.data, config.adapter, config.training)
     return [
         (config.model.student_model is not None, "student_model is required"),
         (config.data.dataset is not None, "dataset is required"),
-        (0.0 <= config.training.alpha <= 1.0, f"alpha must be in [0, 1], got {config.training.alpha}"),
-        (config.training.temperature > 0, f"temperature must be > 0, got {config.training.temperature}"),
-        (config.adapter.lora_r > 0, f"lora_r must be > 0, got {config.adapter.lora_r}"),
-        (config.training.learning_rate > 0, f"learning_rate must be > 0, got {config.training.learning_rate}: "
-                                            "a run with it would train nothing"),
-        (config.adapter.lora_alpha > 0, f"lora_alpha must be > 0, got {config.adapter.lora_alpha}: the adapter's "
-                                        "scaling alpha / r would make it do nothing"),
-        (0.0 <= config.adapter.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {config.adapter.lora_dropout}"),
+        *[(rule.holds(value), f"{name} must be {rule}, got {value}{rule.why}") for section in sections
+          for name, rule in declared_ranges(section) if (value := getattr(section, name)) is not None],
         (config.training.max_steps != 0, "max_steps 0 trains nothing: give a number of steps > 0, or -1 (the default) "
                                          "to train for num_train_epochs"),
         (config.training.max_steps >= -1, f"max_steps {config.training.max_steps}: give a number of steps > 0, or -1 "
@@ -324,21 +381,7 @@ def _value_checks(config: RunConfig) -> list[tuple[bool, str]]:
         (config.training.max_steps > 0 or config.training.num_train_epochs > 0,
          f"nothing to train: max_steps {config.training.max_steps} and num_train_epochs "
          f"{config.training.num_train_epochs}; give max_steps > 0 or num_train_epochs > 0"),
-        (config.training.per_device_train_batch_size >= 1,
-         f"per_device_train_batch_size must be >= 1, got {config.training.per_device_train_batch_size}"),
-        (config.training.gradient_accumulation_steps >= 1,
-         f"gradient_accumulation_steps must be >= 1, got {config.training.gradient_accumulation_steps}"),
-        (config.data.max_samples is None or config.data.max_samples >= 1,
-         f"max_samples must be >= 1, got {config.data.max_samples}"),
-        (config.data.max_length > 1, f"max_length must be > 1, got {config.data.max_length}"),
-        (0.0 <= config.data.eval_ratio < 1.0, f"eval_ratio must be in [0, 1), got {config.data.eval_ratio}"),
         (not (config.data.eval_ratio > 0 and config.data.eval_split), "give eval_split or eval_ratio, not both"),
-        (config.training.kd_chunk_size > 0, f"kd_chunk_size must be > 0, got {config.training.kd_chunk_size}"),
-        (config.training.max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {config.training.max_bad_steps}"),
-        (0.0 <= config.training.jsd_beta <= 1.0, f"jsd_beta must be in [0, 1], got {config.training.jsd_beta}"),
-        (0.0 <= config.training.skew_lambda < 1.0, f"skew_lambda must be in [0, 1), got {config.training.skew_lambda}"),
-        (0.0 < config.training.akl_mu < 1.0, f"akl_mu must be in (0, 1), got {config.training.akl_mu}"),
-        (0.0 <= config.training.min_lr_ratio < 1.0, f"min_lr_ratio must be in [0, 1), got {config.training.min_lr_ratio}"),
     ]
 
 
@@ -367,9 +410,6 @@ def _served_teacher_checks(config: RunConfig) -> list[tuple[bool, str]]:
             (training.cross_tokenizer is None, "a served teacher must share the student's tokenizer: distil across "
                                                "tokenizers with a local --teacher_model and --cross_tokenizer"),
             (config.data.task == "causal_lm", "teacher_server is for --task causal_lm"),
-            (training.teacher_top_k >= 1, f"teacher_top_k must be >= 1, got {training.teacher_top_k}"),
-            (training.teacher_server_timeout > 0, f"teacher_server_timeout must be > 0, got {training.teacher_server_timeout}"),
-            (training.teacher_server_retries >= 0, f"teacher_server_retries must be >= 0, got {training.teacher_server_retries}"),
             (training.dataloader_num_workers == 0, "teacher_server fetches the next batches' teacher rows from the "
                                                    "training process: leave dataloader_num_workers at 0")]
 
@@ -377,23 +417,17 @@ def _served_teacher_checks(config: RunConfig) -> list[tuple[bool, str]]:
 def _on_policy_checks(config: RunConfig) -> list[tuple[bool, str]]:
     """On-policy steps: the student answers the rows' prompts and a teacher that can read new tokens scores them."""
     training = config.training
-    checks = [(0.0 <= training.on_policy_fraction <= 1.0,
-               f"on_policy_fraction must be in [0, 1], got {training.on_policy_fraction}")]
     if training.on_policy_fraction == 0.0:
-        return checks
+        return []
     unsupported = [("a teacher_cache (it holds the dataset's answers only)", training.teacher_cache is not None),
                    ("packing", config.data.packing)]
-    return [*checks,
-            (METHODS[training.method].uses_teacher, f"on_policy_fraction is for the kd and neo methods (a teacher "
+    return [(METHODS[training.method].uses_teacher, f"on_policy_fraction is for the kd and neo methods (a teacher "
                                                    f"scores the answers), not {training.method}"),
             (config.data.task == "causal_lm", "on_policy_fraction is for --task causal_lm"),
             *[(not used, f"on_policy_fraction does not work with {name}") for name, used in unsupported],
-            (training.rollout_max_new_tokens >= 1,
-             f"rollout_max_new_tokens must be >= 1, got {training.rollout_max_new_tokens}"),
             (training.rollout_temperature == 0 or training.rollout_temperature >= MIN_ROLLOUT_TEMPERATURE,
              f"rollout_temperature must be 0 (greedy) or >= {MIN_ROLLOUT_TEMPERATURE:g} (below it logits / T "
              f"overflow and sampling breaks), got {training.rollout_temperature:g}"),
-            (0 < training.rollout_top_p <= 1, f"rollout_top_p must be in (0, 1], got {training.rollout_top_p}"),
             (training.on_policy_loss == "full" or training.temperature == 1.0,
              f"on_policy_loss sampled is the reverse-KL estimator at T = 1: --temperature {training.temperature} "
              "is refused with it")]

@@ -3,13 +3,14 @@
 import dataclasses
 import logging
 import re
+import typing
 
 import pytest
 import yaml
 
 from conftest import run_flags
 from llmneo import cli
-from llmneo.config import CONFIG_CLASSES, option_names, parse_config
+from llmneo.config import CONFIG_CLASSES, declared_ranges, option_names, parse_config
 from llmneo.errors import ConfigError, VocabularyError
 from llmneo.models.vocabulary_check import check_vocabularies
 from llmneo.models.loading import load_student, load_tokenizer
@@ -160,6 +161,34 @@ def test_the_options_reference_lists_every_own_option():
     for cls in CONFIG_CLASSES[:-1]:
         for field in dataclasses.fields(cls):
             assert f"| `{field.name}` |" in reference, field.name
+
+
+def range_ends():
+    """(option, value, refused) at both ends of every declared range: an open end and a value just past a closed end
+    are refused; a closed end is taken."""
+    cases = []
+    for section in CONFIG_CLASSES:
+        types = typing.get_type_hints(section)
+        for name, rule in declared_ranges(section):
+            step = 1 if int in (types[name], *typing.get_args(types[name])) else 1e-3
+            for end, open_end, past in ((rule.low, rule.low_open, rule.low - step), (rule.high, rule.high_open, None)):
+                if end is None:
+                    continue
+                cases.append((name, end, open_end))
+                if not open_end:
+                    cases.append((name, past if past is not None else end + step, True))
+    return cases
+
+
+@pytest.mark.parametrize("name, value, refused", range_ends())
+def test_every_declared_range_is_checked_at_both_ends(name, value, refused):
+    """A range off by one (> for >=, a missing upper end) would take a value it must refuse, or the reverse."""
+    flags = ["--student_model", "s", "--teacher_model", "t", "--dataset", "d.jsonl", f"--{name}", str(value)]
+    if not refused:
+        parse_config(flags)
+        return
+    with pytest.raises(ConfigError, match=rf"^{name} must be (in [\[(]|>)"):
+        parse_config(flags)
 
 
 def test_stray_positional_argument_is_rejected():
