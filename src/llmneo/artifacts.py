@@ -45,16 +45,26 @@ def load_run_config(run_dir: Path) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def save_final_weights(model, tokenizer, run_dir: Path, config, initial_adapter: Path | None = None,
-                       base: dict | None = None, state_dict: dict | None = None) -> Path:
-    """Adapter (PEFT safetensors, see adapters/store.py; ``base``: the identity of the weights it was trained on) or
-    full weights (safetensors) with the tokenizer. ``state_dict``: the gathered weights of a sharded model."""
+@dataclass(frozen=True)
+class FinalWeights:
+    """What the final save writes, and what it needs to write it right."""
+
+    model: object  # the trained model, unwrapped
+    tokenizer: object
+    state_dict: dict | None = None  # the gathered weights of a sharded model
+    initial_adapter: Path | None = None  # PiSSA/OLoRA: the adapter at initialisation, which the save converts against
+    base: dict | None = None  # the identity of the base weights an adapter was trained on
+
+
+def save_final_weights(weights: FinalWeights, run_dir: Path, config) -> Path:
+    """Adapter (PEFT safetensors, see adapters/store.py) or full weights (safetensors) with the tokenizer."""
     if METHODS[config.training.method].uses_adapter:
-        target = save_adapter(model, run_dir / ADAPTER_DIR, config.adapter, initial_adapter, base, state_dict)
+        target = save_adapter(weights.model, run_dir / ADAPTER_DIR, config.adapter, weights.initial_adapter,
+                              weights.base, weights.state_dict)
     else:
         target = run_dir / MODEL_DIR
-        model.save_pretrained(target, state_dict=state_dict)
-    tokenizer.save_pretrained(target)
+        weights.model.save_pretrained(target, state_dict=weights.state_dict)
+    weights.tokenizer.save_pretrained(target)
     seal_directory(target)
     return target
 
@@ -222,7 +232,7 @@ def write_artifacts(trainer, config, tokenizer, outcome: RunOutcome, initial_ada
     if not trainer.is_world_process_zero():
         return run_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
-    weights_dir = save_final_weights(model, tokenizer, run_dir, config, initial_adapter, base, state_dict)
+    weights_dir = save_final_weights(FinalWeights(model, tokenizer, state_dict, initial_adapter, base), run_dir, config)
     steps, report = trainer.state.global_step, outcome.report
     write_model_card(run_dir, config, steps, report, outcome.final_metrics, outcome.comparison)
     write_run_report(run_dir, outcome.final_metrics, run_settings(config, steps, report), outcome.comparison,

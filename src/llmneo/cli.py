@@ -190,7 +190,7 @@ def cmd_import_gguf(argv: list[str]) -> int:
 
 
 def cmd_prune_layers(argv: list[str]) -> int:
-    from .pruning import STRATEGIES, prune_model_dir
+    from .pruning import STRATEGIES, Calibration, prune_model_dir
 
     parser = argparse.ArgumentParser(prog="llm-neo prune-layers", description=COMMANDS["prune-layers"],
                                      allow_abbrev=False)
@@ -206,8 +206,10 @@ def cmd_prune_layers(argv: list[str]) -> int:
     parser.add_argument("--calibration_max_length", type=int, default=256, help="Tokens per calibration row.")
     parser.add_argument("--output", required=True, help="Directory for the pruned model (safetensors + tokenizer).")
     args = parser.parse_args(argv)
+    calibration = (Calibration(args.calibration, args.calibration_rows, args.calibration_max_length)
+                   if args.calibration else None)
     result = prune_model_dir(args.model, args.output, args.keep, _numbers(args.drop, int) if args.drop else None,
-                             args.strategy, args.calibration, args.calibration_rows, args.calibration_max_length)
+                             args.strategy, calibration)
     if result.scores:
         print("layer  score  (" + ("1 - cos(in, out)" if result.strategy == "block-influence" else
                                     "calibration KL without it") + ")")

@@ -14,7 +14,7 @@ from .runtime.layout import open_target
 from .config import ModelArguments
 from .errors import ConfigError
 from .evaluation.answers import continue_greedily, prompt_ids
-from .models.loading import load_pretrained_model, load_student_tokenizer
+from .models.loading import LoadOptions, load_pretrained_model, load_student_tokenizer
 from .rollouts import model_positions
 
 
@@ -44,8 +44,7 @@ def _load_model_dir(path: str, model_options: dict):
                                                                                "allow_pickle", "trust_remote_code")}
     args = ModelArguments(student_model=path, **options)
     tokenizer = load_student_tokenizer(args)
-    model = load_pretrained_model(path, "model", args.dtype, args.attn_implementation, args.trust_remote_code,
-                                  allow_pickle=args.allow_pickle)
+    model = load_pretrained_model(path, "model", LoadOptions.of(args))
     return model.eval(), tokenizer
 
 

@@ -52,9 +52,17 @@ class PruningResult:
     steps: list[dict] = field(default_factory=list)  # after each removal: layer, calibration KL and CE
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """The rows layers are measured on: any ``distill --dataset`` file or id, how many rows, tokens per row."""
+
+    data: str
+    rows: int = 64
+    max_length: int = 256
+
+
 def prune_model_dir(path: str, output: str, keep: int | None = None, drop: list[int] | None = None,
-                    strategy: str | None = None, calibration: str | None = None, calibration_rows: int = 64,
-                    max_length: int = 256) -> PruningResult:
+                    strategy: str | None = None, calibration: Calibration | None = None) -> PruningResult:
     """Save the pruned model (safetensors) with the source's tokenizer and ``pruning.json``."""
     require_new_output(output)
     strategy = strategy or ("greedy" if calibration else "even")
@@ -69,7 +77,7 @@ def prune_model_dir(path: str, output: str, keep: int | None = None, drop: list[
         result = PruningResult("even", layers_to_keep(total, keep, drop))
     else:
         layers_to_keep(total, keep, None)  # checks N
-        batches = calibration_batches(path, calibration, calibration_rows, max_length)
+        batches = calibration_batches(path, calibration.data, calibration.rows, calibration.max_length)
         choose = block_influence_choice if strategy == "block-influence" else greedy_choice
         result = choose(model, batches, total - keep)
     model.config.use_cache = False

@@ -5,6 +5,7 @@ tests can check the numbers behind the picture."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -126,9 +127,17 @@ def bar_chart(rows: list[dict], label_key: str, metric_keys: list[str], path: Pa
     return drawn
 
 
-def heatmap(values: list[list[float]], row_labels: list, column_labels: list, path: Path, title: str,
-            row_name: str, column_name: str) -> list[list[float]]:
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a grid: its name and the labels of its rows or columns."""
+
+    name: str
+    labels: list
+
+
+def heatmap(values: list[list[float]], rows: Axis, columns: Axis, path: Path, title: str) -> list[list[float]]:
     """A grid of values (rows x columns) with each cell annotated."""
+    row_labels, column_labels, row_name, column_name = rows.labels, columns.labels, rows.name, columns.name
     figure, axis = plt.subplots(figsize=(1.2 * len(column_labels) + 2.5, 0.8 * len(row_labels) + 2))
     image = axis.imshow(values, cmap="viridis", aspect="auto")
     axis.set_xticks(range(len(column_labels)), [str(label) for label in column_labels])

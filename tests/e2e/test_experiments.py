@@ -15,7 +15,7 @@ from llmneo import cli
 from llmneo.data.loading import build_datasets
 from llmneo.config import parse_config
 from llmneo.demo.tiny import build_tiny_llama
-from llmneo.evaluation.harness import TASK_PRESETS, resolve_tasks, run_lm_eval
+from llmneo.evaluation.harness import TASK_PRESETS, HarnessTasks, resolve_tasks, run_lm_eval
 from llmneo.evaluation.metrics import HeldOutOptions, evaluate_against_teacher
 from llmneo.experiments import cells as cells_module
 from llmneo.experiments.sweep import sweep
@@ -109,7 +109,7 @@ def hand_accuracy(model, tokenizer):
 def test_lm_eval_bridge_equals_a_hand_computation(tmp_path, tokenizer, seed):
     import lm_eval  # noqa: F401  - the eval extra, installed by the README's install command
     model = build_tiny_llama(tokenizer, seed=seed).eval()
-    results = run_lm_eval(model, tokenizer, "neo_tiny_mc", include_path=write_task(tmp_path), batch_size=2)
+    results = run_lm_eval(model, tokenizer, HarnessTasks("neo_tiny_mc", include_path=write_task(tmp_path), batch_size=2))
     assert results["neo_tiny_mc"]["acc"] == pytest.approx(hand_accuracy(model, tokenizer))
 
 
@@ -120,7 +120,7 @@ def test_task_presets_and_unknown_tasks(tmp_path, tokenizer):
     from llmneo.errors import ConfigError
 
     with pytest.raises(ConfigError, match="lm-eval knows no task 'neo_tiny_mcq'"):
-        run_lm_eval(build_tiny_llama(tokenizer), tokenizer, "neo_tiny_mcq", include_path=write_task(tmp_path))
+        run_lm_eval(build_tiny_llama(tokenizer), tokenizer, HarnessTasks("neo_tiny_mcq", include_path=write_task(tmp_path)))
 
 
 @pytest.mark.e2e

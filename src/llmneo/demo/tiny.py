@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from collections.abc import Iterable
 from importlib import resources
 
@@ -61,18 +62,29 @@ def build_char_tokenizer(texts: Iterable[str], chat_template: bool = False) -> P
     return tokenizer
 
 
-def build_tiny_llama(tokenizer, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
-                     vocab_size: int | None = None, seed: int = 0, tie_word_embeddings: bool = False) -> LlamaForCausalLM:
-    """A random-initialised Llama; ``vocab_size`` larger than the tokenizer pads the embedding like real models."""
+@dataclass(frozen=True)
+class TinyShape:
+    """The shape of a tiny Llama; ``vocab_size`` larger than the tokenizer pads the embedding like real models."""
+
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    vocab_size: int | None = None  # None: the tokenizer's
+    tie_word_embeddings: bool = False
+
+
+def build_tiny_llama(tokenizer, seed: int = 0, **shape) -> LlamaForCausalLM:
+    """A random-initialised Llama of the ``TinyShape`` the keyword arguments give."""
+    dims = TinyShape(**shape)
     config = LlamaConfig(
-        vocab_size=vocab_size or len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        vocab_size=dims.vocab_size or len(tokenizer),
+        hidden_size=dims.hidden_size,
+        intermediate_size=dims.hidden_size * 2,
+        num_hidden_layers=dims.num_layers,
+        num_attention_heads=dims.num_heads,
+        num_key_value_heads=dims.num_heads,
         max_position_embeddings=512,
-        tie_word_embeddings=tie_word_embeddings,
+        tie_word_embeddings=dims.tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

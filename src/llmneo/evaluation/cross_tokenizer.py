@@ -28,19 +28,21 @@ def teacher_mapped_mass(teacher_logit_rows: torch.Tensor, vocab_map: VocabularyM
     return probs.index_select(1, vocab_map.teacher_ids).sum(1)
 
 
+def aligned_batches(dataset, collator, batch_size: int = 8) -> DataLoader:
+    """Batches of held-out rows that carry their alignment (``collator``: an ``AlignedCollator``)."""
+    return DataLoader(dataset.select_columns(["input_ids", "labels", *ALIGNMENT_COLUMNS]), batch_size=batch_size,
+                      collate_fn=collator)
+
+
 @torch.no_grad()
-def evaluate_aligned(student, teacher, dataset, collator, vocab_map: VocabularyMap, batch_size: int = 8,
-                     chunk_size: int = 1024) -> dict[str, float]:
-    """The aligned-boundary metrics above on held-out rows that carry their alignment (``collator``: an
-    ``AlignedCollator``)."""
+def evaluate_aligned(student, teacher, batches, vocab_map: VocabularyMap, chunk_size: int = 1024) -> dict[str, float]:
+    """The aligned-boundary metrics above over ``batches`` (``aligned_batches``)."""
     device = next(student.parameters()).device
     vocab_map = vocab_map.to(device)
     was_training = student.training
     student.eval()
     totals = dict.fromkeys(("aligned", "answer_tokens", "kl", "agree", "mass"), 0.0)
-    loader = DataLoader(dataset.select_columns(["input_ids", "labels", *ALIGNMENT_COLUMNS]), batch_size=batch_size,
-                        collate_fn=collator)
-    for batch in loader:
+    for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items()}
         totals["answer_tokens"] += answer_mask(batch["labels"]).sum().item()
         rows = batch["aligned_row"]

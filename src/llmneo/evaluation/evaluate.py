@@ -24,8 +24,8 @@ from ..models.class_head import ClassHead
 from ..models.loading import load_reading_tokenizer, load_student, load_tokenizer
 from ..teacher.loading import load_teacher
 from .classification import evaluate_classifier
-from .cross_tokenizer import evaluate_aligned
-from .harness import run_lm_eval
+from .cross_tokenizer import aligned_batches, evaluate_aligned
+from .harness import HarnessTasks, run_lm_eval
 from .metrics import HeldOutOptions, evaluate_against_teacher
 from .on_policy import AlignedScorer, OnPolicyEvalOptions, evaluate_on_policy
 from ..models.identity import weights_identity
@@ -170,8 +170,9 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
     if request.tasks:
         if _task(config) == "classification":
             raise ConfigError("lm-eval tasks score language models; a classifier is evaluated on held-out rows")
-        results["tasks"] = run_lm_eval(models.model, tokenizer, request.tasks, request.include_path, request.limit,
-                                       request.num_fewshot, request.batch_size)
+        results["tasks"] = run_lm_eval(models.model, tokenizer, HarnessTasks(request.tasks, request.include_path,
+                                                                            request.limit, request.num_fewshot,
+                                                                            request.batch_size))
     if not results:
         raise ConfigError(f"nothing to evaluate for {request.target}: give --tasks, or --dataset for a model "
                           "directory (a run evaluates its --eval_split / --eval_ratio rows)")
@@ -208,7 +209,7 @@ def _held_out_metrics(request: EvalRequest, models: EvalModels, held_out) -> dic
     if teacher_tokenizer is not None and teacher is not None:
         vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_rows(teacher), output_rows(model))
         aligned = AlignedCollator(collator, tokenizer.padding_side, teacher_tokenizer.pad_token_id)
-        metrics.update(evaluate_aligned(model, teacher, held_out, aligned, vocab_map, request.batch_size))
+        metrics.update(evaluate_aligned(model, teacher, aligned_batches(held_out, aligned, request.batch_size), vocab_map))
     return metrics
 
 

@@ -7,6 +7,7 @@ found under ``include_path``, or a preset name.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from ..errors import ConfigError
 
@@ -24,8 +25,18 @@ def resolve_tasks(spec: str | list[str]) -> list[str]:
     return tasks
 
 
-def run_lm_eval(model, tokenizer, tasks: str | list[str], include_path: str | None = None, limit: float | None = None,
-                num_fewshot: int | None = None, batch_size: int = 8) -> dict[str, dict[str, float]]:
+@dataclass(frozen=True)
+class HarnessTasks:
+    """What lm-eval runs: the tasks (names or presets, comma-separated or a list) and how."""
+
+    tasks: str | list[str]
+    include_path: str | None = None  # a folder of custom task YAMLs
+    limit: float | None = None  # examples per task (or a fraction)
+    num_fewshot: int | None = None
+    batch_size: int = 8
+
+
+def run_lm_eval(model, tokenizer, request: HarnessTasks) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` for a plain (merged) causal LM and its tokenizer."""
     try:
         import lm_eval
@@ -33,15 +44,15 @@ def run_lm_eval(model, tokenizer, tasks: str | list[str], include_path: str | No
         from lm_eval.tasks import TaskManager
     except ImportError as error:
         raise ConfigError("--tasks needs lm-evaluation-harness: pip install 'llm-neo[eval]'") from error
-    task_names = resolve_tasks(tasks)
+    task_names, include_path = resolve_tasks(request.tasks), request.include_path
     manager = TaskManager(include_path=include_path)
     unknown = [name for name in task_names if name not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"lm-eval knows no task {unknown[0]!r}" + (f" (searched {include_path} too)" if include_path
                                                                     else "; custom task YAMLs need --include_path"))
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = lm_eval.simple_evaluate(model=lm, tasks=task_names, num_fewshot=num_fewshot, limit=limit,
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=request.batch_size, device=device)
+    results = lm_eval.simple_evaluate(model=lm, tasks=task_names, num_fewshot=request.num_fewshot, limit=request.limit,
                                       task_manager=manager, log_samples=False, bootstrap_iters=0)
     return {task: {metric.split(",")[0]: value for metric, value in metrics.items()
                    if isinstance(value, (int, float)) and not metric.startswith("sample")}

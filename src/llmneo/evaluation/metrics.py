@@ -7,6 +7,7 @@ final hidden states (full logits only for heads the fused loss cannot reproduce)
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,7 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None,
     (evaluation/bootstrap.py). ``options.byte_lengths`` adds bits per byte: the answer tokens' NLL in bits over the
     bytes of the answer text, comparable between models with different tokenizers."""
     device = next(student.parameters()).device
-    batch_size, chunk_size, byte_lengths = options.batch_size, options.chunk_size, options.byte_lengths
-    kd_vocab_size = options.kd_vocab_size
+    batch_size, byte_lengths, kd_vocab_size = options.batch_size, options.byte_lengths, options.kd_vocab_size
     if teacher is not None and kd_vocab_size is None:
         kd_vocab_size = min(output_rows(student), output_rows(teacher))
     was_training = student.training
@@ -52,7 +52,7 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None,
     loader = DataLoader(dataset.select_columns(["input_ids", "labels"]), batch_size=batch_size, collate_fn=collator)
     for number, batch in enumerate(tqdm(loader, desc="evaluating", unit="batch", disable=not options.progress)):
         _add_batch(sums, student, teacher, {k: v.to(device) for k, v in batch.items()}, number * batch_size,
-                   chunk_size, kd_vocab_size, byte_lengths)
+                   dataclasses.replace(options, kd_vocab_size=kd_vocab_size))
     student.train(was_training)
     totals = {name: values.sum().item() for name, values in sums.items()}
     tokens = max(totals["tokens"], 1)
@@ -68,9 +68,9 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None,
     return metrics
 
 
-def _add_batch(sums: dict, student, teacher, batch: dict, first_row: int, chunk_size: int,
-               kd_vocab_size: int | None, byte_lengths: torch.Tensor | None = None) -> None:
+def _add_batch(sums: dict, student, teacher, batch: dict, first_row: int, options: HeldOutOptions) -> None:
     """Add one batch's per-token NLL (and agreement and KL with a teacher) to the per-row sums."""
+    chunk_size, kd_vocab_size, byte_lengths = options.chunk_size, options.kd_vocab_size, options.byte_lengths
     mask = answer_mask(batch["labels"])
     targets = answer_targets(batch["labels"], mask).split(chunk_size)
     row_of = (answer_row_index(mask) + first_row).split(chunk_size)  # held-out row of each position

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..report import heatmap, markdown_table
+from ..report import Axis, heatmap, markdown_table
 from .cells import run_cell
 from .grid import METRICS, base_options, best, output_dir, write_csv
 
@@ -30,8 +30,8 @@ def sweep(argv: list[str], ranks: list[int], learning_rates: list[float], metric
     write_csv(rows, out / "sweep.csv")
     grid = [[next(row.get(metric, math.nan) for row in rows if row["rank"] == rank and row["learning_rate"] == lr)
              for lr in learning_rates] for rank in ranks]
-    heatmap(grid, ranks, [f"{lr:g}" for lr in learning_rates], out / "sweep_heatmap.png",
-            f"{metric} ({'higher' if METRICS[metric] else 'lower'} is better)", "LoRA rank", "learning rate")
+    heatmap(grid, Axis("LoRA rank", ranks), Axis("learning rate", [f"{lr:g}" for lr in learning_rates]),
+            out / "sweep_heatmap.png", f"{metric} ({'higher' if METRICS[metric] else 'lower'} is better)")
     winner = best(rows, metric)
     columns = [("rank", "rank"), ("learning_rate", "lr"), ("perplexity", "held-out PPL"),
                ("top1_agreement", "top-1 agreement"), ("kl_to_teacher", "KL"), ("wall_time_s", "wall time (s)")]

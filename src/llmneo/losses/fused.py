@@ -157,15 +157,26 @@ class _Gradients:
     weight: torch.Tensor | None
 
 
-def _chunk_step(rows: slice, hidden, weight, teacher, targets, settings: LossSettings, grads: _Gradients | None):
+@dataclass
+class _AnswerRows:
+    """The call's answer rows: the student's hidden states and head, the teacher's chunk source and the targets."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    teacher: _HiddenChunks | _LogitChunks | _TopKChunks | None
+    targets: torch.Tensor
+
+
+def _chunk_step(rows: slice, answers: _AnswerRows, settings: LossSettings, grads: _Gradients | None):
     """One chunk: its loss sums, with its gradients written into ``grads`` (None: values only).
 
     A function of its own so that the chunk's buffers are freed before the next chunk allocates its own.
     """
+    hidden, weight, teacher = answers.hidden, answers.weight, answers.teacher
     vocab = settings.kd_vocab_size or weight.shape[0]
     z = F.linear(hidden[rows], weight).float()
     teacher_chunk = teacher.chunk(rows, vocab) if teacher is not None else None
-    ce, kd, grad_z = _chunk_terms(z, teacher_chunk, targets[rows], settings)
+    ce, kd, grad_z = _chunk_terms(z, teacher_chunk, answers.targets[rows], settings)
     del z, teacher_chunk
     if grads is None:  # evaluation: values only
         return ce, kd
@@ -187,9 +198,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         grads = _Gradients(scale, grad_hidden, grad_weight) if grad_hidden is not None else None
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         kd_sum = torch.zeros_like(ce_sum)
+        answers = _AnswerRows(hidden, weight, teacher, targets)
         for start in range(0, hidden.shape[0], settings.chunk_size):
             rows = slice(start, start + settings.chunk_size)
-            ce, kd = _chunk_step(rows, hidden, weight, teacher, targets, settings, grads)
+            ce, kd = _chunk_step(rows, answers, settings, grads)
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
         ctx.save_for_backward(grad_hidden, grad_weight)
         has_teacher = teacher is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
@@ -127,24 +128,43 @@ def _check_weight_format(path: str, role: str, allow_pickle: bool) -> None:
                           "when loaded: convert them to safetensors, or pass --allow_pickle if you trust their source")
 
 
-def load_pretrained_model(path: str, role: str, dtype: str | None, attn_implementation: str, trust_remote_code: bool,
-                   quantization: str = "none", allow_pickle: bool = False, head_kwargs: dict | None = None):
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model loads: dtype (None: bf16 on GPU, fp32 on CPU), attention, remote code, quantization, pickles."""
+
+    dtype: str | None = None
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    quantization: str = "none"
+    allow_pickle: bool = False
+
+    @classmethod
+    def of(cls, model_args, role: str = "student", quantized: bool = True) -> LoadOptions:
+        """The run's options for the student or the teacher (its own dtype and quantization; ``quantized=False``
+        ignores the quantization)."""
+        dtype, quantization = ((model_args.teacher_dtype, model_args.teacher_quantization) if role == "teacher"
+                               else (model_args.dtype, model_args.student_quantization))
+        return cls(dtype, model_args.attn_implementation, model_args.trust_remote_code,
+                   quantization if quantized else "none", model_args.allow_pickle)
+
+
+def load_pretrained_model(path: str, role: str, options: LoadOptions = LoadOptions(), head_kwargs: dict | None = None):
     """The model at ``path``: a causal LM, or with ``head_kwargs`` (ClassHead.model_kwargs) a sequence classifier
     whose head is read from the checkpoint when it has one and newly initialised otherwise (see check_class_head)."""
     _check_path(path, role)
     check_model_files(path, role)
-    _check_weight_format(path, role, allow_pickle)
-    torch_dtype = resolve_dtype(dtype)
-    quantized = quantization_config(quantization, torch_dtype)
+    _check_weight_format(path, role, options.allow_pickle)
+    torch_dtype = resolve_dtype(options.dtype)
+    quantized = quantization_config(options.quantization, torch_dtype)
     placement = {"device_map": {"": torch.cuda.current_device()}} if quantized is not None else {}
     auto_class = AutoModelForCausalLM if head_kwargs is None else AutoModelForSequenceClassification
     model, loading = auto_class.from_pretrained(
         path,
         dtype=torch_dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
+        attn_implementation=options.attn_implementation,
+        trust_remote_code=options.trust_remote_code,
         quantization_config=quantized,
-        use_safetensors=None if allow_pickle else True,
+        use_safetensors=None if options.allow_pickle else True,
         output_loading_info=True,
         **placement,
         **(head_kwargs or {}),
@@ -155,9 +175,7 @@ def load_pretrained_model(path: str, role: str, dtype: str | None, attn_implemen
 
 def load_student(model_args, head: ClassHead | None = None):
     """The student; with ``head`` a sequence classifier whose head trains with it (new unless the checkpoint has one)."""
-    student = load_pretrained_model(model_args.student_model, "student", model_args.dtype,
-                             model_args.attn_implementation, model_args.trust_remote_code,
-                             model_args.student_quantization, model_args.allow_pickle,
-                             head.model_kwargs() if head is not None else None)
+    student = load_pretrained_model(model_args.student_model, "student", LoadOptions.of(model_args),
+                                    head.model_kwargs() if head is not None else None)
     student.config.use_cache = False
     return student

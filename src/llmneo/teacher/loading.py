@@ -7,7 +7,7 @@ import torch
 
 from ..errors import ConfigError, VocabularyError
 from ..models.class_head import ClassHead
-from ..models.loading import load_pretrained_model
+from ..models.loading import LoadOptions, load_pretrained_model
 
 
 def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
@@ -21,9 +21,7 @@ def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
 def load_teacher(model_args, quantized: bool = True, head: ClassHead | None = None):
     """The frozen teacher; ``quantized=False`` ignores --teacher_quantization (the fidelity check's reference).
     With ``head`` it is a trained sequence classifier over exactly those classes."""
-    teacher = load_pretrained_model(model_args.teacher_model, "teacher", model_args.teacher_dtype,
-                                    model_args.attn_implementation, model_args.trust_remote_code,
-                                    model_args.teacher_quantization if quantized else "none", model_args.allow_pickle,
+    teacher = load_pretrained_model(model_args.teacher_model, "teacher", LoadOptions.of(model_args, "teacher", quantized),
                                     head.model_kwargs(set_labels=False) if head is not None else None)
     if head is not None:
         check_class_head(teacher, head, model_args.teacher_model)

@@ -31,7 +31,7 @@ from ..losses.vocab_map import load_vocabulary_map
 from ..methods import METHODS
 from ..models.loading import load_reading_tokenizer, load_tokenizer
 from ..models.vocabulary_check import check_vocabularies
-from ..evaluation.cross_tokenizer import evaluate_aligned, teacher_mapped_mass
+from ..evaluation.cross_tokenizer import aligned_batches, evaluate_aligned, teacher_mapped_mass
 from ..lm_head import output_head
 from ..losses.contract import answer_mask
 from ..losses.cross_vocab import from_logit_rows, from_topk, logit_rows
@@ -184,8 +184,9 @@ class AlignedOnlineTeacher(TeacherSignal):
 
     def evaluate(self, trainer, dataset) -> dict:
         metrics = super().evaluate(trainer, dataset)
-        metrics.update(evaluate_aligned(trainer.model, self.teacher, dataset, trainer.eval_collator, self.vocab_map,
-                                        trainer.args.per_device_eval_batch_size, trainer.loss_settings.chunk_size))
+        batches = aligned_batches(dataset, trainer.eval_collator, trainer.args.per_device_eval_batch_size)
+        metrics.update(evaluate_aligned(trainer.model, self.teacher, batches, self.vocab_map,
+                                        trainer.loss_settings.chunk_size))
         return metrics
 
 
@@ -253,11 +254,13 @@ class ServedTeacher(TeacherSignal):
     (``deferred``) collated rows wait until the trainer says whether their step trains on them (``planned``): rows
     an on-policy step replaces by the student's answers are never asked for."""
 
+    requests_in_flight = 8  # rows asked for at once: enough to keep a server busy a step ahead of the student
+
     def __init__(self, server: TeacherServer, fingerprint: dict, top_k: int, kd_vocab_size: int, dataset,
-                 concurrency: int = 8, deferred: bool = False):
+                 deferred: bool = False):
         self.server, self.fingerprint, self.top_k, self.kd_vocab_size = server, fingerprint, top_k, kd_vocab_size
         self.dataset = dataset  # the training rows by row_id, for a batch that was not fetched ahead (packing)
-        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="teacher-server")
+        self.pool = ThreadPoolExecutor(self.requests_in_flight, thread_name_prefix="teacher-server")
         self.pending: dict[int, deque[Future]] = defaultdict(deque)
         self.deferred = deferred
         self.waiting: deque[dict] = deque()  # deferred: collated rows not asked for yet, in collation order

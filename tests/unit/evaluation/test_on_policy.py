@@ -34,7 +34,7 @@ def test_repetition_and_distinct_2_count_by_hand():
 
 
 def model(path: str):
-    return load_pretrained_model(path, "model", None, "sdpa", False).eval()
+    return load_pretrained_model(path, "model").eval()
 
 
 @torch.no_grad()
