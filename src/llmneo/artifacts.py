@@ -14,7 +14,7 @@ from .config import ModelArguments
 from .errors import ConfigError
 from .methods import METHODS
 from .models.class_head import ClassHead
-from .models.loading import load_student, load_tokenizer
+from .models.loading import check_model_path, load_student, load_tokenizer
 from .models.identity import model_identity
 from .data.loading import DataReport
 from .report import before_after_markdown, write_run_report
@@ -152,6 +152,7 @@ def load_run_model(run_dir: str | Path, command: str = "merge", dtype: str | Non
     overrides = {"student_quantization": "none", **({"dtype": dtype} if dtype else {})}  # merge into full weights
     model_args = ModelArguments(**{**config["model"], **overrides})
     if (adapter_dir / "adapter_config.json").is_file():
+        check_model_path(model_args.student_model, "student")  # a missing base is named, not asked of the hub
         check_model_files(model_args.student_model, "student")  # a half-written base is named, not "changed"
         check_base(adapter_dir, model_args.student_model)
         tokenizer = load_tokenizer(str(adapter_dir), role="adapter")
@@ -173,7 +174,6 @@ def merge_run(run_dir: str | Path, output: str | Path, dtype: str | None = None)
     with model_directory(output) as partial:
         merged.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-    logger.info("merged model written to %s", output)
     return Path(output)
 
 

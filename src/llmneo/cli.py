@@ -26,7 +26,8 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: llm-neo COMMAND [options]", "", "commands:"]
+    lines = ["usage: llm-neo COMMAND [options]    (llm-neo COMMAND --help: its options; llm-neo --version)", "",
+             "commands:"]
     lines += [f"  {name:<14} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -100,7 +101,7 @@ def _numbers(text: str, kind):
 def cmd_eval(argv: list[str]) -> int:
     import json
 
-    from .evaluation.evaluate import EvalRequest, evaluate_target
+    from .evaluation.evaluate import EvalRequest, EvaluationIncomplete, evaluate_target
 
     parser = argparse.ArgumentParser(prog="llm-neo eval", description=COMMANDS["eval"], allow_abbrev=False)
     parser.add_argument("target", help="Run directory of `llm-neo distill`, or a model directory.")
@@ -123,7 +124,11 @@ def cmd_eval(argv: list[str]) -> int:
                           teacher_chat_template=args.teacher_chat_template, max_length=args.max_length,
                           max_samples=args.max_samples, bootstrap=args.bootstrap,
                           skip_bad_rows=args.skip_bad_rows, **_eval_options(args))
-    print(json.dumps(evaluate_target(request), indent=2))
+    try:
+        print(json.dumps(evaluate_target(request), indent=2))
+    except EvaluationIncomplete as error:  # print what was measured, then the one-line error
+        print(json.dumps(error.results, indent=2))
+        raise
     return 0
 
 
@@ -285,6 +290,11 @@ HANDLERS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        from . import __version__
+
+        print(f"llm-neo {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

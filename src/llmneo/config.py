@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,6 +80,8 @@ def declared_ranges(section) -> list[tuple[str, Range]]:
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "models"  # the section of `distill --help` (HfArgumentParser)
+
     student_model: str | None = _help("Path or hub id of the student model (the model that learns).")
     teacher_model: str | None = _help("Path or hub id of the frozen teacher; required by the kd and neo methods.")
     dtype: str | None = _help("Weights dtype for both models: bfloat16, float16 or float32; default bf16 on GPU, fp32 on CPU.")
@@ -100,6 +104,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
+
     task: Literal["causal_lm", "classification"] = _help(
         "causal_lm: learn the answers token by token; classification: one label per text "
         "(AutoModelForSequenceClassification, KD on the class logits).", "causal_lm")
@@ -126,6 +132,8 @@ class DataArguments:
 
 @dataclass
 class AdapterArguments:
+    _argument_group_name = "adapter"
+
     adapter: Literal["lora", "moslora", "dora", "rslora", "pissa", "olora"] = _help(
         "Adapter kind: lora (paper), moslora (r x r mixer between A and B), dora, rslora (alpha / sqrt(r)), "
         "pissa / olora (initialised from the base weights; saved as a plain LoRA of rank 2r for the original base).",
@@ -230,6 +238,8 @@ class NeoTrainingArguments(TrainingArguments, DistillArguments):
     """transformers' TrainingArguments plus the distillation settings (DistillArguments' fields), as TRL's trainer
     configs do: NeoTrainer reads everything it needs from ``self.args``."""
 
+    _argument_group_name = "distillation and training (with transformers' TrainingArguments)"
+
     output_dir: str | None = _help("Run directory: config, metrics.jsonl, adapter or weights, model card, checkpoints.", "runs/neo")
     overwrite_output_dir: bool = _help(
         "Replace the run already in --output_dir (its old contents are removed first); without it such a directory "
@@ -272,7 +282,8 @@ class RunConfig:
 
 
 def build_parser(prog: str = "llm-neo distill") -> HfArgumentParser:
-    parser = HfArgumentParser(CONFIG_CLASSES, prog=prog, allow_abbrev=False)  # a typo must not pick an option
+    parser = HfArgumentParser(CONFIG_CLASSES, prog=prog, allow_abbrev=False,  # a typo must not pick an option
+                              usage="%(prog)s [--config FILE.yaml] [--recipe NAME] [--OPTION VALUE ...]")
     parser.add_argument("--config", default=None, help="YAML file with any of these options; flags override it.")
     parser.add_argument("--recipe", default=None, choices=sorted(RECIPES), help=RECIPE_HELP)
     return parser
@@ -354,6 +365,29 @@ def resolve_defaults(config: RunConfig) -> None:
         config.model.teacher_dtype = config.model.dtype
     if not torch.accelerator.is_available():  # pinned host memory only speeds copies to an accelerator
         config.training.dataloader_pin_memory = False
+    absolute_local_paths(config)
+
+
+def absolute_local_paths(config: RunConfig) -> None:
+    """Local paths (models, data files, a cache, a template file) made absolute, so that the run's config.yaml
+    names them wherever `eval`, `merge` or `generate` of the run are run from; hub ids are left as they are."""
+    model, data, training = config.model, config.data, config.training
+    model.student_model, model.teacher_model = _absolute(model.student_model), _absolute(model.teacher_model)
+    model.teacher_chat_template = _absolute(model.teacher_chat_template)
+    training.teacher_cache = _absolute(training.teacher_cache)
+    if data.dataset:
+        data.dataset = ",".join(_absolute(part.strip()) if part.strip() else part for part in data.dataset.split(","))
+    if data.eval_split:  # a split name stays a name; only files here are paths
+        data.eval_split = ",".join(_absolute(part.strip()) if os.path.isfile(part.strip()) or glob.glob(part.strip())
+                                   else part for part in data.eval_split.split(","))
+
+
+def _absolute(value: str | None) -> str | None:
+    """``value`` as an absolute path when it names something here (a file, folder or glob matching files)."""
+    if not value:
+        return value
+    expanded = os.path.expanduser(value)
+    return os.path.abspath(expanded) if os.path.exists(expanded) or glob.glob(expanded) else value
 
 
 def validate(config: RunConfig) -> None:

@@ -66,6 +66,18 @@ def stop_token_ids(tokenizer) -> set[int]:
     return stops
 
 
+def answer_stop_ids(model, tokenizer) -> list[int]:
+    """Where a greedy answer ends: the rollouts' stops (EOS, the chat template's end-of-turn token) and the model's
+    own generation config's stop ids."""
+    try:
+        stops = stop_token_ids(tokenizer)
+    except ConfigError:  # no EOS and no end-of-turn token: only the generation config can stop it
+        stops = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+    return sorted(stops)
+
+
 def last_prompt(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
     """One padded row's tokens before its last labelled answer."""
     labelled = (labels != IGNORE_INDEX).nonzero().flatten().tolist()

@@ -248,3 +248,17 @@ def test_liger_is_refused_once_for_every_other_teacher_signal(flags, named):
                                           rf"own tokens \(it is for --task causal_lm\), not {named}"):
         parse_config(["--student_model", "s", "--dataset", "d.jsonl", "--loss_impl", "liger", *flags])
     parse_config(["--student_model", "s", "--dataset", "d.jsonl", "--loss_impl", "liger", "--teacher_model", "t"])
+
+
+def test_local_paths_are_recorded_absolute_and_hub_ids_and_split_names_as_given(tmp_path, monkeypatch):
+    """A run's config.yaml must name its models and data wherever eval, merge or generate run from."""
+    (tmp_path / "models" / "student").mkdir(parents=True)
+    for name in ("a.jsonl", "b1.jsonl", "held.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    config = parse_config(["--student_model", "models/student", "--teacher_model", "org/teacher",
+                           "--dataset", "a.jsonl, b*.jsonl,org/data", "--eval_split", "held.jsonl,test"])
+    assert config.model.student_model == str(tmp_path / "models" / "student")
+    assert config.model.teacher_model == "org/teacher"  # nothing of that name here: a hub id
+    assert config.data.dataset == f"{tmp_path / 'a.jsonl'},{tmp_path / 'b*.jsonl'},org/data"
+    assert config.data.eval_split == f"{tmp_path / 'held.jsonl'},test"

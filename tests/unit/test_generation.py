@@ -55,3 +55,40 @@ def test_a_capped_answer_stops_at_the_last_position(tokenizer, tmp_path):
     assert generated == [19]
     answer_prompts(model.eval(), tokenizer, ["hello"], max_new_tokens=19 + prompt)
     assert generated == [19, 20]
+
+
+def always_answers(model, token_id: int):
+    """The model with an output head that always puts ``token_id`` first (greedy picks it at every step), and the
+    list each generate() call's new tokens are recorded in."""
+    import torch
+
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[token_id] = 10.0
+    model.lm_head = head
+    generated, generate = [], model.generate
+
+    def recording(input_ids, **kwargs):
+        output = generate(input_ids, **kwargs)
+        generated.append(output[0, input_ids.shape[1]:].tolist())
+        return output
+
+    model.generate = recording
+    return model, generated
+
+
+@pytest.mark.parametrize("stop", ["end of turn", "generation config"])
+def test_an_answer_stops_at_the_end_of_turn_and_the_generation_configs_stops(tokenizer, stop):
+    """The demo's template ends a turn with <|im_end|>, not EOS: generation must stop there (it printed the answer,
+    the next turn's header and the answer again), and at the stop ids of the model's own generation config."""
+    model = build_tiny_llama(tokenizer, seed=3).eval()
+    token = (tokenizer.convert_tokens_to_ids("<|im_end|>") if stop == "end of turn"
+             else next(i for i in range(len(tokenizer) - 1, 0, -1) if i not in tokenizer.all_special_ids))
+    assert token not in (tokenizer.eos_token_id, tokenizer.unk_token_id)
+    if stop == "generation config":
+        model.generation_config.eos_token_id = [token]
+    model, generated = always_answers(model, token)
+    answer_prompts(model, tokenizer, ["hello"], max_new_tokens=6)
+    assert generated == [[token]]

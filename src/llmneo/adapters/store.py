@@ -109,5 +109,5 @@ def export_plain_lora(adapter_dir: Path, output: Path) -> Path:
             if item.is_file() and item.name not in (WEIGHTS_FILE, KIND_FILE, CHECKSUM_FILE):
                 shutil.copy2(item, partial / item.name)
         save_file(fold_mixers(load_file(adapter_dir / WEIGHTS_FILE)), partial / WEIGHTS_FILE, metadata={"format": "pt"})
-    logger.info("plain LoRA form of the %s adapter written to %s", kind, output)
+    logger.debug("plain LoRA form of the %s adapter written to %s", kind, output)
     return output

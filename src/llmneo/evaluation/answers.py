@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..losses.contract import IGNORE_INDEX
+from ..rollouts import answer_stop_ids
 
 
 def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
@@ -21,7 +22,8 @@ def continue_greedily(model, tokenizer, input_ids: torch.Tensor, max_new_tokens:
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                            do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=answer_stop_ids(model, tokenizer) or None)
     return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -18,14 +18,14 @@ from ..data.alignment import PROMPT_COLUMN, AnswerAligner
 from ..data.collators import AlignedCollator, make_collator
 from ..data.vocabulary import build_vocabulary_map, byte_lengths, same_vocabulary
 from ..data.loading import build_dataset, build_datasets
-from ..errors import ConfigError
+from ..errors import ConfigError, NeoError
 from ..lm_head import output_rows
 from ..models.class_head import ClassHead
 from ..models.loading import load_reading_tokenizer, load_student, load_tokenizer
 from ..teacher.loading import load_teacher
 from .classification import evaluate_classifier
 from .cross_tokenizer import aligned_batches, evaluate_aligned
-from .harness import HarnessTasks, run_lm_eval
+from .harness import HarnessTasks, TaskUnavailable, run_lm_eval
 from .metrics import HeldOutOptions, evaluate_against_teacher
 from .on_policy import AlignedScorer, OnPolicyEvalOptions, evaluate_on_policy
 from ..models.identity import weights_identity
@@ -170,15 +170,32 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
     if request.tasks:
         if _task(config) == "classification":
             raise ConfigError("lm-eval tasks score language models; a classifier is evaluated on held-out rows")
-        results["tasks"] = run_lm_eval(models.model, tokenizer, HarnessTasks(request.tasks, request.include_path,
-                                                                            request.limit, request.num_fewshot,
-                                                                            request.batch_size))
+        try:
+            results["tasks"] = run_lm_eval(models.model, tokenizer, HarnessTasks(
+                request.tasks, request.include_path, request.limit, request.num_fewshot, request.batch_size))
+        except TaskUnavailable as error:
+            if not results:
+                raise
+            _write_results(request, results, write)  # what was measured is kept
+            raise EvaluationIncomplete(str(error), results) from None
     if not results:
         raise ConfigError(f"nothing to evaluate for {request.target}: give --tasks, or --dataset for a model "
                           "directory (a run evaluates its --eval_split / --eval_ratio rows)")
+    _write_results(request, results, write)
+    return results
+
+
+class EvaluationIncomplete(NeoError):
+    """Part of an evaluation failed; ``results`` holds what was measured (written to a run's eval.json)."""
+
+    def __init__(self, message: str, results: dict):
+        super().__init__(message)
+        self.results = results
+
+
+def _write_results(request: EvalRequest, results: dict, write: bool) -> None:
     if write and open_target(request.target).kind == "run":  # a run directory; model directories stay untouched
         (Path(request.target) / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    return results
 
 
 def _held_out_results(request: EvalRequest, models: EvalModels, held_out, device) -> dict:

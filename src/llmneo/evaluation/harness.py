@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NeoError
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,10 @@ def resolve_tasks(spec: str | list[str]) -> list[str]:
     for name in (name.strip() for name in names):
         tasks.extend(TASK_PRESETS.get(name, [name] if name else []))
     return tasks
+
+
+class TaskUnavailable(NeoError):
+    """An lm-eval task's data is neither reachable nor cached."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,16 @@ def run_lm_eval(model, tokenizer, request: HarnessTasks) -> dict[str, dict[str, 
                                                                     else "; custom task YAMLs need --include_path"))
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=request.batch_size, device=device)
-    results = lm_eval.simple_evaluate(model=lm, tasks=task_names, num_fewshot=request.num_fewshot, limit=request.limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=0)
-    return {task: {metric.split(",")[0]: value for metric, value in metrics.items()
-                   if isinstance(value, (int, float)) and not metric.startswith("sample")}
-            for task, metrics in results["results"].items()}
+    scores = {}
+    for name in task_names:  # one at a time, so that a task whose data cannot be fetched is named
+        try:
+            results = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=request.num_fewshot,
+                                              limit=request.limit, task_manager=manager, log_samples=False,
+                                              bootstrap_iters=0)
+        except ConnectionError as error:  # datasets could not reach the hub, and has no copy in its cache
+            raise TaskUnavailable(f"lm-eval task {name!r} could not be fetched ({error}): run it once with network "
+                                  "(the datasets cache keeps its data), or leave it out of --tasks") from None
+        scores.update({task: {metric.split(",")[0]: value for metric, value in metrics.items()
+                              if isinstance(value, (int, float)) and not metric.startswith("sample")}
+                       for task, metrics in results["results"].items()})
+    return scores

@@ -31,7 +31,7 @@ def resolve_dtype(name: str | None) -> torch.dtype:
     return DTYPES[name]
 
 
-def _check_path(path: str, role: str) -> None:
+def check_model_path(path: str, role: str) -> None:
     """A missing local-looking path is named at once instead of being tried as a hub id (retries, then a
     traceback). Hub ids are "org/name"; a path whose first folder exists here is local."""
     if os.path.exists(os.path.expanduser(path)):
@@ -60,7 +60,7 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "student"):
-    _check_path(path, role)
+    check_model_path(path, role)
     check_model_files(path, role)  # before transformers' own message about a missing tokenizer (misleading here)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
@@ -151,7 +151,7 @@ class LoadOptions:
 def load_pretrained_model(path: str, role: str, options: LoadOptions = LoadOptions(), head_kwargs: dict | None = None):
     """The model at ``path``: a causal LM, or with ``head_kwargs`` (ClassHead.model_kwargs) a sequence classifier
     whose head is read from the checkpoint when it has one and newly initialised otherwise (see check_class_head)."""
-    _check_path(path, role)
+    check_model_path(path, role)
     check_model_files(path, role)
     _check_weight_format(path, role, options.allow_pickle)
     torch_dtype = resolve_dtype(options.dtype)

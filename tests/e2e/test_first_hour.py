@@ -1,0 +1,67 @@
+"""A user's first hour: a run made with relative paths is evaluated, merged and asked from another folder; merge
+says where it wrote once; generate stops where an answer ends."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import run_flags
+from llmneo import cli
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_run_with_relative_paths_is_used_from_another_folder(models_dir, train_file, tmp_path, monkeypatch, capsys):
+    here, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (here / "models").mkdir(parents=True)
+    elsewhere.mkdir()
+    for name in ("student", "teacher"):
+        shutil.copytree(models_dir[name], here / "models" / name)
+    shutil.copy(train_file, here / "train.jsonl")
+    monkeypatch.chdir(here)
+    flags = run_flags({"student": "models/student", "teacher": "models/teacher"}, "train.jsonl", "run",
+                      eval_ratio=0.25)
+    assert cli.main(["distill", *flags]) == 0
+    recorded = (here / "run" / "config.yaml").read_text(encoding="utf-8")
+    assert f"student_model: {here / 'models' / 'student'}" in recorded
+    assert f"dataset: {here / 'train.jsonl'}" in recorded
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert cli.main(["eval", str(here / "run"), "--bootstrap", "0"]) == 0
+    assert "perplexity" in json.loads(capsys.readouterr().out)["held_out"]
+    assert cli.main(["merge", str(here / "run"), "--output", "merged"]) == 0
+    out, err = capsys.readouterr()
+    assert (out + err).count("merged model written to") == 1, "merge says where it wrote once"
+    assert (elsewhere / "merged" / "config.json").is_file()
+    assert cli.main(["generate", str(here / "run"), "--prompt", "What is the sky?", "--max_new_tokens", "4"]) == 0
+
+
+def test_a_missing_recorded_model_is_named_not_fetched(models_dir, train_file, tmp_path, monkeypatch, capsys):
+    here = tmp_path / "project"
+    (here / "models").mkdir(parents=True)
+    shutil.copytree(models_dir["student"], here / "models" / "student")
+    monkeypatch.chdir(here)
+    assert cli.main(["distill", *run_flags({"student": "models/student"}, train_file, "run", method="lora")]) == 0
+    shutil.rmtree(here / "models")
+    capsys.readouterr()
+    assert cli.main(["merge", "run", "--output", "merged"]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"student model path {here / 'models' / 'student'} does not exist")
+
+
+def test_eval_tasks_offline_says_which_task_and_keeps_the_held_out_metrics(models_dir, train_file, tmp_path,
+                                                                           monkeypatch, capsys):
+    import lm_eval  # noqa: F401  - the eval extra, installed by the README's install command
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    run = tmp_path / "run"
+    assert cli.main(["distill", *run_flags(models_dir, train_file, run, method="lora", eval_ratio=0.25)]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(run), "--bootstrap", "0", "--tasks", "arc_easy", "--limit", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1].startswith("llm-neo eval: error: lm-eval task 'arc_easy' could not be fetched")
+    assert err.count("could not be fetched") == 1 and "Traceback" not in err
+    assert "perplexity" in json.loads(out)["held_out"]
+    assert "perplexity" in json.loads((run / "eval.json").read_text(encoding="utf-8"))["held_out"]
