@@ -1,4 +1,4 @@
-"""Student-phase throughput with the teacher online vs from the offline top-k cache, through the real NeoTrainer.
+"""Student-phase throughput with the teacher online vs from the offline top-k cache, through the real TokenDistillTrainer.
 
     python benchmarks/cache_throughput.py                  # CPU: small random-init Llamas
     python benchmarks/cache_throughput.py --preset llama   # GPU: Llama-3.1-8B teacher, Llama-3.2-1B student shapes

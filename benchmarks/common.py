@@ -100,17 +100,17 @@ def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
 
 
 def train_steps(student, dataset, collator, preset, steps, out, signal, tokenizer=None, **options):
-    """``steps`` optimizer steps of the real NeoTrainer (no logging, no saving); the trainer and its StepClock.
+    """``steps`` optimizer steps of the real TokenDistillTrainer (no logging, no saving); the trainer and its StepClock.
     ``options``: further NeoTrainingArguments fields."""
     from llmneo.config import NeoTrainingArguments
-    from llmneo.training import NeoTrainer
+    from llmneo.training import TokenDistillTrainer
 
     args = NeoTrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=preset["batch"],
                                 learning_rate=1e-4, logging_steps=10**6, report_to=[], disable_tqdm=True,
                                 bf16=preset["dtype"] == torch.bfloat16, save_strategy="no", seed=0,
                                 remove_unused_columns=False, **options)
     clock = StepClock()
-    trainer = NeoTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock],
+    trainer = TokenDistillTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock],
                          signal=signal, processing_class=tokenizer)
     trainer.train()
     return trainer, clock

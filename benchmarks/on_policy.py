@@ -1,4 +1,4 @@
-"""On-policy steps through the real NeoTrainer: rollout tokens/s, training tokens/s, and the step beside an
+"""On-policy steps through the real TokenDistillTrainer: rollout tokens/s, training tokens/s, and the step beside an
 off-policy step on the same rows.
 
     python benchmarks/on_policy.py                    # CPU: small random-init Llamas, 64 new tokens

@@ -1,4 +1,4 @@
-"""Training throughput of the four methods through the real NeoTrainer, next to a naive transformers+PEFT loop.
+"""Training throughput of the four methods through the real TokenDistillTrainer, next to a naive transformers+PEFT loop.
 
     python benchmarks/throughput.py                                  # CPU: small shapes, a few steps
     python benchmarks/throughput.py --preset llama --shapes 4x2048,16x512 --steps 8   # H100: reference shapes
@@ -33,7 +33,7 @@ from llmneo.runtime.memory import PeakMemory
 from llmneo.teacher.cache import TeacherCache
 from llmneo.teacher.capture import CaptureJob, CaptureSettings, write_cache
 from llmneo.teacher.sources import CachedTeacher, OnlineTeacher
-from llmneo.training import NeoTrainer
+from llmneo.training import TokenDistillTrainer
 
 PEAK_TFLOPS = 790.0
 # (label, method, options): the levers, each switched on against the plain neo row.
@@ -106,7 +106,7 @@ def measure_trainer(method, options, teacher, preset, dataset, batch, steps, dev
         include_num_input_tokens_seen="non_padding", **options)
     collator = PackingCollator("sdpa") if packing else padding_collator()
     clock = StepClock()
-    trainer = NeoTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock],
+    trainer = TokenDistillTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock],
                          **side)
     with PeakMemory() as memory:
         trainer.train()

@@ -18,7 +18,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .data.in_memory import register_rows
+from .in_memory import register_rows
 from .errors import ConfigError
 from .methods import METHODS
 from .recipes import RECIPE_HELP, RECIPES
@@ -239,7 +239,7 @@ class DistillArguments:
 @dataclass
 class NeoTrainingArguments(TrainingArguments, DistillArguments):
     """transformers' TrainingArguments plus the distillation settings (DistillArguments' fields), as TRL's trainer
-    configs do: NeoTrainer reads everything it needs from ``self.args``."""
+    configs do: TokenDistillTrainer reads everything it needs from ``self.args``."""
 
     _argument_group_name = "distillation and training (with transformers' TrainingArguments)"
 

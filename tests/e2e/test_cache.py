@@ -43,7 +43,7 @@ def capture(models_dir, train_file, cache_dir, *extra):
 
 
 def first_step(models_dir, train_file, tmp_path, loss_impl, **extra):
-    """Loss and adapter gradients of one micro-batch of 8 rows through NeoTrainer.compute_loss."""
+    """Loss and adapter gradients of one micro-batch of 8 rows through TokenDistillTrainer.compute_loss."""
     config = parse_config(run_flags(models_dir, train_file, tmp_path / "run", loss_impl=loss_impl, **extra))
     tokenizer = load_student_tokenizer(config.model)
     dataset, _ = build_dataset(config.data, tokenizer, config.training.seed)

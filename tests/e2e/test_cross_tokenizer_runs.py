@@ -25,7 +25,7 @@ from llmneo.training.setup import build_trainer
 
 
 def first_step(models_dir, train_file, tmp_path, teacher: str, loss_impl: str, **extra):
-    """Loss, CE, KD and trainable gradients of one micro-batch of 8 rows through NeoTrainer.compute_loss."""
+    """Loss, CE, KD and trainable gradients of one micro-batch of 8 rows through TokenDistillTrainer.compute_loss."""
     config = parse_config(run_flags(models_dir, train_file, tmp_path / "run", teacher=teacher, loss_impl=loss_impl,
                                     alpha=0.3, temperature=2.0, **extra))
     tokenizer = load_student_tokenizer(config.model)
@@ -49,7 +49,7 @@ def first_step(models_dir, train_file, tmp_path, teacher: str, loss_impl: str, *
 @pytest.mark.parametrize("loss_impl", ["fused", "naive"])
 @pytest.mark.parametrize("teacher", ["teacher", "teacher_padded"])
 def test_exact_with_one_tokenizer_equals_the_standard_step(models_dir, train_file, tmp_path, loss_impl, teacher):
-    """Through the data, the collator and NeoTrainer: --cross_tokenizer exact with the student's own tokenizer
+    """Through the data, the collator and TokenDistillTrainer: --cross_tokenizer exact with the student's own tokenizer
     gives the standard loss, CE, KD and gradients (1e-5), the padded-vocabulary teacher included."""
     standard = first_step(models_dir, train_file, tmp_path / "a", models_dir[teacher], loss_impl)
     across = first_step(models_dir, train_file, tmp_path / "b", models_dir[teacher], loss_impl, cross_tokenizer="exact")

@@ -16,7 +16,7 @@ from llmneo.models.vocabulary_check import check_vocabularies
 from llmneo.models.loading import load_student, load_tokenizer
 from llmneo.teacher.loading import load_teacher
 from llmneo.pipeline import distill
-from llmneo.training import NeoTrainer
+from llmneo.training import TokenDistillTrainer
 
 
 def write_yaml(path, data):
@@ -131,7 +131,7 @@ def test_padded_teacher_trains(models_dir, train_file, tmp_path):
 
 
 def test_different_tokenizer_is_rejected_before_the_first_step(models_dir, train_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(NeoTrainer, "train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(TokenDistillTrainer, "train", lambda *a, **k: pytest.fail("training started"))
     flags = run_flags(models_dir, train_file, tmp_path, teacher=models_dir["teacher_other_tokenizer"])
     with pytest.raises(VocabularyError, match=r"teacher and student tokenizers differ on \d+ of \d+ shared ids.*"
                                               r"add --cross_tokenizer exact \(or uld, hybrid\)"):

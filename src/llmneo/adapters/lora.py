@@ -67,6 +67,39 @@ def parse_peft_options(options) -> dict:
     return options
 
 
+# LoraConfig fields that describe where a config came from or how PEFT runs it, not the adapter a run trains.
+NOT_ADAPTER_OPTIONS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                       "revision", "inference_mode", "runtime_config"}
+
+
+def adapter_options(peft_config: LoraConfig) -> dict:
+    """A ``peft.LoraConfig`` as llm-neo's adapter options: r, alpha, dropout and target modules by their own names,
+    every other field that differs from LoraConfig's default in ``peft_options``."""
+    if not isinstance(peft_config, LoraConfig):
+        raise ConfigError(f"peft_config must be a peft.LoraConfig (llm-neo trains LoRA adapters), got "
+                          f"{type(peft_config).__name__}")
+    default = LoraConfig()
+    targets = peft_config.target_modules
+    options = {"lora_r": peft_config.r, "lora_alpha": float(peft_config.lora_alpha),
+               "lora_dropout": float(peft_config.lora_dropout),
+               "target_modules": targets if isinstance(targets, str) or targets is None else ",".join(sorted(targets))}
+    if targets is None:  # PEFT's default: the model type's usual modules; llm-neo's default names them explicitly
+        options.pop("target_modules")
+    extra = {field.name: getattr(peft_config, field.name) for field in dataclasses.fields(LoraConfig)
+             if field.name not in NOT_ADAPTER_OPTIONS and field.name not in OWN_OPTIONS
+             and getattr(peft_config, field.name) != getattr(default, field.name)}
+    if extra:
+        options["peft_options"] = json.dumps(extra, default=_json_value)
+    return options
+
+
+def _json_value(value):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise ConfigError(f"peft_config holds {type(value).__name__} values, which a run's config.yaml cannot record: "
+                      "give that option through --peft_options as JSON")
+
+
 def mutates_base(config: LoraConfig) -> bool:
     return is_base_mutating(config.init_lora_weights)
 

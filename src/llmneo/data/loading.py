@@ -20,7 +20,7 @@ import datasets
 from ..errors import ConfigError, DataError
 from .classification import encode_labelled_text, label_id, resolve_class_names
 from .formats import detect_format, required_columns, row_to_messages, row_to_text
-from .in_memory import is_in_memory, registered_rows
+from ..in_memory import is_in_memory, registered_rows
 from ..losses.contract import count_answer_tokens
 from .alignment import (ALIGNMENT_COLUMNS, PROMPT_COLUMN, align_rendered, last_answer_prompt, render_messages,
                         render_text)

@@ -7,6 +7,7 @@ import hashlib
 import logging
 from pathlib import Path
 
+from ..in_memory import is_in_memory
 from ..losses.contract import count_answer_tokens
 
 logger = logging.getLogger(__name__)
@@ -16,6 +17,8 @@ def model_identity(path: str, config=None, sample_weights: bool = False) -> dict
     """A model directory's identity without reading its weights: config.json, and each weight file's size and
     (for safetensors) header, which lists every tensor's name, dtype, shape and offsets. ``sample_weights`` also
     reads a few blocks of each weight file, so weights of the same shapes but other values differ too."""
+    if is_in_memory(path):  # a model given in memory: its name holds its weights' fingerprint
+        return {"path": path}
     local = Path(path).expanduser()
     if not local.is_dir():  # a hub id: its resolved revision
         if config is None:

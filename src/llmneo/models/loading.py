@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ..data.tokenize import ensure_chat_template, set_chat_template
 from ..errors import ConfigError
+from ..in_memory import is_in_memory, model_in_memory, refuse_unregistered_model, tokenizer_in_memory
 from ..runtime.model_dir import check_model_files
 from .class_head import ClassHead
 
@@ -34,7 +35,8 @@ def resolve_dtype(name: str | None) -> torch.dtype:
 def check_model_path(path: str, role: str) -> None:
     """A missing local-looking path is named at once instead of being tried as a hub id (retries, then a
     traceback). Hub ids are "org/name"; a path whose first folder exists here is local."""
-    if os.path.exists(os.path.expanduser(path)):
+    refuse_unregistered_model(path, role)
+    if model_in_memory(path) is not None or os.path.exists(os.path.expanduser(path)):
         return
     first = path.split("/", 1)[0]
     looks_local = (path.startswith((".", "/", "~")) or path.count("/") > 1
@@ -60,6 +62,12 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "student"):
+    given = tokenizer_in_memory(path)
+    if given is not None:
+        return given
+    if is_in_memory(path):
+        raise ConfigError(f"the {role} model was given in memory without its tokenizer: give that too "
+                          "(processing_class= for the student, teacher_processing_class= for the teacher)")
     check_model_path(path, role)
     check_model_files(path, role)  # before transformers' own message about a missing tokenizer (misleading here)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -150,7 +158,12 @@ class LoadOptions:
 
 def load_pretrained_model(path: str, role: str, options: LoadOptions = LoadOptions(), head_kwargs: dict | None = None):
     """The model at ``path``: a causal LM, or with ``head_kwargs`` (ClassHead.model_kwargs) a sequence classifier
-    whose head is read from the checkpoint when it has one and newly initialised otherwise (see check_class_head)."""
+    whose head is read from the checkpoint when it has one and newly initialised otherwise (see check_class_head).
+    A model given in memory for this run (in_memory.py) is handed back as it is."""
+    given = model_in_memory(path)
+    if given is not None:
+        given.newly_initialized = []
+        return given
     check_model_path(path, role)
     check_model_files(path, role)
     _check_weight_format(path, role, options.allow_pickle)

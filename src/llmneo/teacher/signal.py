@@ -1,7 +1,7 @@
 """The teacher-signal interface: where a run's KD targets come from.
 
 A ``TeacherSignal`` is chosen once per run (``pipeline.teacher_signal``) and is everything the trainer knows of
-the teacher: ``NeoTrainer.compute_loss`` asks it for the batch's targets (losses/targets.py) and never asks which
+the teacher: ``TokenDistillTrainer.compute_loss`` asks it for the batch's targets (losses/targets.py) and never asks which
 kind it has. A source supplies
 
 - what the data side needs: ``teacher_tokenizer`` when the teacher reads its own rendering of each row, and the

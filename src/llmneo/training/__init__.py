@@ -1,7 +1,7 @@
-"""The trainers: NeoTrainer (token level) and ClassifierTrainer (class logits), siblings over DistillationTrainer."""
+"""The trainers: TokenDistillTrainer (token level) and ClassifierTrainer (class logits), siblings over DistillTrainerBase."""
 
 from .classifier import ClassifierTrainer
 from .metrics_log import MetricsJsonlCallback
-from .token_level import NeoTrainer
+from .token_level import TokenDistillTrainer
 
-__all__ = ["ClassifierTrainer", "MetricsJsonlCallback", "NeoTrainer"]
+__all__ = ["ClassifierTrainer", "MetricsJsonlCallback", "TokenDistillTrainer"]

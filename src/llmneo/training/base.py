@@ -1,4 +1,4 @@
-"""DistillationTrainer: what the token-level and the classification trainers share on top of transformers.Trainer.
+"""DistillTrainerBase: what the token-level and the classification trainers share on top of transformers.Trainer.
 
 It places the frozen teacher, reads the loss settings from ``args`` (NeoTrainingArguments), keeps the CE and KD
 terms it logs, guards each optimizer step against non-finite values (runtime/nonfinite.py), marks checkpoints
@@ -23,7 +23,7 @@ from ..runtime.layout import LOSS_SUM_FILE
 
 TERMS = ("ce_loss", "kd_loss")
 
-class DistillationTrainer(TrainerHooks):
+class DistillTrainerBase(TrainerHooks):
     """A Trainer whose loss joins CE on the labels and KD to a frozen teacher (CE only with ``teacher=None``).
 
     The loss of a micro-batch is its sum over trained items (answer tokens, or labelled texts) divided by those of

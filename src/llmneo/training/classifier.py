@@ -6,10 +6,10 @@ import torch
 
 from ..evaluation.classification import evaluate_classifier
 from ..losses.classification import classification_distillation_loss
-from .base import DistillationTrainer
+from .base import DistillTrainerBase
 
 
-class ClassifierTrainer(DistillationTrainer):
+class ClassifierTrainer(DistillTrainerBase):
     """CE on each text's class plus KD to the frozen teacher's class logits, divided by the labelled texts of the
     whole optimizer step (``num_items_in_batch``: the Trainer counts unshifted labels here)."""
 

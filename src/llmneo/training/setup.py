@@ -1,5 +1,5 @@
 """The run's trainer, from its settings, models, teacher source and rows: the collators the source and packing
-ask for, the metrics log, and the trainer of the task (NeoTrainer or ClassifierTrainer)."""
+ask for, the metrics log, and the trainer of the task (TokenDistillTrainer or ClassifierTrainer)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..runtime.layout import METRICS_FILE
 from ..teacher.signal import RunModels, TeacherSignal
 from .classifier import ClassifierTrainer
 from .metrics_log import MetricsJsonlCallback
-from .token_level import NeoTrainer
+from .token_level import TokenDistillTrainer
 
 
 @dataclass
@@ -24,7 +24,7 @@ class TrainerExtras:
 
 
 def build_trainer(config, models: RunModels, signal: TeacherSignal, dataset, eval_dataset=None,
-                  extras: TrainerExtras | None = None) -> NeoTrainer | ClassifierTrainer:
+                  extras: TrainerExtras | None = None) -> TokenDistillTrainer | ClassifierTrainer:
     """The run's trainer; it reads the loss settings from ``config.training`` (NeoTrainingArguments)."""
     tokenizer, extras = models.tokenizer, extras or TrainerExtras()
     padded = signal.collator(make_collator(tokenizer, config.data.task), tokenizer)
@@ -36,4 +36,4 @@ def build_trainer(config, models: RunModels, signal: TeacherSignal, dataset, eva
               "callbacks": [metrics, *extras.callbacks]}
     if config.data.task == "classification":
         return ClassifierTrainer(**common, teacher=signal.teacher)
-    return NeoTrainer(**common, signal=signal)
+    return TokenDistillTrainer(**common, signal=signal)

@@ -1,4 +1,4 @@
-"""NeoTrainer: token-level distillation of a causal LM (CE on the answer tokens plus KD to the teacher's
+"""TokenDistillTrainer: token-level distillation of a causal LM (CE on the answer tokens plus KD to the teacher's
 next-token distributions), for the four methods sft, lora, kd and neo."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from ..losses.contract import answer_mask
 from ..losses.targets import StudentSide
 from ..rollouts import ROLLOUT
 from ..teacher.signal import NoTeacher, TeacherSignal
-from .base import DistillationTrainer
+from .base import DistillTrainerBase
 from .on_policy import OnPolicy
 
 
-class NeoTrainer(DistillationTrainer):
-    """``NeoTrainer(model, args, signal=...)``; everything else comes from ``args`` (NeoTrainingArguments).
+class TokenDistillTrainer(DistillTrainerBase):
+    """``TokenDistillTrainer(model, args, signal=...)``; everything else comes from ``args`` (NeoTrainingArguments).
 
     ``signal`` (teacher/signal.py) is where the KD targets come from; without one the loss is CE only.
     ``args.loss_impl`` (losses/backends.py) picks how the loss is computed: ``fused`` and ``liger`` take the

@@ -18,7 +18,7 @@ from llmneo.models.loading import load_student_tokenizer
 from llmneo.teacher.choice import load_models
 from llmneo.training.setup import build_trainer
 from llmneo.teacher.signal import NoTeacher, TeacherSignal
-from llmneo.training.token_level import NeoTrainer
+from llmneo.training.token_level import TokenDistillTrainer
 
 
 class UniformTeacher(TeacherSignal):
@@ -78,7 +78,7 @@ def test_a_toy_source_trains_a_step_with_its_own_targets(models_dir, train_file,
     vocab = len(load_student_tokenizer(parse_config(run_flags(models_dir, train_file, tmp_path)).model))
     signal = UniformTeacher(vocab)
     trainer, dataset = trainer_with(signal, models_dir, train_file, tmp_path / "run")
-    assert isinstance(trainer, NeoTrainer) and trainer.signal is signal
+    assert isinstance(trainer, TokenDistillTrainer) and trainer.signal is signal
     (ce, kl), loss = first_batch_step(trainer, dataset)
     terms = trainer.loss_terms()
     assert float(terms["ce_loss"]) == close_to(ce)

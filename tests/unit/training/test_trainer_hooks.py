@@ -42,12 +42,12 @@ def test_num_items_in_batch_reads_whether_the_loss_shifts_labels():
 
 
 def test_every_trainer_reaches_the_private_state_through_the_hooks():
-    from llmneo.training.base import DistillationTrainer
+    from llmneo.training.base import DistillTrainerBase
     from llmneo.training.classifier import ClassifierTrainer
-    from llmneo.training.token_level import NeoTrainer
+    from llmneo.training.token_level import TokenDistillTrainer
 
-    for trainer in (NeoTrainer, ClassifierTrainer):
-        assert issubclass(trainer, DistillationTrainer) and issubclass(trainer, TrainerHooks)
+    for trainer in (TokenDistillTrainer, ClassifierTrainer):
+        assert issubclass(trainer, DistillTrainerBase) and issubclass(trainer, TrainerHooks)
         overridden = {name for klass in trainer.__mro__[:trainer.__mro__.index(TrainerHooks)] for name in vars(klass)}
         assert not overridden & {"_run_epoch", "_save_checkpoint"}, trainer
 

@@ -4,12 +4,13 @@ them so that another process says what to give instead."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
 
 from llmneo.config import DataArguments
-from llmneo.data.in_memory import register_rows
+from llmneo.in_memory import register_rows
 from llmneo.data.loading import build_dataset
 from llmneo.demo.tiny import corpus_rows
 from llmneo.errors import DataError
@@ -54,3 +55,28 @@ def test_a_name_from_another_process_and_rows_that_are_not_dicts_are_refused(tok
     with pytest.raises(DataError, match=r"must be a datasets.Dataset, an IterableDataset, a list of row dicts or a "
                                         r"dict of columns, got int"):
         register_rows(3)
+
+
+def test_a_loaded_model_is_named_by_its_directory_until_its_weights_change(models_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmneo.in_memory import model_name
+
+    model = AutoModelForCausalLM.from_pretrained(models_dir["student"])
+    assert model_name(model, "student") == str(Path(models_dir["student"]).resolve())
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1.0
+    name = model_name(model, "student")
+    assert name.startswith("memory:student-") and name != model_name(
+        AutoModelForCausalLM.from_pretrained(models_dir["student"]).to(torch.float64), "student")
+
+
+def test_a_memory_model_name_outside_its_run_is_refused_in_one_line():
+    from llmneo.errors import ConfigError
+    from llmneo.models.loading import load_pretrained_model
+
+    with pytest.raises(ConfigError, match=r"^teacher model memory:teacher-ab12 was an in-memory model of the process "
+                                          r"that trained the run, saved nowhere: save it \(save_pretrained\) and give "
+                                          r"its path \(--teacher_model PATH\)$"):
+        load_pretrained_model("memory:teacher-ab12", "teacher")
