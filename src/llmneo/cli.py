@@ -288,6 +288,19 @@ HANDLERS = {
 }
 
 
+def _quiet_bars_outside_a_terminal() -> None:
+    """Loading and saving bars (transformers) and mapping bars (datasets) last a second on most models and, written
+    to a log rather than a terminal, leave a line of carriage returns each: shown in a terminal only. Training,
+    evaluation and capture keep their own progress bars."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
@@ -303,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-neo: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_bars_outside_a_terminal()
     try:
         return HANDLERS[command](rest)
     except NeoError as error:

@@ -30,8 +30,8 @@ HELD_OUT_ROWS = 200
 TEACHER_SHAPE = {"hidden_size": 64, "num_layers": 4, "num_heads": 4}
 STUDENT_LAYERS = [0, 3]
 # The demo owns its scratch folder: running it again replaces its own runs.
-COMMON_FLAGS = ["--per_device_train_batch_size", "32", "--logging_steps", "20", "--disable_tqdm", "true",
-                "--max_length", "96", "--overwrite_output_dir", "true"]
+COMMON_FLAGS = ["--per_device_train_batch_size", "32", "--logging_steps", "20", "--max_length", "96",
+                "--overwrite_output_dir", "true"]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -95,7 +95,15 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, adapter: str = "lora"
     trained = load_adapter(load_student(config.model), summary.weights_dir)
     results["student after"] = _evaluate(config, trained, teacher, tokenizer, held_out)
     print_table(results, time.time() - start)
+    print_outputs(teacher_dir, Path(config.model.student_model), summary.run_dir)
     return results
+
+
+def print_outputs(teacher_dir: Path, student_dir: Path, run_dir: Path) -> None:
+    """Where the demo's models are, and what to try next with them."""
+    print(f"[demo] teacher: {teacher_dir}\n[demo] student before distillation: {student_dir}\n"
+          f"[demo] distilled run (adapter, metrics, report.md): {run_dir}\n"
+          f"[demo] try: llm-neo generate {run_dir} --prompt \"What is the capital of France?\"")
 
 
 def print_table(results: dict[str, dict], seconds: float) -> None:
