@@ -17,7 +17,7 @@ import dataclasses
 
 from .adapters.lora import adapter_options
 from .config import DISTILL_FIELDS, NeoTrainingArguments, RunConfig
-from .in_memory import model_name, models_in_memory
+from .in_memory import is_in_memory, model_name, models_in_memory
 from .pipeline import RunSummary, distill
 
 
@@ -25,27 +25,34 @@ class NeoTrainer:
     """One distillation run (method, loss, teacher source and the rest from ``args`` and ``options``)."""
 
     def __init__(self, model, *, teacher_model=None, args=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, teacher_processing_class=None, callbacks=(), **options):
+                 processing_class=None, peft_config=None, teacher_processing_class=None, callbacks=(),
+                 shared_tokenizer: bool = False, **options):
+        """``shared_tokenizer``: a teacher saved nowhere reads ``processing_class`` (TRL's assumption); a teacher
+        with a directory always reads its own, which the run checks against the student's."""
         self.callbacks = tuple(callbacks)
         self.in_memory: dict[str, tuple] = {}
-        chosen = {**_options_of(args), **options}
+        chosen = {**options_of(args), **options}
         if peft_config is not None:
             chosen.update(adapter_options(peft_config))
         chosen["student_model"] = self._name(model, "student", processing_class)
         if teacher_model is not None:
-            chosen["teacher_model"] = self._name(teacher_model, "teacher", teacher_processing_class)
+            unsaved = processing_class if shared_tokenizer else None
+            chosen["teacher_model"] = self._name(teacher_model, "teacher", teacher_processing_class, unsaved)
         if train_dataset is not None:
             chosen["dataset"] = train_dataset
         if eval_dataset is not None:
             chosen["eval_split"] = eval_dataset
         self.config = RunConfig.from_options(**chosen)
 
-    def _name(self, model, role: str, tokenizer) -> str:
-        """The name the run records for ``model`` (a path stays a path); objects are handed to the loaders."""
+    def _name(self, model, role: str, tokenizer, unsaved_tokenizer=None) -> str:
+        """The name the run records for ``model`` (a path stays a path); objects are handed to the loaders, with
+        ``unsaved_tokenizer`` as the tokenizer of a model saved nowhere when none is given."""
         if isinstance(model, str):
             name, obj = model, None
         else:
             name, obj = model_name(model, role), model
+        if tokenizer is None and is_in_memory(name):
+            tokenizer = unsaved_tokenizer
         if obj is not None or tokenizer is not None:
             self.in_memory[name] = (obj, tokenizer)
         return name
@@ -56,7 +63,7 @@ class NeoTrainer:
             return distill(self.config, self.callbacks)
 
 
-def _options_of(args) -> dict:
+def options_of(args) -> dict:
     """The options ``args`` sets: a dict as it is; a RunConfig's sections; a NeoTrainingArguments' fields."""
     if args is None:
         return {}

@@ -118,9 +118,9 @@ class DataArguments:
     dataset: str | None = _help("Local json/jsonl/parquet/csv file(s) (comma-separated, globs allowed) or a hub dataset id.")
     dataset_config: str | None = _help("Subset (config) name of a hub dataset.")
     dataset_split: str = _help("Split to train on.", "train")
-    data_format: Literal["auto", "sharegpt", "openai", "prompt_completion", "text", "classification"] = _help(
-        "Row format; auto detects it from the columns (conversations, messages, prompt+completion, text; "
-        "text+label with --task classification).", "auto"
+    data_format: Literal["auto", "sharegpt", "openai", "prompt_completion", "prompt", "text", "classification"] = _help(
+        "Row format; auto detects it from the columns (conversations, messages, prompt+completion, prompt alone "
+        "(on-policy steps only), text; text+label with --task classification).", "auto"
     )
     max_samples: int | None = _help("Train on a random subset of this many rows (drawn with --seed).", valid=AT_LEAST_ONE)
     max_length: int = _help("Truncate every tokenized row to this many tokens.", 512, valid=Range(1, low_open=True))

@@ -151,7 +151,11 @@ def check_before_loading(config) -> None:
 
 
 def check_on_policy_rows(config, report: DataReport) -> None:
-    """On-policy steps answer each row's prompt: plain text rows have none (every token is trained on)."""
+    """On-policy steps answer each row's prompt: plain text rows have none (every token is trained on), and
+    prompt-only rows have no answer of their own for the other steps."""
+    if report.data_format == "prompt" and config.training.on_policy_fraction < 1:
+        raise ConfigError(f"{config.data.dataset} has prompt-only rows: there is no answer to learn from but the "
+                          f"student's own; set on_policy_fraction 1 (now {config.training.on_policy_fraction:g})")
     if config.training.on_policy_fraction > 0 and report.data_format == "text":
         raise ConfigError(f"on_policy_fraction {config.training.on_policy_fraction:g}: {config.data.dataset} has "
                           "plain 'text' rows, with no prompt for the student to answer; on-policy steps need rows "

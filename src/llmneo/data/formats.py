@@ -4,6 +4,8 @@ Supported formats:
 - ``sharegpt``: ``conversations: [{from: human|gpt|system, value}]`` (ShareGPT, BAAI Infinity-Instruct);
 - ``openai``: ``messages: [{role: system|user|assistant, content}]``;
 - ``prompt_completion``: ``prompt`` (user turn), ``completion`` (assistant answer), optional ``system``;
+- ``prompt``: ``prompt`` alone, a user turn or a conversation of messages (TRL's on-policy datasets): the answer is
+  the student's own, so these rows train on-policy steps only (``--on_policy_fraction 1``);
 - ``text``: plain ``text``; every token is trained on;
 - ``classification``: ``text`` and ``label`` (with ``--task classification``; see classification.py).
 """
@@ -27,17 +29,20 @@ def detect_format(columns: Iterable[str], source: str) -> str:
         return "openai"
     if {"prompt", "completion"} <= columns:
         return "prompt_completion"
+    if "prompt" in columns:
+        return "prompt"
     if "text" in columns:
         return "text"
     raise DataError(
         f"cannot detect the row format from columns {sorted(columns)}; expected 'conversations', 'messages', "
-        "'prompt'+'completion' or 'text' (or set --data_format)",
+        "'prompt'+'completion', 'prompt' or 'text' (or set --data_format)",
         source=source,
     )
 
 
 def required_columns(fmt: str) -> tuple[str, ...]:
     return {"sharegpt": ("conversations",), "openai": ("messages",), "prompt_completion": ("prompt", "completion"),
+            "prompt": ("prompt",),
             "text": ("text",), "classification": ("text", "label")}[fmt]
 
 
@@ -49,6 +54,8 @@ def row_to_messages(row: dict, fmt: str) -> list[dict[str, str]]:
         return _turns(row, "messages", "role", "content", OPENAI_ROLES)
     if fmt == "prompt_completion":
         return _prompt_completion(row)
+    if fmt == "prompt":
+        return _prompt_only(row)
     raise ValueError(f"format {fmt} has no messages")
 
 
@@ -67,7 +74,8 @@ def _type_message(value, expected: str) -> str:
     return f"expected {expected}, got {type(value).__name__}"
 
 
-def _turns(row: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+def _turns(row: dict, key: str, role_key: str, content_key: str, roles: dict[str, str],
+           needs_answer: bool = True) -> list[dict[str, str]]:
     turns = row.get(key)
     if not isinstance(turns, list):
         raise DataError(_type_message(turns, "a list of turns"), field=key)
@@ -86,9 +94,24 @@ def _turns(row: dict, key: str, role_key: str, content_key: str, roles: dict[str
         if not isinstance(content, str):
             raise DataError(_type_message(content, "a string"), field=f"{where}.{content_key}")
         messages.append({"role": roles[role], "content": content})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+    if needs_answer and not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError("no assistant answer to train on", field=key)
     return messages
+
+
+def _prompt_only(row: dict) -> list[dict[str, str]]:
+    """The prompt (a user turn, or a conversation ending with one) and an empty assistant turn: the chat template
+    renders the answer's opening, the student's rollout fills it, and the turn's end marks where it starts."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DataError("empty prompt", field="prompt")
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = _turns({"prompt": prompt}, "prompt", "role", "content", OPENAI_ROLES, needs_answer=False)
+        if messages[-1]["role"] != "user":
+            raise DataError(f"the prompt must end with a user turn, not {messages[-1]['role']}", field="prompt")
+    return [*messages, {"role": "assistant", "content": ""}]
 
 
 def _prompt_completion(row: dict) -> list[dict[str, str]]:

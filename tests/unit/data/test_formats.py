@@ -10,7 +10,7 @@ from llmneo.errors import DataError
 
 @pytest.mark.parametrize(("columns", "expected"), [(["conversations", "_row"], "sharegpt"), (["messages"], "openai"),
                                                    (["prompt", "completion", "system"], "prompt_completion"),
-                                                   (["text", "id"], "text")])
+                                                   (["text", "id"], "text"), (["prompt", "id"], "prompt")])
 def test_the_format_is_detected_from_the_columns(columns, expected):
     assert detect_format(columns, "f.jsonl") == expected
 
@@ -40,11 +40,23 @@ def test_each_format_becomes_the_same_messages():
     ({"messages": [{"role": "user", "content": "Q"}]}, "openai", "messages", "no assistant answer to train on"),
     ({"prompt": "Q", "completion": " "}, "prompt_completion", "completion", "no assistant answer to train on"),
     ({"prompt": "Q"}, "prompt_completion", "completion", "missing"),
+    ({"prompt": " "}, "prompt", "prompt", "empty prompt"),
+    ({"prompt": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}, "prompt", "prompt",
+     "the prompt must end with a user turn, not assistant"),
+    ({"prompt": [{"role": "user", "content": 3}]}, "prompt", "prompt[0].content", "expected a string"),
 ])
 def test_unusable_rows_name_their_field(row, fmt, field, message):
     with pytest.raises(DataError, match=message) as error:
         row_to_messages(row, fmt)
     assert error.value.field == field
+
+
+def test_a_prompt_alone_becomes_its_turns_and_an_empty_answer():
+    """TRL's prompt-only rows: a string is one user turn; a conversation is kept; the answer is the student's."""
+    answer = {"role": "assistant", "content": ""}
+    assert row_to_messages({"prompt": "Q"}, "prompt") == [{"role": "user", "content": "Q"}, answer]
+    conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    assert row_to_messages({"prompt": conversation}, "prompt") == [*conversation, answer]
 
 
 def test_plain_text_rows():
