@@ -96,7 +96,7 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     signal = teacher_signal(config, models, cache, data.train, connection)
     identity = run_identity(resolved_config(config), data.fingerprint, signal.identity(),
                             read_models(config, base, models.teacher))
-    start = RunStart(prepare_run_dir(config, identity), base,
+    start = RunStart(prepare_run_dir(config, identity, data.report.held_out), base,
                      TrainerExtras(tuple(callbacks), checkpoint_files(config, identity, base)))
     with failure_marked(config):
         return train(config, models, signal, data, start)

@@ -4,6 +4,7 @@ an error, and the files every checkpoint carries."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -13,7 +14,9 @@ from .artifacts import save_resolved_config
 from .methods import METHODS
 from .runtime.checkpoints import checkpoint_step
 from .runtime.identity import check_resume, identity_bytes
-from .runtime.layout import IDENTITY_FILE, METRICS_FILE
+from .data.loading import HeldOutRows
+from .runtime.atomic import write_atomically
+from .runtime.layout import HELD_OUT_FILE, IDENTITY_FILE, METRICS_FILE
 from .runtime.lock import DirectoryLock
 from .runtime.resume import cut_metrics, resolve_checkpoint
 from .runtime.run_dir import claim_output_dir, mark_failed, mark_started
@@ -32,15 +35,18 @@ def claim_run_dir(config) -> None:
                          resuming=bool(config.training.resume_from_checkpoint))
 
 
-def prepare_run_dir(config, identity: dict) -> str | None:
-    """Check a checkpoint to resume against this run's identity; write the resolved config and run.json; start
-    metrics.jsonl afresh, or cut it back to the checkpoint resumed from (its path is returned)."""
+def prepare_run_dir(config, identity: dict, held_out: HeldOutRows | None = None) -> str | None:
+    """Check a checkpoint to resume against this run's identity; write the resolved config, run.json and which rows
+    were held out (``eval`` of the run reads just those); start metrics.jsonl afresh, or cut it back to the
+    checkpoint resumed from (its path is returned)."""
     run_dir = Path(config.training.output_dir)
     resume = resolve_checkpoint(run_dir, config.training.resume_from_checkpoint)
     if resume is not None:
         check_resume(resume, identity)
     if config.training.process_index == 0:
         save_resolved_config(run_dir, config)
+        if held_out is not None:
+            write_atomically(run_dir / HELD_OUT_FILE, json.dumps(dataclasses.asdict(held_out)).encode())
         mark_started(run_dir, config.training.method, identity.get("models"))
         if resume is None:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)

@@ -66,3 +66,35 @@ def test_eval_tasks_offline_says_which_task_and_keeps_the_held_out_metrics(model
     assert err.count("could not be fetched") == 1 and "Traceback" not in err
     assert "perplexity" in json.loads(out)["held_out"]
     assert "perplexity" in json.loads((run / "eval.json").read_text(encoding="utf-8"))["held_out"]
+
+
+def test_eval_of_a_run_tokenizes_only_its_held_out_rows(models_dir, train_file, tmp_path, monkeypatch, capsys):
+    """The run records which rows its --eval_ratio split held out; eval reads those alone (the same rows, so the
+    same figures as splitting everything again), and refuses data that changed since."""
+    import llmneo.data.loading as loading
+    from llmneo.evaluation.evaluate import EvalRequest, evaluate_target
+
+    run, data = tmp_path / "run", tmp_path / "train.jsonl"
+    shutil.copy(train_file, data)
+    assert cli.main(["distill", *run_flags(models_dir, str(data), run, method="lora", eval_ratio=0.25)]) == 0
+    rows = len(data.read_text(encoding="utf-8").splitlines())
+    held_out = len(json.loads((run / "held_out_rows.json").read_text(encoding="utf-8"))["positions"])
+    assert held_out == rows - int(rows * 0.75)  # datasets' split: ceil(25%)
+    encoded = []
+    original = loading.encode_messages
+    monkeypatch.setattr(loading, "encode_messages", lambda *args: encoded.append(1) or original(*args))
+    request = EvalRequest(target=str(run), bootstrap=0)
+    recorded = evaluate_target(request, write=False)["held_out"]
+    assert len(encoded) == held_out
+    (run / "held_out_rows.json").unlink()  # as a run from before the record: every row split again
+    again = evaluate_target(request, write=False)["held_out"]
+    assert len(encoded) == held_out + rows
+    assert recorded == again
+    assert cli.main(["distill", *run_flags(models_dir, str(data), tmp_path / "run2", method="lora",
+                                           eval_ratio=0.25)]) == 0
+    lines = data.read_text(encoding="utf-8").splitlines()
+    data.write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "run2"), "--bootstrap", "0"]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"file {data}: changed since the run held out its rows (their "
+                                                    "content differs): evaluate on a held-out file with --dataset")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 JSON_MARKER = "_json_values"  # set on rows whose values are JSON text (files Arrow could not type)
 LINE_ERROR = "_line_error"  # why a line could not be read as a row at all (kept only with --skip_bad_rows)
+POSITION = "_position"  # a row's index among the rows read, through tokenizing and filtering
 
 
 @dataclass
@@ -44,6 +46,31 @@ class DataReport:
     answer_tokens: int  # classification: labelled texts
     skipped: list[str] = field(default_factory=list)  # one "file, row, field: reason" line per skipped row
     class_names: list[str] | None = None  # classification: class names in id order
+    positions: list[int] = field(default_factory=list)  # each used row's index among the rows read
+    held_out: HeldOutRows | None = None  # --eval_ratio: which of the rows read were held out
+
+
+@dataclass(frozen=True)
+class HeldOutRows:
+    """The rows an --eval_ratio split held out, by index among the rows read, and a digest of their content: what
+    `eval` of the run tokenizes instead of every training row, after checking the data still holds them."""
+
+    positions: list[int]
+    digest: str
+
+    @classmethod
+    def of(cls, rows: datasets.Dataset, positions: list[int]) -> HeldOutRows:
+        return cls(sorted(positions), _rows_digest(rows.select(sorted(positions))))
+
+    def select(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
+        if self.positions and max(self.positions) >= len(rows):
+            raise DataError(f"holds {len(rows)} rows, fewer than when the run held out its rows: it changed since; "
+                            "evaluate on a held-out file with --dataset", source=source)
+        selected = rows.select(self.positions)
+        if _rows_digest(selected) != self.digest:
+            raise DataError("changed since the run held out its rows (their content differs): evaluate on a held-out "
+                            "file with --dataset", source=source)
+        return selected
 
 
 def local_files(spec: str) -> list[str] | None:
@@ -263,19 +290,24 @@ def _aligner(tokenizer, teacher_tokenizer, fmt: str, max_length: int, keep_promp
     return align
 
 
-def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None,
-                  keep_prompts: bool = False) -> tuple[datasets.Dataset, DataReport]:
+def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep_prompts: bool = False,
+                  only: HeldOutRows | None = None) -> tuple[datasets.Dataset, DataReport]:
     """Tokenized rows (``input_ids``, ``labels``) ready for the collator, and a report of what was dropped. With a
     ``teacher_tokenizer`` (--cross_tokenizer) each row also has the teacher's tokens and the aligned boundaries,
-    and with ``keep_prompts`` its on-policy prompt's messages."""
+    and with ``keep_prompts`` its on-policy prompt's messages. ``only``: tokenize just those rows (a run's held-out
+    rows), checked to be the ones the run held out."""
     rows, fmt = load_rows(data_args, seed)
     class_names = None
     if fmt == "classification":
         values = [json.loads(v) for v in rows["label"]] if JSON_MARKER in rows.column_names else rows["label"]
         class_names = resolve_class_names(values, data_args.class_names, data_args.dataset)
+    positions = list(range(len(rows))) if only is None else only.positions
+    if only is not None:
+        rows = only.select(rows, data_args.dataset)
+    rows = rows.add_column(POSITION, positions)
     encoded = rows.map(
         _encoder(tokenizer, fmt, data_args.max_length, class_names, teacher_tokenizer, keep_prompts),
-        remove_columns=[c for c in rows.column_names if c not in ("_source", "_row")],
+        remove_columns=[c for c in rows.column_names if c not in ("_source", "_row", POSITION)],
         load_from_cache_file=False,
         desc="Tokenizing",
     )
@@ -285,11 +317,20 @@ def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None,
     if errors:
         logger.warning("skipped %d unusable row(s); first: %s", len(errors), errors[0])
         encoded = encoded.filter(lambda error: not error, input_columns="_error")
-    encoded = encoded.remove_columns(["_error", "_source", "_row"])
+    used = encoded[POSITION]
+    encoded = encoded.remove_columns(["_error", "_source", "_row", POSITION])
     if len(encoded) == 0:
         raise DataError("no usable rows left", source=data_args.dataset)
-    report = DataReport(fmt, len(rows), len(encoded), _answer_tokens(encoded, fmt), errors, class_names)
+    report = DataReport(fmt, len(rows), len(encoded), _answer_tokens(encoded, fmt), errors, class_names, used)
     return encoded, report
+
+
+def _rows_digest(rows: datasets.Dataset) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps({key: value for key, value in row.items() if key not in ("_source", "_row")},
+                                 sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def _answer_tokens(encoded: datasets.Dataset, fmt: str) -> int:
@@ -307,15 +348,24 @@ def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep
     if data_args.eval_ratio > 0:
         if len(train) < 2:
             raise DataError("eval_ratio needs at least 2 usable rows", source=data_args.dataset)
-        split = train.train_test_split(test_size=data_args.eval_ratio, seed=seed)
-        train, held_out = split["train"], split["test"]
-        report = dataclasses.replace(report, rows_used=len(train), answer_tokens=_answer_tokens(train, report.data_format))
+        split = train.add_column(POSITION, report.positions).train_test_split(test_size=data_args.eval_ratio, seed=seed)
+        train, held_out = split["train"].remove_columns(POSITION), split["test"]
+        held_rows = HeldOutRows.of(load_rows(data_args, seed)[0], held_out[POSITION])
+        held_out = held_out.remove_columns(POSITION)
+        report = dataclasses.replace(report, rows_used=len(train), answer_tokens=_answer_tokens(train, report.data_format),
+                                     held_out=held_rows)
     elif data_args.eval_split:
-        labels = ",".join(report.class_names) if report.class_names else None  # the training rows' classes
-        held_out_args = dataclasses.replace(data_args, max_samples=None, class_names=labels)
-        if local_files(data_args.eval_split) is not None or is_in_memory(data_args.eval_split):
-            held_out_args.dataset = data_args.eval_split
-        else:
-            held_out_args.dataset_split = data_args.eval_split
-        held_out, _ = build_dataset(held_out_args, tokenizer, seed, teacher_tokenizer, keep_prompts)
+        held_out, _ = build_dataset(held_out_arguments(data_args, report.class_names), tokenizer, seed,
+                                    teacher_tokenizer, keep_prompts)
     return train, held_out, report
+
+
+def held_out_arguments(data_args, class_names: list[str] | None):
+    """The data options that read --eval_split's rows (with the training rows' classes)."""
+    labels = ",".join(class_names) if class_names else None
+    held_out_args = dataclasses.replace(data_args, max_samples=None, class_names=labels)
+    if local_files(data_args.eval_split) is not None or is_in_memory(data_args.eval_split):
+        held_out_args.dataset = data_args.eval_split
+    else:
+        held_out_args.dataset_split = data_args.eval_split
+    return held_out_args

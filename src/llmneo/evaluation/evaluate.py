@@ -17,7 +17,7 @@ from ..config import DataArguments, ModelArguments
 from ..data.alignment import PROMPT_COLUMN, AnswerAligner
 from ..data.collators import AlignedCollator, make_collator
 from ..data.vocabulary import build_vocabulary_map, byte_lengths, same_vocabulary
-from ..data.loading import build_dataset, build_datasets
+from ..data.loading import HeldOutRows, build_dataset, build_datasets, held_out_arguments
 from ..errors import ConfigError, NeoError
 from ..lm_head import output_rows
 from ..models.class_head import ClassHead
@@ -29,7 +29,7 @@ from .harness import HarnessTasks, TaskUnavailable, run_lm_eval
 from .metrics import HeldOutOptions, evaluate_against_teacher
 from .on_policy import AlignedScorer, OnPolicyEvalOptions, evaluate_on_policy
 from ..models.identity import weights_identity
-from ..runtime.layout import EVAL_FILE, open_target
+from ..runtime.layout import EVAL_FILE, HELD_OUT_FILE, open_target
 from ..runtime.run_dir import recorded_model
 
 logger = logging.getLogger(__name__)
@@ -97,9 +97,22 @@ def _all_held_out_rows(request: EvalRequest, tokenizer, config: dict | None, tea
     if "training" not in (config or {}):
         return None
     data_args = DataArguments(**{**config["data"], "max_length": max_length})
-    if not (data_args.eval_split or data_args.eval_ratio):
+    seed = config["training"]["seed"]
+    if data_args.eval_split:  # its own rows: the training rows are not read
+        classes = data_args.class_names.split(",") if data_args.class_names else None
+        return build_dataset(held_out_arguments(data_args, classes), tokenizer, seed, teacher_tokenizer, keep_prompts)[0]
+    if not data_args.eval_ratio:
         return None
-    return build_datasets(data_args, tokenizer, config["training"]["seed"], teacher_tokenizer, keep_prompts)[1]
+    recorded = _recorded_held_out(request.target)
+    if recorded is None:  # a run from before runs recorded them: split the training rows again
+        return build_datasets(data_args, tokenizer, seed, teacher_tokenizer, keep_prompts)[1]
+    return build_dataset(data_args, tokenizer, seed, teacher_tokenizer, keep_prompts, only=recorded)[0]
+
+
+def _recorded_held_out(target: str) -> HeldOutRows | None:
+    """The rows the run's --eval_ratio split held out, as the run recorded them."""
+    path = open_target(target).run_dir / HELD_OUT_FILE
+    return HeldOutRows(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
 
 def _teacher_path(request: EvalRequest, config: dict | None) -> str | None:

@@ -25,6 +25,7 @@ REPORT_FILE = "report.md"
 CURVES_FILE = "training_curves.png"
 BEFORE_FILE = "before.json"  # the student's held-out metrics and answers before the first step
 EVAL_FILE = "eval.json"  # what `llm-neo eval` measured
+HELD_OUT_FILE = "held_out_rows.json"  # --eval_ratio: which rows read were held out, and their digest
 MAP_FILE = "vocabulary_map.safetensors"  # across tokenizers: the vocabulary map (also in a cache directory)
 LOCK_FILE = ".llmneo.lock"  # held by the process that writes the directory (also a cache directory)
 RESULT_FILE = "result.json"  # an experiment cell's result, written last
