@@ -31,7 +31,9 @@ def test_a_run_with_relative_paths_is_used_from_another_folder(models_dir, train
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
     assert cli.main(["eval", str(here / "run"), "--bootstrap", "0"]) == 0
-    assert "perplexity" in json.loads(capsys.readouterr().out)["held_out"]
+    out, err = capsys.readouterr()
+    assert "perplexity" in json.loads(out)["held_out"]
+    assert err.strip().endswith(f"results written to {here / 'run' / 'eval.json'}")  # every command ends with where
     assert cli.main(["merge", str(here / "run"), "--output", "merged"]) == 0
     out, err = capsys.readouterr()
     assert (out + err).count("merged model written to") == 1, "merge says where it wrote once"
