@@ -5,6 +5,7 @@ difference."""
 from __future__ import annotations
 
 import json
+import os
 import logging
 from pathlib import Path
 
@@ -29,6 +30,8 @@ RESUMABLE_OPTIONS = frozenset({
 })
 # Options that may grow on resume (train for longer), never shrink.
 EXTENDABLE_OPTIONS = ("max_steps", "num_train_epochs")
+# Options naming paths: a run recorded before paths were stored absolute holds them relative to where it ran.
+PATH_OPTIONS = ("student_model", "teacher_model", "dataset", "eval_split", "teacher_cache", "teacher_chat_template")
 # Largest change of a served teacher's probe log-probability still read as the same model: a server batches
 # requests (and may compute in bf16), so its numbers move in the last digits; another model moves them by more.
 PROBE_TOLERANCE = 0.05
@@ -55,7 +58,8 @@ def differences(saved: dict, current: dict) -> list[str]:
     changed = []
     for name in sorted({*old, *new}):
         before, after = old.get(name), new.get(name)
-        if before == after or (name in EXTENDABLE_OPTIONS and _extends(before, after)):
+        if before == after or (name in EXTENDABLE_OPTIONS and _extends(before, after)) or \
+                (name in PATH_OPTIONS and _same_paths(before, after)):
             continue
         changed.append(f"{name}: {before!r} -> {after!r}")
     if saved.get("data", {}).get("sha256") != current.get("data", {}).get("sha256"):
@@ -66,6 +70,15 @@ def differences(saved: dict, current: dict) -> list[str]:
     if not same_teacher(saved.get("teacher", {}), current.get("teacher", {})):
         changed.append(_teacher_change(saved.get("teacher", {}), current.get("teacher", {})))
     return changed + _rewritten_models(saved.get("models", {}), current.get("models", {}))
+
+
+def _same_paths(before, after) -> bool:
+    """Whether two comma-separated path lists name the same paths from here (a relative one read from the current
+    folder, where a resume of such a run is started)."""
+    if not isinstance(before, str) or not isinstance(after, str):
+        return False
+    absolute = [[os.path.abspath(os.path.expanduser(part.strip())) for part in value.split(",")] for value in (before, after)]
+    return absolute[0] == absolute[1]
 
 
 def same_probe(saved: dict, current: dict) -> bool:

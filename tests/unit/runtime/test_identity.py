@@ -70,3 +70,16 @@ def test_models_that_cannot_be_compared_are_not_called_changed():
     assert differences(with_models(teacher=teacher), with_models(teacher=None)) == []  # unreadable now
     # another path: the teacher_model option names it already
     assert differences(with_models(teacher=teacher), with_models(teacher={"path": "/other", "sha256": "1"})) == []
+
+
+def test_a_relative_path_of_an_older_run_is_the_same_absolute_path_from_where_it_is_resumed(tmp_path, monkeypatch):
+    """Runs recorded before paths were stored absolute hold them relative to where they ran; resumed from there,
+    the same paths are not a change, and other paths still are."""
+    monkeypatch.chdir(tmp_path)
+    saved = run_identity({"model": {"student_model": "models/student"}, "data": {"dataset": "a.jsonl, b.jsonl"}}, {})
+    same = run_identity({"model": {"student_model": str(tmp_path / "models" / "student")},
+                         "data": {"dataset": f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"}}, {})
+    other = run_identity({"model": {"student_model": str(tmp_path / "models" / "other")},
+                          "data": {"dataset": f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"}}, {})
+    assert differences(saved, same) == []
+    assert differences(saved, other) == [f"student_model: 'models/student' -> '{tmp_path / 'models' / 'other'}'"]
