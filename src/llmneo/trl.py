@@ -100,6 +100,12 @@ def llmneo_options(args: DistillationConfig) -> dict:
     return options
 
 
+def default_output_dir(model) -> str:
+    """TRL's: ``<model name>-Distillation`` in the current folder."""
+    name = model if isinstance(model, str) else getattr(model, "name_or_path", "") or "model"
+    return f"{name.rstrip('/').split('/')[-1]}-Distillation"
+
+
 def _divergence(beta: float) -> dict:
     if not 0.0 <= beta <= 1.0:
         raise ConfigError(f"DistillationConfig beta must be in [0, 1], got {beta}")
@@ -132,7 +138,7 @@ class DistillationTrainer(NeoTrainer):
         if data_collator is not None:
             raise ConfigError("DistillationTrainer data_collator= has no llm-neo equivalent: llm-neo tokenizes and "
                               "collates the rows itself")
-        args = args if args is not None else DistillationConfig(output_dir="trainer_output")
+        args = args if args is not None else DistillationConfig(output_dir=default_output_dir(model))
         if not isinstance(args, DistillationConfig):
             raise ConfigError(f"args must be llmneo.trl.DistillationConfig, got {type(args).__name__}")
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path

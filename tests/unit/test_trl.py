@@ -9,7 +9,7 @@ import pytest
 
 from llmneo.config import NeoTrainingArguments
 from llmneo.errors import ConfigError
-from llmneo.trl import UNSUPPORTED, DistillationConfig, DistillationTrainer, llmneo_options
+from llmneo.trl import UNSUPPORTED, DistillationConfig, DistillationTrainer, default_output_dir, llmneo_options
 
 
 def config(**fields) -> DistillationConfig:
@@ -70,3 +70,8 @@ def test_every_trl_field_is_declared():
     ours = {field.name for field in dataclasses.fields(DistillationConfig)}
     assert trl_fields <= ours
     assert issubclass(DistillationConfig, NeoTrainingArguments)
+
+
+def test_without_args_the_run_goes_where_trls_would():
+    assert default_output_dir("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen2.5-0.5B-Instruct-Distillation"
+    assert default_output_dir("models/student/") == "student-Distillation"
