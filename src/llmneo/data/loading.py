@@ -60,7 +60,8 @@ class HeldOutRows:
 
     @classmethod
     def of(cls, rows: datasets.Dataset, positions: list[int]) -> HeldOutRows:
-        return cls(sorted(positions), _rows_digest(rows.select(sorted(positions))))
+        """In the split's order, which --max_samples of `eval` takes the first of."""
+        return cls(list(positions), _rows_digest(rows.select(positions)))
 
     def select(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
         if self.positions and max(self.positions) >= len(rows):
