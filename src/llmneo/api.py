@@ -13,10 +13,8 @@ are unchanged (so ``llm-neo eval``/``merge``/``generate`` of the run read that d
 
 from __future__ import annotations
 
-import dataclasses
-
 from .adapters.lora import adapter_options
-from .config import DISTILL_FIELDS, NeoTrainingArguments, RunConfig
+from .config import NeoTrainingArguments, RunConfig, flat_options, training_sections
 from .in_memory import is_in_memory, model_name, models_in_memory
 from .pipeline import RunSummary, distill
 
@@ -70,9 +68,7 @@ def options_of(args) -> dict:
     if isinstance(args, dict):
         return dict(args)
     if isinstance(args, RunConfig):
-        return {key: value for section in args.to_dict().values() for key, value in section.items()}
+        return flat_options(args.to_dict())
     if isinstance(args, NeoTrainingArguments):
-        training = args.to_dict()
-        names = {field.name for field in dataclasses.fields(args) if field.init and not field.name.startswith("_")}
-        return {name: getattr(args, name) if name in DISTILL_FIELDS else training[name] for name in names}
+        return flat_options(training_sections(args))
     raise TypeError(f"args must be a NeoTrainingArguments, a RunConfig or a dict of options, got {type(args).__name__}")

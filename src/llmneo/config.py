@@ -277,8 +277,7 @@ class RunConfig:
         ``output_dir="runs/x"``, any transformers TrainingArguments field), over a YAML file (``config``, flat or a
         run's config.yaml) over a recipe, as ``llm-neo distill --recipe R --config F --option value`` builds it:
         the same defaults, checks and messages."""
-        merged = dict(RECIPES[_known_recipe(recipe)]) if recipe else {}
-        merged.update(load_yaml(config) if config else {})
+        merged = presets(_known_recipe(recipe) if recipe else None, config)
         unknown = sorted(set(options) - option_names())
         if unknown:
             raise ConfigError(_unknown_message(unknown, "RunConfig.from_options"))
@@ -313,15 +312,33 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """Sections as in a run's config.yaml: model, data, adapter, distill, training."""
-        training = self.training.to_dict()
         return {
             "model": dataclasses.asdict(self.model),
             "data": dataclasses.asdict(self.data),
             "adapter": dataclasses.asdict(self.adapter),
-            "distill": {name: getattr(self.training, name) for name in DISTILL_FIELDS},
-            "training": {f.name: training[f.name] for f in dataclasses.fields(self.training)
-                         if f.init and f.name not in DISTILL_FIELDS and not f.name.startswith("_")},
+            **training_sections(self.training),
         }
+
+
+def training_sections(training: NeoTrainingArguments) -> dict:
+    """A NeoTrainingArguments' options as config.yaml's distill and training sections (transformers' fields as
+    its to_dict writes them)."""
+    written = training.to_dict()
+    return {"distill": {name: getattr(training, name) for name in DISTILL_FIELDS},
+            "training": {f.name: written[f.name] for f in dataclasses.fields(training)
+                         if f.init and f.name not in DISTILL_FIELDS and not f.name.startswith("_")}}
+
+
+def flat_options(sections: dict) -> dict:
+    """Sections' options as one mapping of option name to value (names are unique across sections)."""
+    return {key: value for section in sections.values() for key, value in section.items()}
+
+
+def presets(recipe: str | None, config: str | Path | None) -> dict:
+    """The options a recipe sets, with a YAML file's over them: what flags or keywords then override."""
+    options = dict(RECIPES[recipe]) if recipe else {}
+    options.update(load_yaml(config) if config else {})
+    return options
 
 
 def _known_recipe(recipe: str) -> str:
@@ -415,9 +432,7 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     known = parser.parse_known_args(argv)[0]
-    defaults = dict(RECIPES[known.recipe]) if known.recipe else {}
-    defaults.update(load_yaml(known.config) if known.config else {})
-    parser.set_defaults(**defaults)
+    parser.set_defaults(**presets(known.recipe, known.config))
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     except ValueError as error:  # TrainingArguments validates itself (e.g. bf16 without a GPU)

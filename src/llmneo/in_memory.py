@@ -39,7 +39,7 @@ def is_in_memory(spec) -> bool:
 def register_rows(rows, role: str = "train") -> str:
     """The name under which ``rows`` are read; the same rows get the same name."""
     dataset = as_dataset(rows, role)
-    name = f"{PREFIX}{role}-{_fingerprint(dataset)}"
+    name = f"{PREFIX}{role}-{rows_digest(dataset)[:16]}"
     _REGISTRY[name] = dataset
     return name
 
@@ -48,8 +48,7 @@ def registered_rows(name: str) -> datasets.Dataset:
     if name not in _REGISTRY:
         raise DataError(f"{name} names rows that were given in memory to another process: give the data itself "
                         "(--dataset PATH, or the rows to the Python API)")
-    dataset = _REGISTRY[name]
-    return dataset.add_column("_source", [name] * len(dataset)).add_column("_row", list(range(1, len(dataset) + 1)))
+    return _REGISTRY[name]
 
 
 def as_dataset(rows, role: str) -> datasets.Dataset:
@@ -70,12 +69,14 @@ def as_dataset(rows, role: str) -> datasets.Dataset:
                     f"columns, got {type(rows).__name__}")
 
 
-def _fingerprint(dataset: datasets.Dataset) -> str:
-    """A digest of the rows' content (not datasets' own fingerprint, which differs between equal in-memory tables)."""
+def rows_digest(rows: datasets.Dataset, skip: tuple[str, ...] = ("_source", "_row")) -> str:
+    """A digest of the rows' content, columns in ``skip`` left out (where a row was read from is not its content;
+    not datasets' own fingerprint, which differs between equal in-memory tables)."""
     digest = hashlib.sha256()
-    for row in dataset:
-        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
+    for row in rows:
+        digest.update(json.dumps({key: value for key, value in row.items() if key not in skip}, sort_keys=True,
+                                 default=str).encode())
+    return digest.hexdigest()
 
 
 def model_name(model, role: str) -> str:

@@ -16,17 +16,16 @@ from .api import NeoTrainer, options_of
 from .config import NeoTrainingArguments, _help
 from .errors import ConfigError
 
-# TRL 1.16's DistillationConfig fields that llm-neo has no equivalent for, with the defaults a run may leave them at.
-UNSUPPORTED = {
-    "teacher_model_revision": None, "disable_dropout": False, "ds3_gather_for_generation": True,
-    "shuffle_dataset": True, "min_p": None, "generation_kwargs": None, "chat_template_kwargs": None,
-    "repetition_penalty": 1.0, "cache_implementation": None, "vllm_mode": "colocate", "vllm_model_impl": "vllm",
-    "vllm_enable_sleep_mode": False, "vllm_structured_outputs_regex": None, "vllm_server_base_url": None,
-    "vllm_server_host": "0.0.0.0", "vllm_server_port": 8000, "vllm_server_timeout": 240.0, "vllm_group_port": 51216,
-    "vllm_gpu_memory_utilization": 0.3, "vllm_max_model_length": None, "vllm_tensor_parallel_size": 1,
-    "max_tool_calling_iterations": None, "log_completions": False, "num_completions_to_print": None,
-    "log_unique_prompts": False, "use_vllm": False,
-}
+# TRL 1.16's DistillationConfig fields that llm-neo has no equivalent for: a run may leave them at TRL's defaults
+# (declared with the fields below), and is refused when it sets them.
+NO_EQUIVALENT = (
+    "teacher_model_revision", "disable_dropout", "ds3_gather_for_generation", "shuffle_dataset", "min_p",
+    "generation_kwargs", "chat_template_kwargs", "repetition_penalty", "cache_implementation", "vllm_mode",
+    "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex", "vllm_server_base_url",
+    "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_group_port", "vllm_gpu_memory_utilization",
+    "vllm_max_model_length", "vllm_tensor_parallel_size", "max_tool_calling_iterations", "log_completions",
+    "num_completions_to_print", "log_unique_prompts", "use_vllm",
+)
 HINTS = {"use_vllm": ": llm-neo's rollouts run in transformers for now (a vLLM rollout engine is planned)"}
 
 
@@ -76,6 +75,7 @@ class DistillationConfig(NeoTrainingArguments):
 
 
 TRL_FIELDS = {item.name for item in fields(DistillationConfig)} - {item.name for item in fields(NeoTrainingArguments)}
+UNSUPPORTED = {item.name: item.default for item in fields(DistillationConfig) if item.name in NO_EQUIVALENT}
 
 
 def llmneo_options(args: DistillationConfig) -> dict:

@@ -17,6 +17,7 @@ from llmneo import cli
 from llmneo.api import NeoTrainer
 from llmneo.demo.tiny import corpus_rows
 from llmneo.errors import ConfigError
+from llmneo.in_memory import model_in_memory
 from llmneo.runtime.layout import METRICS_FILE, read_metrics
 
 pytestmark = pytest.mark.e2e
@@ -42,6 +43,7 @@ def test_loaded_models_and_a_lora_config_train_as_the_command_line_does(models_d
                                 peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     summary = trainer.train()
     assert summary.steps == 3
+    assert all(model_in_memory(name) is None for name in trainer.in_memory)  # loaders read paths again afterwards
     recorded = (tmp_path / "api" / "config.yaml").read_text(encoding="utf-8")
     assert f"student_model: {models_dir['student']}" in recorded  # loaded from there, unchanged: its path
     assert "dataset: memory:train-" in recorded

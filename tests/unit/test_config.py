@@ -290,6 +290,7 @@ def test_a_config_round_trips_through_yaml(tmp_path):
     ({"alpha": "0.5"}, r"alpha must be a number, got '0.5' \(str\)"),
     ({"lora_r": 8.0}, r"lora_r must be an integer, got 8.0 \(float\)"),
     ({"packing": 1}, r"packing must be True or False, got 1 \(int\)"),
+    ({"lora_r": True}, r"lora_r must be an integer, got True \(bool\)"),
     ({"divergence": "kl"}, r"divergence must be one of \['forward_kl', .*'akl'\], got 'kl' \(str\)"),
     ({"alpha": 1.5}, r"alpha must be in \[0, 1\], got 1.5"),
     ({"recipe": "sst3"}, r"unknown recipe 'sst3'; expected one of \['sst2'\]"),
@@ -297,6 +298,11 @@ def test_a_config_round_trips_through_yaml(tmp_path):
 def test_keyword_options_are_checked_as_flags_are(options, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_options(**{"student_model": "s", "teacher_model": "t", "dataset": "d.jsonl", **options})
+
+
+def test_an_integer_is_taken_where_a_number_is_declared():
+    config = RunConfig.from_options(student_model="s", teacher_model="t", dataset="d.jsonl", temperature=2, alpha=0)
+    assert (config.training.temperature, config.training.alpha) == (2, 0)
 
 
 def test_rows_given_as_objects_stand_in_the_config_by_name():

@@ -30,6 +30,9 @@ def test_generation_options_map_to_the_rollouts():
     assert options["temperature"] == 0.7  # TRL's temperature is the loss's too
     assert llmneo_options(config(top_k=1))["rollout_temperature"] == 0.0  # greedy
     assert llmneo_options(config(model_init_kwargs={"dtype": "bfloat16"}))["dtype"] == "bfloat16"
+    import torch
+
+    assert llmneo_options(config(teacher_model_init_kwargs={"torch_dtype": torch.float16}))["teacher_dtype"] == "float16"
 
 
 def test_the_trainer_arguments_are_kept():
@@ -75,3 +78,15 @@ def test_every_trl_field_is_declared():
 def test_without_args_the_run_goes_where_trls_would():
     assert default_output_dir("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen2.5-0.5B-Instruct-Distillation"
     assert default_output_dir("models/student/") == "student-Distillation"
+
+
+def test_the_trl_fields_have_trls_defaults():
+    """An untouched TRL config must pass, and a changed option must not look untouched: each TRL field's default is
+    TRL 1.16's own (read from the installed trl)."""
+    import trl  # installed by the README's install command
+
+    from llmneo.trl import TRL_FIELDS
+
+    theirs = {item.name: item.default for item in dataclasses.fields(trl.DistillationConfig)}
+    ours = {item.name: item.default for item in dataclasses.fields(DistillationConfig)}
+    assert {name: ours[name] for name in TRL_FIELDS} == {name: theirs[name] for name in TRL_FIELDS}

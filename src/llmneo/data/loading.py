@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import datasets
 from ..errors import ConfigError, DataError
 from .classification import encode_labelled_text, label_id, resolve_class_names
 from .formats import detect_format, required_columns, row_to_messages, row_to_text
-from ..in_memory import is_in_memory, registered_rows
+from ..in_memory import is_in_memory, registered_rows, rows_digest
 from ..losses.contract import count_answer_tokens
 from .alignment import (ALIGNMENT_COLUMNS, PROMPT_COLUMN, align_rendered, last_answer_prompt, render_messages,
                         render_text)
@@ -48,6 +47,7 @@ class DataReport:
     class_names: list[str] | None = None  # classification: class names in id order
     positions: list[int] = field(default_factory=list)  # each used row's index among the rows read
     held_out: HeldOutRows | None = None  # --eval_ratio: which of the rows read were held out
+    rows: datasets.Dataset | None = field(default=None, repr=False, compare=False)  # the rows read (positions index them)
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,14 @@ class HeldOutRows:
     @classmethod
     def of(cls, rows: datasets.Dataset, positions: list[int]) -> HeldOutRows:
         """In the split's order, which --max_samples of `eval` takes the first of."""
-        return cls(list(positions), _rows_digest(rows.select(positions)))
+        return cls(list(positions), rows_digest(rows.select(positions)))
 
     def select(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
         if self.positions and max(self.positions) >= len(rows):
             raise DataError(f"holds {len(rows)} rows, fewer than when the run held out its rows: it changed since; "
                             "evaluate on a held-out file with --dataset", source=source)
         selected = rows.select(self.positions)
-        if _rows_digest(selected) != self.digest:
+        if rows_digest(selected) != self.digest:
             raise DataError("changed since the run held out its rows (their content differs): evaluate on a held-out "
                             "file with --dataset", source=source)
         return selected
@@ -194,7 +194,7 @@ def load_rows(data_args, seed: int) -> tuple[datasets.Dataset, str]:
     """All rows (optionally a seeded subset of ``max_samples``) with their source file and row number."""
     files = local_files(data_args.dataset)
     if is_in_memory(data_args.dataset):
-        data = registered_rows(data_args.dataset)
+        data = _with_origin(registered_rows(data_args.dataset), data_args.dataset)
     elif files is None:
         data = _load_named(data_args)
     else:
@@ -216,7 +216,12 @@ def _load_named(data_args) -> datasets.Dataset:
         data = datasets.load_dataset(data_args.dataset, data_args.dataset_config, split=data_args.dataset_split)
     except Exception as error:
         raise DataError(f"cannot load dataset: {error}", source=data_args.dataset) from error
-    return data.add_column("_source", [data_args.dataset] * len(data)).add_column("_row", list(range(1, len(data) + 1)))
+    return _with_origin(data, data_args.dataset)
+
+
+def _with_origin(data: datasets.Dataset, source: str) -> datasets.Dataset:
+    """Rows that name where they were read from (``_source``, 1-based ``_row``), as a file's rows do."""
+    return data.add_column("_source", [source] * len(data)).add_column("_row", list(range(1, len(data) + 1)))
 
 
 def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
@@ -302,6 +307,7 @@ def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep_
     if fmt == "classification":
         values = [json.loads(v) for v in rows["label"]] if JSON_MARKER in rows.column_names else rows["label"]
         class_names = resolve_class_names(values, data_args.class_names, data_args.dataset)
+    read = rows
     positions = list(range(len(rows))) if only is None else only.positions
     if only is not None:
         rows = only.select(rows, data_args.dataset)
@@ -322,16 +328,8 @@ def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep_
     encoded = encoded.remove_columns(["_error", "_source", "_row", POSITION])
     if len(encoded) == 0:
         raise DataError("no usable rows left", source=data_args.dataset)
-    report = DataReport(fmt, len(rows), len(encoded), _answer_tokens(encoded, fmt), errors, class_names, used)
+    report = DataReport(fmt, len(rows), len(encoded), _answer_tokens(encoded, fmt), errors, class_names, used, rows=read)
     return encoded, report
-
-
-def _rows_digest(rows: datasets.Dataset) -> str:
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps({key: value for key, value in row.items() if key not in ("_source", "_row")},
-                                 sort_keys=True, default=str).encode())
-    return digest.hexdigest()
 
 
 def _answer_tokens(encoded: datasets.Dataset, fmt: str) -> int:
@@ -351,7 +349,7 @@ def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep
             raise DataError("eval_ratio needs at least 2 usable rows", source=data_args.dataset)
         split = train.add_column(POSITION, report.positions).train_test_split(test_size=data_args.eval_ratio, seed=seed)
         train, held_out = split["train"].remove_columns(POSITION), split["test"]
-        held_rows = HeldOutRows.of(load_rows(data_args, seed)[0], held_out[POSITION])
+        held_rows = HeldOutRows.of(report.rows, held_out[POSITION])  # the rows read, not read again
         held_out = held_out.remove_columns(POSITION)
         report = dataclasses.replace(report, rows_used=len(train), answer_tokens=_answer_tokens(train, report.data_format),
                                      held_out=held_rows)

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from conftest import run_flags
 from llmneo import cli
 import llmneo
-from llmneo.adapters.lora import add_lora, lora_config, peft_wrapping
+from llmneo.adapters.lora import adapter_options, add_lora, lora_config, peft_wrapping
 from llmneo.adapters.moslora import MoSLoraLinear
 from llmneo.adapters.store import export_plain_lora, load_adapter, save_adapter
 from llmneo.artifacts import merge_run
@@ -279,3 +279,19 @@ def test_a_checkpoint_of_a_base_mutating_init_is_not_merged(models_dir, train_fi
                                           "the base as that initialisation modified it: resume the run"):
         merge_run(out / "checkpoint-2", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_lora_config_becomes_the_adapter_options_that_rebuild_it():
+    """peft_config= of the Python API: its own fields by llm-neo's names (targets in a stable order), every other
+    non-default field in peft_options, and lora_config of those options the same adapter again."""
+    given = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules={"v_proj", "q_proj"}, use_dora=True,
+                       task_type="CAUSAL_LM")
+    options = adapter_options(given)
+    assert options == {"lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.1, "target_modules": "q_proj,v_proj",
+                        "peft_options": '{"use_dora": true}'}
+    rebuilt = lora_config(AdapterArguments(**options))
+    assert (rebuilt.r, rebuilt.lora_alpha, rebuilt.lora_dropout, rebuilt.use_dora) == (8, 16.0, 0.1, True)
+    assert set(rebuilt.target_modules) == {"q_proj", "v_proj"}
+    assert "target_modules" not in adapter_options(LoraConfig(r=4))  # PEFT's default: llm-neo's default applies
+    with pytest.raises(ConfigError, match=r"peft_config must be a peft.LoraConfig .*, got dict"):
+        adapter_options({"r": 8})
