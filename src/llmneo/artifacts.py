@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 
-def resolved_config(config) -> dict:
-    """The resolved config as config.yaml holds it: its sections, in JSON types."""
-    return json.loads(json.dumps(config.to_dict(), default=str))
-
-
 def save_resolved_config(run_dir: Path, config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(resolved_config(config), sort_keys=False)
-    (run_dir / CONFIG_FILE).write_text(text, encoding="utf-8")
+    config.to_yaml(run_dir / CONFIG_FILE)
 
 
 def load_run_config(run_dir: Path) -> dict:

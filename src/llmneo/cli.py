@@ -101,10 +101,7 @@ def _numbers(text: str, kind):
 def cmd_eval(argv: list[str]) -> int:
     import json
 
-    from pathlib import Path
-
-    from .evaluation.evaluate import EvalRequest, EvaluationIncomplete, evaluate_target
-    from .runtime.layout import EVAL_FILE, open_target
+    from .evaluation.evaluate import EvalRequest, EvaluationIncomplete, evaluate_target, results_path
 
     parser = argparse.ArgumentParser(prog="llm-neo eval", description=COMMANDS["eval"], allow_abbrev=False)
     parser.add_argument("target", help="Run directory of `llm-neo distill`, or a model directory.")
@@ -132,8 +129,9 @@ def cmd_eval(argv: list[str]) -> int:
     except EvaluationIncomplete as error:  # print what was measured, then the one-line error
         print(json.dumps(error.results, indent=2))
         raise
-    if open_target(args.target).kind == "run":
-        print(f"results written to {Path(args.target) / EVAL_FILE}", file=sys.stderr)
+    written = results_path(args.target)
+    if written is not None:
+        print(f"results written to {written}", file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import json
 import os
 import sys
 import types
@@ -307,8 +308,12 @@ class RunConfig:
     def to_yaml(self, path: str | Path) -> Path:
         """Write the configuration as a run's config.yaml (``from_yaml`` reads it back)."""
         path = Path(path)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        path.write_text(yaml.safe_dump(self.resolved(), sort_keys=False), encoding="utf-8")
         return path
+
+    def resolved(self) -> dict:
+        """The sections as config.yaml holds them, in JSON types (a value of another type as its text)."""
+        return json.loads(json.dumps(self.to_dict(), default=str))
 
     def to_dict(self) -> dict:
         """Sections as in a run's config.yaml: model, data, adapter, distill, training."""

@@ -15,7 +15,7 @@ from transformers import set_seed
 
 from .adapters.lora import PEFT_TASK_TYPES, lora_config
 from .adapters.store import save_initial_adapter
-from .artifacts import RunOutcome, collect_final_metrics, resolved_config, write_artifacts
+from .artifacts import RunOutcome, collect_final_metrics, write_artifacts
 from .data.loading import DataReport, build_datasets
 from .errors import ConfigError, DiskFullError
 from .evaluation.before_after import compare_with_before, measure_before
@@ -94,7 +94,7 @@ def train_and_write(config, callbacks=()) -> RunSummary:
     head = class_head(config, tokenizer, data.report)
     models = load_models(config, tokenizer, head, teacher_tokenizer)
     signal = teacher_signal(config, models, cache, data.train, connection)
-    identity = run_identity(resolved_config(config), data.fingerprint, signal.identity(),
+    identity = run_identity(config.resolved(), data.fingerprint, signal.identity(),
                             read_models(config, base, models.teacher))
     start = RunStart(prepare_run_dir(config, identity, data.report.held_out), base,
                      TrainerExtras(tuple(callbacks), checkpoint_files(config, identity, base)))

@@ -206,9 +206,15 @@ class EvaluationIncomplete(NeoError):
         self.results = results
 
 
+def results_path(target: str) -> Path | None:
+    """Where `eval` writes a target's results: a run's eval.json; nowhere for a model directory (left untouched)."""
+    return Path(target) / EVAL_FILE if open_target(target).kind == "run" else None
+
+
 def _write_results(request: EvalRequest, results: dict, write: bool) -> None:
-    if write and open_target(request.target).kind == "run":  # a run directory; model directories stay untouched
-        (Path(request.target) / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    path = results_path(request.target)
+    if write and path is not None:
+        path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
 def _held_out_results(request: EvalRequest, models: EvalModels, held_out, device) -> dict:
