@@ -15,7 +15,7 @@ from .config import ModelArguments
 from .errors import ConfigError
 from .evaluation.answers import continue_greedily, prompt_ids
 from .models.loading import LoadOptions, load_pretrained_model, load_student_tokenizer
-from .rollouts import model_positions
+from .rollouts import answer_stop_ids, model_positions
 
 
 def load_for_generation(target: str, teacher: bool = False):
@@ -55,7 +55,8 @@ def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int = 1
     rendered = [prompt_ids(tokenizer, prompt) for prompt in prompts]
     budgets = [answer_budget(ids.shape[1], max_new_tokens, model_positions(model), number)
                for number, ids in enumerate(rendered, start=1)]
-    return [continue_greedily(model, tokenizer, ids, budget) for ids, budget in zip(rendered, budgets, strict=True)]
+    stops = answer_stop_ids(model, tokenizer)
+    return [continue_greedily(model, tokenizer, ids, budget, stops) for ids, budget in zip(rendered, budgets, strict=True)]
 
 
 def check_max_new_tokens(max_new_tokens: int) -> None:

@@ -17,13 +17,15 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def continue_greedily(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 128) -> str:
-    """The model's greedy continuation of ``input_ids`` (1, T), decoded without special tokens."""
+def continue_greedily(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 128,
+                      stops: list[int] | None = None) -> str:
+    """The model's greedy continuation of ``input_ids`` (1, T), decoded without special tokens; it ends at
+    ``stops`` (default ``answer_stop_ids``: give them when continuing many prompts, to find them once)."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
+    stops = answer_stop_ids(model, tokenizer) if stops is None else stops
     output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                            do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=answer_stop_ids(model, tokenizer) or None)
+                            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
     return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -54,6 +56,7 @@ def answers(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int =
     was_training = model.training
     model.eval()
     try:
-        return [continue_greedily(model, tokenizer, ids, max_new_tokens) for ids in prompts]
+        stops = answer_stop_ids(model, tokenizer)
+        return [continue_greedily(model, tokenizer, ids, max_new_tokens, stops) for ids in prompts]
     finally:
         model.train(was_training)
