@@ -80,3 +80,16 @@ def test_a_memory_model_name_outside_its_run_is_refused_in_one_line():
                                           r"that trained the run, saved nowhere: save it \(save_pretrained\) and give "
                                           r"its path \(--teacher_model PATH\)$"):
         load_pretrained_model("memory:teacher-ab12", "teacher")
+
+
+def test_a_model_with_tied_embeddings_is_still_named_by_its_directory(tokenizer, tmp_path):
+    """The output head shares the embedding and is saved once: counted once, not as a weight the files lack."""
+    from transformers import AutoModelForCausalLM
+
+    from llmneo.demo.tiny import build_tiny_llama
+    from llmneo.in_memory import model_name
+
+    build_tiny_llama(tokenizer, tie_word_embeddings=True).save_pretrained(tmp_path / "tied")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model_name(model, "student") == str((tmp_path / "tied").resolve())
