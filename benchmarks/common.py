@@ -25,7 +25,12 @@ def build_llama(vocab, shape, dtype, seed, tie=False):
                          num_key_value_heads=max(heads // 4, 1), intermediate_size=intermediate, use_cache=False,
                          max_position_embeddings=16384, tie_word_embeddings=tie)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(dtype)
+    if not torch.cuda.is_available():
+        return LlamaForCausalLM(config).to(dtype)
+    # On a GPU the weights are drawn there, in their dtype: an 8B model drawn in fp32 on the CPU costs minutes of
+    # device time per benchmark (the values do not matter for speed or memory).
+    with torch.device("cuda"):
+        return LlamaForCausalLM._from_config(config, dtype=dtype)
 
 
 def parameter_count(shape, vocab, tie=False) -> int:

@@ -108,19 +108,33 @@ def run_step(step: Step, seconds_left: float, logs: Path) -> tuple[str, dict, st
         result = subprocess.run(step.argv, cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=max(1, min(step.timeout, seconds_left)))
         stdout = result.stdout
-        with logs.open("a") as log:  # one file for all steps: a device call brings back at most 8 files
-            log.write(f"\n===== {step.part}: {step.name}\n$ {' '.join(step.argv)}\n{result.stdout[-LOG_TAIL:]}\n"
-                      f"--- stderr (rc {result.returncode})\n{result.stderr[-LOG_TAIL:]}\n")
+        log_step(logs, step, stdout, result.stderr, f"rc {result.returncode}")
         if result.returncode != 0:
             return "fail", {}, f"exit {result.returncode}: {(result.stderr or result.stdout)[-1500:]}", ""
-        table = "\n".join(line for line in stdout.splitlines() if line.startswith(("|", "preset", "device")))
-        return "pass", step.judge(stdout) if step.judge else {}, "", table if step.table else ""
-    except subprocess.TimeoutExpired:
-        return "fail", {}, f"timed out after {min(step.timeout, seconds_left):.0f} s", ""
+        return "pass", step.judge(stdout) if step.judge else {}, "", printed_table(stdout) if step.table else ""
+    except subprocess.TimeoutExpired as timeout:
+        # A benchmark prints its rows as they finish: the rows of a step cut off by the budget are kept.
+        stdout, stderr = (_text(stream) for stream in (timeout.stdout, timeout.stderr))
+        log_step(logs, step, stdout, stderr, "timed out")
+        return "fail", {}, f"timed out after {min(step.timeout, seconds_left):.0f} s", printed_table(stdout) if step.table else ""
     except CheckFailed as failure:
         return "fail", {}, str(failure), ""
     except Exception as error:  # one broken check must not hide the others' results
         return "fail", {}, f"{type(error).__name__}: {error}", ""
+
+
+def _text(stream: bytes | str | None) -> str:
+    return stream.decode(errors="replace") if isinstance(stream, bytes) else stream or ""
+
+
+def printed_table(stdout: str) -> str:
+    return "\n".join(line for line in stdout.splitlines() if line.startswith(("|", "preset", "device")))
+
+
+def log_step(logs: Path, step: Step, stdout: str, stderr: str, outcome: str) -> None:
+    with logs.open("a") as log:  # one file for all steps: a device call brings back at most 8 files
+        log.write(f"\n===== {step.part}: {step.name}\n$ {' '.join(step.argv)}\n{stdout[-LOG_TAIL:]}\n"
+                  f"--- stderr ({outcome})\n{stderr[-LOG_TAIL:]}\n")
 
 
 def run_parts(parts: list[str], work: Workspace, report: Report, budget_s: float) -> None:

@@ -72,18 +72,21 @@ def test_each_outcome_is_recorded_in_results_json_and_md(tmp_path):
                   judge=gpu_parts.markdown_table, table=True),
              Step("demo", "judge refuses", argv=[sys.executable, "-c", "print(7)"], judge=failing_judge),
              Step("demo", "exits 3", argv=[sys.executable, "-c", "import sys; sys.exit('boom')"]),
-             Step("demo", "too slow", argv=[sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)]
+             Step("demo", "too slow", argv=[sys.executable, "-c", "import time; time.sleep(30)"], timeout=1),
+             Step("demo", "cut off after a row", table=True, timeout=3, argv=[sys.executable, "-uc",
+                  "import time; print('| a |\\n|---|\\n| 1 |', flush=True); time.sleep(30)"])]
     for step in steps:
         status, figures, detail, table = gpu_check.run_step(step, 60, tmp_path / "steps.log")
         report.add(step, status, 0.1, figures, detail, table)
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["checks"]
-    assert [row["status"] for row in rows] == ["pass", "pass", "fail", "fail", "fail"]
+    assert [row["status"] for row in rows] == ["pass", "pass", "fail", "fail", "fail", "fail"]
     assert rows[0]["figures"] == {"figure": 1.5} and rows[1]["figures"] == {"table rows": 1}
     assert rows[2]["detail"] == "wrong figure in 7"
     assert rows[3]["detail"].startswith("exit 1: boom") and rows[4]["detail"] == "timed out after 1 s"
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "| demo | judge refuses | fail | 0.1 | wrong figure in 7 |" in markdown
     assert "## demo: table\n\n| a |" in markdown
+    assert rows[5]["detail"] == "timed out after 3 s" and rows[5]["table"] == "| a |\n|---|\n| 1 |"  # rows kept
     assert report.failed() and "$ " in (tmp_path / "steps.log").read_text()
 
 
