@@ -154,6 +154,7 @@ def run(args):
                     if reason := available(name, args):
                         print(f"| {name} | {student_hidden} | {teacher_hidden} | {tokens} | skipped: {reason} |||||")
                         continue
+                    torch._dynamo.reset()  # Liger compiles its chunk step: a new shape's recompile fails on torch 2.11
                     try:
                         seconds, peak = measure(IMPLEMENTATIONS[name], case, settings, device, args.repeats)
                     except torch.OutOfMemoryError:
