@@ -46,19 +46,35 @@ class DiskFullError(NeoError):
     """The disk filled up while a run was writing; names the file and the checkpoint to resume from."""
 
 
-class TeacherServerError(NeoError):
-    """The teacher server did not answer, or answered with an error (its own message is kept)."""
+class ServerError(NeoError):
+    """An inference server did not answer, or answered with an error (its own message is kept). ``role`` says
+    which server in messages ("teacher server", "rollout server")."""
+
+    role = "server"
 
     def __init__(self, message: str, *, reason: str | None = None, status: int | None = None, retryable: bool = False):
         super().__init__(message)
         self.reason, self.status, self.retryable = reason or message, status, retryable
 
     @classmethod
-    def from_answer(cls, url: str, status: int, body: bytes) -> TeacherServerError:
+    def from_answer(cls, url: str, status: int, body: bytes) -> ServerError:
         """An HTTP error answer, with the server's own message when it gives one (OpenAI's error object)."""
         try:
             reason = json.loads(body)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             reason = body.decode("utf-8", "replace").strip()[:300] or f"HTTP {status}"
-        return cls(f"teacher server {url} answered HTTP {status}: {reason}", reason=reason, status=status,
+        return cls(f"{cls.role} {url} answered HTTP {status}: {reason}", reason=reason, status=status,
                    retryable=status >= 500 or status == 429)
+
+
+class TeacherServerError(ServerError):
+    """The teacher server did not answer, or answered with an error."""
+
+    role = "teacher server"
+
+
+class RolloutServerError(ServerError):
+    """The rollout server (vLLM serving the student's base with its adapter) did not answer, or answered with an
+    error."""
+
+    role = "rollout server"

@@ -14,21 +14,16 @@ special tokens, and ``/detokenize`` of ids across the vocabulary), and that it r
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import math
-import os
 import re
-import socket
-import threading
-import time
-import urllib.parse
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError, TeacherServerError, VocabularyError
+from ..server_client import JsonClient, ServerSettings
 from ..losses.contract import IGNORE_INDEX
 from ..losses.topk import TopKRows
 
@@ -47,40 +42,12 @@ MASS_TOLERANCE = 1e-3
 RANK_TOLERANCE = 1e-4
 
 
-@dataclass
-class ServerSettings:
-    """How to reach the teacher server (distill's --teacher_server* options)."""
-
-    url: str  # the OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
-    model: str | None = None  # the served model name; None: the server's only model
-    api_key_env: str | None = None  # the environment variable holding the API key, if the server wants one
-    timeout: float = 120.0  # seconds one whole answer may take (connecting, sending and reading it all)
-    retries: int = 4  # further tries of a request that failed to connect, timed out or got a 5xx answer
-    backoff: float = 1.0  # seconds before the first retry, doubled for each next one
-
-    @classmethod
-    def from_config(cls, training) -> ServerSettings:
-        return cls(training.teacher_server, training.teacher_server_model, training.teacher_server_api_key_env,
-                   training.teacher_server_timeout, training.teacher_server_retries)
-
-    def api_key(self) -> str | None:
-        """The key from the named environment variable: one that is missing or empty is refused, each by name."""
-        if not self.api_key_env:
-            return None
-        key = os.environ.get(self.api_key_env)
-        if key is None:
-            raise ConfigError(f"--teacher_server_api_key_env {self.api_key_env}: that environment variable is not set")
-        if not key.strip():
-            raise ConfigError(f"--teacher_server_api_key_env {self.api_key_env}: that environment variable is set but "
-                              "empty; put the server's API key in it")
-        return key.strip()
-
-
 class TeacherServer:
-    """One served teacher model: top-k log-probabilities of token-id sequences, with retries."""
+    """One served teacher model: top-k log-probabilities of token-id sequences (requests retried: server_client.py)."""
 
     def __init__(self, settings: ServerSettings):
         self.settings = settings
+        self._request = JsonClient(settings, TeacherServerError).request
         self.base = settings.url.rstrip("/")
         self.root = self.base.removesuffix("/v1")  # vLLM serves /tokenize and /detokenize beside /v1
         self.model = settings.model
@@ -209,106 +176,6 @@ class TeacherServer:
         top = torch.tensor(ids, dtype=torch.int64)
         log_tail = torch.log(-torch.expm1(torch.logsumexp(log_probs, dim=-1).clamp(max=0.0)))
         return ScoredRows(top, log_probs, log_tail, torch.tensor(actual, dtype=torch.float32))
-
-    # ---- HTTP ------------------------------------------------------------------------------------------------------
-
-    def _request(self, method: str, url: str, payload: dict | None = None, tries: int | None = None) -> dict:
-        """One JSON request; a failed connection, a timeout or a 5xx answer is tried again after a backoff."""
-        tries = self.settings.retries + 1 if tries is None else tries
-        for attempt in range(tries):
-            try:
-                return self._send(method, url, payload)
-            except TeacherServerError as error:
-                if not error.retryable or attempt == tries - 1:
-                    if attempt:
-                        error.args = (f"{error} (after {attempt + 1} tries)",)
-                    raise
-                delay = self.settings.backoff * 2 ** attempt
-                logger.warning("teacher server %s: %s; trying again in %.0f s", url, error.reason, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _send(self, method: str, url: str, payload: dict | None) -> dict:
-        headers = {"Content-Type": "application/json"}
-        key = self.settings.api_key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        data = json.dumps(payload).encode() if payload is not None else None
-        status, body = _exchange(method, url, data, headers, self.settings.timeout)
-        if status >= 400:
-            raise self._refusal(url, status, body)
-        try:
-            return json.loads(body, object_pairs_hook=_unique_keys)
-        except ValueError as error:  # not JSON, or a key given twice
-            raise TeacherServerError(f"teacher server {url} answered with something that is not valid JSON "
-                                     f"({error})") from None
-
-    def _refusal(self, url: str, status: int, body: bytes) -> TeacherServerError:
-        error = TeacherServerError.from_answer(url, status, body)
-        if status in (401, 403):
-            hint = (f"the server refused the key in ${self.settings.api_key_env}: check it"
-                    if self.settings.api_key_env else
-                    "the server wants an API key: put it in an environment variable and name that variable with "
-                    "--teacher_server_api_key_env")
-            error.args = (f"{error}; {hint}",)
-        return error
-
-
-def _exchange(method: str, url: str, data: bytes | None, headers: dict, timeout: float) -> tuple[int, bytes]:
-    """One HTTP request and its whole answer within ``timeout`` seconds: a watchdog shuts the socket at the
-    deadline, so a server that answers slowly (a byte at a time) cannot hold the run past it. Transport faults
-    (refused, reset, a malformed status line, a body shorter than its Content-Length, the deadline) are
-    retryable TeacherServerErrors."""
-    parts = urllib.parse.urlsplit(url)
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = kind(parts.hostname, parts.port, timeout=timeout)
-    expired = threading.Event()
-
-    def cut() -> None:
-        expired.set()
-        if connection.sock is not None:
-            try:
-                connection.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    watchdog = threading.Timer(timeout, cut)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        connection.request(method, path, body=data, headers=headers)
-        response = connection.getresponse()
-        return response.status, response.read()
-    except (http.client.HTTPException, OSError) as error:
-        reason = (f"no whole answer within {timeout:g} s (--teacher_server_timeout)" if expired.is_set()
-                  else _transport_reason(error))
-        raise TeacherServerError(f"teacher server {url}: {reason}", reason=reason, retryable=True) from None
-    finally:
-        watchdog.cancel()
-        connection.close()
-
-
-def _transport_reason(error: Exception) -> str:
-    if isinstance(error, http.client.IncompleteRead):
-        return (f"the answer broke off after {len(error.partial)} bytes"
-                + (f", {error.expected} more were announced" if error.expected is not None else ""))
-    if isinstance(error, http.client.RemoteDisconnected):
-        return "the server closed the connection without answering"
-    if isinstance(error, http.client.BadStatusLine):
-        return f"the server answered with a malformed status line {str(error)[:80]!r}"
-    if isinstance(error, http.client.HTTPException):
-        return f"the server's answer is not valid HTTP ({type(error).__name__}: {str(error)[:120]})"
-    return str(getattr(error, "reason", None) or error) or type(error).__name__
-
-
-def _unique_keys(pairs: list) -> dict:
-    """A JSON object whose keys are unique: an answer naming one token twice at a position is malformed."""
-    found = dict(pairs)
-    if len(found) != len(pairs):
-        twice = sorted({key for key, _ in pairs if sum(other == key for other, _ in pairs) > 1})
-        raise ValueError(f"key {twice[0]!r} appears twice in one object")
-    return found
 
 
 def probe_text(tokenizer) -> str:

@@ -1,4 +1,4 @@
-"""Why a run stopped, said in one line with what to do next: a non-finite step, a teacher server that stopped
+"""Why a run stopped, said in one line with what to do next: a non-finite step, a teacher or rollout server that stopped
 answering, running out of memory or disk. The last good step is saved first where one finished; the resume command
 is given only when a complete checkpoint exists."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NonFiniteError, TeacherServerError, TrainingOutOfMemory
+from ..errors import NonFiniteError, ServerError, TrainingOutOfMemory
 from ..runtime.checkpoints import complete_checkpoints
 
 
@@ -21,11 +21,11 @@ def train_or_explain(trainer, config, resume):
     except NonFiniteError as error:
         saved = _save_last_good_step(trainer)
         raise NonFiniteError(f"{error}. {saved}") from None
-    except TeacherServerError as error:
+    except ServerError as error:
         saved = _save_last_good_step(trainer, resume_hint=False)
         then = (resume_command(config) if complete_checkpoints(config.training.output_dir) else
                 "Run the same command again once the server answers (there is nothing to resume).")
-        raise TeacherServerError(f"{error}. {saved} {then}") from None
+        raise type(error)(f"{error}. {saved} {then}") from None
     except torch.OutOfMemoryError:
         saved = _save_last_good_step(trainer)
         args = config.training

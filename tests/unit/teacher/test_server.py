@@ -315,7 +315,7 @@ def test_the_timeout_bounds_the_whole_answer_not_each_read(standin, tokenizer):
 
 def test_retries_wait_a_doubling_backoff(standin, tokenizer, monkeypatch):
     waits = []  # the client's own waits only (patching time.sleep itself would also catch other threads' sleeps)
-    monkeypatch.setattr("llmneo.teacher.server.time", SimpleNamespace(sleep=waits.append))
+    monkeypatch.setattr("llmneo.server_client.time", SimpleNamespace(sleep=waits.append))
     server = TeacherServer(ServerSettings(standin.url, retries=3, backoff=0.5)).connect(tokenizer)
     standin.failures = 3
     server.prompt_logprobs([1, 2, 3], 2)
