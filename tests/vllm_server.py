@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "vllm_cpu_server.sh"
+ROLLOUT_SCRIPT = SCRIPT.with_name("vllm_rollout_server.sh")
 START_TIMEOUT_S = 900  # the first call makes the venv (a few minutes), then about a minute on 2 busy cores
 
 
@@ -26,11 +27,14 @@ def free_port() -> int:
 
 
 class VllmServer:
-    """``python``: an interpreter with vLLM installed (its GPU build), started directly; default the CPU script."""
+    """``python``: an interpreter with vLLM installed (its GPU build), started directly; default the CPU script.
+    ``lora_rank``: a rollout server of ``model`` (scripts/vllm_rollout_server.sh) taking adapters up to that rank.
+    ``env``: variables set (a value) or removed (None) for the server."""
 
     def __init__(self, model: str, port: int | None = None, *args: str, log: Path | None = None,
-                 python: str | None = None):
+                 python: str | None = None, lora_rank: int | None = None, env: dict | None = None):
         self.model, self.port, self.args, self.python = model, port or free_port(), args, python
+        self.lora_rank, self.env = lora_rank, env or {}
         self.log = log or Path(f"/tmp/llmneo-vllm-{self.port}.log")
         self.process: subprocess.Popen | None = None
 
@@ -40,7 +44,8 @@ class VllmServer:
 
     def start(self) -> VllmServer:
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self._command(),
+            env = {key: value for key, value in {**os.environ, **self.env}.items() if value is not None}
+            self.process = subprocess.Popen(self._command(), env=env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -57,6 +62,8 @@ class VllmServer:
         raise RuntimeError(f"vLLM did not answer within {START_TIMEOUT_S} s; its log: {self.log}")
 
     def _command(self) -> list[str]:
+        if self.lora_rank is not None:
+            return ["bash", str(ROLLOUT_SCRIPT), self.model, str(self.port), str(self.lora_rank), *self.args]
         if self.python is None:
             return ["bash", str(SCRIPT), "serve", self.model, str(self.port), *self.args]
         return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--served-model-name",

@@ -235,6 +235,25 @@ class DistillArguments:
     rollout_temperature: float = _help("On-policy steps: the student's sampling temperature (0: greedy).", 1.0)
     rollout_top_p: float = _help("On-policy steps: nucleus sampling mass (1: the whole distribution).", 1.0,
         valid=Range(0, 1, low_open=True))
+    rollout_server: str | None = _help(
+        "Generate on-policy rollouts on a vLLM server of the student's base at this OpenAI-compatible base URL, "
+        "e.g. http://127.0.0.1:8001/v1, started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True: the "
+        "current adapter is loaded there before each on-policy step (docs/on-policy.md).")
+    rollout_server_model: str | None = _help(
+        "With --rollout_server: the served name of the student's base; default the server's only base model.")
+    rollout_server_api_key_env: str | None = _help(
+        "With --rollout_server: the environment variable holding the server's API key (sent as a bearer token).")
+    rollout_server_timeout: float = _help(
+        "With --rollout_server: seconds one whole answer may take before trying again.", 300.0, valid=POSITIVE)
+    rollout_server_retries: int = _help(
+        "With --rollout_server: further tries of a request that failed (backoff 1, 2, 4... s); then the run saves "
+        "its last step and stops with the resume command.", 4, valid=NON_NEGATIVE)
+    rollout_adapter_dir: str | None = _help(
+        "With --rollout_server: where the adapter is written for the server to load (default RUN/rollout-adapter); "
+        "a server on another machine needs it on a shared filesystem, at the same path.")
+    rollout_sync_steps: int = _help(
+        "With --rollout_server: on-policy steps between adapter syncs (1: every step, rollouts from the exact "
+        "student; N: up to N-1 steps stale, logged as rollout_staleness).", 1, valid=AT_LEAST_ONE)
 
 
 @dataclass
@@ -495,7 +514,7 @@ def validate(config: RunConfig) -> None:
     """Every rule, in order: the first broken one is the error (one line naming the option, value and fix)."""
     checks = (_value_checks(config) + _method_checks(config) + _classification_checks(config)
               + _cross_tokenizer_checks(config) + _served_teacher_checks(config) + _on_policy_checks(config)
-              + _liger_checks(config))
+              + _rollout_server_checks(config) + _liger_checks(config))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -566,6 +585,30 @@ def _on_policy_checks(config: RunConfig) -> list[tuple[bool, str]]:
             (training.on_policy_loss == "full" or training.temperature == 1.0,
              f"on_policy_loss sampled is the reverse-KL estimator at T = 1: --temperature {training.temperature} "
              "is refused with it")]
+
+
+def _rollout_server_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """A rollout server generates with the student's adapter, synced to it: one adapter vLLM can serve, one
+    process sending it."""
+    training = config.training
+    if training.rollout_server is None:
+        return []
+    dora = config.adapter.adapter == "dora" or bool(_peft_option(config.adapter.peft_options, "use_dora"))
+    return [(training.on_policy_fraction > 0, "rollout_server generates on-policy rollouts: set --on_policy_fraction"),
+            (METHODS[training.method].uses_adapter, f"rollout_server loads the student's adapter, and method "
+                                                   f"{training.method} trains every weight (there is no adapter to "
+                                                   "send): use --method neo"),
+            (not dora, "rollout_server: vLLM serves no DoRA adapter (its magnitude vector rescales the base "
+                       "weights): choose another --adapter, or generate in the trainer (leave --rollout_server out)")]
+
+
+def _peft_option(options, key: str):
+    """One key of --peft_options (JSON text or a mapping); unreadable options are refused where they are parsed."""
+    try:
+        options = json.loads(options) if isinstance(options, str) else options or {}
+    except ValueError:
+        return None
+    return options.get(key) if isinstance(options, dict) else None
 
 
 def _cross_tokenizer_checks(config: RunConfig) -> list[tuple[bool, str]]:

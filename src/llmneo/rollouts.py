@@ -1,5 +1,9 @@
 """On-policy rollouts: the student answers each training row's last prompt with its current adapter.
 
+Which engine generates the answers (in the trainer's process with transformers, or on a vLLM server that loads the
+current adapter) is rollout_engines.py; this module cuts the prompts, bounds the answers by the model's positions,
+counts what the rollouts cost and turns the answers into a training batch.
+
 A row's prompt is its conversation up to its last assistant answer (the tokens before that answer's labels: the
 chat template's rendering with the generation prompt, as the data side cut it). The student, in eval mode, with a
 KV cache and left-padded prompts, continues each prompt until the tokenizer's EOS or the template's end-of-turn
@@ -11,6 +15,7 @@ generator state to restore beyond the step the checkpoint holds.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -21,6 +26,7 @@ from .errors import ConfigError, DataError
 from .losses.contract import IGNORE_INDEX
 
 ROLLOUT = "rollout"  # the key that marks a batch of the student's own answers (no teacher row was fetched ahead)
+ROLLOUT_LOG_PROBS = "rollout_log_probs"  # (B, T): the engine's log p (T = 1) of each answer label, NaN elsewhere
 _PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
 
 
@@ -44,12 +50,21 @@ class RolloutStats:
     tokens: int = 0
     answers: int = 0
     cut: int = 0  # answers stopped by max_new_tokens, not by a stop token
+    logprob_gap: float | None = None  # largest |log p_engine - log p_trainer| over the sampled tokens trained on
 
     def figures(self) -> dict:
         figures = {"rollout_s": round(self.seconds, 4), "rollout_tokens": self.tokens}
         if self.answers:
             figures["rollout_cut"] = round(self.cut / self.answers, 4)
+            figures["rollout_tokens_per_s"] = round(self.tokens / max(self.seconds, 1e-9), 1)
+        if self.logprob_gap is not None:
+            figures["rollout_logprob_gap"] = float(f"{self.logprob_gap:.4g}")
         return figures
+
+    def observe_gap(self, gap: float) -> None:
+        """Keep the largest gap; a NaN (an engine log-probability missing) is kept over any number: it must show."""
+        before = self.logprob_gap
+        self.logprob_gap = gap if before is None else math.nan if math.isnan(before) or math.isnan(gap) else max(before, gap)
 
 
 def stop_token_ids(tokenizer) -> set[int]:
@@ -78,6 +93,10 @@ def answer_stop_ids(model, tokenizer) -> list[int]:
     return sorted(stops)
 
 
+def padding_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def last_prompt(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
     """One padded row's tokens before its last labelled answer."""
     labelled = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
@@ -98,12 +117,15 @@ def row_seed(seed: int, step: int, row_id: int) -> int:
 
 
 class Rollouts:
-    """Answers of the student to a batch's prompts, as a training batch whose labels are the answers."""
+    """Answers of the student to a batch's prompts, as a training batch whose labels are the answers; ``engine``
+    (rollout_engines.py) generates them, by default in this process with transformers."""
 
-    def __init__(self, settings: RolloutSettings, tokenizer):
+    def __init__(self, settings: RolloutSettings, tokenizer, engine=None):
+        from .rollout_engines import TransformersEngine  # the engines import this module's helpers
+
         self.settings = settings
-        self.stops = stop_token_ids(tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = padding_id(tokenizer)
+        self.engine = engine or TransformersEngine(settings, stop_token_ids(tokenizer), self.pad_id)
         self.stats = RolloutStats()
 
     def batch(self, model, inputs: dict, step: int) -> dict:
@@ -120,89 +142,48 @@ class Rollouts:
         was_training = model.training
         model.eval()
         try:
-            answers, cut = self.generate(model, prompts, [row_seed(self.settings.seed, step, r) for r in row_ids])
+            answers = self.answers(model, prompts, [row_seed(self.settings.seed, step, r) for r in row_ids])
         finally:
             model.train(was_training)
         self.stats.seconds += time.perf_counter() - started
-        self.stats.tokens += sum(len(answer) for answer in answers)
-        self.stats.answers += len(answers)
-        self.stats.cut += sum(cut)
+        self.stats.tokens += sum(len(answer) for answer in answers.tokens)
+        self.stats.answers += len(answers.tokens)
+        self.stats.cut += sum(answers.cut)
         return self.as_batch(prompts, answers, inputs)
 
-    @torch.no_grad()
+    def answers(self, model, prompts: list[list[int]], seeds: list[int]):
+        """The engine's answers (stop token included), each cut at the budget the model's positions leave."""
+        width = max(len(prompt) for prompt in prompts)
+        limits = [limit for limit in (model_positions(model), self.engine.positions()) if limit is not None]
+        budget = min([self.settings.max_new_tokens, *(limit - width for limit in limits)])
+        if budget < 1:
+            raise ConfigError(f"an on-policy prompt of {width} tokens leaves no room for an answer in the "
+                              f"model's {min(limits)} positions: lower --max_length")
+        return self.engine.generate(model, prompts, seeds, budget)
+
     def generate(self, model, prompts: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool]]:
         """Each prompt's answer (stop token included) and whether it was cut at the token budget."""
-        device = next(model.parameters()).device
-        width = max(len(prompt) for prompt in prompts)
-        budget, positions = self.settings.max_new_tokens, model_positions(model)
-        if positions is not None:
-            budget = min(budget, positions - width)
-            if budget < 1:
-                raise ConfigError(f"an on-policy prompt of {width} tokens leaves no room for an answer in the "
-                                  f"model's {positions} positions: lower --max_length")
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for b, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[b, width - len(prompt):] = torch.tensor(prompt, device=device)
-            mask[b, width - len(prompt):] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        answers, done = [[] for _ in prompts], [False] * len(prompts)
-        next_position = positions[:, -1:] + 1
-        for step in range(budget):
-            tokens = self._pick(out.logits[:, -1].float(), generators)
-            for b, token in enumerate(tokens.tolist()):
-                if not done[b]:
-                    answers[b].append(token)
-                    done[b] = token in self.stops
-            if all(done) or step == budget - 1:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position,
-                        use_cache=True, logits_to_keep=1, **_kv_cache(out))
-            next_position = next_position + 1
-        return answers, [not finished for finished in done]
+        answers = self.answers(model, prompts, seeds)
+        return answers.tokens, answers.cut
 
-    def _pick(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        if self.settings.temperature == 0:
-            return logits.argmax(dim=-1)
-        probs = torch.softmax(logits / self.settings.temperature, dim=-1)
-        if self.settings.top_p < 1:
-            probs = _nucleus(probs, self.settings.top_p)
-        return torch.cat([torch.multinomial(probs[b], 1, generator=generator)
-                          for b, generator in enumerate(generators)])
-
-    def as_batch(self, prompts: list[list[int]], answers: list[list[int]], inputs: dict) -> dict:
-        """``inputs`` with each row replaced by its prompt followed by ``answers`` (labelled), right-padded."""
+    def as_batch(self, prompts: list[list[int]], answers, inputs: dict) -> dict:
+        """``inputs`` with each row replaced by its prompt followed by its answer (labelled), right-padded, and the
+        engine's log-probability of each answer token beside its label."""
         device = inputs["input_ids"].device
-        width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
+        width = max(len(p) + len(a) for p, a in zip(prompts, answers.tokens, strict=True))
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         labels = torch.full_like(ids, IGNORE_INDEX)
         mask = torch.zeros_like(ids)
-        for b, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        log_probs = torch.full(ids.shape, float("nan"))
+        for b, (prompt, answer) in enumerate(zip(prompts, answers.tokens, strict=True)):
             row = prompt + answer
             ids[b, :len(row)] = torch.tensor(row)
             labels[b, len(prompt):len(row)] = torch.tensor(answer)
+            log_probs[b, len(prompt):len(row)] = torch.tensor(answers.log_probs[b], dtype=torch.float32)
             mask[b, :len(row)] = 1
         batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
-                 ROLLOUT: torch.ones(len(prompts), dtype=torch.bool, device=device)}
+                 ROLLOUT: torch.ones(len(prompts), dtype=torch.bool, device=device),
+                 ROLLOUT_LOG_PROBS: log_probs.to(device)}
         if "row_id" in inputs:
             batch["row_id"] = inputs["row_id"]
         return batch
-
-
-def _kv_cache(outputs) -> dict:
-    """The KV cache of ``outputs`` as the next forward call takes it: ``cache`` since transformers 5.2x,
-    ``past_key_values`` before (each version's output field has its argument's name)."""
-    name = "cache" if "cache" in outputs else "past_key_values"
-    return {name: outputs[name]}
-
-
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The smallest set of most likely tokens whose mass reaches ``top_p`` (at least the top one), renormalised."""
-    ordered, order = probs.sort(dim=-1, descending=True)
-    outside = ordered.cumsum(dim=-1) - ordered >= top_p
-    ordered = ordered.masked_fill(outside, 0.0)
-    kept = torch.zeros_like(probs).scatter(-1, order, ordered)
-    return kept / kept.sum(dim=-1, keepdim=True)

@@ -58,12 +58,14 @@ class JsonClient:
     def __init__(self, settings: ServerSettings, error: type[ServerError]):
         self.settings, self.error = settings, error
 
-    def request(self, method: str, url: str, payload: dict | None = None, tries: int | None = None) -> dict:
-        """One JSON request; a failed connection, a timeout or a 5xx answer is tried again after a backoff."""
+    def request(self, method: str, url: str, payload: dict | None = None, tries: int | None = None,
+                text: bool = False) -> dict | str:
+        """One JSON request; a failed connection, a timeout or a 5xx answer is tried again after a backoff.
+        ``text``: the answer is plain text (vLLM's adapter endpoints), returned as it is."""
         tries = self.settings.retries + 1 if tries is None else tries
         for attempt in range(tries):
             try:
-                return self._send(method, url, payload)
+                return self._send(method, url, payload, text)
             except ServerError as error:
                 if not error.retryable or attempt == tries - 1:
                     if attempt:
@@ -74,7 +76,7 @@ class JsonClient:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _send(self, method: str, url: str, payload: dict | None) -> dict:
+    def _send(self, method: str, url: str, payload: dict | None, text: bool = False) -> dict | str:
         headers = {"Content-Type": "application/json"}
         key = self.settings.api_key()
         if key:
@@ -83,6 +85,8 @@ class JsonClient:
         status, body = self._exchange(method, url, data, headers)
         if status >= 400:
             raise self._refusal(url, status, body)
+        if text:
+            return body.decode("utf-8", "replace")
         try:
             return json.loads(body, object_pairs_hook=_unique_keys)
         except ValueError as error:  # not JSON, or a key given twice

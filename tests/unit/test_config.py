@@ -238,6 +238,32 @@ def test_on_policy_options_are_checked(flags, message):
         parse_config(base + flags)
 
 
+ROLLOUT_SERVER = ["--rollout_server", "http://127.0.0.1:1/v1"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (ROLLOUT_SERVER, "rollout_server generates on-policy rollouts: set --on_policy_fraction"),
+    ([*ROLLOUT_SERVER, "--on_policy_fraction", "1", "--method", "kd"],
+     "method kd trains every weight \\(there is no adapter to send\\): use --method neo"),
+    ([*ROLLOUT_SERVER, "--on_policy_fraction", "1", "--adapter", "dora"], "vLLM serves no DoRA adapter"),
+    ([*ROLLOUT_SERVER, "--on_policy_fraction", "1", "--peft_options", '{"use_dora": true}'], "vLLM serves no DoRA"),
+    ([*ROLLOUT_SERVER, "--on_policy_fraction", "1", "--rollout_sync_steps", "0"], "rollout_sync_steps must be >= 1"),
+    ([*ROLLOUT_SERVER, "--on_policy_fraction", "1", "--rollout_server_timeout", "0"], "rollout_server_timeout must be > 0"),
+    ([*ROLLOUT_SERVER, "--on_policy_fraction", "1", "--rollout_server_retries", "-1"], "rollout_server_retries must be >= 0"),
+])
+def test_rollout_server_options_are_checked(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--student_model", "s", "--dataset", "d.jsonl", "--teacher_model", "t", *flags])
+
+
+def test_a_rollout_server_run_with_moslora_or_pissa_is_taken():
+    """MoSLoRA (mixer folded) and PiSSA (converted to rank 2r) have a plain-LoRA form vLLM serves."""
+    for adapter in ("moslora", "pissa", "rslora"):
+        config = parse_config(["--student_model", "s", "--dataset", "d.jsonl", "--teacher_model", "t", *ROLLOUT_SERVER,
+                               "--on_policy_fraction", "1", "--adapter", adapter])
+        assert config.training.rollout_sync_steps == 1 and config.training.rollout_server_timeout == 300
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--teacher_model", "t", "--cross_tokenizer", "exact"], "cross_tokenizer exact"),
     (["--teacher_model", "t", "--on_policy_fraction", "0.5"], "on_policy_fraction"),

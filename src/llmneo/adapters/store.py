@@ -73,6 +73,20 @@ def save_adapter(model, target: Path, adapter_args, initial_dir: Path | None = N
     return Path(target)
 
 
+def write_serving_adapter(model, target: Path, initial_dir: Path | None = None) -> int:
+    """The model's current adapter as a plain PEFT LoRA that a LoRA server (vLLM) loads onto the original base:
+    MoSLoRA's mixers folded, PiSSA/OLoRA converted against their untrained adapter ``initial_dir`` (rank 2r),
+    written whole before it is named ``target``. Returns the weights' size in bytes."""
+    with model_directory(target, "--rollout_adapter_dir") as partial:
+        if initial_dir is not None:
+            model.save_pretrained(partial, path_initial_model_for_weight_conversion=str(initial_dir))
+        else:
+            model.save_pretrained(partial)
+        weights = partial / WEIGHTS_FILE
+        save_file(fold_mixers(load_file(weights)), weights, metadata={"format": "pt"})
+    return (Path(target) / WEIGHTS_FILE).stat().st_size
+
+
 def adapter_kind(adapter_dir: Path) -> dict:
     path = Path(adapter_dir) / KIND_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"adapter": "lora"}

@@ -27,6 +27,9 @@ RESUMABLE_OPTIONS = frozenset({
     # where and how patiently the served teacher is reached: which model it serves is its fingerprint's part
     "teacher_server", "teacher_server_model", "teacher_server_api_key_env", "teacher_server_timeout",
     "teacher_server_retries",
+    # where the rollout server is and where the adapter is written for it: which engine samples is rollout_engine
+    "rollout_server", "rollout_server_model", "rollout_server_api_key_env", "rollout_server_timeout",
+    "rollout_server_retries", "rollout_adapter_dir",
 })
 # Options that may grow on resume (train for longer), never shrink.
 EXTENDABLE_OPTIONS = ("max_steps", "num_train_epochs")
@@ -41,8 +44,10 @@ def run_identity(config_sections: dict, data: dict, teacher: dict | None = None,
     """The identity of a run from its resolved config (config.yaml's sections), its data fingerprint, what its
     teacher signal adds (teacher/signal.py: ``identity``) and the weights it reads and cannot find again in a
     checkpoint (``models``: role -> models/identity.model_identity, e.g. an adapter's frozen base, the teacher)."""
-    flat = {key: value for section in config_sections.values() for key, value in section.items()
-            if key not in RESUMABLE_OPTIONS}
+    options = {key: value for section in config_sections.values() for key, value in section.items()}
+    flat = {key: value for key, value in options.items() if key not in RESUMABLE_OPTIONS}
+    if options.get("on_policy_fraction"):  # the engines sample with generators of their own: each its own draws
+        flat["rollout_engine"] = "vllm" if options.get("rollout_server") else "transformers"
     identity = {"options": flat, "data": data, **({"teacher": teacher} if teacher else {}),
                 **({"models": models} if models else {})}
     return json.loads(json.dumps(identity, default=str))

@@ -16,10 +16,14 @@ from __future__ import annotations
 import dataclasses
 from fractions import Fraction
 
-from ..losses.contract import LossParts, LossSettings
+import torch
+
+from ..losses.contract import LossParts, LossSettings, answer_mask
+from ..losses.sampled import answer_log_probs
 from ..losses.targets import StudentSide, TeacherTargets
+from ..rollout_engines import choose_engine
+from ..rollouts import ROLLOUT_LOG_PROBS, Rollouts, RolloutSettings, RolloutStats
 from ..teacher.signal import TeacherSignal
-from ..rollouts import Rollouts, RolloutSettings, RolloutStats
 
 
 def is_on_policy_step(step: int, fraction: float) -> bool:
@@ -62,28 +66,46 @@ class OnPolicy:
         self.steps = 0  # on-policy optimizer steps since the last log
 
     @classmethod
-    def from_args(cls, args, tokenizer) -> OnPolicy | None:
+    def from_args(cls, args, tokenizer, model) -> OnPolicy | None:
+        """The run's on-policy steps, their engine chosen and checked against ``model`` (the student)."""
         if args.on_policy_fraction == 0:
             return None
+        engine = choose_engine(args, tokenizer)
+        engine.start(model)
         return cls(args.on_policy_fraction, LOSSES[args.on_policy_loss](),
-                   Rollouts(RolloutSettings.from_args(args), tokenizer))
+                   Rollouts(RolloutSettings.from_args(args), tokenizer, engine))
 
     def is_step(self, step: int) -> bool:
         return is_on_policy_step(step, self.fraction)
 
     def batches(self, model, batches: list[dict], step: int) -> list[dict]:
         self.steps += 1
+        self.rollouts.engine.before_step(model, step)
         return [self.rollouts.batch(model, batch, step) for batch in batches]
 
     def parts(self, signal: TeacherSignal, inputs: dict, student: StudentSide, settings: LossSettings,
               num_items) -> LossParts:
+        self.observe_gap(inputs, student, settings.chunk_size)
         parts = self.loss.targets(signal, inputs, student).loss(student, inputs["labels"], self.loss.settings(settings),
                                                                 num_items)
         return LossParts(parts.loss, parts.ce * 0, parts.kd)  # no CE term on the student's own answers
 
+    @torch.no_grad()
+    def observe_gap(self, inputs: dict, student: StudentSide, chunk_size: int) -> None:
+        """rollout_logprob_gap: the engine's log-probability of each sampled token against the trainer's own, from
+        the student's outputs of this very forward (a stale adapter, another base or a numeric mismatch shows)."""
+        labels = inputs["labels"]
+        mask = answer_mask(labels)
+        if not mask.any():
+            return
+        ours = answer_log_probs(student.rows.detach(), labels, student.weight, chunk_size)
+        theirs = inputs[ROLLOUT_LOG_PROBS][:, 1:][mask].to(ours.device)
+        self.rollouts.stats.observe_gap((ours.float() - theirs).abs().max().item())
+
     def figures(self, steps: int) -> dict:
         """The log line's on-policy figures over ``steps`` optimizer steps; then counting starts again."""
-        figures = {"on_policy": round(self.steps / steps, 4), **self.rollouts.stats.figures()}
+        figures = {"on_policy": round(self.steps / steps, 4), **self.rollouts.stats.figures(),
+                   **self.rollouts.engine.figures()}
         self.steps = 0
         self.rollouts.stats = RolloutStats()
         return figures

@@ -32,7 +32,7 @@ class TokenDistillTrainer(DistillTrainerBase):
         self.loss_impl = choose_loss_impl(self.args.loss_impl, self.loss_settings.divergence, self.model, self.teacher,
                                           self.loss_settings.kd_vocab_size, self.parameters_sharded())
         self.count_items_over_shifted_labels()
-        self.on_policy = OnPolicy.from_args(self.args, self.processing_class)
+        self.on_policy = OnPolicy.from_args(self.args, self.processing_class, self.model)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """An on-policy step's micro-batches are the student's answers to their prompts, counted again."""
