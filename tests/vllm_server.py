@@ -43,10 +43,17 @@ class VllmServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> VllmServer:
+        return self.launch().wait()
+
+    def launch(self) -> VllmServer:
+        """Start the server without waiting for it (several servers start side by side, then ``wait``)."""
         with open(self.log, "ab") as log:
             env = {key: value for key, value in {**os.environ, **self.env}.items() if value is not None}
             self.process = subprocess.Popen(self._command(), env=env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait(self) -> VllmServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
