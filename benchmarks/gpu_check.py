@@ -4,7 +4,8 @@ back as results.json and results.md in --out.
     python3 benchmarks/gpu_check.py --parts smoke,qlora,recipe,pytest --out "$OUT"    # on the GPU machine
     python benchmarks/gpu_check.py --dry-run                                            # anywhere: resolves everything
 
-Parts: smoke, loss_head, throughput, cache, qlora, recipe, zero, fsdp, pytest (benchmarks/gpu_parts.py). Each part
+Parts: smoke, loss_head, throughput, cache, served_teacher, on_policy, on_policy_vllm, qlora, recipe, zero, fsdp, pytest
+(benchmarks/gpu_parts.py; served_teacher and on_policy_vllm need vLLM's GPU build installed there). Each part
 fits in one device call (at most 9 minutes on one H100); --budget_s stops starting new steps before the call's
 limit, so what ran is always written. When the wheelhouse (scripts/gpu_wheelhouse.sh) is present, its wheels are
 installed with --no-index --no-deps into --site first and put on the path of this process and of every step.

@@ -278,6 +278,13 @@ def on_policy(work: Workspace) -> list[Step]:
                  judge=markdown_table)]
 
 
+def on_policy_vllm(work: Workspace) -> list[Step]:
+    return [Step("on_policy_vllm", "on-policy steps with rollouts on vLLM (GPU build) synced by the adapter, beside the "
+                 "transformers engine, llama preset", timeout=PART_BUDGET_S, table=True,
+                 argv=benchmark("on_policy.py", "--preset", "llama", "--vllm", "--vllm_python", PY),
+                 judge=markdown_table)]
+
+
 def qlora(work: Workspace) -> list[Step]:
     bnb = ("bitsandbytes",)
     steps = []
@@ -346,5 +353,5 @@ def gpu_tests(work: Workspace) -> list[Step]:
 
 
 PARTS = {"smoke": smoke, "loss_head": loss_head, "throughput": throughput, "cache": cache,
-         "served_teacher": served_teacher, "on_policy": on_policy, "qlora": qlora,
+         "served_teacher": served_teacher, "on_policy": on_policy, "on_policy_vllm": on_policy_vllm, "qlora": qlora,
          "recipe": recipe, "zero": zero, "fsdp": fsdp, "pytest": gpu_tests}

@@ -78,15 +78,15 @@ def parse_args(argv=None):
     parser.add_argument("--vllm_python", default=None,
                         help="an interpreter with vLLM's GPU build; default vLLM's CPU build (scripts/vllm_cpu_server.sh)")
     args = parser.parse_args(argv)
-    if args.vllm_python is not None and subprocess.run([args.vllm_python, "-c", "import vllm"],
-                                                       capture_output=True).returncode != 0:
-        parser.error(f"vLLM is not installed for {args.vllm_python}: install its GPU build there (pip install vllm)")
     args.new_tokens = args.new_tokens or NEW_TOKENS[args.preset]
     return args
 
 
 def main():
     args = parse_args()
+    if args.vllm_python is not None and subprocess.run([args.vllm_python, "-c", "import vllm"],
+                                                       capture_output=True).returncode != 0:
+        sys.exit(f"vLLM is not installed for {args.vllm_python}: install its GPU build there (pip install vllm)")
     preset = PRESETS[args.preset]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab, batch = preset["vocab"], preset["batch"]

@@ -28,6 +28,7 @@ from llmneo.demo.tiny import build_tiny_llama, corpus_rows
 from llmneo.rollout_engines import AdapterSync, ServedEngine, TransformersEngine
 from llmneo.rollouts import RolloutSettings, stop_token_ids
 from llmneo.server_client import ServerSettings
+from rollout_reference import full_forward_log_probs, nucleus_set, stop_kept
 from vllm_server import VllmServer, free_port
 
 pytestmark = pytest.mark.e2e
@@ -147,6 +148,43 @@ def test_greedy_answers_equal_the_transformers_engine(student_dir, tokenizer, se
     gaps = [abs(a - b) for row, other in zip(theirs.log_probs, ours.log_probs, strict=True)
             for a, b in zip(row, other, strict=True)]
     assert max(gaps) <= 1e-3
+
+
+def started(server, tmp_path, model, settings, stops, name):
+    """A served engine holding ``model``'s adapter."""
+    (tmp_path / name).mkdir()
+    served = ServedEngine(settings, stops, ServerSettings(server.url, option="--rollout_server"),
+                          AdapterSync(tmp_path / name, name=name))
+    served.start(model)
+    served.before_step(model, 0)
+    return served
+
+
+def test_the_served_engine_meets_the_transformers_engines_references(student_dir, tokenizer, server, tmp_path):
+    """tests/rollout_reference.py, as tests/unit/test_rollout_engines.py holds the transformers engine to it: the
+    stop token kept, each sampled token's log-probability equal to a full forward's, top-p's exact nucleus."""
+    model, _ = trained_student(student_dir, "lora", tmp_path)
+    prompts = prompts_of(tokenizer, 2)
+    free = TransformersEngine(RolloutSettings(12, 0.0, 1.0, 0), {10**6}, 0).generate(model, prompts[:1], [0], 12)
+    stop = free.tokens[0][3]
+    greedy = started(server, tmp_path, model, RolloutSettings(12, 0.0, 1.0, 0), {stop}, "stop")
+    stopped = greedy.generate(model, prompts[:1], [0], 12)
+    assert stopped.tokens[0] == free.tokens[0][:free.tokens[0].index(stop) + 1] and stopped.cut == [False]
+    assert stop_kept(stopped.tokens[0], {stop}) and greedy.positions() == 512
+
+    sampling = started(server, tmp_path, model, RolloutSettings(12, 1.0, 1.0, 0), set(), "sampled")
+    answers = sampling.generate(model, prompts, [5, 6], 12)
+    assert answers.cut == [True, True]
+    for prompt, answer, log_probs in zip(prompts, answers.tokens, answers.log_probs, strict=True):
+        reference = full_forward_log_probs(model, prompt, answer)
+        assert max(abs(a - b) for a, b in zip(log_probs, reference, strict=True)) <= 1e-3
+
+    nucleus = started(server, tmp_path, model, RolloutSettings(1, 0.1, 0.8, 0), set(), "nucleus")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompts[0]])).logits[0, -1].double()
+    allowed = nucleus_set(torch.softmax(logits / 0.1, dim=-1).tolist(), 0.8)
+    first = {answer[0] for answer in nucleus.generate(model, [prompts[0]] * 64, list(range(64)), 1).tokens}
+    assert first <= allowed and len(first) >= 2
 
 
 def test_a_sigkilled_run_resumes_to_the_uninterrupted_one(models_dir, student_dir, train_file, server, tmp_path):
