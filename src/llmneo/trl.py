@@ -26,7 +26,11 @@ NO_EQUIVALENT = (
     "vllm_max_model_length", "vllm_tensor_parallel_size", "max_tool_calling_iterations", "log_completions",
     "num_completions_to_print", "log_unique_prompts", "use_vllm",
 )
-HINTS = {"use_vllm": ": llm-neo's rollouts run in transformers for now (a vLLM rollout engine is planned)"}
+# TRL's vLLM options drive its own `trl vllm-serve` protocol (full weights over NCCL): llm-neo's rollout server is
+# vLLM's OpenAI server, which loads the adapter alone.
+VLLM_HINT = (": for rollouts on vLLM set rollout_server to a vLLM OpenAI server of the student's base with LoRA on "
+             "(scripts/vllm_rollout_server.sh starts one; llm-neo syncs the adapter alone), not a `trl vllm-serve`")
+HINTS = {name: VLLM_HINT for name in NO_EQUIVALENT if "vllm" in name}
 
 
 @dataclass
@@ -55,19 +59,19 @@ class DistillationConfig(NeoTrainingArguments):
     chat_template_kwargs: dict | None = _help("No llm-neo equivalent.")
     repetition_penalty: float = _help("No llm-neo equivalent.", 1.0)
     cache_implementation: str | None = _help("No llm-neo equivalent.")
-    use_vllm: bool = _help("Not yet: rollouts run in transformers.", False)
-    vllm_mode: str = _help("Not yet.", "colocate")
-    vllm_model_impl: str = _help("Not yet.", "vllm")
-    vllm_enable_sleep_mode: bool = _help("Not yet.", False)
-    vllm_structured_outputs_regex: str | None = _help("Not yet.")
-    vllm_server_base_url: str | None = _help("Not yet.")
-    vllm_server_host: str = _help("Not yet.", "0.0.0.0")
-    vllm_server_port: int = _help("Not yet.", 8000)
-    vllm_server_timeout: float = _help("Not yet.", 240.0)
-    vllm_group_port: int = _help("Not yet.", 51216)
-    vllm_gpu_memory_utilization: float = _help("Not yet.", 0.3)
-    vllm_max_model_length: int | None = _help("Not yet.")
-    vllm_tensor_parallel_size: int = _help("Not yet.", 1)
+    use_vllm: bool = _help("Refused: TRL's vLLM protocol; set rollout_server (a vLLM OpenAI server) instead.", False)
+    vllm_mode: str = _help("Refused: see use_vllm.", "colocate")
+    vllm_model_impl: str = _help("Refused: see use_vllm.", "vllm")
+    vllm_enable_sleep_mode: bool = _help("Refused: see use_vllm.", False)
+    vllm_structured_outputs_regex: str | None = _help("Refused: see use_vllm.")
+    vllm_server_base_url: str | None = _help("Refused: see use_vllm.")
+    vllm_server_host: str = _help("Refused: see use_vllm.", "0.0.0.0")
+    vllm_server_port: int = _help("Refused: see use_vllm.", 8000)
+    vllm_server_timeout: float = _help("Refused: see use_vllm.", 240.0)
+    vllm_group_port: int = _help("Refused: see use_vllm.", 51216)
+    vllm_gpu_memory_utilization: float = _help("Refused: see use_vllm.", 0.3)
+    vllm_max_model_length: int | None = _help("Refused: see use_vllm.")
+    vllm_tensor_parallel_size: int = _help("Refused: see use_vllm.", 1)
     max_tool_calling_iterations: int | None = _help("No llm-neo equivalent (no tool calling).")
     log_completions: bool = _help("No llm-neo equivalent (the run's report.md shows held-out answers).", False)
     num_completions_to_print: int | None = _help("No llm-neo equivalent.")

@@ -90,3 +90,11 @@ def test_the_trl_fields_have_trls_defaults():
     theirs = {item.name: item.default for item in dataclasses.fields(trl.DistillationConfig)}
     ours = {item.name: item.default for item in dataclasses.fields(DistillationConfig)}
     assert {name: ours[name] for name in TRL_FIELDS} == {name: theirs[name] for name in TRL_FIELDS}
+
+
+def test_trls_vllm_options_point_to_the_rollout_server():
+    with pytest.raises(ConfigError, match="DistillationConfig use_vllm=True has no llm-neo equivalent: for rollouts "
+                                          "on vLLM set rollout_server"):
+        llmneo_options(DistillationConfig(output_dir="x", use_vllm=True))
+    config = DistillationConfig(output_dir="x", rollout_server="http://127.0.0.1:8001/v1")
+    assert llmneo_options(config)["rollout_server"] == "http://127.0.0.1:8001/v1"
