@@ -17,7 +17,7 @@ from llmneo import cli
 import llmneo
 from llmneo.adapters.lora import adapter_options, add_lora, lora_config, peft_wrapping
 from llmneo.adapters.moslora import MoSLoraLinear
-from llmneo.adapters.store import export_plain_lora, load_adapter, save_adapter
+from llmneo.adapters.store import export_plain_lora, load_adapter, save_adapter, save_initial_adapter, write_serving_adapter
 from llmneo.artifacts import merge_run
 from llmneo.config import AdapterArguments, parse_config
 from llmneo.demo.tiny import build_tiny_llama
@@ -295,3 +295,23 @@ def test_a_lora_config_becomes_the_adapter_options_that_rebuild_it():
     assert "target_modules" not in adapter_options(LoraConfig(r=4))  # PEFT's default: llm-neo's default applies
     with pytest.raises(ConfigError, match=r"peft_config must be a peft.LoraConfig .*, got dict"):
         adapter_options({"r": 8})
+
+
+@pytest.mark.parametrize("kind", ["lora", "moslora", "pissa", "olora"])
+def test_the_served_form_on_the_original_base_is_the_trained_student(tokenizer, tmp_path, kind):
+    """What a rollout server loads (write_serving_adapter): a plain PEFT LoRA that stock PEFT applies to the untouched
+    base and gets the trained student's logits: MoSLoRA's mixer folded, PiSSA/OLoRA converted to rank 2r."""
+    model = add_lora(base_model(tokenizer), AdapterArguments(adapter=kind, lora_r=RANK, lora_alpha=8))
+    initial = save_initial_adapter(model, tmp_path)
+    randomise(model, "lora_B", seed=2)
+    randomise(model, "lora_A", seed=3)
+    size = write_serving_adapter(model, tmp_path / "served", initial)
+    served = tmp_path / "served"
+    assert size == (served / "adapter_model.safetensors").stat().st_size and not list(tmp_path.glob(".served*"))
+    assert not any(key.endswith("mixer.weight") or "mixer" in key for key in load_file(served / "adapter_model.safetensors"))
+    saved = json.loads((served / "adapter_config.json").read_text())
+    assert saved["r"] == (2 * RANK if kind in ("pissa", "olora") else RANK)
+    plain = PeftModel.from_pretrained(base_model(tokenizer), served)  # stock PEFT: no llm-neo layer kinds
+    ids = probe_ids(tokenizer)
+    torch.testing.assert_close(logits(plain, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+    assert (logits(plain, ids) - logits(base_model(tokenizer), ids)).abs().max() > 1e-2

@@ -83,3 +83,15 @@ def test_a_relative_path_of_an_older_run_is_the_same_absolute_path_from_where_it
                           "data": {"dataset": f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"}}, {})
     assert differences(saved, same) == []
     assert differences(saved, other) == [f"student_model: 'models/student' -> '{tmp_path / 'models' / 'other'}'"]
+
+
+def test_where_the_rollout_server_is_may_change_which_engine_samples_may_not():
+    on_policy = {"on_policy_fraction": 1.0, "rollout_sync_steps": 1}
+    served = identity(**on_policy, rollout_server="http://127.0.0.1:8001/v1", rollout_adapter_dir="/a")
+    moved = identity(**on_policy, rollout_server="http://10.0.0.2:9000/v1", rollout_adapter_dir="/b",
+                     rollout_server_timeout=60)
+    assert differences(served, moved) == []
+    assert differences(served, identity(**on_policy)) == ["rollout_engine: 'vllm' -> 'transformers'"]
+    assert differences(served, identity(**{**on_policy, "rollout_sync_steps": 2}, rollout_server="http://h/v1")) == [
+        "rollout_sync_steps: 1 -> 2"]
+    assert "rollout_engine" not in identity()["options"]  # off-policy runs sample nothing
