@@ -32,6 +32,7 @@ from common import PRESETS, build_llama, padding_collator, synthetic_rows, train
 from llmneo.adapters.lora import add_lora
 from llmneo.config import AdapterArguments
 from llmneo.data.tokenize import FALLBACK_CHAT_TEMPLATE
+from llmneo.rollout_engines import VLLM_LORA_RANKS
 from llmneo.teacher.sources import OnlineTeacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -52,7 +53,7 @@ def serve_student(student, tokenizer, preset, args, scratch: Path) -> VllmServer
     base = scratch / "student-base"
     student.save_pretrained(base)
     tokenizer.save_pretrained(base)
-    rank = next(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= preset["rank"])
+    rank = next(r for r in VLLM_LORA_RANKS if r >= preset["rank"])
     prompt = preset["seq"] // 4
     extra = ["--max-model-len", str(prompt + args.new_tokens + 16)]
     if torch.cuda.is_available():  # the trainer's models share the device

@@ -24,7 +24,7 @@ from llmneo.adapters.lora import mutates_base
 from llmneo.adapters.store import load_adapter
 from llmneo.data.formats import detect_format, row_to_messages
 from llmneo.data.tokenize import encode_messages
-from llmneo.rollout_engines import AdapterSync, ServedEngine, TransformersEngine
+from llmneo.rollout_engines import VLLM_LORA_RANKS, AdapterSync, ServedEngine, TransformersEngine, served_rank
 from llmneo.rollouts import RolloutSettings, padding_id, stop_token_ids
 from llmneo.server_client import ServerSettings
 
@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from vllm_server import VllmServer  # noqa: E402  (the tests' server: own process group, killed at the end)
 
 DEMO_CORPUS = Path(__file__).resolve().parents[1] / "src" / "llmneo" / "demo" / "corpus.jsonl"
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def parse_args(argv=None):
@@ -65,7 +64,7 @@ def main():
     if mutates_base(model.peft_config["default"]):
         sys.exit("this check takes an adapter on the original base (PiSSA/OLoRA adapters saved by llm-neo are)")
     config = model.peft_config["default"]
-    rank = next(r for r in LORA_RANKS if r >= max([config.r, *(config.rank_pattern or {}).values()]))
+    rank = next(r for r in VLLM_LORA_RANKS if r >= served_rank(model))
     prompts = first_prompts(args.dataset, tokenizer, args.prompts)
     settings, stops = RolloutSettings(args.new_tokens, 0.0, 1.0, 0), stop_token_ids(tokenizer)
     seeds = list(range(len(prompts)))

@@ -180,24 +180,8 @@ class ServedEngine(RolloutEngine):
         self._check_base(model)
 
     def _find_base(self) -> None:
-        try:
-            listed = self.client.request("GET", f"{self.base_url}/models", tries=1)
-        except RolloutServerError as error:
-            if error.status is not None:
-                raise
-            raise RolloutServerError(f"rollout server {self.server.url} is not reachable: {error.reason}") from None
-        bases = {entry["id"]: entry for entry in listed.get("data", []) if not entry.get("parent")}
-        name = self.server.model
-        if name is None:
-            if len(bases) != 1:
-                raise ConfigError(f"rollout server {self.server.url} serves {len(bases)} base models "
-                                  f"({', '.join(bases)}): name the student's base with --rollout_server_model")
-            name = next(iter(bases))
-        elif name not in bases:
-            raise ConfigError(f"rollout server {self.server.url} does not serve '{name}'; it serves "
-                              f"{', '.join(bases) or 'no base model'}")
-        self.server.model = name
-        self.max_model_len = bases[name].get("max_model_len")
+        base = self.client.served_model(self.base_url, "base models", keep=lambda entry: not entry.get("parent"))
+        self.server.model, self.max_model_len = base["id"], base.get("max_model_len")
 
     def _first_sync(self, model) -> None:
         try:
@@ -213,7 +197,7 @@ class ServedEngine(RolloutEngine):
             return (f"{where} does not take adapters at run time: start vLLM with the environment variable "
                     "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (scripts/vllm_cpu_server.sh serve-student sets it)")
         if "max_lora_rank" in lowered:
-            rank = _served_rank(model)
+            rank = served_rank(model)
             allowed = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
             return (f"the adapter's rank {rank} is above {where}'s --max-lora-rank: restart vLLM with "
                     f"--max-lora-rank {allowed}, or lower --lora_r ({reason})")
@@ -297,7 +281,7 @@ class ServedEngine(RolloutEngine):
         return figures
 
 
-def _served_rank(model) -> int:
+def served_rank(model) -> int:
     """The rank of the adapter as served: PiSSA/OLoRA's converted form has twice the trained rank."""
     config = model.peft_config["default"]
     return max([config.r, *(config.rank_pattern or {}).values()]) * (2 if mutates_base(config) else 1)

@@ -76,6 +76,28 @@ class JsonClient:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
+    def served_model(self, base_url: str, kind: str = "models", keep=lambda entry: True) -> dict:
+        """The ``/models`` entry of the settings' model (None: the only one of ``kind`` that ``keep`` takes), checked
+        before anything loads: the server answers (not retried: a server that is not there is named in one line)
+        and serves that model."""
+        where = f"{self.error.role} {self.settings.url}"
+        try:
+            listed = self.request("GET", f"{base_url}/models", tries=1)
+        except ServerError as error:
+            if error.status is not None:  # it answered, with an error of its own
+                raise
+            raise self.error(f"{where} is not reachable: {error.reason}") from None
+        found = {entry.get("id"): entry for entry in listed.get("data", []) if keep(entry)}
+        wanted = self.settings.model
+        if wanted is None:
+            if len(found) != 1:
+                raise ConfigError(f"{where} serves {len(found)} {kind} ({', '.join(found)}): name one with "
+                                  f"{self.settings.option}_model")
+            return next(iter(found.values()))
+        if wanted not in found:
+            raise ConfigError(f"{where} does not serve '{wanted}'; it serves {', '.join(found) or 'no ' + kind}")
+        return found[wanted]
+
     def _send(self, method: str, url: str, payload: dict | None, text: bool = False) -> dict | str:
         headers = {"Content-Type": "application/json"}
         key = self.settings.api_key()

@@ -50,8 +50,10 @@ def test_on_policy_steps_alternate_and_resume_exactly(models_dir, train_file, tm
         if line["on_policy"]:  # the KD term alone, on the student's own answers
             assert line["ce_loss"] == 0 and line["loss"] == pytest.approx(line["kd_loss"], rel=1e-6)
             assert line["rollout_tokens"] >= 4 and line["rollout_s"] > 0 and 0 <= line["rollout_cut"] <= 1
+            # the engine's log p of each sampled token, beside its label, against the step's own forward
+            assert line["rollout_logprob_gap"] <= 1e-4 and line["rollout_tokens_per_s"] > 0
         else:
-            assert line["ce_loss"] > 0 and line["rollout_tokens"] == 0
+            assert line["ce_loss"] > 0 and line["rollout_tokens"] == 0 and "rollout_logprob_gap" not in line
 
     killed = tmp_path / "killed"
     result = subprocess.run([sys.executable, "-c", KILLER, "step", "3", *flags(models_dir, train_file, killed,

@@ -83,7 +83,10 @@ def write_serving_adapter(model, target: Path, initial_dir: Path | None = None) 
         else:
             model.save_pretrained(partial)
         weights = partial / WEIGHTS_FILE
-        save_file(fold_mixers(load_file(weights)), weights, metadata={"format": "pt"})
+        saved = load_file(weights)
+        folded = fold_mixers(saved)
+        if len(folded) != len(saved):  # MoSLoRA: written again without its mixers (a plain LoRA is left as saved)
+            save_file(folded, weights, metadata={"format": "pt"})
     return (Path(target) / WEIGHTS_FILE).stat().st_size
 
 

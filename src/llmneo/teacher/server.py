@@ -47,7 +47,8 @@ class TeacherServer:
 
     def __init__(self, settings: ServerSettings):
         self.settings = settings
-        self._request = JsonClient(settings, TeacherServerError).request
+        self.client = JsonClient(settings, TeacherServerError)
+        self._request = self.client.request
         self.base = settings.url.rstrip("/")
         self.root = self.base.removesuffix("/v1")  # vLLM serves /tokenize and /detokenize beside /v1
         self.model = settings.model
@@ -67,21 +68,7 @@ class TeacherServer:
     def connect(self, tokenizer) -> TeacherServer:
         """Check, before any model loads, that the server answers, serves one (or the named) model and has the
         student's tokenizer. A server that does not answer is named in one line: it is not retried."""
-        try:
-            listed = self._request("GET", f"{self.base}/models", tries=1)
-        except TeacherServerError as error:
-            if error.status is not None:  # it answered, with an error of its own
-                raise
-            raise TeacherServerError(f"teacher server {self.settings.url} is not reachable: {error.reason}") from None
-        names = [entry.get("id") for entry in listed.get("data", [])]
-        if self.model is None:
-            if len(names) != 1:
-                raise ConfigError(f"teacher server {self.settings.url} serves {len(names)} models ({', '.join(names)}):"
-                                  " name one with --teacher_server_model")
-            self.model = names[0]
-        elif self.model not in names:
-            raise ConfigError(f"teacher server {self.settings.url} does not serve '{self.model}'; it serves "
-                              f"{', '.join(names)}")
+        self.model = self.client.served_model(self.base)["id"]
         self.check_tokenizer(tokenizer)
         self.probe_ids = tokenizer(probe_text(tokenizer), add_special_tokens=False)["input_ids"]
         return self
