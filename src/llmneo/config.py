@@ -23,6 +23,7 @@ from .in_memory import register_rows
 from .errors import ConfigError
 from .methods import METHODS
 from .recipes import RECIPE_HELP, RECIPES
+from .teachers import absolute_members, parse_teachers, teachers_checks
 
 MIN_ROLLOUT_TEMPERATURE = 1e-3  # the smallest sampling temperature taken (0 is greedy): below it logits / T overflow
 
@@ -203,6 +204,21 @@ class DistillArguments:
         "its last step and stops with the resume command.", 4, valid=NON_NEGATIVE)
     teacher_top_k: int = _help(
         "With --teacher_server: teacher tokens per answer position (at most the server's --max-logprobs).", 64, valid=AT_LEAST_ONE)
+    teachers: str | None = _help(
+        "Several teachers (docs/multi-teacher.md): in YAML a list of {name, and one of model, server or cache, with "
+        "that teacher's own options}; on the command line NAME=PATH_OR_URL,NAME=... (a URL is served, a cache-teacher "
+        "directory is a cache, anything else a model). Replaces teacher_model / teacher_server / teacher_cache.")
+    teacher_routing: Literal["column", "mixture"] = _help(
+        "With --teachers: column (each row's --teacher_column names its teacher; no value: CE only) or mixture (every "
+        "row's KD term is the --teacher_weights sum of each teacher's).", "column")
+    teacher_column: str = _help("With --teachers and teacher_routing column: the data column naming each row's teacher.",
+                                "teacher")
+    teacher_weights: str | None = _help(
+        "With teacher_routing mixture: one weight per teacher in --teachers order, >= 0 and summing to 1, e.g. 0.7,0.3 "
+        "(default: equal weights).")
+    teacher_offload: bool = _help(
+        "With --teachers on a GPU: keep every loaded teacher on the CPU except while it scores a batch (less GPU memory, "
+        "a host-to-device copy of each teacher per micro-batch).", False)
     cache_tail: Literal["bucket", "renormalize"] = _help(
         "With --teacher_cache or --teacher_server: bucket compares the top-k tokens plus one bucket for the rest of the vocabulary; "
         "renormalize compares the top-k tokens only, renormalised.",
@@ -302,6 +318,8 @@ class RunConfig:
         if unknown:
             raise ConfigError(_unknown_message(unknown, "RunConfig.from_options"))
         merged.update(options)
+        if isinstance(merged.get("teachers"), list):  # a YAML list or Python objects: its text, as the flag gives it
+            merged["teachers"] = json.dumps(merged["teachers"])
         for name, role in (("dataset", "train"), ("eval_split", "eval")):  # rows given as objects, not paths
             if merged.get(name) is not None and not isinstance(merged[name], str):
                 merged[name] = register_rows(merged[name], role)
@@ -495,6 +513,7 @@ def absolute_local_paths(config: RunConfig) -> None:
     model.student_model, model.teacher_model = _absolute(model.student_model), _absolute(model.teacher_model)
     model.teacher_chat_template = _absolute(model.teacher_chat_template)
     training.teacher_cache = _absolute(training.teacher_cache)
+    training.teachers = absolute_members(parse_teachers(training.teachers)) or None
     if data.dataset:
         data.dataset = ",".join(_absolute(part.strip()) if part.strip() else part for part in data.dataset.split(","))
     if data.eval_split:  # a split name stays a name; only files here are paths
@@ -512,7 +531,8 @@ def _absolute(value: str | None) -> str | None:
 
 def validate(config: RunConfig) -> None:
     """Every rule, in order: the first broken one is the error (one line naming the option, value and fix)."""
-    checks = (_value_checks(config) + _method_checks(config) + _classification_checks(config)
+    checks = (_value_checks(config) + teachers_checks(config, validate) + _method_checks(config)
+              + _classification_checks(config)
               + _cross_tokenizer_checks(config) + _served_teacher_checks(config) + _on_policy_checks(config)
               + _rollout_server_checks(config) + _liger_checks(config))
     for ok, message in checks:
@@ -543,12 +563,13 @@ def _method_checks(config: RunConfig) -> list[tuple[bool, str]]:
     """What the method needs: an adapter for a quantized student, a teacher for kd and neo."""
     preset, training = METHODS[config.training.method], config.training
     has_teacher = (config.model.teacher_model is not None or training.teacher_cache is not None
-                   or training.teacher_server is not None)
+                   or training.teacher_server is not None or bool(training.teachers))
     return [(config.model.student_quantization == "none" or preset.uses_adapter,
              f"a quantized student (--student_quantization {config.model.student_quantization}) trains only through "
              f"an adapter: use method lora or neo, not {training.method}"),
             (has_teacher or not preset.uses_teacher,
-             f"method {training.method} needs teacher_model (or a teacher_cache or teacher_server)"),
+             f"method {training.method} needs teacher_model (or a teacher_cache, teacher_server or teachers)"),
+            (not training.teachers or preset.uses_teacher, f"teachers is for the kd and neo methods, not {training.method}"),
             (training.teacher_cache is None or preset.uses_teacher,
              f"teacher_cache is for the kd and neo methods, not {training.method}")]
 

@@ -17,6 +17,7 @@ from .adapters.lora import PEFT_TASK_TYPES, lora_config
 from .adapters.store import save_initial_adapter
 from .artifacts import RunOutcome, collect_final_metrics, write_artifacts
 from .data.loading import DataReport, build_datasets
+from .data.routing import row_routes
 from .errors import ConfigError, DiskFullError
 from .evaluation.before_after import compare_with_before, measure_before
 from .evaluation.classification import class_fidelity_kl
@@ -107,7 +108,7 @@ def load_data(config, tokenizer, teacher_tokenizer) -> tuple[RunData, object]:
     prompt messages) and the teacher cache the source reads, checked against them."""
     keep_prompts = teacher_tokenizer is not None and config.training.on_policy_fraction > 0
     dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer,
-                                               keep_prompts)
+                                               keep_prompts, row_routes(config))
     check_on_policy_rows(config, report)
     log_data(report, held_out)
     fingerprint = data_fingerprint(dataset, config.data.dataset)

@@ -93,3 +93,25 @@ def teacher_side(features: list[dict], pad_id: int, shifts: list[int]) -> dict:
             "aligned_row": torch.tensor(rows, dtype=torch.long),
             "aligned_student": torch.tensor(student, dtype=torch.long),
             "aligned_teacher": torch.tensor(teacher, dtype=torch.long)}
+
+
+ALIGNED_KEYS = ("aligned_row", "aligned_student", "aligned_teacher")  # flat per-boundary tensors, keyed by row
+
+
+def batch_rows(batch: dict, rows: torch.Tensor) -> dict:
+    """Rows ``rows`` (ascending indices) of a padded batch as a batch of their own, at the same width (positions
+    stay valid): each per-row tensor indexed, the aligned boundaries of those rows kept and renumbered."""
+    size = batch["input_ids"].shape[0]
+    picked = {}
+    if "aligned_row" in batch:
+        keep = torch.isin(batch["aligned_row"], rows.to(batch["aligned_row"].device))
+        renumber = torch.full((size,), -1, dtype=torch.long, device=keep.device)
+        renumber[rows.to(keep.device)] = torch.arange(len(rows), device=keep.device)
+        picked = {key: batch[key][keep] for key in ALIGNED_KEYS}
+        picked["aligned_row"] = renumber[picked["aligned_row"]]
+    for key, value in batch.items():
+        if key in picked:
+            continue
+        per_row = torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == size
+        picked[key] = value[rows.to(value.device)] if per_row else value
+    return picked

@@ -20,6 +20,7 @@ import datasets
 from ..errors import ConfigError, DataError
 from .classification import encode_labelled_text, label_id, resolve_class_names
 from .formats import detect_format, required_columns, row_to_messages, row_to_text
+from .routing import NO_TEACHER, ROUTE_COLUMN, RowRoutes
 from ..in_memory import is_in_memory, registered_rows, rows_digest
 from ..losses.contract import count_answer_tokens
 from .alignment import (ALIGNMENT_COLUMNS, PROMPT_COLUMN, align_rendered, last_answer_prompt, render_messages,
@@ -235,15 +236,28 @@ def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
         raise DataError(f"the data files have different column types: {error}") from error
 
 
-def _encoder(tokenizer, fmt: str, max_length: int, class_names: list[str] | None, teacher_tokenizer=None,
-             keep_prompts: bool = False):
+@dataclass(frozen=True)
+class TeacherSide:
+    """What the rows carry for the teacher side: its own tokenizer's rendering and aligned boundaries
+    (``tokenizer``, --cross_tokenizer), each on-policy prompt's messages (``keep_prompts``), and each row's teacher
+    (``routes``, --teachers with teacher_routing column)."""
+
+    tokenizer: object = None
+    keep_prompts: bool = False
+    routes: RowRoutes | None = None
+
+
+def _encoder(tokenizer, fmt: str, max_length: int, class_names: list[str] | None, side: TeacherSide = TeacherSide()):
     main_field = required_columns(fmt)[-1]
     empty_labels = -1 if fmt == "classification" else []  # the column's type either way
+    teacher_tokenizer, keep_prompts, routes = side.tokenizer, side.keep_prompts, side.routes
     aligner = (_aligner(tokenizer, teacher_tokenizer, fmt, max_length, keep_prompts) if teacher_tokenizer is not None
                else None)
     empty_alignment = dict.fromkeys(ALIGNMENT_COLUMNS, []) if aligner else {}
     if keep_prompts and aligner:
         empty_alignment[PROMPT_COLUMN] = ""
+    if routes is not None:
+        empty_alignment[ROUTE_COLUMN] = NO_TEACHER
 
     def encode_row(row: dict):
         if fmt == "classification":
@@ -261,6 +275,8 @@ def _encoder(tokenizer, fmt: str, max_length: int, class_names: list[str] | None
         try:
             input_ids, labels = encode_row(row)
             aligned = aligner(row, input_ids) if aligner else {}
+            if routes is not None:
+                aligned[ROUTE_COLUMN] = routes.route(row)
         except DataError as error:
             where = error.field or main_field
             return {"input_ids": [], "labels": empty_labels, **empty_alignment,
@@ -297,12 +313,14 @@ def _aligner(tokenizer, teacher_tokenizer, fmt: str, max_length: int, keep_promp
 
 
 def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep_prompts: bool = False,
-                  only: HeldOutRows | None = None) -> tuple[datasets.Dataset, DataReport]:
+                  only: HeldOutRows | None = None, routes: RowRoutes | None = None) -> tuple[datasets.Dataset, DataReport]:
     """Tokenized rows (``input_ids``, ``labels``) ready for the collator, and a report of what was dropped. With a
-    ``teacher_tokenizer`` (--cross_tokenizer) each row also has the teacher's tokens and the aligned boundaries,
-    and with ``keep_prompts`` its on-policy prompt's messages. ``only``: tokenize just those rows (a run's held-out
-    rows), checked to be the ones the run held out."""
+    teacher tokenizer (--cross_tokenizer) each row also has the teacher's tokens and the aligned boundaries, with
+    ``keep_prompts`` its on-policy prompt's messages, with ``routes`` its teacher's index. ``only``:
+    tokenize just those rows (a run's held-out rows), checked to be the ones the run held out."""
     rows, fmt = load_rows(data_args, seed)
+    if routes is not None:
+        routes.check_columns(rows.column_names, data_args.dataset)
     class_names = None
     if fmt == "classification":
         values = [json.loads(v) for v in rows["label"]] if JSON_MARKER in rows.column_names else rows["label"]
@@ -313,7 +331,7 @@ def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep_
         rows = only.select(rows, data_args.dataset)
     rows = rows.add_column(POSITION, positions)
     encoded = rows.map(
-        _encoder(tokenizer, fmt, data_args.max_length, class_names, teacher_tokenizer, keep_prompts),
+        _encoder(tokenizer, fmt, data_args.max_length, class_names, TeacherSide(teacher_tokenizer, keep_prompts, routes)),
         remove_columns=[c for c in rows.column_names if c not in ("_source", "_row", POSITION)],
         load_from_cache_file=False,
         desc="Tokenizing",
@@ -339,10 +357,11 @@ def _answer_tokens(encoded: datasets.Dataset, fmt: str) -> int:
     return sum(count_answer_tokens(labels) for labels in encoded["labels"])
 
 
-def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep_prompts: bool = False):
+def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep_prompts: bool = False,
+                   routes: RowRoutes | None = None):
     """Training rows, held-out rows (``--eval_split`` or ``--eval_ratio``; None without either) and the report of the
     training rows. Training and the teacher cache both call this, so they see the same rows in the same order."""
-    train, report = build_dataset(data_args, tokenizer, seed, teacher_tokenizer, keep_prompts)
+    train, report = build_dataset(data_args, tokenizer, seed, teacher_tokenizer, keep_prompts, routes=routes)
     held_out = None
     if data_args.eval_ratio > 0:
         if len(train) < 2:
@@ -350,7 +369,7 @@ def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep
         split = train.add_column(POSITION, report.positions).train_test_split(test_size=data_args.eval_ratio, seed=seed)
         train, held_out = split["train"].remove_columns(POSITION), split["test"]
         held_rows = HeldOutRows.of(report.rows, held_out[POSITION])  # the rows read, not read again
-        held_out = held_out.remove_columns(POSITION)
+        held_out = held_out.remove_columns([POSITION, *([ROUTE_COLUMN] if routes else [])])
         report = dataclasses.replace(report, rows_used=len(train), answer_tokens=_answer_tokens(train, report.data_format),
                                      held_out=held_rows)
     elif data_args.eval_split:

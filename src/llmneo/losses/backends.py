@@ -27,14 +27,17 @@ READS_HIDDEN_STATES = frozenset({"fused", "liger"})  # the others take logits
 def choose_loss_impl(requested: str, divergence: Divergence, student, teacher=None, kd_vocab_size: int | None = None,
                      weights_sharded: bool = False) -> str:
     """The implementation to run. ``fused`` falls back to ``naive`` (with a warning) for sharded weights and heads
-    it cannot reproduce; ``liger`` is an error when unusable, since it was asked for by name."""
+    it cannot reproduce; ``liger`` is an error when unusable, since it was asked for by name. ``teacher``: the
+    loaded teacher, or a list of the loaded teachers (several teachers; liger reads one)."""
+    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher] if teacher is not None else []
+    teacher = teachers[0] if len(teachers) == 1 else None
     if requested == "naive":
         return requested
     if weights_sharded:
         logger.warning("FSDP2 / ZeRO-3 shard the lm_head weights that the %s loss reads outside the forward pass: "
                        "using the naive loss", requested)
         return "naive"
-    reasons = [f"the {role}: {reason}" for role, model in (("student", student), ("teacher", teacher))
+    reasons = [f"the {role}: {reason}" for role, model in (("student", student), *(("teacher", t) for t in teachers))
                if model is not None and (reason := fused_head_unsupported_reason(model))]
     if reasons and requested == "fused":
         logger.warning("the fused loss cannot reproduce %s; using the naive loss", "; ".join(reasons))

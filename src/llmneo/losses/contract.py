@@ -49,6 +49,7 @@ class LossParts:
     loss: torch.Tensor  # what is back-propagated
     ce: torch.Tensor  # detached, normalised CE contribution of this micro-batch
     kd: torch.Tensor  # detached, normalised T^2 * divergence contribution of this micro-batch
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # further logged terms (e.g. kd_loss/NAME), detached
 
 
 @dataclass(frozen=True)

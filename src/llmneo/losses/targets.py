@@ -41,6 +41,10 @@ class StudentSide:
     def reads_hidden_states(self) -> bool:
         return self.weight is not None
 
+    def select(self, rows: torch.Tensor) -> StudentSide:
+        """The student's side of batch rows ``rows`` (a teacher that scores some rows only)."""
+        return StudentSide(self.impl, self.rows[rows.to(self.rows.device)], self.weight)
+
     def loss(self, labels: torch.Tensor, settings: LossSettings, num_items,
              teacher: TeacherRows | None = None) -> LossParts:
         """The one-tokenizer loss against ``teacher`` (none: CE only)."""

@@ -12,6 +12,11 @@ from pathlib import Path
 from ..errors import ConfigError
 from .layout import IDENTITY_FILE
 
+# Keys of a --teachers member naming where its server is and how patiently it is asked (as the one served teacher's
+# options above): which model it serves is its fingerprint's part.
+RESUMABLE_MEMBER_KEYS = frozenset({"server", "server_model", "server_api_key_env", "server_timeout",
+                                   "server_retries"})
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,11 +51,27 @@ def run_identity(config_sections: dict, data: dict, teacher: dict | None = None,
     checkpoint (``models``: role -> models/identity.model_identity, e.g. an adapter's frozen base, the teacher)."""
     options = {key: value for section in config_sections.values() for key, value in section.items()}
     flat = {key: value for key, value in options.items() if key not in RESUMABLE_OPTIONS}
+    flat.update(_member_options(flat.pop("teachers", None), flat.pop("teacher_weights", None),
+                                flat.get("teacher_routing")))
     if options.get("on_policy_fraction"):  # the engines sample with generators of their own: each its own draws
         flat["rollout_engine"] = "vllm" if options.get("rollout_server") else "transformers"
     identity = {"options": flat, "data": data, **({"teacher": teacher} if teacher else {}),
                 **({"models": models} if models else {})}
     return json.loads(json.dumps(identity, default=str))
+
+
+def _member_options(members: list | None, weights: str | None, routing: str | None) -> dict:
+    """--teachers as one option per member and key (``teachers/NAME/KEY``), so that a changed teacher is named;
+    where a member's server is (and how patiently it is asked) may change, as for the one served teacher."""
+    if not members:
+        return {"teachers": None, "teacher_weights": weights}
+    flat = {f"teachers/{member['name']}/{key}": value for member in members for key, value in member.items()
+            if key != "name" and key not in RESUMABLE_MEMBER_KEYS}
+    flat["teachers"] = [member["name"] for member in members]
+    if routing == "mixture":
+        shares = [float(part) for part in weights.split(",")] if weights else [1 / len(members)] * len(members)
+        flat.update({f"teachers/{member['name']}/weight": share for member, share in zip(members, shares, strict=True)})
+    return flat
 
 
 def identity_bytes(identity: dict) -> bytes:
@@ -100,19 +121,44 @@ def same_probe(saved: dict, current: dict) -> bool:
 
 
 def same_teacher(saved: dict, current: dict) -> bool:
-    """A served teacher's fingerprint is compared within the server's numerical noise; anything else exactly."""
+    """A served teacher's fingerprint is compared within the server's numerical noise; anything else exactly
+    (several teachers: member by member)."""
     saved, current = saved or {}, current or {}
+    if "teachers" in saved and "teachers" in current:
+        return not _changed_members(saved, current) and _without(saved, "teachers") == _without(current, "teachers")
     if "served_teacher" in saved and "served_teacher" in current:
         return same_probe(saved["served_teacher"], current["served_teacher"])
     return saved == current
 
 
+def _changed_members(saved: dict, current: dict) -> list[str]:
+    then, now = saved["teachers"], current["teachers"]
+    return [name for name in {**then, **now} if name not in then or name not in now
+            or not same_teacher(then[name], now[name])]
+
+
+def _without(identity: dict, key: str) -> dict:
+    return {name: value for name, value in identity.items() if name != key}
+
+
 def _teacher_change(saved: dict, current: dict) -> str:
+    if "teachers" in saved and "teachers" in current:
+        changes = [f"teacher {name}: " + _member_change(saved["teachers"].get(name, {}), current["teachers"].get(name, {}))
+                   for name in _changed_members(saved, current)]
+        if _without(saved, "teachers") != _without(current, "teachers"):
+            changes.append("which rows name which teacher (the teacher column's values)")
+        return "; ".join(changes)
     if "served_teacher" in saved and "served_teacher" in current:
         then, now = saved["served_teacher"]["server_model"], current["served_teacher"]["server_model"]
         return (f"the served teacher {now!r}: its log-probabilities of the probe differ (another model, or other "
                 "weights)" if then == now else f"the served teacher: {then!r} -> {now!r}")
     return f"teacher signal: {saved} -> {current}"
+
+
+def _member_change(saved: dict, current: dict) -> str:
+    if saved.get("weights") and current.get("weights") and saved["weights"] != current["weights"]:
+        return f"the model {current['weights'].get('path', '')} changed its weights since the checkpoint"
+    return _teacher_change(saved, current)
 
 
 def _rewritten_models(saved: dict, current: dict) -> list[str]:

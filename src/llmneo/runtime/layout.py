@@ -27,6 +27,7 @@ BEFORE_FILE = "before.json"  # the student's held-out metrics and answers before
 EVAL_FILE = "eval.json"  # what `llm-neo eval` measured
 HELD_OUT_FILE = "held_out_rows.json"  # --eval_ratio: which rows read were held out, and their digest
 MAP_FILE = "vocabulary_map.safetensors"  # across tokenizers: the vocabulary map (also in a cache directory)
+CACHE_MANIFEST = "manifest.json"  # a teacher cache directory's manifest (teacher/cache.py)
 LOCK_FILE = ".llmneo.lock"  # held by the process that writes the directory (also a cache directory)
 RESULT_FILE = "result.json"  # an experiment cell's result, written last
 # ---- each checkpoint-K folder, besides the Trainer's own files ---------------------------------------------------

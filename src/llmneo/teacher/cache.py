@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from ..data.tokenize import chat_template_text
 from ..losses.vocab_map import VocabularyMap, load_vocabulary_map
-from ..runtime.layout import MAP_FILE
+from ..runtime.layout import CACHE_MANIFEST as MANIFEST, MAP_FILE
 from ..runtime.atomic import write_atomically
 from ..errors import ConfigError, VocabularyError
 from ..models.identity import data_fingerprint, model_identity
@@ -36,7 +36,6 @@ from ..losses.topk import TopKRows
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -14,14 +14,15 @@ import logging
 from ..adapters.lora import with_adapter
 from ..models.loading import load_student
 from .loading import load_teacher
+from .ensemble import TeacherEnsemble
 from .signal import NoTeacher, RunModels, SourceParts, TeacherSignal
 from .sources import AlignedCachedTeacher, AlignedOnlineTeacher, CachedTeacher, OnlineTeacher, ServedTeacher
 
 logger = logging.getLogger(__name__)
 
-# Asked in this order: a served teacher, then a cache (a teacher_model beside it only identifies the cache's teacher),
-# then a loaded teacher, and no teacher last.
-SOURCES: list[type[TeacherSignal]] = [ServedTeacher, AlignedCachedTeacher, CachedTeacher, AlignedOnlineTeacher,
+# Asked in this order: several teachers (each member then chosen here as a one-teacher run), a served teacher, then
+# a cache (a teacher_model beside it only identifies the cache's teacher), then a loaded teacher, and no teacher last.
+SOURCES: list[type[TeacherSignal]] = [TeacherEnsemble, ServedTeacher, AlignedCachedTeacher, CachedTeacher, AlignedOnlineTeacher,
                                       OnlineTeacher, NoTeacher]
 
 

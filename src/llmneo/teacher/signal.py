@@ -87,9 +87,18 @@ class TeacherSignal:
     def build(cls, config, parts: SourceParts) -> TeacherSignal:
         raise NotImplementedError
 
+    def place(self, placer, device) -> None:
+        """Put the loaded teacher where the trainer runs it (``placer``: a model -> the model placed for DDP, ZeRO
+        or FSDP2), then ``attach``."""
+        self.attach(placer(self.teacher) if self.teacher is not None else None, device)
+
     def attach(self, teacher: torch.nn.Module | None, device) -> None:
         """Take the teacher as the trainer placed it (DDP, ZeRO, FSDP2) and move own tensors to ``device``."""
         self.teacher = teacher
+
+    def loaded_teachers(self) -> list[torch.nn.Module]:
+        """The teacher models this signal runs (the loss implementation must suit each one's head)."""
+        return [self.teacher] if self.teacher is not None else []
 
     def collator(self, padded, tokenizer):
         """The training and evaluation collator, from the student's padded one and its tokenizer."""

@@ -74,6 +74,8 @@ class DistillTrainerBase(TrainerHooks):
         if model.training:  # kept as tensors: no device sync until the next log
             self._term_sums["ce_loss"] += parts.ce * scale
             self._term_sums["kd_loss"] += parts.kd * scale
+            for key, value in parts.terms.items():  # e.g. each teacher's own term beside kd_loss
+                self._term_sums[key] = self._term_sums.get(key, 0.0) + value * scale
             self._items_seen += items
         return parts.loss * scale
 

@@ -88,7 +88,7 @@ class OnPolicy:
         self.observe_gap(inputs, student, settings.chunk_size)
         parts = self.loss.targets(signal, inputs, student).loss(student, inputs["labels"], self.loss.settings(settings),
                                                                 num_items)
-        return LossParts(parts.loss, parts.ce * 0, parts.kd)  # no CE term on the student's own answers
+        return dataclasses.replace(parts, ce=parts.ce * 0)  # no CE term on the student's own answers
 
     @torch.no_grad()
     def observe_gap(self, inputs: dict, student: StudentSide, chunk_size: int) -> None:

@@ -10,6 +10,7 @@ from ..losses.backends import READS_HIDDEN_STATES, choose_loss_impl, impl_for_ca
 from ..losses.contract import answer_mask
 from ..losses.targets import StudentSide
 from ..rollouts import ROLLOUT
+from ..teacher.placement import place_teacher
 from ..teacher.signal import NoTeacher, TeacherSignal
 from .base import DistillTrainerBase
 from .on_policy import OnPolicy
@@ -25,12 +26,14 @@ class TokenDistillTrainer(DistillTrainerBase):
 
     def __init__(self, *args, signal: TeacherSignal | None = None, **kwargs):
         signal = signal if signal is not None else NoTeacher()
-        super().__init__(*args, teacher=signal.teacher, kd_vocab_size=signal.kd_vocab_size, **kwargs)
+        super().__init__(*args, kd_vocab_size=signal.kd_vocab_size, **kwargs)
         self.signal = signal
-        self.signal.attach(self.teacher, self.args.device)
+        self.signal.place(lambda teacher: place_teacher(teacher, self.accelerator), self.args.device)
+        self.teacher = signal.teacher
         self.byte_lengths = byte_lengths(self.processing_class) if self.processing_class is not None else None
-        self.loss_impl = choose_loss_impl(self.args.loss_impl, self.loss_settings.divergence, self.model, self.teacher,
-                                          self.loss_settings.kd_vocab_size, self.parameters_sharded())
+        self.loss_impl = choose_loss_impl(self.args.loss_impl, self.loss_settings.divergence, self.model,
+                                          signal.loaded_teachers(), self.loss_settings.kd_vocab_size,
+                                          self.parameters_sharded())
         self.count_items_over_shifted_labels()
         self.on_policy = OnPolicy.from_args(self.args, self.processing_class, self.model)
 
