@@ -45,6 +45,7 @@ def cmd_distill(argv: list[str]) -> int:
 def cmd_cache_teacher(argv: list[str]) -> int:
     from .config import parse_config
     from .teacher.capture import CaptureSettings, cache_teacher
+    from .teachers import one_teacher_config
 
     defaults = CaptureSettings()
     parser = argparse.ArgumentParser(prog="llm-neo cache-teacher", description=COMMANDS["cache-teacher"],
@@ -60,8 +61,13 @@ def cmd_cache_teacher(argv: list[str]) -> int:
                         help="Rows per teacher forward pass.")
     parser.add_argument("--teacher_server_concurrency", type=int, default=8,
                         help="With --teacher_server: rows requested from the server at once.")
+    parser.add_argument("--teacher", default=None,
+                        help="With --teachers: the name of the teacher to cache (then give it as that teacher's cache).")
     args, rest = parser.parse_known_args(argv)
-    config = parse_config(rest)
+    config = one_teacher_config(parse_config(rest), args.teacher, "cache-teacher")
+    if args.teacher is not None and config.training.teacher_cache is not None:
+        raise ConfigError(f"cache-teacher --teacher {args.teacher}: that teacher reads the cache "
+                          f"{config.training.teacher_cache} already")
     settings = CaptureSettings(top_k=args.top_k, cache_dtype=args.cache_dtype, shard_rows=args.shard_rows,
                                batch_size=args.cache_batch_size, chunk_rows=config.training.kd_chunk_size)
     manifest = cache_teacher(config, args.cache_dir, settings, args.teacher_server_concurrency)
@@ -107,6 +113,8 @@ def cmd_eval(argv: list[str]) -> int:
     parser.add_argument("target", help="Run directory of `llm-neo distill`, or a model directory.")
     parser.add_argument("--dataset", help="Held-out rows for a model directory (a run uses its eval split).")
     parser.add_argument("--teacher_model", help="Teacher for agreement and KL (a run uses its own).")
+    parser.add_argument("--teacher", help="A run with --teachers: evaluate against this teacher only (default: each "
+                                          "loaded teacher).")
     parser.add_argument("--teacher_chat_template", help="A teacher with another tokenizer reads the rows through "
                         "this chat template: 'plain' or a Jinja file (a run uses its own setting).")
     parser.add_argument("--max_length", type=int, help="Truncate held-out rows to this many tokens (default: the "
@@ -123,7 +131,7 @@ def cmd_eval(argv: list[str]) -> int:
     request = EvalRequest(target=args.target, dataset=args.dataset, teacher_model=args.teacher_model,
                           teacher_chat_template=args.teacher_chat_template, max_length=args.max_length,
                           max_samples=args.max_samples, bootstrap=args.bootstrap,
-                          skip_bad_rows=args.skip_bad_rows, **_eval_options(args))
+                          skip_bad_rows=args.skip_bad_rows, teacher=args.teacher, **_eval_options(args))
     try:
         print(json.dumps(evaluate_target(request), indent=2))
     except EvaluationIncomplete as error:  # print what was measured, then the one-line error

@@ -114,6 +114,22 @@ def member_config(config, member: dict):
     return view
 
 
+def one_teacher_config(config, name: str | None, command: str):
+    """The settings of one teacher of --teachers as a one-teacher run (``command`` --teacher NAME: cache-teacher,
+    eval), or ``config`` itself when the run has no --teachers."""
+    members = teacher_members(config)
+    if not members:
+        if name is not None:
+            raise ConfigError(f"{command} --teacher {name}: the run gives no --teachers (its one teacher is the run's)")
+        return config
+    names = [member["name"] for member in members]
+    if name is None:
+        raise ConfigError(f"{command}: the run has several teachers ({', '.join(names)}): choose one with --teacher NAME")
+    if name not in names:
+        raise ConfigError(f"{command} --teacher {name}: not one of the run's teachers ({', '.join(names)})")
+    return member_config(config, members[names.index(name)])
+
+
 def _absolute(value):
     expanded = os.path.expanduser(value) if isinstance(value, str) else value
     return os.path.abspath(expanded) if isinstance(value, str) and os.path.exists(expanded) else value

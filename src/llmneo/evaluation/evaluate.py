@@ -5,6 +5,7 @@ answers' aligned boundaries (evaluation/cross_tokenizer.py) instead of token by 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ..lm_head import output_rows
 from ..models.class_head import ClassHead
 from ..models.loading import load_reading_tokenizer, load_student, load_tokenizer
 from ..teacher.loading import load_teacher
+from ..teachers import parse_teachers
 from .classification import evaluate_classifier
 from .cross_tokenizer import aligned_batches, evaluate_aligned
 from .harness import HarnessTasks, TaskUnavailable, run_lm_eval
@@ -53,6 +55,7 @@ class EvalRequest:
     bootstrap: int = 1000  # resamples of the held-out rows for 95% intervals (0: none); language models only
     on_policy: bool = False  # also the student's own answers scored by the teacher (evaluation/on_policy.py)
     on_policy_max_new_tokens: int = 128  # with on_policy: the answers' token budget
+    teacher: str | None = None  # a run with --teachers: evaluate against this one (default: each loaded one)
 
 
 def _load_target(request: EvalRequest):
@@ -147,7 +150,8 @@ def _which_teacher(request: EvalRequest, config: dict | None) -> dict:
     record = {"path": path, "sha256": current.get("sha256"), "chosen_by": "--teacher_model" if request.teacher_model
               else "the run"}
     opened = open_target(request.target)
-    recorded = recorded_model(opened.run_dir, "teacher") if opened.run_dir is not None else None
+    role = f"teacher/{request.teacher}" if request.teacher else "teacher"  # a run with --teachers records each
+    recorded = recorded_model(opened.run_dir, role) if opened.run_dir is not None else None
     if recorded and recorded.get("path") == current.get("path"):
         record["same_as_the_runs_teacher"] = recorded == current
         if recorded != current and not request.teacher_model:
@@ -171,20 +175,27 @@ class EvalModels:
 
 
 def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
-    """Offline metrics (when held-out rows exist) and lm-eval task scores (when tasks are named)."""
+    """Offline metrics (when held-out rows exist) and lm-eval task scores (when tasks are named). A run with
+    --teachers is evaluated against each loaded teacher (``teachers``: name -> its figures) beside the student's own
+    held-out figures, or against the one ``request.teacher`` names."""
     model, tokenizer, config = _load_target(request)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = EvalModels(model.to(device), tokenizer, config, None, _other_teacher_tokenizer(request, config, tokenizer))
-    held_out = _held_out_rows(request, tokenizer, config, models.teacher_tokenizer)
-    results = _held_out_results(request, models, held_out, device) if held_out is not None else {}
-    if request.on_policy and held_out is None:
-        raise ConfigError(f"--on_policy answers held-out prompts: {request.target} has none (give --dataset, or a run "
-                          "with --eval_split / --eval_ratio)")
+    model = model.to(device)
+    members = _run_teachers(request, config)
+    if members is None:
+        results = _evaluate_with(request, EvalModels(model, tokenizer, config), device)
+    else:
+        alone = {**config, "model": {**config["model"], "teacher_model": None}}
+        results = _evaluate_with(dataclasses.replace(request, on_policy=False), EvalModels(model, tokenizer, alone),
+                                 device)
+        results["teachers"] = {name: _evaluate_with(dataclasses.replace(request, teacher=name),
+                                                    EvalModels(model, tokenizer, view), device)
+                               for name, view in members.items()}
     if request.tasks:
         if _task(config) == "classification":
             raise ConfigError("lm-eval tasks score language models; a classifier is evaluated on held-out rows")
         try:
-            results["tasks"] = run_lm_eval(models.model, tokenizer, HarnessTasks(
+            results["tasks"] = run_lm_eval(model, tokenizer, HarnessTasks(
                 request.tasks, request.include_path, request.limit, request.num_fewshot, request.batch_size))
         except TaskUnavailable as error:
             if not results:
@@ -196,6 +207,36 @@ def evaluate_target(request: EvalRequest, write: bool = True) -> dict:
                           "directory (a run evaluates its --eval_split / --eval_ratio rows)")
     _write_results(request, results, write)
     return results
+
+
+def _evaluate_with(request: EvalRequest, models: EvalModels, device) -> dict:
+    """The held-out figures of one teacher (the run's config as ``models.config`` names it)."""
+    models.teacher_tokenizer = _other_teacher_tokenizer(request, models.config, models.tokenizer)
+    held_out = _held_out_rows(request, models.tokenizer, models.config, models.teacher_tokenizer)
+    if request.on_policy and held_out is None:
+        raise ConfigError(f"--on_policy answers held-out prompts: {request.target} has none (give --dataset, or a run "
+                          "with --eval_split / --eval_ratio)")
+    return _held_out_results(request, models, held_out, device) if held_out is not None else {}
+
+
+def _run_teachers(request: EvalRequest, config: dict | None) -> dict[str, dict] | None:
+    """A run with --teachers: its config as each loaded teacher's (name -> config), or the one --teacher names;
+    None for a run with one teacher (or none), or when --teacher_model names the teacher."""
+    members = parse_teachers(((config or {}).get("distill") or {}).get("teachers"))
+    if request.teacher is not None and not members:
+        raise ConfigError(f"eval --teacher {request.teacher}: {request.target} is not a run with --teachers")
+    if not members or request.teacher_model:
+        return None
+    names = [member["name"] for member in members]
+    if request.teacher is not None and request.teacher not in names:
+        raise ConfigError(f"eval --teacher {request.teacher}: not one of the run's teachers ({', '.join(names)})")
+    chosen = [member for member in members if request.teacher in (None, member["name"]) and member.get("model")]
+    if not chosen:
+        raise ConfigError(f"eval --teacher {request.teacher}: that teacher is served or cached, and eval scores with "
+                          "a loaded teacher: give its model with --teacher_model")
+    return {member["name"]: {**config, "model": {**config["model"], "teacher_model": member["model"],
+                                                 "teacher_chat_template": member.get("chat_template")}}
+            for member in chosen}
 
 
 class EvaluationIncomplete(NeoError):
@@ -270,4 +311,6 @@ def flatten(results: dict) -> dict[str, float]:
                  if isinstance(value, (int, float))})
     for task, metrics in results.get("tasks", {}).items():
         flat.update({f"{task}/{metric}": value for metric, value in metrics.items()})
+    for name, figures in results.get("teachers", {}).items():  # a run with --teachers: each teacher's figures
+        flat.update({f"{key}/{name}": value for key, value in flatten(figures).items() if key not in flat})
     return flat

@@ -80,4 +80,8 @@ def read_models(config, base: dict | None, teacher) -> dict:
     models = {"student": base} if base else {}
     if teacher is not None and config.model.teacher_model:
         models["teacher"] = weights_identity(config.model.teacher_model, "teacher", "resuming will not check it")
+    for member in config.training.teachers or []:  # --teachers: each loaded one (a cache's model only names it)
+        if member.get("model") and not member.get("cache"):
+            models[f"teacher/{member['name']}"] = weights_identity(member["model"], f"teacher {member['name']}",
+                                                                   "resuming will not check it")
     return models

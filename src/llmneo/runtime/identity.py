@@ -143,7 +143,7 @@ def _without(identity: dict, key: str) -> dict:
 
 def _teacher_change(saved: dict, current: dict) -> str:
     if "teachers" in saved and "teachers" in current:
-        changes = [f"teacher {name}: " + _member_change(saved["teachers"].get(name, {}), current["teachers"].get(name, {}))
+        changes = [f"teacher {name}: " + _teacher_change(saved["teachers"].get(name, {}), current["teachers"].get(name, {}))
                    for name in _changed_members(saved, current)]
         if _without(saved, "teachers") != _without(current, "teachers"):
             changes.append("which rows name which teacher (the teacher column's values)")
@@ -155,12 +155,6 @@ def _teacher_change(saved: dict, current: dict) -> str:
     return f"teacher signal: {saved} -> {current}"
 
 
-def _member_change(saved: dict, current: dict) -> str:
-    if saved.get("weights") and current.get("weights") and saved["weights"] != current["weights"]:
-        return f"the model {current['weights'].get('path', '')} changed its weights since the checkpoint"
-    return _teacher_change(saved, current)
-
-
 def _rewritten_models(saved: dict, current: dict) -> list[str]:
     """Models read from the same path whose weights differ. A changed path is an option difference already, and a
     role one side does not record (an older checkpoint, an unreadable hub id) cannot be compared."""
@@ -168,7 +162,7 @@ def _rewritten_models(saved: dict, current: dict) -> list[str]:
     for role in sorted(set(saved) & set(current)):
         then, now = saved[role] or {}, current[role] or {}
         if then and now and then.get("path") == now.get("path") and then != now:
-            changed.append(f"the {role} {now['path']}: its weights changed since the checkpoint")
+            changed.append(f"the {role.replace('/', ' ')} {now['path']}: its weights changed since the checkpoint")
     return changed
 
 

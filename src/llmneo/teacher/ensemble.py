@@ -32,7 +32,6 @@ from ..errors import ConfigError
 from ..evaluation.metrics import HeldOutOptions, evaluate_against_teacher
 from ..losses.contract import LossParts, LossSettings, answer_mask
 from ..losses.targets import StudentSide, TeacherTargets
-from ..models.identity import weights_identity
 from ..rollouts import ROLLOUT
 from ..teachers import member_config, teacher_members, teacher_weights
 from .loading import load_teacher
@@ -94,10 +93,8 @@ ROUTINGS = {"mixture": lambda config, dataset: MixtureRouting(teacher_weights(co
 class TeacherEnsemble(TeacherSignal):
     """The members (name -> source, in --teachers order) and how their terms combine."""
 
-    def __init__(self, members: dict[str, TeacherSignal], routing: Routing, offload: bool = False,
-                 weights: dict | None = None):
+    def __init__(self, members: dict[str, TeacherSignal], routing: Routing, offload: bool = False):
         self.members, self.routing, self.offload = members, routing, offload
-        self.weights = weights or {}  # name -> identity of a loaded member's weights
         self.device = None
         self.rows_seen = dict.fromkeys([*members, "none"], 0)
         same_tokens = [member.kd_vocab_size for member in members.values() if member.kd_vocab_size is not None]
@@ -133,19 +130,17 @@ class TeacherEnsemble(TeacherSignal):
     @classmethod
     def build(cls, config, parts: SourceParts) -> TeacherSignal:
         """Each member as its one-teacher run builds it (a loaded member's model loaded here, once)."""
-        members, weights, models = {}, {}, parts.models
+        members, models = {}, parts.models
         for member, view in _views(config):
             kind, name = _kind(view), member["name"]
             teacher = load_teacher(view.model) if kind.loads_teacher else None
-            if teacher is not None:
-                weights[name] = weights_identity(view.model.teacher_model, f"teacher {name}", "resuming will not check it")
             reader = kind.reading_tokenizer(view)
             own = RunModels(models.tokenizer, models.student, teacher, reader, models.head)
             members[name] = kind.build(view, SourceParts(own, (parts.cache or {}).get(name),
                                                          (parts.connection or {}).get(name), parts.dataset))
             logger.info("teacher %s: %s", name, type(members[name]).__name__)
         routing = ROUTINGS[config.training.teacher_routing](config, parts.dataset)
-        return cls(members, routing, config.training.teacher_offload, weights)
+        return cls(members, routing, config.training.teacher_offload)
 
     # ---- the trainer's side ----
 
@@ -234,9 +229,9 @@ class TeacherEnsemble(TeacherSignal):
             member.close()
 
     def identity(self) -> dict:
-        members = {name: {**member.identity(), **({"weights": self.weights[name]} if self.weights.get(name) else {})}
-                   for name, member in self.members.items()}
-        return {"teachers": members, **self.routing.identity()}
+        """Each member's (a loaded member's weights are the run's ``models``: models/identity.read_models)."""
+        return {"teachers": {name: member.identity() for name, member in self.members.items()},
+                **self.routing.identity()}
 
 
 @dataclass

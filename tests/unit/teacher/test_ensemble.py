@@ -45,7 +45,8 @@ def ensemble_trainer(models_dir, char_teacher, data: str, out, **extra):
     """The pipeline's steps up to the trainer, for a neo run over the two teachers."""
     flags = ["--method", "neo", "--student_model", models_dir["student"], "--dataset", data, "--output_dir", str(out),
              "--lora_r", "4", "--max_steps", "1", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2",
-             "--seed", "0", "--max_length", "256", "--alpha", str(ALPHA), "--teachers", teachers_json(models_dir, char_teacher), "--disable_tqdm", "true"]
+             "--seed", "0", "--max_length", "256", "--alpha", str(ALPHA), "--disable_tqdm", "true",
+             "--teachers", teachers_json(models_dir, char_teacher)]
     for key, value in {"temperature": TEMPERATURE, **extra}.items():
         flags += [f"--{key}", str(value)]
     config = parse_config(flags)
