@@ -68,8 +68,11 @@ def run_settings(config, steps: int, data_report) -> list[tuple[str, object]]:
     preset, classes = METHODS[method], data_report.class_names  # classes: set only for --task classification
     return [
         ("method", method),
-        ("teacher", config.model.teacher_model or ("(see the cache)" if distill.teacher_cache else "(none: CE only)")),
-        ("teacher cache", f"{distill.teacher_cache} ({distill.cache_tail} tail)" if distill.teacher_cache else "none"),
+        *(_teachers_rows(distill) if distill.teachers else [
+            ("teacher", config.model.teacher_model or ("(see the cache)" if distill.teacher_cache
+                                                      else distill.teacher_server or "(none: CE only)")),
+            ("teacher cache", f"{distill.teacher_cache} ({distill.cache_tail} tail)" if distill.teacher_cache
+             else "none")]),
         ("student", config.model.student_model),
         ("data", f"{config.data.dataset} ({data_report.data_format}, {data_report.rows_used} rows used, "
                  f"{len(data_report.skipped)} skipped, {data_report.answer_tokens} "
@@ -82,6 +85,20 @@ def run_settings(config, steps: int, data_report) -> list[tuple[str, object]]:
         ("learning rate", config.training.learning_rate),
         ("optimizer steps", steps),
     ]
+
+
+def _teachers_rows(distill) -> list[tuple[str, object]]:
+    """--teachers: one row per teacher (its source and tokenizer mode; a mixture's weight), and the routing."""
+    weights = distill.teacher_weights.split(",") if distill.teacher_weights else None
+    rows = []
+    for index, member in enumerate(distill.teachers):
+        source = ", ".join(f"{key} {member[key]}" for key in ("model", "server", "cache") if member.get(key))
+        mode = f"; cross_tokenizer {member['cross_tokenizer']}" if member.get("cross_tokenizer") else ""
+        weight = (f"; weight {weights[index] if weights else f'{1 / len(distill.teachers):g}'}"
+                  if distill.teacher_routing == "mixture" else "")
+        rows.append((f"teacher {member['name']}", f"{source}{mode}{weight}"))
+    column = f" (column '{distill.teacher_column}')" if distill.teacher_routing == "column" else ""
+    return [*rows, ("teacher routing", f"{distill.teacher_routing}{column}")]
 
 
 def write_model_card(run_dir: Path, config, steps: int, data_report, final_metrics: dict,

@@ -61,6 +61,9 @@ class Routing:
     def shares(self, inputs: dict, names: list[str]) -> list[Share]:
         raise NotImplementedError
 
+    def assign(self, members: dict[str, TeacherSignal]) -> None:
+        """Tell each member which training rows it scores (all, unless a routing says otherwise)."""
+
     def identity(self) -> dict:
         return {}
 
@@ -81,6 +84,10 @@ class ColumnRouting(Routing):
         routed = self.routes[inputs["row_id"].cpu()]
         found = [Share(name, 1.0, (routed == index).nonzero().flatten()) for index, name in enumerate(names)]
         return found + [Share(None, 1.0, (routed == NO_TEACHER).nonzero().flatten())]
+
+    def assign(self, members: dict[str, TeacherSignal]) -> None:
+        for index, member in enumerate(members.values()):
+            member.score_only(set((self.routes == index).nonzero().flatten().tolist()))
 
     def identity(self) -> dict:
         return {"routes_sha256": hashlib.sha256(self.routes.numpy().tobytes()).hexdigest()}
@@ -140,6 +147,7 @@ class TeacherEnsemble(TeacherSignal):
                                                          (parts.connection or {}).get(name), parts.dataset))
             logger.info("teacher %s: %s", name, type(members[name]).__name__)
         routing = ROUTINGS[config.training.teacher_routing](config, parts.dataset)
+        routing.assign(members)
         return cls(members, routing, config.training.teacher_offload)
 
     # ---- the trainer's side ----

@@ -112,6 +112,10 @@ class TeacherSignal:
         """An on-policy ``sampled`` step's targets: the teacher's log-probability of each token the student sampled."""
         return SampledTargets(self.targets(inputs, student))
 
+    def score_only(self, rows: set[int]) -> None:
+        """Column routing (several teachers): this source scores only these training rows, so that a source that
+        asks for rows ahead asks for these alone."""
+
     def planned(self, rows: list[int], on_policy: bool, next_on_policy: bool) -> None:
         """An on-policy run's step has its micro-batches: ``rows`` (their row ids) are trained on as they are unless
         ``on_policy`` (then the student's answers replace them); rows collated ahead belong to the next step,

@@ -265,6 +265,7 @@ class ServedTeacher(TeacherSignal):
         self.deferred = deferred
         self.waiting: deque[dict] = deque()  # deferred: collated rows not asked for yet, in collation order
         self.waited, self.steps_waited = 0.0, 0
+        self.rows: set[int] | None = None  # column routing: the training rows this teacher scores (None: all)
 
     @classmethod
     def chosen(cls, config) -> bool:
@@ -295,8 +296,13 @@ class ServedTeacher(TeacherSignal):
         self.pending[int(feature["row_id"])].append(
             self.pool.submit(self.server.row_topk, feature, self.top_k, self.kd_vocab_size))
 
+    def score_only(self, rows: set[int]) -> None:
+        self.rows = rows
+
     def collated(self, feature: dict) -> None:
         """A training row was collated: ask for it now, or (deferred) once its step is known to read it."""
+        if self.rows is not None and int(feature["row_id"]) not in self.rows:
+            return  # column routing gives it to another teacher
         if self.deferred:
             self.waiting.append(feature)
         else:

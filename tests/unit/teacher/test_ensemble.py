@@ -230,3 +230,42 @@ def test_an_on_policy_step_equals_a_float64_reference(models_dir, char_teacher, 
     ours = step_terms(trainer, batch, sum(map(len, answers)))
     assert_terms(ours, expected)
     assert ours["ce_loss"] == 0.0 and expected["kd_loss/same"] != 0 and expected["kd_loss/char"] != 0
+
+
+# ---------------------------------------------------------------- a served member under column routing
+
+
+def test_a_served_member_is_asked_for_its_own_rows_only(models_dir, tmp_path):
+    """Column routing: the served teacher's collator asks the server for the rows naming it, not the others."""
+    from standin_server import StandInServer
+
+    from llmneo.teacher.choice import connect_teacher
+
+    tokenizer = load_student_tokenizer(parse_config(["--student_model", models_dir["student"], "--dataset", "x",
+                                                     "--method", "lora"]).model)
+    server = StandInServer(tokenizer)
+    try:
+        listed = json.dumps([{"name": "same", "model": models_dir["teacher"]},
+                             {"name": "srv", "server": server.url, "top_k": 8}])
+        data = routed_file(tmp_path, ["same", "srv", None, "srv"])
+        flags = ["--method", "neo", "--student_model", models_dir["student"], "--dataset", data, "--output_dir",
+                 str(tmp_path / "run"), "--lora_r", "4", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                 "--max_length", "256", "--teachers", listed, "--cache_tail", "bucket"]
+        config = parse_config(flags)
+        connection = connect_teacher(config, tokenizer)
+        dataset, _ = build_dataset(config.data, tokenizer, 0, routes=row_routes(config))
+        dataset = dataset.add_column("row_id", list(range(len(dataset))))
+        models = load_models(config, tokenizer)
+        (tmp_path / "run").mkdir()
+        signal = teacher_signal(config, models, dataset=dataset, connection=connection)
+        trainer = build_trainer(config, models, signal, dataset)
+        server.requests.clear()
+        batch = trainer.data_collator([dataset[i] for i in range(8)])
+        items = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        terms = step_terms(trainer, batch, items)
+        asked = [body for path, body in server.requests if path == "/v1/completions"]
+        assert len(asked) == 4  # rows 1, 3, 5, 7 name srv
+        assert terms["kd_loss/srv"] > 0 and terms["kd_loss/same"] > 0 and not signal.members["srv"].pending
+    finally:
+        signal.close() if "signal" in locals() else None
+        server.close()
