@@ -170,3 +170,25 @@ def test_cache_teacher_of_one_teacher_and_eval_against_each(models_dir, char_tea
     capsys.readouterr()
     assert cli.main(["eval", str(online), "--teacher", "maths"]) == 1
     assert "eval --teacher maths: not one of the run's teachers (same, char)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("routing", ["column", "mixture"])
+def test_on_policy_steps_score_the_students_answers_with_each_rows_teachers(models_dir, char_teacher, tmp_path,
+                                                                           routing):
+    """Rollouts of rows naming either teacher (the character-level one renders the student's answers itself)."""
+    data = routed_rows(tmp_path, lambda i: ["same", "char"][i % 2])
+    out = tmp_path / "run"
+    assert cli.main(several(models_dir, data, out, char_teacher, teacher_routing=routing, max_steps=4,
+                            on_policy_fraction=0.5, rollout_max_new_tokens=8, on_policy_loss="sampled",
+                            temperature=1.0)) == 0
+    lines = logged(out)
+    assert [line["on_policy"] for line in lines] == [0, 1, 0, 1]
+    for line in lines:
+        assert math.isfinite(line["kd_loss/same"]) and math.isfinite(line["kd_loss/char"])
+        if line["on_policy"]:
+            assert line["ce_loss"] == 0 and line["rollout_tokens"] > 0
+        if routing == "column":  # every row names one (shuffled batches: the shares vary)
+            assert line["teacher_rows/same"] + line["teacher_rows/char"] == 1 and line["teacher_rows/none"] == 0
+    # a row naming no teacher has no teacher to score its answers: refused by row before training
+    none = routed_rows(tmp_path, lambda i: None if i == 2 else "same")
+    assert cli.main(several(models_dir, none, tmp_path / "none", char_teacher, on_policy_fraction=0.5)) == 1
