@@ -269,3 +269,21 @@ def test_a_served_member_is_asked_for_its_own_rows_only(models_dir, tmp_path):
     finally:
         signal.close() if "signal" in locals() else None
         server.close()
+
+
+def test_offloaded_teachers_score_on_the_device_and_wait_on_the_cpu(models_dir, char_teacher, tmp_path):
+    """--teacher_offload: the step's figures are the reference's, and each teacher is moved to the device only
+    around its own scoring (the moves recorded)."""
+    trainer, dataset = ensemble_trainer(models_dir, char_teacher, routed_file(tmp_path), tmp_path / "run",
+                                        teacher_routing="mixture", teacher_offload="true")
+    moves = []
+    for name, member in trainer.signal.members.items():
+        original = member.teacher.to
+        member.teacher.to = lambda device, name=name, original=original: (moves.append((name, str(device))),
+                                                                           original(device))[1]
+    rows, reference = [dataset[i] for i in range(8)], Reference(trainer)
+    per_row = [reference.dataset_row(row) for row in rows]
+    ours = step_terms(trainer, trainer.data_collator(rows), sum(row["tokens"] for row in per_row))
+    assert_terms(ours, combine(per_row, ROUTES, {"same": 0.5, "char": 0.5}, ALPHA))
+    device = str(trainer.args.device)
+    assert moves == [("same", device), ("same", "cpu"), ("char", device), ("char", "cpu")]
