@@ -286,7 +286,8 @@ def _held_out_metrics(request: EvalRequest, models: EvalModels, held_out) -> dic
     if teacher_tokenizer is not None and teacher is not None:
         vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_rows(teacher), output_rows(model))
         aligned = AlignedCollator(collator, tokenizer.padding_side, teacher_tokenizer.pad_token_id)
-        metrics.update(evaluate_aligned(model, teacher, aligned_batches(held_out, aligned, request.batch_size), vocab_map))
+        metrics.update(evaluate_aligned(model, teacher, aligned_batches(held_out, aligned, request.batch_size), vocab_map,
+                                        bootstrap=request.bootstrap))
     return metrics
 
 

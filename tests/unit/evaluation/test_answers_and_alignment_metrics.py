@@ -3,6 +3,7 @@ mass on mapped tokens."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
@@ -32,3 +33,41 @@ def test_mapped_mass_is_the_teacher_probability_on_paired_ids():
     vocab_map = VocabularyMap(torch.tensor([0, 4]), torch.tensor([1, 0]), 5, 2)
     expected = F.softmax(logits[:, :5], -1)[:, [0, 4]].sum(1)
     torch.testing.assert_close(teacher_mapped_mass(logits, vocab_map), expected)
+
+
+def test_aligned_intervals_resample_each_rows_own_boundaries(models_dir, char_teacher, tokenizer, tmp_path):
+    """The intervals of aligned_kl and aligned agreement are the bootstrap of each held-out row's own sums: each
+    row evaluated alone gives its sums; resampled with the same draws they give the same interval."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from llmneo.config import DataArguments
+    from llmneo.data.collators import AlignedCollator, make_collator
+    from llmneo.data.loading import build_dataset
+    from llmneo.data.vocabulary import build_vocabulary_map
+    from llmneo.evaluation.bootstrap import resampled_rows
+    from llmneo.evaluation.cross_tokenizer import aligned_batches, evaluate_aligned
+    from llmneo.lm_head import output_rows
+    from llmneo.models.loading import load_reading_tokenizer
+    from conftest import write_jsonl
+    from llmneo.demo.tiny import corpus_rows
+
+    char_tokenizer = load_reading_tokenizer(char_teacher, role="teacher")
+    path = write_jsonl(tmp_path / "rows.jsonl", corpus_rows()[:7])
+    rows, _ = build_dataset(DataArguments(dataset=path, max_length=256), tokenizer, 0, char_tokenizer)
+    student = AutoModelForCausalLM.from_pretrained(models_dir["student"])
+    teacher = AutoModelForCausalLM.from_pretrained(char_teacher)
+    vocab_map = build_vocabulary_map(char_tokenizer, tokenizer, output_rows(teacher), output_rows(student))
+    collator = AlignedCollator(make_collator(tokenizer), tokenizer.padding_side, char_tokenizer.pad_token_id)
+    together = evaluate_aligned(student, teacher, aligned_batches(rows, collator, 3), vocab_map, bootstrap=200)
+    alone = [evaluate_aligned(student, teacher, aligned_batches(rows.select([i]), collator, 1), vocab_map)
+             for i in range(len(rows))]
+    counts = np.array([len(row) for row in rows["aligned_student"]], dtype=np.float64)
+    draws = resampled_rows(len(rows), 200)
+    for metric in ("aligned_kl", "aligned_top1_agreement"):
+        sums = np.array([found[metric] * count for found, count in zip(alone, counts, strict=True)])
+        values = sums[draws].sum(1) / counts[draws].sum(1)
+        low, high = np.percentile(values, [2.5, 97.5])
+        assert together[f"{metric}_ci_low"] == pytest.approx(low, rel=1e-5)
+        assert together[f"{metric}_ci_high"] == pytest.approx(high, rel=1e-5)
+        assert low <= together[metric] <= high
