@@ -159,9 +159,11 @@ def test_cache_teacher_of_one_teacher_and_eval_against_each(models_dir, char_tea
     ours, theirs = logged(cached), logged(online)
     assert [line["kd_loss/same"] for line in ours] == pytest.approx([line["kd_loss/same"] for line in theirs],
                                                                     rel=1e-4)
-    assert cli.main(["eval", str(online), "--bootstrap", "0"]) == 0
+    assert cli.main(["eval", str(online), "--bootstrap", "0", "--on_policy", "--on_policy_max_new_tokens", "4"]) == 0
     report = json.loads((online / "eval.json").read_text())
-    assert set(report["teachers"]) == {"same", "char"}
+    assert set(report["teachers"]) == {"same", "char"} and "on_policy" not in report
+    for name in ("same", "char"):  # the student's answers scored by each teacher
+        assert math.isfinite(report["teachers"][name]["on_policy"]["on_policy_reverse_kl"])
     assert math.isfinite(report["teachers"]["same"]["held_out"]["kl_to_teacher"])
     assert math.isfinite(report["teachers"]["char"]["held_out"]["aligned_kl"])
     assert "kl_to_teacher" not in report["held_out"] and report["held_out"]["bits_per_byte"] > 0

@@ -116,3 +116,21 @@ def test_the_identity_names_the_changed_teacher_and_lets_its_server_move(tmp_pat
     other_top_k = [served[0], {**served[1], "top_k": 8}]
     assert differences(base, identity(teachers=other_top_k, teacher_weights="0.5,0.5")) == [
         "teachers/s/top_k: None -> 8"]
+
+
+def test_another_served_model_behind_a_member_is_named():
+    """A served member's fingerprint (teacher/sources.ServedTeacher.identity) is compared within the server's noise;
+    another served model, or another answer to the probe, refuses the resume naming the teacher."""
+    def identity(model: str, shift: float = 0.0, routes: str = "r") -> dict:
+        served = {"served_teacher": {"server_model": model, "probe": [[[5, -0.5 + shift], [7, -1.5]]]},
+                  "teacher_top_k": 8}
+        return {"options": {}, "data": {"sha256": "rows"},
+                "teacher": {"teachers": {"a": {}, "s": served}, "routes_sha256": routes}}
+
+    assert differences(identity("big"), identity("big", shift=0.01)) == []
+    assert differences(identity("big"), identity("small")) == ["teacher s: the served teacher: 'big' -> 'small'"]
+    assert differences(identity("big"), identity("big", shift=0.3)) == [
+        "teacher s: the served teacher 'big': its log-probabilities of the probe differ (another model, or other "
+        "weights)"]
+    assert differences(identity("big"), identity("big", routes="q")) == [
+        "which rows name which teacher (the teacher column's values)"]
