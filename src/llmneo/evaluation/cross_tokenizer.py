@@ -44,51 +44,51 @@ def evaluate_aligned(student, teacher, batches, vocab_map: VocabularyMap, chunk_
     vocab_map = vocab_map.to(device)
     was_training = student.training
     student.eval()
-    totals = dict.fromkeys(("aligned", "answer_tokens", "kl", "agree", "mass"), 0.0)
-    per_row = {"kl": [], "agree": [], "aligned": []}  # each held-out row's sums, for the intervals
+    per_row, answer_tokens = {name: [] for name in ROW_SUMS}, 0
     for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items()}
-        totals["answer_tokens"] += answer_mask(batch["labels"]).sum().item()
-        rows = batch["aligned_row"]
-        row_sums = {name: torch.zeros(len(batch["input_ids"]), dtype=torch.float64, device=device) for name in per_row}
-        _add_rows(row_sums, rows, torch.ones(rows.numel(), dtype=torch.float64, device=device), "aligned")
-        if rows.numel() == 0:
-            _keep(per_row, row_sums)
-            continue
-        student_rows, student_weight = rows_at(student, batch["input_ids"], batch.get("attention_mask"), rows,
-                                               batch["aligned_student"])
-        teacher_rows, weight = rows_at(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], rows,
-                                       batch["aligned_teacher"])
-        for start in range(0, rows.numel(), chunk_size):
-            stop = start + chunk_size
-            reference = logit_rows(teacher_rows[start:stop], weight)
-            student_buckets, teacher_buckets = mapped_buckets(logit_rows(student_rows[start:stop], student_weight),
-                                                              reference, vocab_map)
-            kl = forward_kl(student_buckets, teacher_buckets)
-            agree = (student_buckets.argmax(-1) == teacher_buckets.argmax(-1)).double()
-            _add_rows(row_sums, rows[start:stop], kl, "kl")
-            _add_rows(row_sums, rows[start:stop], agree, "agree")
-            totals["kl"] += kl.sum().item()
-            totals["agree"] += agree.sum().item()
-            totals["mass"] += teacher_mapped_mass(reference, vocab_map).sum().item()
-        totals["aligned"] += rows.numel()
-        _keep(per_row, row_sums)
+        answer_tokens += answer_mask(batch["labels"]).sum().item()
+        for name, sums in _row_sums(student, teacher, batch, vocab_map, chunk_size).items():
+            per_row[name].extend(sums.tolist())
     student.train(was_training)
+    return _aligned_metrics(per_row, answer_tokens, bootstrap)
+
+
+ROW_SUMS = ("aligned", "kl", "agree", "mass")  # per held-out row: its boundaries, and these summed over them
+
+
+@torch.no_grad()
+def _row_sums(student, teacher, batch: dict, vocab_map: VocabularyMap, chunk_size: int) -> dict[str, torch.Tensor]:
+    """Each batch row's aligned boundaries, and the KL, agreement and the teacher's mapped mass summed over them."""
+    rows = batch["aligned_row"]
+    sums = {name: torch.zeros(len(batch["input_ids"]), dtype=torch.float64, device=rows.device) for name in ROW_SUMS}
+    sums["aligned"].index_add_(0, rows, torch.ones_like(rows, dtype=torch.float64))
+    if rows.numel() == 0:
+        return sums
+    student_rows, student_weight = rows_at(student, batch["input_ids"], batch.get("attention_mask"), rows,
+                                           batch["aligned_student"])
+    teacher_rows, weight = rows_at(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], rows,
+                                   batch["aligned_teacher"])
+    for start in range(0, rows.numel(), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        reference = logit_rows(teacher_rows[chunk], weight)
+        student_buckets, teacher_buckets = mapped_buckets(logit_rows(student_rows[chunk], student_weight), reference,
+                                                          vocab_map)
+        found = {"kl": forward_kl(student_buckets, teacher_buckets),
+                 "agree": student_buckets.argmax(-1) == teacher_buckets.argmax(-1),
+                 "mass": teacher_mapped_mass(reference, vocab_map)}
+        for name, values in found.items():
+            sums[name].index_add_(0, rows[chunk], values.double())
+    return sums
+
+
+def _aligned_metrics(per_row: dict[str, list], answer_tokens: int, bootstrap: int) -> dict[str, float]:
+    totals = {name: sum(values) for name, values in per_row.items()}
     aligned = max(totals["aligned"], 1)
-    metrics = {"aligned_coverage": totals["aligned"] / max(totals["answer_tokens"], 1),
-               "aligned_kl": totals["kl"] / aligned, "aligned_top1_agreement": totals["agree"] / aligned,
-               "teacher_mapped_mass": totals["mass"] / aligned}
+    metrics = {"aligned_coverage": totals["aligned"] / max(answer_tokens, 1), "aligned_kl": totals["kl"] / aligned,
+               "aligned_top1_agreement": totals["agree"] / aligned, "teacher_mapped_mass": totals["mass"] / aligned}
     if bootstrap and per_row["aligned"]:
         draws = resampled_rows(len(per_row["aligned"]), bootstrap)
         for name, metric in (("kl", "aligned_kl"), ("agree", "aligned_top1_agreement")):
             metrics.update(percentile_interval(metric, resampled_ratios(per_row[name], per_row["aligned"], draws)))
     return metrics
-
-
-def _add_rows(row_sums: dict, rows: torch.Tensor, values: torch.Tensor, name: str) -> None:
-    row_sums[name].index_add_(0, rows, values.double())
-
-
-def _keep(per_row: dict, row_sums: dict) -> None:
-    for name, sums in row_sums.items():
-        per_row[name].extend(sums.tolist())

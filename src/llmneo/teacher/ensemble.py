@@ -257,9 +257,11 @@ class EnsembleTargets(TeacherTargets):
         loss = ce = kd = labels.new_zeros((), dtype=torch.float32)
         terms = {}
         for share in ensemble.routing.shares(self.inputs, names):
-            if share.rows is not None and (not len(share.rows) or (share.name is None and ROLLOUT in self.inputs)):
+            if share.rows is not None and not len(share.rows):  # none of the batch's rows is this member's
                 if share.name is not None:
-                    terms[f"kd_loss/{share.name}"] = kd.detach() * 0
+                    terms[f"kd_loss/{share.name}"] = kd.detach() * 0  # every log line names every member
+                continue
+            if share.name is None and ROLLOUT in self.inputs:  # no teacher to score these answers (data refuses it)
                 continue
             parts = ensemble.member_parts(share, (self.inputs, student), settings, items, self.sampled)
             loss, ce, kd = loss + share.weight * parts.loss, ce + share.weight * parts.ce, kd + share.weight * parts.kd
