@@ -14,14 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import write_jsonl
+from rollout_reference import answered_rows
 from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.data.routing import row_routes
 from llmneo.demo.tiny import corpus_rows
 from llmneo.losses.contract import IGNORE_INDEX
 from llmneo.models.loading import load_student_tokenizer
-from llmneo.rollout_engines import Answers
-from llmneo.rollouts import last_prompt
 from llmneo.teacher.choice import load_models, reading_teacher_tokenizer, teacher_signal
 from llmneo.teacher.ensemble import TeacherEnsemble
 from llmneo.training.setup import build_trainer
@@ -196,19 +195,6 @@ def test_dataset_answers_equal_a_float64_reference(models_dir, char_teacher, tmp
 # ---------------------------------------------------------------- an on-policy step
 
 
-def answered_batch(trainer, rows: list[dict]) -> tuple[dict, list, list]:
-    """A rollout batch whose answers are each row's own last answer (a random tiny student's greedy answers are
-    stray bytes that share no text with the character-level teacher past the first)."""
-    prompts, answers, stops = [], [], trainer.on_policy.rollouts.engine.stops
-    for row in rows:
-        ids, labels = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])
-        prompts.append(last_prompt(ids, labels, None))
-        answer = [token for token in labels[len(prompts[-1]):].tolist() if token != IGNORE_INDEX]
-        answers.append(answer[:next((i for i, token in enumerate(answer) if token in stops), len(answer) - 1) + 1])
-    answered = Answers(answers, [False] * len(answers), [[0.0] * len(answer) for answer in answers])
-    return trainer.on_policy.rollouts.as_batch(prompts, answered, trainer.data_collator(rows)), prompts, answers
-
-
 ON_POLICY_ROUTES = ["same", "char", "char", "same"]
 
 
@@ -221,7 +207,7 @@ def test_an_on_policy_step_equals_a_float64_reference(models_dir, char_teacher, 
     trainer, dataset = ensemble_trainer(models_dir, char_teacher, routed_file(tmp_path, ON_POLICY_ROUTES),
                                         tmp_path / "run", temperature=temperature, **extra)
     rows = [dataset[i] for i in range(4)]
-    batch, prompts, answers = answered_batch(trainer, rows)
+    batch, prompts, answers = answered_rows(trainer, rows)
     reference = Reference(trainer, temperature)
     per_row = [reference.answer_row(row, prompt, answer, loss == "sampled")
                for row, prompt, answer in zip(rows, prompts, answers, strict=True)]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_flags
+from rollout_reference import answered_rows
 from llmneo.config import parse_config
 from llmneo.data.loading import build_dataset
 from llmneo.losses.contract import IGNORE_INDEX
@@ -19,7 +20,6 @@ from llmneo.teacher.choice import load_models, reading_teacher_tokenizer, teache
 from llmneo.training.setup import build_trainer
 from llmneo.teacher.sources import AlignedOnlineTeacher, OnlineTeacher
 from llmneo.training.on_policy import is_on_policy_step
-from llmneo.rollout_engines import Answers
 from llmneo.rollouts import last_prompt, stop_token_ids
 
 NEW_TOKENS = 6
@@ -112,20 +112,6 @@ def test_first_step_kd_equals_a_float64_reference(models_dir, train_file, tmp_pa
 
 
 # ---------------------------------------------------------------- across tokenizers
-
-
-def answered_rows(trainer, rows: list[dict]) -> tuple[dict, list[list[int]], list[list[int]]]:
-    """A rollout batch whose answers are each row's own last answer (text a random tiny student would not sample:
-    its greedy answers are mostly stray bytes, which share no text with another tokenizer past the first)."""
-    prompts, answers, stops = [], [], trainer.on_policy.rollouts.engine.stops
-    for row in rows:
-        ids, labels = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])
-        prompts.append(last_prompt(ids, labels, None))
-        answer = [token for token in labels[len(prompts[-1]):].tolist() if token != IGNORE_INDEX]
-        answers.append(answer[:next((i for i, token in enumerate(answer) if token in stops), len(answer) - 1) + 1])
-    answered = Answers(answers, [False] * len(answers), [[0.0] * len(answer) for answer in answers])
-    batch = trainer.on_policy.rollouts.as_batch(prompts, answered, trainer.data_collator(rows))
-    return batch, prompts, answers
 
 
 def answered_step_kd(trainer, rows: list[dict]) -> float:
