@@ -81,7 +81,7 @@ def _member(index: int, member: dict) -> dict:
         raise ConfigError(f"teacher {name}: unknown key {unknown[0]!r}; a teacher takes name, "
                           f"{', '.join(MEMBER_OPTIONS)}")
     given = [key for key in SOURCE_KEYS if member.get(key)]
-    if not given or len(given) > 2 or ("server" in given and len(given) > 1) or given == ["model", "server"]:
+    if not given or ("server" in given and len(given) > 1):  # a cache may name its model beside it
         raise ConfigError(f"teacher {name}: give one of model, server or cache (a cache may name its model beside "
                           f"it), got {', '.join(given) or 'none'}")
     return {key: value for key, value in member.items() if value is not None}
