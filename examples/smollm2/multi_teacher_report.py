@@ -100,8 +100,7 @@ def write_report(results: dict, size: dict, path: Path, prompts: list[str]) -> N
         *held_out_table(results, MAIN, "sharegpt"), "", "**On-policy figures (ShareGPT held-out prompts)**", "",
         *on_policy_table(results, MAIN), "",
         "## Column routing: chat rows to SmolLM2, docs rows to Gemma", "",
-        "**ShareGPT held-out (as messages)**", "", *held_out_table(results, ("before", "neo-column", "lora-mixed"),
-                                                                  "mixed-sharegpt"), "",
+        "**ShareGPT held-out**", "", *held_out_table(results, ("before", "neo-column", "lora-mixed"), "sharegpt"), "",
         "**Python-docs held-out (as messages)**", "", *held_out_table(results, ("before", "neo-column", "lora-mixed"),
                                                                      "mixed-docs"), "",
         "## Answers (greedy, 64 new tokens, seed 0)", *answers(results, prompts, (*MAIN, "neo-column")), ""]
