@@ -71,6 +71,14 @@ def answers(results: dict, prompts: list[str], arms) -> list[str]:
     return lines
 
 
+def missing_runs(results: dict) -> list[str]:
+    """The planned runs with no figures (not trained or not evaluated), said rather than left out silently."""
+    planned = [f"{arm}-seed{seed}" for seed in (0, 1) for arm in MAIN[1:]] + ["neo-column-seed0", "lora-mixed-seed0"]
+    missing = [key for key in planned if key not in results]
+    return [f"- **Not in the tables**: {', '.join(missing)} (not finished within the session that made this page; "
+            "run the script again to add them: finished runs are skipped)."] if missing else []
+
+
 def write_report(results: dict, size: dict, path: Path, prompts: list[str]) -> None:
     lines = [
         "# Two teachers of two tokenizers in one run: SmolLM2-135M-Instruct and Gemma-3-270M into the pruned "
@@ -96,7 +104,7 @@ def write_report(results: dict, size: dict, path: Path, prompts: list[str]) -> N
         "aligned boundaries). On-policy: the student's greedy and sampled answers "
         f"({size['on_policy_tokens']} new tokens) to {size['on_policy_prompts']} held-out prompts, scored by each "
         "teacher (reverse KL per student token; across tokenizers per aligned byte span, summed per student token).",
-        "", "## ShareGPT: each teacher alone, their mixture, and lora", "",
+        *missing_runs(results), "", "## ShareGPT: each teacher alone, their mixture, and lora", "",
         *held_out_table(results, MAIN, "sharegpt"), "", "**On-policy figures (ShareGPT held-out prompts)**", "",
         *on_policy_table(results, MAIN), "",
         "## Column routing: chat rows to SmolLM2, docs rows to Gemma", "",
