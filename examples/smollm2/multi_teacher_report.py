@@ -29,15 +29,16 @@ def label(key: str) -> str:
 
 
 def held_out_table(results: dict, arms, corpus: str) -> list[str]:
-    lines = ["| student | bits per byte | KL(SmolLM2‖student) | top-1 agreement with SmolLM2 | aligned KL(Gemma‖student)"
-             " | aligned agreement with Gemma | wall time (s) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| student | bits per byte | perplexity | KL(SmolLM2‖student) | top-1 agreement with SmolLM2 | aligned KL(Gemma‖student)"
+             " | aligned agreement with Gemma | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         for key, entry in runs_of(results, arm):
             if corpus not in entry:
                 continue
             smol, gemma = entry[corpus]["smollm2"], entry[corpus]["gemma"]
             wall = f"{entry['wall_time_s']:.0f}" if "wall_time_s" in entry else "—"
-            lines.append(f"| {label(key)} | {interval(smol, 'bits_per_byte')} | {interval(smol, 'kl_to_teacher')} | "
+            lines.append(f"| {label(key)} | {interval(smol, 'bits_per_byte')} | {interval(smol, 'perplexity', 2)} | "
+                         f"{interval(smol, 'kl_to_teacher')} | "
                          f"{interval(smol, 'top1_agreement')} | {interval(gemma, 'aligned_kl')} | "
                          f"{interval(gemma, 'aligned_top1_agreement')} | {wall} |")
     return lines
@@ -100,7 +101,8 @@ def write_report(results: dict, size: dict, path: Path, prompts: list[str]) -> N
         "row naming its teacher: conversations SmolLM2-Instruct (the chat model), docs passages Gemma-3 (the base "
         "model); beside it lora on the same rows. Seed 0.",
         f"- **Held-out**: {size['held_out']} ShareGPT conversations and {size['held_out']} docs passages no run "
-        "trained on; bootstrap 95% intervals over the rows. KL and agreement are against each teacher (Gemma's at "
+        "trained on; bootstrap 95% intervals over the rows (bits per byte has none: its perplexity's interval stands "
+        "beside it). KL and agreement are against each teacher (Gemma's at "
         "aligned boundaries). On-policy: the student's greedy and sampled answers "
         f"({size['on_policy_tokens']} new tokens) to {size['on_policy_prompts']} held-out prompts, scored by each "
         "teacher (reverse KL per student token; across tokenizers per aligned byte span, summed per student token).",
@@ -109,7 +111,8 @@ def write_report(results: dict, size: dict, path: Path, prompts: list[str]) -> N
         *on_policy_table(results, MAIN), "",
         "## Column routing: chat rows to SmolLM2, docs rows to Gemma", "",
         "**ShareGPT held-out**", "", *held_out_table(results, ("before", "neo-column", "lora-mixed"), "sharegpt"), "",
-        "**Python-docs held-out (as messages)**", "", *held_out_table(results, ("before", "neo-column", "lora-mixed"),
+        "**Python-docs held-out (each passage the answer to the docs prompt)**", "",
+        *held_out_table(results, ("before", "neo-column", "lora-mixed"),
                                                                      "mixed-docs"), "",
         "## Answers (greedy, 64 new tokens, seed 0)", *answers(results, prompts, (*MAIN, "neo-column")), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
