@@ -122,13 +122,12 @@ class TeacherEnsemble(TeacherSignal):
     @classmethod
     def reading_tokenizer(cls, config):
         """The one member that reads its own rendering of each row (the rows carry one teacher's rendering)."""
-        readers = [(member["name"], found) for member, view in _views(config)
-                   if (found := _kind(view).reading_tokenizer(view)) is not None]
+        readers = [(member["name"], view) for member, view in _views(config) if _kind(view).reads_own_rendering]
         if len(readers) > 1:
             raise ConfigError(f"teachers {readers[0][0]} and {readers[1][0]} both read their own rendering of each row "
                               "(a loaded model with cross_tokenizer): at most one per run; capture the other's "
                               "signal with `llm-neo cache-teacher --cross_tokenizer` and give it as a cache")
-        return readers[0][1] if readers else None
+        return _kind(readers[0][1]).reading_tokenizer(readers[0][1]) if readers else None
 
     @classmethod
     def open_cache(cls, config, tokenizer, dataset, data: dict) -> dict:
@@ -141,7 +140,8 @@ class TeacherEnsemble(TeacherSignal):
         for member, view in _views(config):
             kind, name = _kind(view), member["name"]
             teacher = load_teacher(view.model) if kind.loads_teacher else None
-            reader = kind.reading_tokenizer(view)
+            # the reading member's tokenizer was loaded once for the data side (choice.reading_teacher_tokenizer)
+            reader = (models.teacher_tokenizer or kind.reading_tokenizer(view)) if kind.reads_own_rendering else None
             own = RunModels(models.tokenizer, models.student, teacher, reader, models.head)
             members[name] = kind.build(view, SourceParts(own, (parts.cache or {}).get(name),
                                                          (parts.connection or {}).get(name), parts.dataset))

@@ -60,6 +60,7 @@ class TeacherSignal:
     teacher_tokenizer = None  # the teacher's own tokenizer when it reads its own rendering of each row
     kd_vocab_size: int | None = None  # the shared vocabulary the one-tokenizer KD term compares
     loads_teacher: ClassVar[bool] = False  # a run of this source loads the teacher model (teacher/loading.py)
+    reads_own_rendering: ClassVar[bool] = False  # its reading_tokenizer is not None (the rows carry its tokens)
 
     # ---- how a run's settings choose and build a source (teacher/choice.py) ----
 

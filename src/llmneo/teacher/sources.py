@@ -124,6 +124,7 @@ class AlignedOnlineTeacher(TeacherSignal):
         self.answers = answers  # on-policy runs: aligns the student's sampled answers with the teacher's rendering
 
     loads_teacher = True
+    reads_own_rendering = True
 
     @classmethod
     def chosen(cls, config) -> bool:

@@ -60,6 +60,7 @@ def ensemble_trainer(models_dir, char_teacher, data: str, out, **extra):
     out.mkdir(parents=True, exist_ok=True)
     signal = teacher_signal(config, models, dataset=dataset)
     assert isinstance(signal, TeacherEnsemble) and list(signal.members) == ["same", "char"]
+    assert signal.members["char"].teacher_tokenizer is teacher_tokenizer  # loaded once, for the data side
     return build_trainer(config, models, signal, dataset), dataset
 
 
