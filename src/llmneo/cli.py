@@ -245,7 +245,8 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--prompt", help="One prompt (a user turn).")
     parser.add_argument("--prompts", help="A file with one prompt per line.")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="Tokens generated per answer at most.")
-    parser.add_argument("--teacher", action="store_true", help="Answer with the run's teacher instead.")
+    parser.add_argument("--teacher", nargs="?", const=True, default=False, metavar="NAME",
+                        help="Answer with the run's teacher instead (NAME: one of a run's --teachers).")
     args = parser.parse_args(argv)
     check_max_new_tokens(args.max_new_tokens)
     prompts = read_prompts(args.prompt, args.prompts)

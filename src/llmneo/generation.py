@@ -14,13 +14,14 @@ from .runtime.layout import open_target
 from .config import ModelArguments
 from .errors import ConfigError
 from .evaluation.answers import continue_greedily, prompt_ids
-from .models.loading import LoadOptions, load_pretrained_model, load_student_tokenizer
+from .models.loading import LoadOptions, load_pretrained_model, load_reading_tokenizer
 from .rollouts import answer_stop_ids, model_positions
+from .teachers import parse_teachers
 
 
-def load_for_generation(target: str, teacher: bool = False):
-    """The model and tokenizer to generate with: a run's merged student (or, with ``teacher``, its teacher), or a
-    model directory."""
+def load_for_generation(target: str, teacher: bool | str = False):
+    """The model and tokenizer to generate with: a run's merged student (or, with ``teacher``, its teacher: True for
+    the run's one teacher, a name for one of its --teachers), or a model directory."""
     opened = open_target(target, hub_ids=True)
     path = opened.path
     if opened.kind != "model":  # a run, or one of its checkpoints
@@ -28,22 +29,42 @@ def load_for_generation(target: str, teacher: bool = False):
         if (config.get("data") or {}).get("task") == "classification":
             raise ConfigError(f"{path} holds a classifier: generate is for causal language models (use llm-neo eval)")
         if teacher:
-            model_path = config["model"].get("teacher_model")
-            if not model_path:
-                raise ConfigError(f"the run in {path} has no teacher_model (a CE-only method or a teacher cache)")
-            return _load_model_dir(model_path, config["model"])
+            return _load_model_dir(*_run_teacher(config, path, teacher), config["model"])
         model, tokenizer = load_run_model(path, "generate")
         return model.eval(), tokenizer
     if teacher:
         raise ConfigError("--teacher needs a run directory (it names its teacher)")
-    return _load_model_dir(target, {})
+    return _load_model_dir(target, None, {})
 
 
-def _load_model_dir(path: str, model_options: dict):
+def _run_teacher(config: dict, path, teacher: bool | str) -> tuple[str, str | None]:
+    """The run's teacher model (the one --teacher NAME names among --teachers) and its chat template."""
+    members = parse_teachers((config.get("distill") or {}).get("teachers"))
+    names = [member["name"] for member in members]
+    if teacher is not True and teacher not in names:
+        raise ConfigError(f"generate --teacher {teacher}: " + (f"not one of the run's teachers ({', '.join(names)})"
+                                                              if names else f"the run in {path} gives no --teachers"))
+    if members and teacher is True:
+        raise ConfigError(f"generate --teacher: the run has several teachers ({', '.join(names)}): "
+                          "choose one with --teacher NAME")
+    if members:
+        member = members[names.index(teacher)]
+        if not member.get("model"):
+            raise ConfigError(f"generate --teacher {teacher}: that teacher is served or cached; generate answers "
+                              "with a model directory (give it as the target)")
+        return member["model"], member.get("chat_template")
+    model_path = config["model"].get("teacher_model")
+    if not model_path:
+        raise ConfigError(f"the run in {path} has no teacher_model (a CE-only method or a teacher cache)")
+    return model_path, config["model"].get("teacher_chat_template")
+
+
+def _load_model_dir(path: str, chat_template: str | None, model_options: dict):
     options = {key: value for key, value in model_options.items() if key in ("dtype", "attn_implementation",
                                                                                "allow_pickle", "trust_remote_code")}
     args = ModelArguments(student_model=path, **options)
-    tokenizer = load_student_tokenizer(args)
+    # a teacher of another tokenizer answers through the template it reads training rows with
+    tokenizer = load_reading_tokenizer(path, args.trust_remote_code, "model", chat_template=chat_template)
     model = load_pretrained_model(path, "model", LoadOptions.of(args))
     return model.eval(), tokenizer
 

@@ -143,7 +143,8 @@ def test_bad_rows_and_lists_are_refused_by_message(models_dir, char_teacher, tmp
 
 def test_cache_teacher_of_one_teacher_and_eval_against_each(models_dir, char_teacher, tmp_path, capsys):
     """`cache-teacher --teacher same` captures that teacher of the list; the run reads it as that teacher's cache
-    (every id kept: the online run's terms, 1e-4); `eval` reports each loaded teacher's figures."""
+    (every id kept: the online run's terms, 1e-4); `eval` reports each loaded teacher's figures; `generate
+    --teacher same` answers as that teacher's model does."""
     data = routed_rows(tmp_path, lambda i: ["same", "char"][i % 2])
     online = tmp_path / "online"
     assert cli.main(several(models_dir, data, online, char_teacher, eval_ratio=0.2)) == 0
@@ -172,6 +173,15 @@ def test_cache_teacher_of_one_teacher_and_eval_against_each(models_dir, char_tea
     capsys.readouterr()
     assert cli.main(["eval", str(online), "--teacher", "maths"]) == 1
     assert "eval --teacher maths: not one of the run's teachers (same, char)" in capsys.readouterr().err
+    prompt = ["generate", "--prompt", "Why is the sky blue?", "--max_new_tokens", "6"]
+    assert cli.main([*prompt, models_dir["teacher"]]) == 0
+    alone = capsys.readouterr().out
+    assert cli.main([*prompt, str(online), "--teacher", "same"]) == 0 and capsys.readouterr().out == alone
+    assert cli.main([*prompt, str(online), "--teacher"]) == 1
+    assert "generate --teacher: the run has several teachers (same, char): choose one with --teacher NAME" \
+        in capsys.readouterr().err
+    assert cli.main([*prompt, str(online), "--teacher", "maths"]) == 1
+    assert "generate --teacher maths: not one of the run's teachers (same, char)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("routing", ["column", "mixture"])

@@ -30,6 +30,30 @@ def test_a_classifier_run_and_a_run_without_teacher_are_refused(tmp_path):
         load_for_generation(str(tmp_path), teacher=True)
 
 
+def test_a_runs_teacher_answers_through_its_own_chat_template(tokenizer, tmp_path):
+    """--teacher (the run's one teacher) and --teacher NAME (one of --teachers) load that teacher with the chat
+    template it read training rows with; a served member, or a name the run lacks, is refused by name."""
+    teacher = tmp_path / "teacher"
+    build_tiny_llama(tokenizer, hidden_size=32, seed=7).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    template = tmp_path / "teacher.jinja"
+    template.write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
+    run, several = tmp_path / "run", tmp_path / "several"
+    run.mkdir(), several.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"teacher_model": str(teacher),
+                                                               "teacher_chat_template": str(template)}}))
+    members = [{"name": "local", "model": str(teacher), "chat_template": str(template)},
+               {"name": "served", "server": "http://127.0.0.1:9/v1"}]
+    (several / "config.yaml").write_text(yaml.safe_dump({"model": {}, "distill": {"teachers": members}}))
+    for target, name in ((run, True), (several, "local")):
+        model, loaded = load_for_generation(str(target), teacher=name)
+        assert loaded.chat_template == template.read_text() and model.config.hidden_size == 32
+    with pytest.raises(ConfigError, match=r"generate --teacher served: that teacher is served or cached"):
+        load_for_generation(str(several), teacher="served")
+    with pytest.raises(ConfigError, match=r"generate --teacher local: the run in .* gives no --teachers"):
+        load_for_generation(str(run), teacher="local")
+
+
 @pytest.mark.parametrize(("prompt_tokens", "asked", "budget"), [(10, 20, 20), (10, 246, 246), (10, 250, 246)])
 def test_an_answer_is_capped_at_the_models_positions(prompt_tokens, asked, budget, capsys):
     assert answer_budget(prompt_tokens, asked, 256, 1) == budget
