@@ -140,14 +140,15 @@ def load_results(layout: Layout) -> dict:
     return json.loads(layout.results.read_text()) if layout.results.is_file() else {}
 
 
-def held_out_figures(layout: Layout, target: Path, held_out: Path, on_policy: bool) -> dict:
-    """Held-out figures against each teacher; with ``on_policy`` also the on-policy figures (fewer prompts)."""
+def held_out_figures(layout: Layout, target: Path, held_out: Path, on_policy: bool, held: bool = True) -> dict:
+    """Held-out figures against each teacher (``held``); with ``on_policy`` the on-policy figures (fewer prompts)."""
     figures = {}
     for teacher, path in (("smollm2", layout.teacher), ("gemma", layout.gemma)):
         request = EvalRequest(target=str(target), dataset=str(held_out), teacher_model=str(path),
                               max_length=SIZE["max_length"], bootstrap=SIZE["bootstrap"], skip_bad_rows=True,
                               max_samples=SIZE["held_out"])
-        figures[teacher] = evaluate_target(request, write=False)["held_out"]
+        if held:
+            figures[teacher] = evaluate_target(request, write=False)["held_out"]
         if on_policy:
             request.on_policy, request.max_samples = True, SIZE["on_policy_prompts"]
             request.on_policy_max_new_tokens, request.bootstrap = SIZE["on_policy_tokens"], 200
@@ -161,12 +162,18 @@ def evaluate(layout: Layout, args) -> None:
                                                             for name, seed, _, data in planned_runs(args)]]
     for name, seed, target, data in targets:
         key = f"{name}-seed{seed}"
-        if key in results or not (name == "before" or (target.is_dir() and run_status(target)[0] == "finished")):
+        if not (name == "before" or (target.is_dir() and run_status(target)[0] == "finished")):
+            continue
+        if key in results:  # an entry from before every seed had on-policy figures: add them
+            if "smollm2/on_policy" not in results[key]["sharegpt"]:
+                results[key]["sharegpt"].update(held_out_figures(layout, target, layout.corpus["sharegpt"]["held_out"],
+                                                                 True, held=False))
+                layout.results.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+                print(key, "on-policy figures added", flush=True)
             continue
         started = time.time()
-        # ShareGPT rows as messages render as the conversations do: the docs rows are the mixed runs' other corpus.
-        # Seeds after the first: held-out figures only (the on-policy ones cost most of the 2 CPU cores' time).
-        entry = {"sharegpt": held_out_figures(layout, target, layout.corpus["sharegpt"]["held_out"], seed == 0)}
+        # ShareGPT rows as messages render as the conversations do: the docs rows are the mixed runs' other corpus
+        entry = {"sharegpt": held_out_figures(layout, target, layout.corpus["sharegpt"]["held_out"], True)}
         if data == "mixed" or name == "before":
             entry["mixed-docs"] = held_out_figures(layout, target, layout.mixed["docs_held_out"], False)
         if name != "before":

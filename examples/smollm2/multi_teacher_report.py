@@ -59,6 +59,29 @@ def on_policy_table(results: dict, arms) -> list[str]:
     return lines
 
 
+SEED_FIGURES = (("bits per byte", "smollm2", "bits_per_byte"), ("KL(SmolLM2‖student)", "smollm2", "kl_to_teacher"),
+                ("aligned KL(Gemma‖student)", "gemma", "aligned_kl"),
+                ("on-policy reverse KL to SmolLM2", "smollm2/on_policy", "on_policy_reverse_kl"),
+                ("on-policy reverse KL to Gemma", "gemma/on_policy", "on_policy_reverse_kl"))
+
+
+def seeds_table(results: dict, arms) -> list[str]:
+    """Each arm's mean over its seeds, with every seed's figure beside it (the spread the intervals leave out)."""
+    lines = ["| student | " + " | ".join(name for name, _, _ in SEED_FIGURES) + " |",
+             "|---|" + "---|" * len(SEED_FIGURES)]
+    for arm in arms:
+        entries = [entry["sharegpt"] for _, entry in runs_of(results, arm)]
+        if len(entries) < 2:
+            continue
+        cells = []
+        for _, part, metric in SEED_FIGURES:
+            values = [entry[part][metric] for entry in entries if part in entry]
+            cells.append(f"{sum(values) / len(values):.3f} ({' / '.join(f'{v:.3f}' for v in values)})"
+                         if len(values) == len(entries) else "—")
+        lines.append(f"| {NAMES[arm]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def answers(results: dict, prompts: list[str], arms) -> list[str]:
     lines = []
     for index, prompt in enumerate(prompts):
@@ -109,6 +132,8 @@ def write_report(results: dict, size: dict, path: Path, prompts: list[str]) -> N
         *missing_runs(results), "", "## ShareGPT: each teacher alone, their mixture, and lora", "",
         *held_out_table(results, MAIN, "sharegpt"), "", "**On-policy figures (ShareGPT held-out prompts)**", "",
         *on_policy_table(results, MAIN), "",
+        "**Across seeds (ShareGPT held-out): the mean of the seeds (seed 0 / seed 1)**", "",
+        *seeds_table(results, MAIN[1:]), "",
         "## Column routing: chat rows to SmolLM2, docs rows to Gemma", "",
         "**ShareGPT held-out**", "", *held_out_table(results, ("before", "neo-column", "lora-mixed"), "sharegpt"), "",
         "**Python-docs held-out (each passage the answer to the docs prompt)**", "",
