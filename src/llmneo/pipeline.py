@@ -16,7 +16,7 @@ from transformers import set_seed
 from .adapters.lora import PEFT_TASK_TYPES, lora_config
 from .adapters.store import save_initial_adapter
 from .artifacts import RunOutcome, collect_final_metrics, write_artifacts
-from .data.loading import DataReport, build_datasets
+from .data.loading import DataReport, TeacherSide, build_datasets
 from .data.routing import row_routes
 from .errors import ConfigError, DiskFullError
 from .evaluation.before_after import compare_with_before, measure_before
@@ -107,8 +107,8 @@ def load_data(config, tokenizer, teacher_tokenizer) -> tuple[RunData, object]:
     """The run's rows (across tokenizers with the teacher's own; on-policy across tokenizers also each row's
     prompt messages) and the teacher cache the source reads, checked against them."""
     keep_prompts = teacher_tokenizer is not None and config.training.on_policy_fraction > 0
-    dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer,
-                                               keep_prompts, row_routes(config))
+    dataset, held_out, report = build_datasets(config.data, tokenizer, config.training.seed,
+                                               TeacherSide(teacher_tokenizer, keep_prompts, row_routes(config)))
     check_on_policy_rows(config, report)
     log_data(report, held_out)
     fingerprint = data_fingerprint(dataset, config.data.dataset)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import run_flags
 from llmneo.config import parse_config
-from llmneo.data.loading import build_dataset
+from llmneo.data.loading import TeacherSide, build_dataset
 from llmneo.data.vocabulary import byte_lengths
 from llmneo.runtime.layout import MAP_FILE
 from llmneo.errors import ConfigError
@@ -31,7 +31,7 @@ def first_step(models_dir, train_file, tmp_path, teacher: str, loss_impl: str, *
     tokenizer = load_student_tokenizer(config.model)
     teacher_tokenizer = (load_reading_tokenizer(config.model.teacher_model, role="teacher")
                          if config.training.cross_tokenizer else None)
-    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed, teacher_tokenizer)
+    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed, TeacherSide(teacher_tokenizer))
     torch.manual_seed(0)
     models = load_models(config, tokenizer, teacher_tokenizer=teacher_tokenizer)
     (tmp_path / "run").mkdir(parents=True, exist_ok=True)

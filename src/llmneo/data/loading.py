@@ -312,15 +312,14 @@ def _aligner(tokenizer, teacher_tokenizer, fmt: str, max_length: int, keep_promp
     return align
 
 
-def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep_prompts: bool = False,
-                  only: HeldOutRows | None = None, routes: RowRoutes | None = None) -> tuple[datasets.Dataset, DataReport]:
-    """Tokenized rows (``input_ids``, ``labels``) ready for the collator, and a report of what was dropped. With a
-    teacher tokenizer (--cross_tokenizer) each row also has the teacher's tokens and the aligned boundaries, with
-    ``keep_prompts`` its on-policy prompt's messages, with ``routes`` its teacher's index. ``only``:
+def build_dataset(data_args, tokenizer, seed: int, teacher: TeacherSide = TeacherSide(),
+                  only: HeldOutRows | None = None) -> tuple[datasets.Dataset, DataReport]:
+    """Tokenized rows (``input_ids``, ``labels``) ready for the collator, and a report of what was dropped; with what
+    ``teacher`` asks for beside them (the teacher's own tokens, on-policy prompts, each row's teacher). ``only``:
     tokenize just those rows (a run's held-out rows), checked to be the ones the run held out."""
     rows, fmt = load_rows(data_args, seed)
-    if routes is not None:
-        routes.check_columns(rows.column_names, data_args.dataset)
+    if teacher.routes is not None:
+        teacher.routes.check_columns(rows.column_names, data_args.dataset)
     class_names = None
     if fmt == "classification":
         values = [json.loads(v) for v in rows["label"]] if JSON_MARKER in rows.column_names else rows["label"]
@@ -331,7 +330,7 @@ def build_dataset(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep_
         rows = only.select(rows, data_args.dataset)
     rows = rows.add_column(POSITION, positions)
     encoded = rows.map(
-        _encoder(tokenizer, fmt, data_args.max_length, class_names, TeacherSide(teacher_tokenizer, keep_prompts, routes)),
+        _encoder(tokenizer, fmt, data_args.max_length, class_names, teacher),
         remove_columns=[c for c in rows.column_names if c not in ("_source", "_row", POSITION)],
         load_from_cache_file=False,
         desc="Tokenizing",
@@ -357,11 +356,10 @@ def _answer_tokens(encoded: datasets.Dataset, fmt: str) -> int:
     return sum(count_answer_tokens(labels) for labels in encoded["labels"])
 
 
-def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep_prompts: bool = False,
-                   routes: RowRoutes | None = None):
+def build_datasets(data_args, tokenizer, seed: int, teacher: TeacherSide = TeacherSide()):
     """Training rows, held-out rows (``--eval_split`` or ``--eval_ratio``; None without either) and the report of the
     training rows. Training and the teacher cache both call this, so they see the same rows in the same order."""
-    train, report = build_dataset(data_args, tokenizer, seed, teacher_tokenizer, keep_prompts, routes=routes)
+    train, report = build_dataset(data_args, tokenizer, seed, teacher)
     held_out = None
     if data_args.eval_ratio > 0:
         if len(train) < 2:
@@ -369,12 +367,12 @@ def build_datasets(data_args, tokenizer, seed: int, teacher_tokenizer=None, keep
         split = train.add_column(POSITION, report.positions).train_test_split(test_size=data_args.eval_ratio, seed=seed)
         train, held_out = split["train"].remove_columns(POSITION), split["test"]
         held_rows = HeldOutRows.of(report.rows, held_out[POSITION])  # the rows read, not read again
-        held_out = held_out.remove_columns([POSITION, *([ROUTE_COLUMN] if routes else [])])
+        held_out = held_out.remove_columns([POSITION, *([ROUTE_COLUMN] if teacher.routes else [])])
         report = dataclasses.replace(report, rows_used=len(train), answer_tokens=_answer_tokens(train, report.data_format),
                                      held_out=held_rows)
     elif data_args.eval_split:
         held_out, _ = build_dataset(held_out_arguments(data_args, report.class_names), tokenizer, seed,
-                                    teacher_tokenizer, keep_prompts)
+                                    dataclasses.replace(teacher, routes=None))  # held-out rows are scored by all
     return train, held_out, report
 
 

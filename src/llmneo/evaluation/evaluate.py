@@ -18,7 +18,7 @@ from ..config import DataArguments, ModelArguments
 from ..data.alignment import PROMPT_COLUMN, AnswerAligner
 from ..data.collators import AlignedCollator, make_collator
 from ..data.vocabulary import build_vocabulary_map, byte_lengths, same_vocabulary
-from ..data.loading import HeldOutRows, build_dataset, build_datasets, held_out_arguments
+from ..data.loading import HeldOutRows, TeacherSide, build_dataset, build_datasets, held_out_arguments
 from ..errors import ConfigError, NeoError
 from ..lm_head import output_rows
 from ..models.class_head import ClassHead
@@ -90,26 +90,25 @@ def _held_out_rows(request: EvalRequest, tokenizer, config: dict | None, teacher
 
 def _all_held_out_rows(request: EvalRequest, tokenizer, config: dict | None, teacher_tokenizer=None):
     data = (config or {}).get("data", {})
-    keep_prompts = request.on_policy and teacher_tokenizer is not None
+    side = TeacherSide(teacher_tokenizer, request.on_policy and teacher_tokenizer is not None)
     max_length = request.max_length or data.get("max_length", 512)
     if request.dataset is not None:
         data_args = DataArguments(dataset=request.dataset, max_length=max_length, task=_task(config),
                                   class_names=data.get("class_names"), skip_bad_rows=request.skip_bad_rows)
-        return build_dataset(data_args, tokenizer, seed=0, teacher_tokenizer=teacher_tokenizer,
-                             keep_prompts=keep_prompts)[0]
+        return build_dataset(data_args, tokenizer, seed=0, teacher=side)[0]
     if "training" not in (config or {}):
         return None
     data_args = DataArguments(**{**config["data"], "max_length": max_length})
     seed = config["training"]["seed"]
     if data_args.eval_split:  # its own rows: the training rows are not read
         classes = data_args.class_names.split(",") if data_args.class_names else None
-        return build_dataset(held_out_arguments(data_args, classes), tokenizer, seed, teacher_tokenizer, keep_prompts)[0]
+        return build_dataset(held_out_arguments(data_args, classes), tokenizer, seed, side)[0]
     if not data_args.eval_ratio:
         return None
     recorded = _recorded_held_out(request.target)
     if recorded is None:  # a run from before runs recorded them: split the training rows again
-        return build_datasets(data_args, tokenizer, seed, teacher_tokenizer, keep_prompts)[1]
-    return build_dataset(data_args, tokenizer, seed, teacher_tokenizer, keep_prompts, only=recorded)[0]
+        return build_datasets(data_args, tokenizer, seed, side)[1]
+    return build_dataset(data_args, tokenizer, seed, side, only=recorded)[0]
 
 
 def _recorded_held_out(target: str) -> HeldOutRows | None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from ..data.collators import AlignedCollator, make_collator
-from ..data.loading import build_datasets
+from ..data.loading import TeacherSide, build_datasets
 from ..data.vocabulary import build_vocabulary_map
 from ..errors import ConfigError
 from ..losses.contract import answer_mask, answer_row_index
@@ -135,7 +135,7 @@ def capture_aligned_cache(config, cache_dir: str | Path, settings: CaptureSettin
     belongs to, and the vocabulary map, so that the run needs neither the teacher nor its tokenizer."""
     teacher_tokenizer = load_reading_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher",
                                                chat_template=config.model.teacher_chat_template)
-    dataset, _, _ = build_datasets(config.data, tokenizer, config.training.seed, teacher_tokenizer)
+    dataset, _, _ = build_datasets(config.data, tokenizer, config.training.seed, TeacherSide(teacher_tokenizer))
     teacher = load_teacher(config.model)
     student_size = AutoConfig.from_pretrained(config.model.student_model).vocab_size
     vocab_map = build_vocabulary_map(teacher_tokenizer, tokenizer, output_rows(teacher), student_size)

@@ -7,7 +7,7 @@ import torch
 from conftest import write_jsonl
 from llmneo.config import DataArguments
 from llmneo.data.collators import batch_rows
-from llmneo.data.loading import build_dataset, build_datasets
+from llmneo.data.loading import TeacherSide, build_dataset, build_datasets
 from llmneo.data.routing import NO_TEACHER, ROUTE_COLUMN, RowRoutes
 from llmneo.demo.tiny import build_tokenizer, corpus_texts
 from llmneo.errors import DataError
@@ -24,11 +24,11 @@ def tokenizer():
 
 def test_each_row_carries_its_teachers_index(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    dataset, report = build_dataset(DataArguments(dataset=path), tokenizer, 0, routes=ROUTES)
+    dataset, report = build_dataset(DataArguments(dataset=path), tokenizer, 0, TeacherSide(routes=ROUTES))
     assert dataset[ROUTE_COLUMN] == [1, 0, NO_TEACHER, NO_TEACHER, 0] and report.rows_used == 5
     plain, _ = build_dataset(DataArguments(dataset=path), tokenizer, 0)
     assert ROUTE_COLUMN not in plain.column_names and plain["input_ids"] == dataset["input_ids"]
-    train, held_out, _ = build_datasets(DataArguments(dataset=path, eval_ratio=0.4), tokenizer, 0, routes=ROUTES)
+    train, held_out, _ = build_datasets(DataArguments(dataset=path, eval_ratio=0.4), tokenizer, 0, TeacherSide(routes=ROUTES))
     assert ROUTE_COLUMN in train.column_names and ROUTE_COLUMN not in held_out.column_names
 
 
@@ -36,8 +36,8 @@ def test_an_unknown_teacher_is_a_bad_row(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "rows.jsonl", [*ROWS, {"prompt": "Hi.", "completion": "Hello.", "teacher": "maths"}])
     with pytest.raises(DataError, match=f"file {path}, row 6, field 'teacher': names teacher 'maths', which is not "
                                         "one of --teachers \\(chat, code\\) \\(use --skip_bad_rows"):
-        build_dataset(DataArguments(dataset=path), tokenizer, 0, routes=ROUTES)
-    dataset, report = build_dataset(DataArguments(dataset=path, skip_bad_rows=True), tokenizer, 0, routes=ROUTES)
+        build_dataset(DataArguments(dataset=path), tokenizer, 0, TeacherSide(routes=ROUTES))
+    dataset, report = build_dataset(DataArguments(dataset=path, skip_bad_rows=True), tokenizer, 0, TeacherSide(routes=ROUTES))
     assert len(dataset) == 5 and len(report.skipped) == 1 and "row 6" in report.skipped[0]
 
 
@@ -45,14 +45,14 @@ def test_on_policy_rows_must_name_a_teacher(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     with pytest.raises(DataError, match="row 3, field 'teacher': names no teacher, and on-policy steps score each "
                                         "row's answers by its teacher"):
-        build_dataset(DataArguments(dataset=path), tokenizer, 0, routes=RowRoutes("teacher", ("chat", "code"), True))
+        build_dataset(DataArguments(dataset=path), tokenizer, 0, TeacherSide(routes=RowRoutes("teacher", ("chat", "code"), True)))
 
 
 def test_a_missing_column_names_the_option(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     with pytest.raises(DataError, match="field 'expert': teacher_routing column reads each row's teacher from a "
                                         "'expert' column, which the data lacks: .*--teacher_column"):
-        build_dataset(DataArguments(dataset=path), tokenizer, 0, routes=RowRoutes("expert", ("chat", "code")))
+        build_dataset(DataArguments(dataset=path), tokenizer, 0, TeacherSide(routes=RowRoutes("expert", ("chat", "code"))))
 
 
 def test_batch_rows_keeps_the_rows_and_their_aligned_boundaries():

@@ -43,7 +43,7 @@ def test_aligned_intervals_resample_each_rows_own_boundaries(models_dir, char_te
 
     from llmneo.config import DataArguments
     from llmneo.data.collators import AlignedCollator, make_collator
-    from llmneo.data.loading import build_dataset
+    from llmneo.data.loading import TeacherSide, build_dataset
     from llmneo.data.vocabulary import build_vocabulary_map
     from llmneo.evaluation.bootstrap import resampled_rows
     from llmneo.evaluation.cross_tokenizer import aligned_batches, evaluate_aligned
@@ -54,7 +54,7 @@ def test_aligned_intervals_resample_each_rows_own_boundaries(models_dir, char_te
 
     char_tokenizer = load_reading_tokenizer(char_teacher, role="teacher")
     path = write_jsonl(tmp_path / "rows.jsonl", corpus_rows()[:7])
-    rows, _ = build_dataset(DataArguments(dataset=path, max_length=256), tokenizer, 0, char_tokenizer)
+    rows, _ = build_dataset(DataArguments(dataset=path, max_length=256), tokenizer, 0, TeacherSide(char_tokenizer))
     student = AutoModelForCausalLM.from_pretrained(models_dir["student"])
     teacher = AutoModelForCausalLM.from_pretrained(char_teacher)
     vocab_map = build_vocabulary_map(char_tokenizer, tokenizer, output_rows(teacher), output_rows(student))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from llmneo.config import DataArguments
 from llmneo.data.alignment import PROMPT_COLUMN, AnswerAligner
-from llmneo.data.loading import build_dataset
+from llmneo.data.loading import TeacherSide, build_dataset
 from llmneo.evaluation.on_policy import (AlignedScorer, OnPolicyEvalOptions, answer_token_log_probs, distinct_2,
                                          evaluate_on_policy, repeats_a_4gram)
 from llmneo.losses.contract import IGNORE_INDEX
@@ -69,8 +69,8 @@ def test_a_student_that_is_its_own_teacher(models_dir, train_file):
 
 
 def held_out_rows(tokenizer, train_file, count: int = 6, teacher_tokenizer=None):
-    rows, _ = build_dataset(DataArguments(dataset=train_file, max_length=64), tokenizer, 0, teacher_tokenizer,
-                            keep_prompts=teacher_tokenizer is not None)
+    rows, _ = build_dataset(DataArguments(dataset=train_file, max_length=64), tokenizer, 0,
+                            TeacherSide(teacher_tokenizer, keep_prompts=teacher_tokenizer is not None))
     return rows.select(range(count))
 
 

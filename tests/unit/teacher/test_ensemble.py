@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import write_jsonl
 from rollout_reference import answered_rows
 from llmneo.config import parse_config
-from llmneo.data.loading import build_dataset
+from llmneo.data.loading import TeacherSide, build_dataset
 from llmneo.data.routing import row_routes
 from llmneo.demo.tiny import corpus_rows
 from llmneo.losses.contract import IGNORE_INDEX
@@ -52,8 +52,8 @@ def ensemble_trainer(models_dir, char_teacher, data: str, out, **extra):
     tokenizer = load_student_tokenizer(config.model)
     teacher_tokenizer = reading_teacher_tokenizer(config)
     on_policy = config.training.on_policy_fraction > 0
-    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed, teacher_tokenizer, keep_prompts=on_policy,
-                               routes=row_routes(config))
+    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed,
+                               TeacherSide(teacher_tokenizer, on_policy, row_routes(config)))
     dataset = dataset.add_column("row_id", list(range(len(dataset))))
     torch.manual_seed(0)
     models = load_models(config, tokenizer, teacher_tokenizer=teacher_tokenizer)
@@ -240,7 +240,7 @@ def test_a_served_member_is_asked_for_its_own_rows_only(models_dir, tmp_path):
                  "--max_length", "256", "--teachers", listed, "--cache_tail", "bucket"]
         config = parse_config(flags)
         connection = connect_teacher(config, tokenizer)
-        dataset, _ = build_dataset(config.data, tokenizer, 0, routes=row_routes(config))
+        dataset, _ = build_dataset(config.data, tokenizer, 0, TeacherSide(routes=row_routes(config)))
         dataset = dataset.add_column("row_id", list(range(len(dataset))))
         models = load_models(config, tokenizer)
         (tmp_path / "run").mkdir()

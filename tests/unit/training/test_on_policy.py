@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import run_flags
 from rollout_reference import answered_rows
 from llmneo.config import parse_config
-from llmneo.data.loading import build_dataset
+from llmneo.data.loading import TeacherSide, build_dataset
 from llmneo.losses.contract import IGNORE_INDEX
 from llmneo.models.loading import load_student_tokenizer
 from llmneo.teacher.choice import load_models, reading_teacher_tokenizer, teacher_signal
@@ -34,8 +34,8 @@ def on_policy_trainer(models_dir, train_file, out, **extra):
     config = parse_config(flags)
     tokenizer = load_student_tokenizer(config.model)
     teacher_tokenizer = reading_teacher_tokenizer(config)
-    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed, teacher_tokenizer,
-                               keep_prompts=teacher_tokenizer is not None)
+    dataset, _ = build_dataset(config.data, tokenizer, config.training.seed,
+                               TeacherSide(teacher_tokenizer, keep_prompts=teacher_tokenizer is not None))
     dataset = dataset.add_column("row_id", list(range(len(dataset))))
     torch.manual_seed(0)
     models = load_models(config, tokenizer, teacher_tokenizer=teacher_tokenizer)
