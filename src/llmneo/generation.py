@@ -29,12 +29,12 @@ def load_for_generation(target: str, teacher: bool | str = False):
         if (config.get("data") or {}).get("task") == "classification":
             raise ConfigError(f"{path} holds a classifier: generate is for causal language models (use llm-neo eval)")
         if teacher:
-            return _load_model_dir(*_run_teacher(config, path, teacher), config["model"])
+            return _load_model_dir(*_run_teacher(config, path, teacher), config["model"], role="teacher")
         model, tokenizer = load_run_model(path, "generate")
         return model.eval(), tokenizer
     if teacher:
         raise ConfigError("--teacher needs a run directory (it names its teacher)")
-    return _load_model_dir(target, None, {})
+    return _load_model_dir(target, None, {}, role="student")
 
 
 def _run_teacher(config: dict, path, teacher: bool | str) -> tuple[str, str | None]:
@@ -59,12 +59,12 @@ def _run_teacher(config: dict, path, teacher: bool | str) -> tuple[str, str | No
     return model_path, config["model"].get("teacher_chat_template")
 
 
-def _load_model_dir(path: str, chat_template: str | None, model_options: dict):
+def _load_model_dir(path: str, chat_template: str | None, model_options: dict, role: str):
     options = {key: value for key, value in model_options.items() if key in ("dtype", "attn_implementation",
                                                                                "allow_pickle", "trust_remote_code")}
     args = ModelArguments(student_model=path, **options)
     # a teacher of another tokenizer answers through the template it reads training rows with
-    tokenizer = load_reading_tokenizer(path, args.trust_remote_code, "model", chat_template=chat_template)
+    tokenizer = load_reading_tokenizer(path, args.trust_remote_code, role, chat_template=chat_template)
     model = load_pretrained_model(path, "model", LoadOptions.of(args))
     return model.eval(), tokenizer
 
