@@ -1,4 +1,5 @@
-"""Bootstrap 95% intervals over held-out rows for the token-weighted metrics (perplexity, agreement, KL).
+"""Bootstrap 95% intervals over held-out rows for the token-weighted metrics (perplexity, agreement, KL) and bits
+per byte.
 
 The held-out rows, not the tokens, are the independent units: a conversation's tokens move together. Each resample
 draws the rows with replacement and recomputes the metric as the point estimate does (summed over the drawn rows'
@@ -30,6 +31,18 @@ def bootstrap_intervals(row_sums: dict[str, np.ndarray], row_tokens: np.ndarray,
             found = {key: math.exp(value) for key, value in found.items()}
         intervals.update(found)
     return intervals
+
+
+def bits_per_byte_interval(row_nll: np.ndarray, row_bytes: np.ndarray, resamples: int = 1000, level: float = 0.95,
+                           seed: int = 0) -> dict[str, float]:
+    """``bits_per_byte_ci_low`` / ``_high``: each row's answer NLL in bits over its answer bytes, the rows drawn as
+    for the other metrics (the same seed: the same resamples)."""
+    counts = np.asarray(row_bytes, dtype=np.float64)
+    if resamples < 1 or counts.size == 0 or counts.sum() == 0:
+        return {}
+    bits = np.asarray(row_nll, dtype=np.float64) / math.log(2)
+    return percentile_interval("bits_per_byte", resampled_ratios(bits, counts, resampled_rows(counts.size, resamples,
+                                                                                                 seed)), level)
 
 
 def resampled_rows(rows: int, resamples: int, seed: int = 0) -> np.ndarray:

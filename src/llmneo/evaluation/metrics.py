@@ -20,7 +20,7 @@ from ..losses.contract import answer_mask, answer_row_index, answer_rows, answer
 from ..losses.divergences import forward_kl
 from ..runtime.nonfinite import check_finite_rows
 from ..teacher.online import answer_logit_chunks, teacher_logits
-from .bootstrap import bootstrap_intervals
+from .bootstrap import bits_per_byte_interval, bootstrap_intervals
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ def evaluate_against_teacher(student, dataset, collator, teacher=None,
     if byte_lengths is not None:
         metrics.update(bits_per_byte=totals["nll"] / math.log(2) / max(totals["bytes"], 1),
                        answer_bytes=int(totals["bytes"]))
+        metrics.update(bits_per_byte_interval(sums["nll"].numpy(), sums["bytes"].numpy(), options.bootstrap))
     if teacher is not None:
         metrics.update(top1_agreement=totals["agree"] / tokens, kl_to_teacher=totals["kl"] / tokens)
     summed = ("nll", "agree", "kl") if teacher is not None else ("nll",)

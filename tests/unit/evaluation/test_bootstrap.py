@@ -58,10 +58,13 @@ def test_intervals_equal_a_row_by_row_reference(models_dir):
         answer = tokenizer(" " + turns[1]["value"])["input_ids"]
         rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
     dataset = Dataset.from_list(rows)
+    lengths = torch.arange(student.config.vocab_size) % 5  # each id's bytes: an input, any values do
     metrics = evaluate_against_teacher(student, dataset, make_collator(tokenizer), teacher,
-                                       HeldOutOptions(batch_size=3, bootstrap=200))
+                                       HeldOutOptions(batch_size=3, bootstrap=200, byte_lengths=lengths))
     reference = [naive_row_sums(student, teacher, row) for row in rows]
     tokens = [row["tokens"] for row in reference]
+    answer_bytes = [sum(int(lengths[i]) for i, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100)
+                    for row in rows]
     assert metrics["answer_tokens"] == sum(tokens)
     assert metrics["perplexity"] == pytest.approx(math.exp(sum(r["nll"] for r in reference) / sum(tokens)), rel=1e-5)
     draws = np.random.default_rng(0).integers(0, len(rows), size=(200, len(rows)))
@@ -71,6 +74,10 @@ def test_intervals_equal_a_row_by_row_reference(models_dir):
         assert metrics[f"{name}_ci_low"] == pytest.approx(low, rel=1e-5, abs=1e-7)
         assert metrics[f"{name}_ci_high"] == pytest.approx(high, rel=1e-5, abs=1e-7)
         assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
+    bits = [r["nll"] / math.log(2) for r in reference]
+    assert metrics["bits_per_byte"] == pytest.approx(sum(bits) / sum(answer_bytes), rel=1e-6)
+    low, high = naive_interval(bits, answer_bytes, draws, exp=False)  # the same resamples as the other metrics
+    assert (metrics["bits_per_byte_ci_low"], metrics["bits_per_byte_ci_high"]) == pytest.approx((low, high), rel=1e-6)
 
 
 def test_interval_width_matches_the_normal_approximation():
