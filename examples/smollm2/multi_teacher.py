@@ -156,6 +156,32 @@ def held_out_figures(layout: Layout, target: Path, held_out: Path, on_policy: bo
     return figures
 
 
+def held_out_file(layout: Layout, corpus: str) -> Path:
+    return layout.corpus["sharegpt"]["held_out"] if corpus == "sharegpt" else layout.mixed["docs_held_out"]
+
+
+def complete(layout: Layout, results: dict, key: str, target: Path) -> None:
+    """Add what an entry from an earlier version of this script lacks: on-policy figures for every seed, and the
+    interval of bits per byte (a student figure: measured again beside SmolLM2, the point estimate checked)."""
+    entry, added = results[key], []
+    if "smollm2/on_policy" not in entry["sharegpt"]:
+        entry["sharegpt"].update(held_out_figures(layout, target, held_out_file(layout, "sharegpt"), True, held=False))
+        added.append("on-policy figures")
+    for corpus in ("sharegpt", "mixed-docs"):
+        if corpus in entry and "bits_per_byte_ci_low" not in entry[corpus]["smollm2"]:
+            request = EvalRequest(target=str(target), dataset=str(held_out_file(layout, corpus)),
+                                  teacher_model=str(layout.teacher), max_length=SIZE["max_length"],
+                                  bootstrap=SIZE["bootstrap"], skip_bad_rows=True, max_samples=SIZE["held_out"])
+            again = evaluate_target(request, write=False)["held_out"]
+            recorded = entry[corpus]["smollm2"]
+            assert abs(again["bits_per_byte"] - recorded["bits_per_byte"]) < 1e-6, (key, corpus, again, recorded)
+            recorded.update({name: again[name] for name in ("bits_per_byte_ci_low", "bits_per_byte_ci_high")})
+            added.append(f"{corpus} bits-per-byte interval")
+    if added:
+        layout.results.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        print(key, "added:", ", ".join(added), flush=True)
+
+
 def evaluate(layout: Layout, args) -> None:
     results = load_results(layout)
     targets = [("before", 0, layout.student, "sharegpt"), *[(name, seed, layout.run(name, seed), data)
@@ -164,18 +190,14 @@ def evaluate(layout: Layout, args) -> None:
         key = f"{name}-seed{seed}"
         if not (name == "before" or (target.is_dir() and run_status(target)[0] == "finished")):
             continue
-        if key in results:  # an entry from before every seed had on-policy figures: add them
-            if "smollm2/on_policy" not in results[key]["sharegpt"]:
-                results[key]["sharegpt"].update(held_out_figures(layout, target, layout.corpus["sharegpt"]["held_out"],
-                                                                 True, held=False))
-                layout.results.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-                print(key, "on-policy figures added", flush=True)
+        if key in results:
+            complete(layout, results, key, target)
             continue
         started = time.time()
         # ShareGPT rows as messages render as the conversations do: the docs rows are the mixed runs' other corpus
-        entry = {"sharegpt": held_out_figures(layout, target, layout.corpus["sharegpt"]["held_out"], True)}
+        entry = {"sharegpt": held_out_figures(layout, target, held_out_file(layout, "sharegpt"), True)}
         if data == "mixed" or name == "before":
-            entry["mixed-docs"] = held_out_figures(layout, target, layout.mixed["docs_held_out"], False)
+            entry["mixed-docs"] = held_out_figures(layout, target, held_out_file(layout, "mixed-docs"), False)
         if name != "before":
             logged = read_metrics(target / "metrics.jsonl")
             entry["train"] = [{k: v for k, v in record.items() if k.startswith(("loss", "ce_loss", "kd_loss",

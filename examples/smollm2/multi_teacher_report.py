@@ -124,8 +124,7 @@ def write_report(results: dict, size: dict, path: Path, prompts: list[str]) -> N
         "row naming its teacher: conversations SmolLM2-Instruct (the chat model), docs passages Gemma-3 (the base "
         "model); beside it lora on the same rows. Seed 0.",
         f"- **Held-out**: {size['held_out']} ShareGPT conversations and {size['held_out']} docs passages no run "
-        "trained on; bootstrap 95% intervals over the rows (bits per byte has none: its perplexity's interval stands "
-        "beside it). KL and agreement are against each teacher (Gemma's at "
+        "trained on; bootstrap 95% intervals over the rows. KL and agreement are against each teacher (Gemma's at "
         "aligned boundaries). On-policy: the student's greedy and sampled answers "
         f"({size['on_policy_tokens']} new tokens) to {size['on_policy_prompts']} held-out prompts, scored by each "
         "teacher (reverse KL per student token; across tokenizers per aligned byte span, summed per student token).",
