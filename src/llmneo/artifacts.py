@@ -208,9 +208,10 @@ def final_evaluation(trainer) -> dict:
 
 
 def last_logged_terms(log_history: list[dict]) -> dict:
-    """CE and KD of the last logging step, for the model card."""
+    """CE and KD of the last logging step, and each teacher's KD term beside it (--teachers), for the model card."""
     logged = [entry for entry in log_history if "ce_loss" in entry]
-    return {key: logged[-1][key] for key in ("ce_loss", "kd_loss")} if logged else {}
+    return {key: value for key, value in logged[-1].items()
+            if key in ("ce_loss", "kd_loss") or key.startswith("kd_loss/")} if logged else {}
 
 
 def collect_final_metrics(trainer, result, report: DataReport, has_held_out: bool, fidelity: float | None) -> dict:

@@ -89,6 +89,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_one(models_dir, char_teacher,
     if routing == "column":
         shares = [line["teacher_rows/same"] + line["teacher_rows/char"] + line["teacher_rows/none"] for line in lines]
         assert shares == pytest.approx([1.0] * 6) and sum(line["teacher_rows/none"] for line in lines) > 0
+    card = (straight / "README.md").read_text()  # the last logged terms, each teacher's beside the combined one
+    assert all(f"final {key} | {lines[-1][key]} |" in card for key in ("kd_loss", "kd_loss/same", "kd_loss/char"))
     killed = tmp_path / "killed"
     result = subprocess.run([sys.executable, "-c", KILLER, "step", "3",
                              *several(models_dir, data, killed, char_teacher, **extra)],
