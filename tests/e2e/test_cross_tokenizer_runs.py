@@ -168,13 +168,13 @@ def test_a_cache_across_tokenizers_trains_like_the_online_teacher(models_dir, tr
     logs the losses, gradient norms and coverage of the run with the teacher online, and trains the same adapter."""
     from safetensors.torch import load_file
     import llmneo.teacher.choice as choice_module
-    import llmneo.teacher.sources as sources_module
+    import llmneo.teacher.signal as signal_module
 
     flags = run_flags(models_dir, train_file, tmp_path / "online", teacher=char_teacher, cross_tokenizer=mode,
                       max_length=256)
     online = distill(parse_config(flags))
     monkeypatch.setattr(choice_module, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
-    monkeypatch.setattr(sources_module, "load_reading_tokenizer",
+    monkeypatch.setattr(signal_module, "load_reading_tokenizer",
                         lambda *a, **k: pytest.fail("the teacher's tokenizer was loaded"))
     cached = distill(parse_config(without_teacher(run_flags(
         models_dir, train_file, tmp_path / "cached", teacher=char_teacher, cross_tokenizer=mode, max_length=256,

@@ -141,7 +141,7 @@ class TeacherEnsemble(TeacherSignal):
             kind, name = _kind(view), member["name"]
             teacher = load_teacher(view.model) if kind.loads_teacher else None
             # the reading member's tokenizer was loaded once for the data side (choice.reading_teacher_tokenizer)
-            reader = (models.teacher_tokenizer or kind.reading_tokenizer(view)) if kind.reads_own_rendering else None
+            reader = models.teacher_tokenizer if kind.reads_own_rendering else None
             own = RunModels(models.tokenizer, models.student, teacher, reader, models.head)
             members[name] = kind.build(view, SourceParts(own, (parts.cache or {}).get(name),
                                                          (parts.connection or {}).get(name), parts.dataset))

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..evaluation.metrics import HeldOutOptions, evaluate_against_teacher
+from ..models.loading import load_reading_tokenizer
 from ..losses.targets import SampledTargets, StudentSide, TeacherTargets, TokenTargets
 
 
@@ -60,7 +61,7 @@ class TeacherSignal:
     teacher_tokenizer = None  # the teacher's own tokenizer when it reads its own rendering of each row
     kd_vocab_size: int | None = None  # the shared vocabulary the one-tokenizer KD term compares
     loads_teacher: ClassVar[bool] = False  # a run of this source loads the teacher model (teacher/loading.py)
-    reads_own_rendering: ClassVar[bool] = False  # its reading_tokenizer is not None (the rows carry its tokens)
+    reads_own_rendering: ClassVar[bool] = False  # the rows carry the teacher's own tokens (--cross_tokenizer)
 
     # ---- how a run's settings choose and build a source (teacher/choice.py) ----
 
@@ -76,8 +77,12 @@ class TeacherSignal:
 
     @classmethod
     def reading_tokenizer(cls, config) -> Any:
-        """The teacher's own tokenizer when it reads its own rendering of each row (the data side adds its rows)."""
-        return None
+        """The teacher's own tokenizer (with its chat template) when this source reads its own rendering of each row
+        (``reads_own_rendering``: the data side adds its rows), else None."""
+        if not cls.reads_own_rendering:
+            return None
+        return load_reading_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher",
+                                      chat_template=config.model.teacher_chat_template)
 
     @classmethod
     def open_cache(cls, config, tokenizer, dataset, data: dict) -> Any:

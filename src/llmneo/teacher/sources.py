@@ -29,7 +29,7 @@ from ..errors import DataError, TeacherServerError, VocabularyError
 from ..lm_head import output_rows
 from ..losses.vocab_map import load_vocabulary_map
 from ..methods import METHODS
-from ..models.loading import load_reading_tokenizer, load_tokenizer
+from ..models.loading import load_tokenizer
 from ..models.vocabulary_check import check_vocabularies
 from ..evaluation.cross_tokenizer import aligned_batches, evaluate_aligned, teacher_mapped_mass
 from ..lm_head import output_head
@@ -129,11 +129,6 @@ class AlignedOnlineTeacher(TeacherSignal):
     @classmethod
     def chosen(cls, config) -> bool:
         return config.training.cross_tokenizer is not None and config.model.teacher_model is not None
-
-    @classmethod
-    def reading_tokenizer(cls, config):
-        return load_reading_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "teacher",
-                                      chat_template=config.model.teacher_chat_template)
 
     @classmethod
     def build(cls, config, parts: SourceParts) -> TeacherSignal:

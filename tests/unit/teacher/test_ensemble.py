@@ -61,6 +61,7 @@ def ensemble_trainer(models_dir, char_teacher, data: str, out, **extra):
     signal = teacher_signal(config, models, dataset=dataset)
     assert isinstance(signal, TeacherEnsemble) and list(signal.members) == ["same", "char"]
     assert signal.members["char"].teacher_tokenizer is teacher_tokenizer  # loaded once, for the data side
+    assert signal.members["same"].teacher_tokenizer is None  # reads the student's rows
     return build_trainer(config, models, signal, dataset), dataset
 
 
