@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .evaluation.answers import continue_greedily, prompt_ids
 from .models.loading import LoadOptions, load_pretrained_model, load_reading_tokenizer
 from .rollouts import answer_stop_ids, model_positions
-from .teachers import parse_teachers
+from .teachers import named_member, parse_teachers
 
 
 def load_for_generation(target: str, teacher: bool | str = False):
@@ -40,15 +40,9 @@ def load_for_generation(target: str, teacher: bool | str = False):
 def _run_teacher(config: dict, path, teacher: bool | str) -> tuple[str, str | None]:
     """The run's teacher model (the one --teacher NAME names among --teachers) and its chat template."""
     members = parse_teachers((config.get("distill") or {}).get("teachers"))
-    names = [member["name"] for member in members]
-    if teacher is not True and teacher not in names:
-        raise ConfigError(f"generate --teacher {teacher}: " + (f"not one of the run's teachers ({', '.join(names)})"
-                                                              if names else f"the run in {path} gives no --teachers"))
-    if members and teacher is True:
-        raise ConfigError(f"generate --teacher: the run has several teachers ({', '.join(names)}): "
-                          "choose one with --teacher NAME")
-    if members:
-        member = members[names.index(teacher)]
+    member = named_member(members, None if teacher is True else teacher, "generate",
+                          f"the run in {path} gives no --teachers")
+    if member is not None:
         if not member.get("model"):
             raise ConfigError(f"generate --teacher {teacher}: that teacher is served or cached; generate answers "
                               "with a model directory (give it as the target)")

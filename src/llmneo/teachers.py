@@ -115,19 +115,26 @@ def member_config(config, member: dict):
 
 
 def one_teacher_config(config, name: str | None, command: str):
-    """The settings of one teacher of --teachers as a one-teacher run (``command`` --teacher NAME: cache-teacher,
-    eval), or ``config`` itself when the run has no --teachers."""
-    members = teacher_members(config)
+    """The settings of one teacher of --teachers as a one-teacher run (``command`` --teacher NAME: cache-teacher),
+    or ``config`` itself when the run has no --teachers."""
+    member = named_member(teacher_members(config), name, command,
+                          "the run gives no --teachers (its one teacher is the run's)")
+    return config if member is None else member_config(config, member)
+
+
+def named_member(members: list[dict], name: str | None, command: str, without_list: str) -> dict | None:
+    """The member that ``command --teacher NAME`` names (cache-teacher, eval, generate); None for a run without
+    --teachers and no NAME. ``without_list``: the refusal's words for a NAME given to a run without --teachers."""
+    names = [member["name"] for member in members]
     if not members:
         if name is not None:
-            raise ConfigError(f"{command} --teacher {name}: the run gives no --teachers (its one teacher is the run's)")
-        return config
-    names = [member["name"] for member in members]
+            raise ConfigError(f"{command} --teacher {name}: {without_list}")
+        return None
     if name is None:
         raise ConfigError(f"{command}: the run has several teachers ({', '.join(names)}): choose one with --teacher NAME")
     if name not in names:
         raise ConfigError(f"{command} --teacher {name}: not one of the run's teachers ({', '.join(names)})")
-    return member_config(config, members[names.index(name)])
+    return members[names.index(name)]
 
 
 def _absolute(value):

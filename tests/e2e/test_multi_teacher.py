@@ -180,7 +180,7 @@ def test_cache_teacher_of_one_teacher_and_eval_against_each(models_dir, char_tea
     alone = capsys.readouterr().out
     assert cli.main([*prompt, str(online), "--teacher", "same"]) == 0 and capsys.readouterr().out == alone
     assert cli.main([*prompt, str(online), "--teacher"]) == 1
-    assert "generate --teacher: the run has several teachers (same, char): choose one with --teacher NAME" \
+    assert "generate: the run has several teachers (same, char): choose one with --teacher NAME" \
         in capsys.readouterr().err
     assert cli.main([*prompt, str(online), "--teacher", "maths"]) == 1
     assert "generate --teacher maths: not one of the run's teachers (same, char)" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from ..lm_head import output_rows
 from ..models.class_head import ClassHead
 from ..models.loading import load_reading_tokenizer, load_student, load_tokenizer
 from ..teacher.loading import load_teacher
-from ..teachers import parse_teachers
+from ..teachers import named_member, parse_teachers
 from .classification import evaluate_classifier
 from .cross_tokenizer import aligned_batches, evaluate_aligned
 from .harness import HarnessTasks, TaskUnavailable, run_lm_eval
@@ -222,14 +222,13 @@ def _run_teachers(request: EvalRequest, config: dict | None) -> dict[str, dict] 
     """A run with --teachers: its config as each loaded teacher's (name -> config), or the one --teacher names;
     None for a run with one teacher (or none), or when --teacher_model names the teacher."""
     members = parse_teachers(((config or {}).get("distill") or {}).get("teachers"))
-    if request.teacher is not None and not members:
-        raise ConfigError(f"eval --teacher {request.teacher}: {request.target} is not a run with --teachers")
-    if not members or request.teacher_model:
+    if members and request.teacher_model:
         return None
-    names = [member["name"] for member in members]
-    if request.teacher is not None and request.teacher not in names:
-        raise ConfigError(f"eval --teacher {request.teacher}: not one of the run's teachers ({', '.join(names)})")
-    chosen = [member for member in members if request.teacher in (None, member["name"]) and member.get("model")]
+    if request.teacher is not None:
+        members = [named_member(members, request.teacher, "eval", f"{request.target} is not a run with --teachers")]
+    if not members:
+        return None
+    chosen = [member for member in members if member.get("model")]
     if not chosen:
         raise ConfigError(f"eval --teacher {request.teacher}: that teacher is served or cached, and eval scores with "
                           "a loaded teacher: give its model with --teacher_model")
