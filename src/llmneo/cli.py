@@ -241,13 +241,18 @@ def cmd_generate(argv: list[str]) -> int:
     from .generation import answer_prompts, check_max_new_tokens, load_for_generation, read_prompts
 
     parser = argparse.ArgumentParser(prog="llm-neo generate", description=COMMANDS["generate"], allow_abbrev=False)
-    parser.add_argument("target", help="Run directory of `llm-neo distill` (its merged student), or a model directory.")
+    parser.add_argument("target", nargs="?", help="Run directory of `llm-neo distill` (its merged student), or a model "
+                        "directory.")
     parser.add_argument("--prompt", help="One prompt (a user turn).")
     parser.add_argument("--prompts", help="A file with one prompt per line.")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="Tokens generated per answer at most.")
     parser.add_argument("--teacher", nargs="?", const=True, default=False, metavar="NAME",
                         help="Answer with the run's teacher instead (NAME: one of a run's --teachers).")
     args = parser.parse_args(argv)
+    if args.target is None and isinstance(args.teacher, str):  # `generate --teacher RUN`: the flag took the run
+        args.target, args.teacher = args.teacher, True
+    if args.target is None:
+        parser.error("the following arguments are required: target")
     check_max_new_tokens(args.max_new_tokens)
     prompts = read_prompts(args.prompt, args.prompts)
     model, tokenizer = load_for_generation(args.target, args.teacher)

@@ -41,6 +41,8 @@ def test_generate_with_a_run_and_its_teacher(models_dir, train_file, tmp_path, c
     distill(parse_config(run_flags(models_dir, train_file, run)))
     assert cli.main(["generate", str(run), "--prompt", PROMPTS[0], "--max_new_tokens", "6", "--teacher"]) == 0
     assert f"### answer\n{by_hand(models_dir['teacher'], PROMPTS[0], 6)}\n" in capsys.readouterr().out
+    assert cli.main(["generate", "--teacher", str(run), "--prompt", PROMPTS[0], "--max_new_tokens", "6"]) == 0
+    assert f"### answer\n{by_hand(models_dir['teacher'], PROMPTS[0], 6)}\n" in capsys.readouterr().out  # flag first
     merged = tmp_path / "merged"
     assert cli.main(["merge", str(run), "--output", str(merged)]) == 0
     assert cli.main(["generate", str(run), "--prompt", PROMPTS[0], "--max_new_tokens", "6"]) == 0
