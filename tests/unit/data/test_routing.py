@@ -30,6 +30,10 @@ def test_each_row_carries_its_teachers_index(tmp_path, tokenizer):
     assert ROUTE_COLUMN not in plain.column_names and plain["input_ids"] == dataset["input_ids"]
     train, held_out, _ = build_datasets(DataArguments(dataset=path, eval_ratio=0.4), tokenizer, 0, TeacherSide(routes=ROUTES))
     assert ROUTE_COLUMN in train.column_names and ROUTE_COLUMN not in held_out.column_names
+    # --eval_split rows are scored by every teacher: they need no teacher column and carry no route
+    split = write_jsonl(tmp_path / "held.jsonl", [{"prompt": "Say six.", "completion": "six!"}])
+    _, held_out, _ = build_datasets(DataArguments(dataset=path, eval_split=split), tokenizer, 0, TeacherSide(routes=ROUTES))
+    assert len(held_out) == 1 and ROUTE_COLUMN not in held_out.column_names
 
 
 def test_an_unknown_teacher_is_a_bad_row(tmp_path, tokenizer):
