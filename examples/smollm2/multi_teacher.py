@@ -140,13 +140,17 @@ def load_results(layout: Layout) -> dict:
     return json.loads(layout.results.read_text()) if layout.results.is_file() else {}
 
 
+def held_out_request(target: Path, held_out: Path, teacher: Path) -> EvalRequest:
+    return EvalRequest(target=str(target), dataset=str(held_out), teacher_model=str(teacher),
+                       max_length=SIZE["max_length"], bootstrap=SIZE["bootstrap"], skip_bad_rows=True,
+                       max_samples=SIZE["held_out"])
+
+
 def held_out_figures(layout: Layout, target: Path, held_out: Path, on_policy: bool, held: bool = True) -> dict:
     """Held-out figures against each teacher (``held``); with ``on_policy`` the on-policy figures (fewer prompts)."""
     figures = {}
     for teacher, path in (("smollm2", layout.teacher), ("gemma", layout.gemma)):
-        request = EvalRequest(target=str(target), dataset=str(held_out), teacher_model=str(path),
-                              max_length=SIZE["max_length"], bootstrap=SIZE["bootstrap"], skip_bad_rows=True,
-                              max_samples=SIZE["held_out"])
+        request = held_out_request(target, held_out, path)
         if held:
             figures[teacher] = evaluate_target(request, write=False)["held_out"]
         if on_policy:
@@ -169,9 +173,7 @@ def complete(layout: Layout, results: dict, key: str, target: Path) -> None:
         added.append("on-policy figures")
     for corpus in ("sharegpt", "mixed-docs"):
         if corpus in entry and "bits_per_byte_ci_low" not in entry[corpus]["smollm2"]:
-            request = EvalRequest(target=str(target), dataset=str(held_out_file(layout, corpus)),
-                                  teacher_model=str(layout.teacher), max_length=SIZE["max_length"],
-                                  bootstrap=SIZE["bootstrap"], skip_bad_rows=True, max_samples=SIZE["held_out"])
+            request = held_out_request(target, held_out_file(layout, corpus), layout.teacher)
             again = evaluate_target(request, write=False)["held_out"]
             recorded = entry[corpus]["smollm2"]
             assert abs(again["bits_per_byte"] - recorded["bits_per_byte"]) < 1e-6, (key, corpus, again, recorded)
